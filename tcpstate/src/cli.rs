@@ -1,0 +1,169 @@
+//! The command line: one struct per subcommand.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{state::TcpState, tracker::thresholds::parse_override};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tcpstate",
+    version,
+    about = "Watch every TCP state transition; find the sockets that are stuck and who owns them"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Trace transitions, track sockets and report anomalies (needs root).
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Only transitions with this local or remote port (filtered in the kernel).
+    #[arg(long, value_parser = nonzero_port)]
+    pub port: Option<u16>,
+    /// Only transitions with this local port.
+    #[arg(long, value_parser = nonzero_port)]
+    pub lport: Option<u16>,
+    /// Only transitions with this remote port.
+    #[arg(long, value_parser = nonzero_port)]
+    pub rport: Option<u16>,
+    /// IPv4 only.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// IPv6 only.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Ring buffer size (power of two, at least 4KiB; e.g. 256K, 4M).
+    #[arg(long, default_value = "4M", value_parser = ring_size)]
+    pub ring_size: u32,
+
+    /// Age limit per state, e.g. close_wait=2s, fin_wait2=5m, syn_sent=off (repeatable).
+    #[arg(long = "threshold", value_name = "STATE=DURATION", value_parser = threshold)]
+    pub thresholds: Vec<(TcpState, Option<Duration>)>,
+
+    /// Most sockets tracked at once; more are counted and refused.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_sockets: u64,
+
+    /// Leak rule: an owner holding more than this many CLOSE_WAIT or FIN_WAIT2 sockets, and more than last time.
+    #[arg(long, default_value_t = 10)]
+    pub leak_threshold: u64,
+    /// How often the leak rule compares counts.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub leak_interval: Duration,
+    /// How often to check the table against the kernel's socket list (0 = never).
+    #[arg(long, default_value = "30s", value_parser = duration_or_zero)]
+    pub reconcile_interval: Duration,
+    /// Do not load the kernel's existing sockets at start-up.
+    #[arg(long)]
+    pub no_seed: bool,
+    /// How often to report lost events on stderr (only when some were lost).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub stats_interval: Duration,
+}
+
+fn nonzero_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
+        Ok(p) => Ok(p),
+    }
+}
+
+fn threshold(s: &str) -> Result<(TcpState, Option<Duration>), String> {
+    parse_override(s)
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be longer than 0".into()),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+fn duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    duration(s)
+}
+
+/// `4M`, `256K`, `4MiB`, `1048576`.
+pub fn ring_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
+    };
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if !bytes.is_power_of_two() || !(4096..=(1 << 30)).contains(&bytes) {
+        return Err(format!("{s:?}: must be a power of two between 4K and 1G"));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(ring_size("4M"), Ok(4 << 20));
+        assert_eq!(ring_size("256KiB"), Ok(256 << 10));
+        assert_eq!(ring_size("65536"), Ok(65536));
+        assert!(ring_size("3M").is_err());
+        assert!(ring_size("1K").is_err());
+        assert!(ring_size("2T").is_err());
+        assert!(ring_size("lots").is_err());
+    }
+
+    #[test]
+    fn parses_a_run_line() {
+        let cli = Cli::try_parse_from([
+            "tcpstate",
+            "run",
+            "--format",
+            "json",
+            "--port",
+            "8080",
+            "-6",
+            "--threshold",
+            "close_wait=2s",
+            "--threshold",
+            "syn_sent=off",
+        ])
+        .expect("parses");
+        let Command::Run(r) = cli.command;
+        assert_eq!((r.format, r.port, r.ipv6), (Format::Json, Some(8080), true));
+        assert_eq!(r.thresholds.len(), 2);
+        assert!(Cli::try_parse_from(["tcpstate", "run", "-4", "-6"]).is_err());
+        assert!(Cli::try_parse_from(["tcpstate", "run", "--port", "0"]).is_err());
+        assert!(Cli::try_parse_from(["tcpstate", "run", "--threshold", "x=1s"]).is_err());
+    }
+}

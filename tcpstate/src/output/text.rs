@@ -1,0 +1,241 @@
+//! Human-readable lines: `tcpstate run --format text` and `tcpstate tail`.
+//! Times are UTC (the JSON carries the full RFC 3339 stamp).
+
+use std::{fmt::Write as _, net::IpAddr, time::SystemTime};
+
+use crate::record::{AnomalyRecord, OwnerSource, Record, TransitionRecord};
+
+pub const HEADER: &str = "TIME(UTC)       PID     COMM             LADDR:LPORT                RADDR:RPORT                OLD          -> NEW          MS";
+
+const RED: &str = "\x1b[1;31m";
+const GREEN: &str = "\x1b[32m";
+const YELLOW: &str = "\x1b[33m";
+const DIM: &str = "\x1b[2m";
+const RESET: &str = "\x1b[0m";
+
+/// Appends one line (with newline) for `rec`.
+pub fn write_record(out: &mut String, rec: &Record, color: bool) {
+    let paint = |out: &mut String, code: &str| {
+        if color {
+            out.push_str(code);
+        }
+    };
+    match rec {
+        Record::Transition(t) => write_transition(out, t),
+        Record::Anomaly(a) => {
+            paint(out, RED);
+            write_anomaly(out, "ANOMALY ", a);
+            paint(out, RESET);
+        }
+        Record::AnomalyResolved(a) => {
+            paint(out, GREEN);
+            write_anomaly(out, "RESOLVED", a);
+            paint(out, RESET);
+        }
+        Record::LeakSuspected(l) => {
+            paint(out, RED);
+            let _ = write!(
+                out,
+                "{} LEAK     pid {} ({}) holds {} sockets in {} (was {}, threshold {})",
+                clock(l.ts),
+                l.pid,
+                l.comm.as_str(),
+                l.count,
+                l.state,
+                l.previous,
+                l.threshold
+            );
+            paint(out, RESET);
+        }
+        Record::Suppressed(s) => {
+            paint(out, YELLOW);
+            let _ = write!(
+                out,
+                "{} SUPPRESSED {} transition records (log rate limit)",
+                clock(s.ts),
+                s.transitions
+            );
+            paint(out, RESET);
+        }
+        Record::Started(s) => {
+            paint(out, DIM);
+            let _ = write!(
+                out,
+                "{} STARTED  tcpstate {} pid {}, ring {} KiB, {} sockets seeded",
+                clock(s.ts),
+                s.version,
+                s.pid,
+                s.ring_bytes / 1024,
+                s.seeded
+            );
+            paint(out, RESET);
+        }
+        Record::Stopped(s) => {
+            paint(out, DIM);
+            let _ = write!(
+                out,
+                "{} STOPPED  {} events, {} dropped, {} recursion misses, {} undecodable, {} refused (table full), up {:.1}s",
+                clock(s.ts),
+                s.events,
+                s.dropped,
+                s.recursion_misses,
+                s.undecodable,
+                s.table_full,
+                s.uptime_s
+            );
+            paint(out, RESET);
+        }
+    }
+    out.push('\n');
+}
+
+fn write_transition(out: &mut String, t: &TransitionRecord) {
+    let ms = match t.prev_state_ms {
+        Some(ms) => format!("{ms:.3}"),
+        None => "-".to_owned(),
+    };
+    let _ = write!(
+        out,
+        "{} {:<7} {:<16} {:<26} {:<26} {:<12} -> {:<12} {}",
+        clock(t.ts),
+        t.pid,
+        t.comm.as_str(),
+        endpoint(t.saddr, t.sport),
+        endpoint(t.daddr, t.dport),
+        t.old.name(),
+        t.new.name(),
+        ms
+    );
+}
+
+fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
+    let owner = match (a.pid, a.comm, a.owner_source) {
+        (Some(pid), Some(comm), OwnerSource::Fd) => {
+            format!("held by pid {pid} ({})", comm.as_str())
+        }
+        (Some(pid), Some(comm), _) => {
+            format!("attributed to pid {pid} ({}), not verified", comm.as_str())
+        }
+        _ => match a.last_owner {
+            Some(o) => format!("orphaned, last owner pid {} ({})", o.pid, o.comm.as_str()),
+            None => "owner unknown".to_owned(),
+        },
+    };
+    let at_least = if a.age_is_lower_bound { ">=" } else { "" };
+    let _ = write!(
+        out,
+        "{} {label} {:<11} {at_least}{:.1}s {} -> {} {owner}",
+        clock(a.ts),
+        a.state.name(),
+        a.age_ms / 1000.0,
+        endpoint(a.saddr, a.sport),
+        endpoint(a.daddr, a.dport),
+    );
+    if let Some(why) = &a.resolution {
+        let _ = write!(out, " ({why})");
+    }
+}
+
+/// `HH:MM:SS.micros` of the UTC RFC 3339 stamp.
+fn clock(ts: SystemTime) -> String {
+    let full = humantime::format_rfc3339_micros(ts).to_string();
+    full.get(11..26).unwrap_or(&full).to_owned()
+}
+
+pub fn endpoint(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::{
+        decode::{Comm, Family},
+        record::Owner,
+        state::TcpState,
+    };
+
+    fn transition() -> TransitionRecord {
+        TransitionRecord {
+            ts: UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789),
+            sk: 1,
+            family: Family::V6,
+            saddr: "::1".parse().expect("addr"),
+            sport: 40000,
+            daddr: "::1".parse().expect("addr"),
+            dport: 8080,
+            old: TcpState::SynSent,
+            new: TcpState::Established,
+            pid: 77,
+            comm: Comm::new("curl"),
+            prev_state_ms: Some(0.25),
+            netns: 0,
+        }
+    }
+
+    #[test]
+    fn transition_line_has_aligned_columns() {
+        let mut s = String::new();
+        write_record(&mut s, &Record::Transition(transition()), false);
+        assert_eq!(
+            s,
+            "11:06:40.123456 77      curl             [::1]:40000                [::1]:8080                 SYN_SENT     -> ESTABLISHED  0.250\n"
+        );
+        let mut t = transition();
+        t.prev_state_ms = None;
+        s.clear();
+        write_record(&mut s, &Record::Transition(t), true);
+        assert!(s.ends_with(" -\n"), "{s}");
+        assert!(!s.contains('\x1b'), "transitions are never coloured");
+    }
+
+    fn anomaly() -> AnomalyRecord {
+        AnomalyRecord {
+            ts: UNIX_EPOCH + Duration::new(1_795_000_000, 0),
+            kind: "close_wait".into(),
+            state: TcpState::CloseWait,
+            age_ms: 61_500.0,
+            age_is_lower_bound: true,
+            sk: 1,
+            family: Family::V4,
+            saddr: "10.0.0.1".parse().expect("addr"),
+            sport: 8080,
+            daddr: "10.0.0.2".parse().expect("addr"),
+            dport: 5555,
+            netns: 0,
+            pid: None,
+            comm: None,
+            owner_source: OwnerSource::None,
+            last_owner: Some(Owner {
+                pid: 9,
+                comm: Comm::new("server"),
+            }),
+            resolution: None,
+        }
+    }
+
+    #[test]
+    fn anomaly_line_says_what_is_known() {
+        let mut s = String::new();
+        write_record(&mut s, &Record::Anomaly(anomaly()), false);
+        assert_eq!(
+            s,
+            "11:06:40.000000 ANOMALY  CLOSE_WAIT  >=61.5s 10.0.0.1:8080 -> 10.0.0.2:5555 orphaned, last owner pid 9 (server)\n"
+        );
+        let mut a = anomaly();
+        a.pid = Some(9);
+        a.comm = Some(Comm::new("server"));
+        a.owner_source = OwnerSource::Fd;
+        s.clear();
+        write_record(&mut s, &Record::Anomaly(a), true);
+        assert!(
+            s.starts_with(RED) && s.contains("held by pid 9 (server)"),
+            "{s}"
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! Loading and attaching the eBPF program, and reading its counters. Thin
+//! on purpose: everything it returns is plain data for the pure layers.
+
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tcpstate_common::{PROGRAM, global, map, stat};
+
+/// The compiled program, embedded at build time by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstate"));
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filters {
+    pub port: u16,
+    pub lport: u16,
+    pub rport: u16,
+    /// 0 (both), AF_INET or AF_INET6.
+    pub family: u16,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub ring_bytes: u32,
+    pub wakeup_bytes: u64,
+    pub filters: Filters,
+    /// (offset of skc_net in struct sock, offset of ns.inum in struct net).
+    pub netns_offsets: Option<(u32, u32)>,
+}
+
+pub struct Probe {
+    /// Keeps the program and its link alive.
+    _ebpf: Ebpf,
+    pub ring: Option<RingBuf<MapData>>,
+    stats: PerCpuArray<MapData, u64>,
+    prog_fd: std::os::fd::OwnedFd,
+}
+
+/// What the kernel side counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub ringbuf_full: u64,
+    pub filtered: u64,
+    pub recursion_misses: u64,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
+    match aya::sys::is_map_supported(aya::maps::MapType::RingBuf) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err("this kernel has no BPF ring buffer (needs Linux 5.8 or later)".into());
+        }
+        Err(e) => return Err(permission_hint(&format!("cannot probe BPF support: {e}"))),
+    }
+    let f = opts.filters;
+    let (net_off, inum_off) = opts.netns_offsets.unwrap_or((0, 0));
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(map::EVENTS, opts.ring_bytes)
+        .override_global(global::FILTER_PORT, &f.port, true)
+        .override_global(global::FILTER_LPORT, &f.lport, true)
+        .override_global(global::FILTER_RPORT, &f.rport, true)
+        .override_global(global::FILTER_FAMILY, &f.family, true)
+        .override_global(global::WAKEUP_BYTES, &opts.wakeup_bytes, true)
+        .override_global(global::NETNS_SK_NET_OFF, &net_off, true)
+        .override_global(global::NETNS_INUM_OFF, &inum_off, true)
+        .load(OBJECT)
+        .map_err(|e| permission_hint(&format!("cannot load the eBPF object: {e}")))?;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(PROGRAM)
+        .ok_or_else(|| format!("program {PROGRAM} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("program {PROGRAM} is not a tracepoint: {e}"))?;
+    prog.load().map_err(|e| {
+        // The verifier log is hundreds of lines; its last ones say why.
+        let full = format!("{e:#}");
+        let why: Vec<&str> = full
+            .lines()
+            .rev()
+            .filter(|l| !l.trim().is_empty())
+            .take(4)
+            .collect();
+        let why: Vec<&str> = why.into_iter().rev().collect();
+        permission_hint(&format!(
+            "the kernel rejected the program: {}",
+            why.join(" | ")
+        ))
+    })?;
+    prog.attach("sock", "inet_sock_set_state")
+        .map_err(|e| format!("cannot attach to sock:inet_sock_set_state: {e}"))?;
+    let prog_fd = prog
+        .fd()
+        .map_err(|e| format!("cannot get the program fd: {e}"))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("cannot duplicate the program fd: {e}"))?;
+    let ring = RingBuf::try_from(
+        ebpf.take_map(map::EVENTS)
+            .ok_or_else(|| format!("map {} missing", map::EVENTS))?,
+    )
+    .map_err(|e| format!("map {}: {e}", map::EVENTS))?;
+    let stats = PerCpuArray::try_from(
+        ebpf.take_map(map::STATS)
+            .ok_or_else(|| format!("map {} missing", map::STATS))?,
+    )
+    .map_err(|e| format!("map {}: {e}", map::STATS))?;
+    Ok(Probe {
+        _ebpf: ebpf,
+        ring: Some(ring),
+        stats,
+        prog_fd,
+    })
+}
+
+fn permission_hint(msg: &str) -> String {
+    if msg.contains("Operation not permitted") || msg.contains("Permission denied") {
+        format!("{msg}: tcpstate needs root (CAP_BPF and CAP_PERFMON)")
+    } else {
+        msg.to_owned()
+    }
+}
+
+impl Probe {
+    pub fn counters(&self) -> KernelCounters {
+        let sum = |i: u32| {
+            self.stats
+                .get(&i, 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
+        let info = prog_info(self.prog_fd.as_raw_fd());
+        KernelCounters {
+            ringbuf_full: sum(stat::RINGBUF_FULL),
+            filtered: sum(stat::FILTERED),
+            recursion_misses: info.map_or(0, |i| i.recursion_misses),
+            run_time_ns: info.map_or(0, |i| i.run_time_ns),
+            run_cnt: info.map_or(0, |i| i.run_cnt),
+        }
+    }
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD, for the counters aya's ProgramInfo does not
+/// expose (recursion_misses, run_time_ns, run_cnt).
+fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
+    // SAFETY: bpf_prog_info is plain old data; zero is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: size_of::<aya_obj::generated::bpf_prog_info>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: attr points to a valid, sized buffer for the kernel to fill.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoAttr>(),
+        )
+    };
+    (rc == 0).then_some(info)
+}

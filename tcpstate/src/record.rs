@@ -1,0 +1,303 @@
+//! Every line tcpstate writes, as one serde type: `--format json`, the log
+//! file and `tcpstate tail` all share it, so the JSON contract lives here.
+//! Fields are Copy types with custom serde so serialising a transition
+//! allocates nothing.
+
+use std::{net::IpAddr, time::SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    decode::{Comm, Family},
+    state::TcpState,
+};
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    Started(Started),
+    Transition(TransitionRecord),
+    Anomaly(AnomalyRecord),
+    AnomalyResolved(AnomalyRecord),
+    LeakSuspected(LeakRecord),
+    Suppressed(Suppressed),
+    Stopped(Stopped),
+}
+
+/// Written once the tracepoint is attached: scripts start their traffic on it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Started {
+    #[serde(with = "ts")]
+    pub ts: SystemTime,
+    pub version: String,
+    pub pid: u32,
+    pub ring_bytes: u32,
+    /// Sockets found in the kernel's table at start-up.
+    pub seeded: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TransitionRecord {
+    #[serde(with = "ts")]
+    pub ts: SystemTime,
+    #[serde(with = "hex")]
+    pub sk: u64,
+    #[serde(with = "family")]
+    pub family: Family,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    #[serde(with = "state")]
+    pub old: TcpState,
+    #[serde(with = "state")]
+    pub new: TcpState,
+    pub pid: u32,
+    #[serde(with = "comm")]
+    pub comm: Comm,
+    /// Null when the socket was not seen entering `old`.
+    pub prev_state_ms: Option<f64>,
+    #[serde(default)]
+    pub netns: u32,
+}
+
+/// Who the anomaly names, and how sure we are.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerSource {
+    /// A process holding the socket's fd right now (/proc/PID/fd).
+    Fd,
+    /// The process attributed from process-context transitions; the fd
+    /// lookup could not run (for example, another network namespace gone).
+    Attributed,
+    /// No process holds it (orphan) and none was ever attributed.
+    None,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    #[serde(with = "comm")]
+    pub comm: Comm,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct AnomalyRecord {
+    #[serde(with = "ts")]
+    pub ts: SystemTime,
+    /// The state name in lower case (`close_wait`, `fin_wait2`, ...).
+    pub kind: String,
+    #[serde(with = "state")]
+    pub state: TcpState,
+    pub age_ms: f64,
+    /// True when the socket predates the daemon: its age is "at least".
+    #[serde(default)]
+    pub age_is_lower_bound: bool,
+    #[serde(with = "hex")]
+    pub sk: u64,
+    #[serde(with = "family")]
+    pub family: Family,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    #[serde(default)]
+    pub netns: u32,
+    pub pid: Option<u32>,
+    #[serde(with = "opt_comm")]
+    pub comm: Option<Comm>,
+    pub owner_source: OwnerSource,
+    /// Set when no process holds the socket: who held it last.
+    pub last_owner: Option<Owner>,
+    /// For `anomaly_resolved`: why it ended (`left_state`, `reconciled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct LeakRecord {
+    #[serde(with = "ts")]
+    pub ts: SystemTime,
+    pub pid: u32,
+    #[serde(with = "comm")]
+    pub comm: Comm,
+    #[serde(with = "state")]
+    pub state: TcpState,
+    pub count: u64,
+    /// Count at the previous check; the rule fires on growth.
+    pub previous: u64,
+    pub threshold: u64,
+}
+
+/// Transition records the log rate limit dropped since the last one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Suppressed {
+    #[serde(with = "ts")]
+    pub ts: SystemTime,
+    pub transitions: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Stopped {
+    #[serde(with = "ts")]
+    pub ts: SystemTime,
+    /// Events received from the ring buffer.
+    pub events: u64,
+    /// Events lost because the ring buffer was full.
+    pub dropped: u64,
+    /// Events the kernel skipped because the program was already running
+    /// on that CPU.
+    pub recursion_misses: u64,
+    /// Events received that could not be decoded.
+    pub undecodable: u64,
+    /// Sockets the tracker could not hold because the table was full.
+    pub table_full: u64,
+    pub uptime_s: f64,
+}
+
+mod ts {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_nanos(*t))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        humantime::parse_rfc3339(s).map_err(D::Error::custom)
+    }
+}
+
+mod hex {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{v:#x}"))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        let digits = s.strip_prefix("0x").unwrap_or(s);
+        u64::from_str_radix(digits, 16).map_err(D::Error::custom)
+    }
+}
+
+mod family {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    use crate::decode::Family;
+
+    pub fn serialize<S: Serializer>(f: &Family, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(f.name())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Family, D::Error> {
+        match <&str>::deserialize(d)? {
+            "ipv4" => Ok(Family::V4),
+            "ipv6" => Ok(Family::V6),
+            other => Err(D::Error::custom(format!("unknown family {other:?}"))),
+        }
+    }
+}
+
+mod state {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    use crate::state::TcpState;
+
+    pub fn serialize<S: Serializer>(st: &TcpState, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(st.name())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TcpState, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        TcpState::parse(s).ok_or_else(|| D::Error::custom(format!("unknown TCP state {s:?}")))
+    }
+}
+
+mod comm {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::decode::Comm;
+
+    pub fn serialize<S: Serializer>(c: &Comm, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&c.as_str())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Comm, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Comm::new(&s))
+    }
+}
+
+mod opt_comm {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::decode::Comm;
+
+    pub fn serialize<S: Serializer>(c: &Option<Comm>, s: S) -> Result<S::Ok, S::Error> {
+        match c {
+            Some(c) => s.serialize_str(&c.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Comm>, D::Error> {
+        let s = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+        Ok(s.map(|s| Comm::new(&s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    pub(crate) fn transition() -> TransitionRecord {
+        TransitionRecord {
+            ts: UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789),
+            sk: 0xffff_8880_0abc_0000,
+            family: Family::V4,
+            saddr: "127.0.0.1".parse().expect("addr"),
+            sport: 40000,
+            daddr: "127.0.0.1".parse().expect("addr"),
+            dport: 8080,
+            old: TcpState::SynSent,
+            new: TcpState::Established,
+            pid: 77,
+            comm: Comm::new("curl"),
+            prev_state_ms: Some(0.25),
+            netns: 4026531840,
+        }
+    }
+
+    #[test]
+    fn transition_json_is_the_contract() {
+        let line = serde_json::to_string(&Record::Transition(transition())).expect("serialises");
+        assert_eq!(
+            line,
+            r#"{"type":"transition","ts":"2026-11-18T11:06:40.123456789Z","sk":"0xffff88800abc0000","family":"ipv4","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":8080,"old":"SYN_SENT","new":"ESTABLISHED","pid":77,"comm":"curl","prev_state_ms":0.25,"netns":4026531840}"#
+        );
+        let back: Record = serde_json::from_str(&line).expect("parses");
+        assert_eq!(back, Record::Transition(transition()));
+    }
+
+    #[test]
+    fn null_prev_state_and_ipv6() {
+        let mut t = transition();
+        t.prev_state_ms = None;
+        t.family = Family::V6;
+        t.saddr = "::1".parse().expect("addr");
+        let line = serde_json::to_string(&Record::Transition(t.clone())).expect("serialises");
+        assert!(line.contains(r#""prev_state_ms":null"#), "{line}");
+        assert!(line.contains(r#""family":"ipv6","saddr":"::1""#), "{line}");
+        assert_eq!(
+            serde_json::from_str::<Record>(&line).expect("parses"),
+            Record::Transition(t)
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(serde_json::from_str::<Record>(r#"{"type":"transition"}"#).is_err());
+        assert!(serde_json::from_str::<Record>(r#"{"type":"nope"}"#).is_err());
+        assert!(serde_json::from_str::<Record>("not json").is_err());
+    }
+}

@@ -1,0 +1,318 @@
+//! `tcpstate run`: load, attach, seed, then stream kernel -> decode ->
+//! tracker -> outputs until a signal says stop.
+
+use std::{
+    io::ErrorKind,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    time::MissedTickBehavior,
+};
+
+use crate::{
+    btf,
+    cli::RunArgs,
+    clock::{WallClock, monotonic_ns},
+    decode,
+    output::Stdout,
+    program::{self, Filters, KernelCounters, LoadOptions, Probe},
+    record::{Record, Started, Stopped, TransitionRecord},
+    snapshot::Namespaces,
+    sockdiag, tracefs,
+    tracker::{Config, Tracker, thresholds::Thresholds},
+};
+
+/// Userspace drains at least this often, so a quiet stream (whose submits
+/// do not wake us) still shows up promptly.
+const POLL: Duration = Duration::from_millis(50);
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("tcpstate run needs root (it loads a BPF program): try sudo tcpstate run");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async { Daemon::start(args)?.run().await })
+}
+
+struct Daemon {
+    args: RunArgs,
+    probe: Probe,
+    ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    tracker: Tracker,
+    stdout: Stdout,
+    clock: WallClock,
+    namespaces: Namespaces,
+    started: Instant,
+    events: u64,
+    undecodable: u64,
+    pending: Vec<Record>,
+    reported: KernelCounters,
+    warned_full: bool,
+}
+
+impl Daemon {
+    fn start(args: RunArgs) -> anyhow::Result<Self> {
+        let root = tracefs::ensure_mounted().map_err(anyhow::Error::msg)?;
+        tracefs::verify_tracepoint(&root).map_err(anyhow::Error::msg)?;
+        let netns_offsets = match btf::netns_offsets() {
+            Ok(o) => Some((o.sk_net, o.net_inum)),
+            Err(e) => {
+                eprintln!("tcpstate: warning: network namespaces will not be told apart: {e}");
+                None
+            }
+        };
+        let filters = Filters {
+            port: args.port.unwrap_or(0),
+            lport: args.lport.unwrap_or(0),
+            rport: args.rport.unwrap_or(0),
+            family: if args.ipv4 {
+                tcpstate_common::AF_INET
+            } else if args.ipv6 {
+                tcpstate_common::AF_INET6
+            } else {
+                0
+            },
+        };
+        let mut probe = program::load(&LoadOptions {
+            ring_bytes: args.ring_size,
+            // Wake userspace once a sixteenth of the ring is waiting: a
+            // few hundred wake-ups a second at full churn instead of one
+            // per event, with room left for the poll to catch up.
+            wakeup_bytes: u64::from(args.ring_size / 16),
+            filters,
+            netns_offsets,
+        })
+        .map_err(anyhow::Error::msg)?;
+        let ring = probe.ring.take().context("ring buffer already taken")?;
+        // SAFETY: the AsyncFd owns the RingBuf, so the fd it registers stays
+        // open exactly as long as the registration.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+
+        let mut thresholds = Thresholds::defaults(Thresholds::host_fin_timeout());
+        for &(st, d) in &args.thresholds {
+            thresholds.set(st, d);
+        }
+        let clock = WallClock::now();
+        let tracker = Tracker::new(Config {
+            capacity: usize::try_from(args.max_sockets).unwrap_or(usize::MAX),
+            thresholds,
+            leak_threshold: args.leak_threshold,
+            clock,
+        });
+        let namespaces = Namespaces {
+            host: sockdiag::current_netns().unwrap_or(0),
+            per_netns: netns_offsets.is_some(),
+        };
+        Ok(Self {
+            stdout: Stdout::new(args.format),
+            args,
+            probe,
+            ring,
+            tracker,
+            clock,
+            namespaces,
+            started: Instant::now(),
+            events: 0,
+            undecodable: 0,
+            pending: Vec::new(),
+            reported: KernelCounters::default(),
+            warned_full: false,
+        })
+    }
+
+    async fn run(mut self) -> anyhow::Result<()> {
+        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut sigusr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
+
+        // Attached before seeding, so nothing falls between the snapshot
+        // and the stream; events for snapshot sockets are matched up by
+        // the tracker.
+        let seeded = if self.args.no_seed {
+            0
+        } else {
+            let sockets = self.namespaces.seed();
+            self.tracker.seed(sockets, monotonic_ns())
+        };
+        self.stdout.header();
+        self.stdout.emit(&Record::Started(Started {
+            ts: std::time::SystemTime::now(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            ring_bytes: self.args.ring_size,
+            seeded,
+        }));
+        if self.flush()? {
+            return Ok(());
+        }
+
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut stats = interval(self.args.stats_interval);
+        let mut leaks = interval(self.args.leak_interval);
+        let reconcile_every = self.args.reconcile_interval;
+        let mut reconcile = interval(if reconcile_every.is_zero() {
+            Duration::from_secs(86_400 * 365)
+        } else {
+            reconcile_every
+        });
+
+        loop {
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard.context("polling the ring buffer")?;
+                    guard.clear_ready();
+                    self.drain();
+                }
+                _ = poll.tick() => {
+                    self.drain();
+                    self.expire();
+                }
+                _ = stats.tick() => self.report_losses(),
+                _ = leaks.tick() => {
+                    self.tracker.check_leaks(monotonic_ns(), &mut self.pending);
+                    self.emit_pending();
+                }
+                _ = reconcile.tick(), if !reconcile_every.is_zero() => self.reconcile(),
+                _ = sigusr1.recv() => eprintln!("{}", self.tracker.agg.summary()),
+                _ = sighup.recv() => {}
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+            }
+            if self.flush()? {
+                return Ok(());
+            }
+        }
+        self.drain();
+        self.expire();
+        let k = self.probe.counters();
+        self.stdout.emit(&Record::Stopped(Stopped {
+            ts: std::time::SystemTime::now(),
+            events: self.events,
+            dropped: k.ringbuf_full,
+            recursion_misses: k.recursion_misses,
+            undecodable: self.undecodable,
+            table_full: self.tracker.refused(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+        }));
+        self.flush()?;
+        eprintln!("{}", self.tracker.agg.summary());
+        Ok(())
+    }
+
+    /// Reads everything the ring holds.
+    fn drain(&mut self) {
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            self.events += 1;
+            match decode::decode(&item) {
+                Ok(t) => {
+                    let prev_state_ms = self.tracker.on_transition(&t, &mut self.pending);
+                    self.stdout.emit(&Record::Transition(TransitionRecord {
+                        ts: self.clock.to_system(t.ts_ns),
+                        sk: t.sk,
+                        family: t.family,
+                        saddr: t.saddr,
+                        sport: t.sport,
+                        daddr: t.daddr,
+                        dport: t.dport,
+                        old: t.old,
+                        new: t.new,
+                        pid: t.pid,
+                        comm: t.comm,
+                        prev_state_ms,
+                        netns: t.netns,
+                    }));
+                    for rec in self.pending.drain(..) {
+                        self.stdout.emit(&rec);
+                    }
+                }
+                Err(_) => self.undecodable += 1,
+            }
+        }
+        if !self.warned_full && self.tracker.refused() > 0 {
+            self.warned_full = true;
+            eprintln!(
+                "tcpstate: warning: socket table full ({} sockets, --max-sockets); new sockets are counted but not tracked",
+                self.tracker.capacity()
+            );
+        }
+    }
+
+    /// Raises anomalies whose deadline passed, naming the fd holder.
+    fn expire(&mut self) {
+        self.tracker.expire(monotonic_ns(), &mut self.pending);
+        self.emit_pending();
+    }
+
+    fn emit_pending(&mut self) {
+        let mut fresh: Vec<&mut crate::record::AnomalyRecord> = self
+            .pending
+            .iter_mut()
+            .filter_map(|r| match r {
+                Record::Anomaly(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        self.namespaces.verify_owners(&mut fresh);
+        for rec in self.pending.drain(..) {
+            self.stdout.emit(&rec);
+        }
+    }
+
+    fn reconcile(&mut self) {
+        let start = monotonic_ns();
+        let alive = self.namespaces.alive(&self.tracker.namespaces());
+        // Apply every event that happened before the dump first, so a
+        // socket whose CLOSE is merely queued is not taken for a ghost.
+        self.drain();
+        let now = monotonic_ns();
+        for (ns, alive) in alive {
+            self.tracker
+                .reconcile(ns, &alive, start, now, &mut self.pending);
+        }
+        self.emit_pending();
+    }
+
+    fn report_losses(&mut self) {
+        let k = self.probe.counters();
+        let (full, rec) = (
+            k.ringbuf_full - self.reported.ringbuf_full.min(k.ringbuf_full),
+            k.recursion_misses - self.reported.recursion_misses.min(k.recursion_misses),
+        );
+        if full > 0 || rec > 0 {
+            eprintln!(
+                "tcpstate: warning: lost {full} events (ring buffer full; raise --ring-size) and {rec} to recursion in the last {}; totals {} and {}",
+                humantime::format_duration(self.args.stats_interval),
+                k.ringbuf_full,
+                k.recursion_misses
+            );
+        }
+        self.reported = k;
+    }
+
+    /// Returns true when stdout is gone (a closed pipe): stop quietly.
+    fn flush(&mut self) -> anyhow::Result<bool> {
+        match self.stdout.flush() {
+            Ok(()) => Ok(false),
+            Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(true),
+            Err(e) => Err(e).context("writing to stdout"),
+        }
+    }
+}
+
+fn interval(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    i
+}

@@ -1,0 +1,501 @@
+//! The state machine, thresholds, deadlines, attribution, seeding,
+//! reconciliation and the leak rule, driven by a fake clock.
+
+use std::time::Duration;
+
+use super::*;
+use crate::{decode::Comm, state::TcpState::*};
+
+const S: u64 = 1_000_000_000;
+const MS: u64 = 1_000_000;
+const SERVER_SK: u64 = 0xffff_0000_0000_1000;
+const CLIENT_SK: u64 = 0xffff_0000_0000_2000;
+const LISTEN_SK: u64 = 0xffff_0000_0000_3000;
+
+fn tracker(capacity: usize) -> Tracker {
+    let mut th = Thresholds::none();
+    th.set(CloseWait, Some(Duration::from_secs(2)));
+    th.set(FinWait2, Some(Duration::from_secs(5)));
+    Tracker::new(Config {
+        capacity,
+        thresholds: th,
+        leak_threshold: 2,
+        clock: WallClock::with_offset(0),
+    })
+}
+
+fn ev(
+    sk: u64,
+    ts: u64,
+    old: TcpState,
+    new: TcpState,
+    sport: u16,
+    dport: u16,
+    pid: u32,
+    comm: &str,
+) -> Transition {
+    Transition {
+        ts_ns: ts,
+        sk,
+        family: Family::V4,
+        saddr: "127.0.0.1".parse().expect("addr"),
+        sport,
+        daddr: "127.0.0.1".parse().expect("addr"),
+        dport,
+        old,
+        new,
+        pid,
+        comm: Comm::new(comm),
+        netns: 7,
+    }
+}
+
+fn run(t: &mut Tracker, events: &[Transition]) -> (Vec<Option<f64>>, Vec<Record>) {
+    let mut out = Vec::new();
+    let prev = events
+        .iter()
+        .map(|e| t.on_transition(e, &mut out))
+        .collect();
+    (prev, out)
+}
+
+#[test]
+fn times_each_state_and_forgets_closed_sockets() {
+    let mut t = tracker(100);
+    let (prev, out) = run(
+        &mut t,
+        &[
+            ev(CLIENT_SK, S, Close, SynSent, 0, 80, 10, "curl"),
+            ev(
+                CLIENT_SK,
+                S + 3 * MS,
+                SynSent,
+                Established,
+                5000,
+                80,
+                0,
+                "swapper/0",
+            ),
+            ev(
+                CLIENT_SK,
+                2 * S,
+                Established,
+                FinWait1,
+                5000,
+                80,
+                10,
+                "curl",
+            ),
+            ev(
+                CLIENT_SK,
+                2 * S + MS,
+                FinWait1,
+                FinWait2,
+                5000,
+                80,
+                0,
+                "swapper/0",
+            ),
+            ev(
+                CLIENT_SK,
+                2 * S + 2 * MS,
+                FinWait2,
+                Close,
+                5000,
+                80,
+                0,
+                "swapper/0",
+            ),
+        ],
+    );
+    assert!(out.is_empty());
+    assert_eq!(prev[0], None, "CLOSE was never entered under our eyes");
+    assert_eq!(prev[1], Some(3.0));
+    assert_eq!(prev[2], Some(1000.0 - 3.0));
+    assert_eq!(prev[3], Some(1.0));
+    assert_eq!(prev[4], Some(1.0));
+    assert_eq!(t.tracked(), 0);
+    assert!(t.agg.sockets.iter().all(|&n| n == 0));
+    assert_eq!(t.agg.transitions[SynSent as usize][Established as usize], 1);
+    assert_eq!(t.agg.durations[Established as usize].len(), 1);
+}
+
+#[test]
+fn close_wait_anomaly_fires_at_threshold_once_and_resolves_with_age() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[
+            ev(LISTEN_SK, 0, Close, Listen, 8080, 0, 42, "server"),
+            // Accept and peer close run in softirq / the client's context.
+            ev(SERVER_SK, S, Listen, SynRecv, 8080, 5000, 10, "client"),
+            ev(SERVER_SK, S, SynRecv, Established, 8080, 5000, 10, "client"),
+            ev(
+                SERVER_SK,
+                3 * S,
+                Established,
+                CloseWait,
+                8080,
+                5000,
+                0,
+                "swapper/1",
+            ),
+        ],
+    );
+    let mut out = Vec::new();
+    t.expire(5 * S - 1, &mut out);
+    assert!(out.is_empty(), "not before the threshold");
+    t.expire(5 * S, &mut out);
+    t.expire(9 * S, &mut out);
+    assert_eq!(out.len(), 1, "raised once: {out:?}");
+    let Record::Anomaly(a) = &out[0] else {
+        panic!("expected an anomaly, got {out:?}");
+    };
+    assert_eq!(
+        (a.kind.as_str(), a.state, a.age_ms),
+        ("close_wait", CloseWait, 2000.0)
+    );
+    assert_eq!((a.sport, a.dport, a.sk), (8080, 5000, SERVER_SK));
+    assert_eq!(
+        (a.pid, a.comm),
+        (Some(42), Some(Comm::new("server"))),
+        "listener's owner, not the softirq task"
+    );
+    assert_eq!(a.owner_source, OwnerSource::Attributed);
+    assert!(!a.age_is_lower_bound);
+    assert_eq!(t.agg.anomalies_open[CloseWait as usize], 1);
+
+    let (_, out) = run(
+        &mut t,
+        &[ev(
+            SERVER_SK,
+            10 * S,
+            CloseWait,
+            LastAck,
+            8080,
+            5000,
+            42,
+            "server",
+        )],
+    );
+    let Record::AnomalyResolved(r) = &out[0] else {
+        panic!("expected a resolution, got {out:?}");
+    };
+    assert_eq!(
+        (r.age_ms, r.resolution.as_deref()),
+        (7000.0, Some("left_state"))
+    );
+    assert_eq!(t.agg.anomalies_open[CloseWait as usize], 0);
+    assert_eq!(t.agg.anomalies_raised[CloseWait as usize], 1);
+}
+
+#[test]
+fn leaving_before_the_threshold_raises_nothing() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[
+            ev(SERVER_SK, 0, SynRecv, Established, 8080, 5000, 1, "x"),
+            ev(SERVER_SK, S, Established, CloseWait, 8080, 5000, 1, "x"),
+            ev(SERVER_SK, 2 * S, CloseWait, LastAck, 8080, 5000, 1, "x"),
+            // Same address reused by a new socket entering CLOSE_WAIT later.
+            ev(SERVER_SK, 2 * S + 1, LastAck, Close, 8080, 5000, 1, "x"),
+        ],
+    );
+    let mut out = Vec::new();
+    t.expire(100 * S, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn client_owner_comes_from_connect_not_softirq() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[
+            ev(CLIENT_SK, 0, Close, SynSent, 0, 80, 99, "client"),
+            ev(
+                CLIENT_SK,
+                MS,
+                SynSent,
+                Established,
+                5000,
+                80,
+                0,
+                "swapper/0",
+            ),
+            ev(CLIENT_SK, S, Established, FinWait1, 5000, 80, 99, "client"),
+            ev(
+                CLIENT_SK,
+                S + MS,
+                FinWait1,
+                FinWait2,
+                5000,
+                80,
+                0,
+                "ksoftirqd/1",
+            ),
+        ],
+    );
+    let mut out = Vec::new();
+    t.expire(S + MS + 5 * S, &mut out);
+    let Record::Anomaly(a) = &out[0] else {
+        panic!("{out:?}");
+    };
+    assert_eq!(
+        (a.kind.as_str(), a.pid, a.sport),
+        ("fin_wait2", Some(99), 5000)
+    );
+}
+
+#[test]
+fn unknown_owner_is_said_to_be_unknown() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[ev(
+            SERVER_SK,
+            0,
+            Established,
+            CloseWait,
+            1,
+            2,
+            0,
+            "swapper/0",
+        )],
+    );
+    let mut out = Vec::new();
+    t.expire(2 * S, &mut out);
+    let Record::Anomaly(a) = &out[0] else {
+        panic!("{out:?}");
+    };
+    assert_eq!(
+        (a.pid, a.comm, a.owner_source),
+        (None, None, OwnerSource::None)
+    );
+}
+
+#[test]
+fn seeded_sockets_age_from_start_and_adopt_their_address() {
+    let mut t = tracker(100);
+    let n = t.seed(
+        [
+            SeedSocket {
+                netns: 7,
+                state: CloseWait,
+                saddr: "127.0.0.1".parse().expect("addr"),
+                sport: 8080,
+                daddr: "127.0.0.1".parse().expect("addr"),
+                dport: 5000,
+                owner: Some((42, Comm::new("server"))),
+            },
+            SeedSocket {
+                netns: 7,
+                state: TimeWait,
+                saddr: "127.0.0.1".parse().expect("addr"),
+                sport: 1,
+                daddr: "127.0.0.1".parse().expect("addr"),
+                dport: 2,
+                owner: None,
+            },
+        ],
+        10 * S,
+    );
+    assert_eq!(n, 1, "TIME_WAIT is not tracked");
+    assert_eq!(t.agg.sockets[CloseWait as usize], 1);
+    let mut out = Vec::new();
+    t.expire(12 * S, &mut out);
+    let Record::Anomaly(a) = &out[0] else {
+        panic!("{out:?}");
+    };
+    assert!(a.age_is_lower_bound);
+    assert_eq!((a.age_ms, a.pid, a.sk), (2000.0, Some(42), 0));
+
+    let (prev, out) = run(
+        &mut t,
+        &[ev(
+            SERVER_SK,
+            13 * S,
+            CloseWait,
+            LastAck,
+            8080,
+            5000,
+            42,
+            "server",
+        )],
+    );
+    assert_eq!(prev[0], None, "entry into CLOSE_WAIT was not seen");
+    let Record::AnomalyResolved(r) = &out[0] else {
+        panic!("{out:?}");
+    };
+    assert_eq!((r.sk, r.age_ms, r.age_is_lower_bound), (0, 3000.0, true));
+    assert_eq!(t.tracked(), 1, "adopted under its kernel address");
+    run(
+        &mut t,
+        &[ev(
+            SERVER_SK,
+            14 * S,
+            LastAck,
+            Close,
+            8080,
+            5000,
+            0,
+            "swapper/0",
+        )],
+    );
+    assert_eq!(t.tracked(), 0);
+}
+
+#[test]
+fn reconciliation_removes_sockets_whose_close_was_lost() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[
+            ev(SERVER_SK, 0, SynRecv, Established, 8080, 5000, 1, "x"),
+            ev(SERVER_SK, S, Established, CloseWait, 8080, 5000, 1, "x"),
+            // Its CLOSE is lost. This one is alive:
+            ev(CLIENT_SK, 0, SynSent, Established, 5001, 80, 1, "x"),
+            // And this one still connecting, with local port 0 in the event:
+            ev(LISTEN_SK, 0, Close, SynSent, 0, 443, 1, "x"),
+        ],
+    );
+    let mut out = Vec::new();
+    t.expire(4 * S, &mut out);
+    assert_eq!(out.len(), 1);
+    let mut alive = Alive::default();
+    let lo = "127.0.0.1".parse().expect("addr");
+    alive.insert(7, Established, lo, 5001, lo, 80);
+    alive.insert(7, SynSent, lo, 40000, lo, 443);
+    out.clear();
+    // Another namespace's dump does not touch netns 7.
+    assert_eq!(t.reconcile(8, &Alive::default(), 5 * S, 5 * S, &mut out), 0);
+    assert_eq!(t.reconcile(7, &alive, 5 * S, 5 * S, &mut out), 1);
+    assert_eq!(t.tracked(), 2);
+    assert_eq!(t.agg.reconciled, 1);
+    assert_eq!(t.agg.sockets[CloseWait as usize], 0);
+    let Record::AnomalyResolved(r) = &out[0] else {
+        panic!("{out:?}");
+    };
+    assert_eq!(r.resolution.as_deref(), Some("reconciled"));
+}
+
+#[test]
+fn sockets_changed_during_the_dump_are_not_judged() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[ev(SERVER_SK, 10 * S, SynRecv, Established, 1, 2, 1, "x")],
+    );
+    let mut out = Vec::new();
+    assert_eq!(
+        t.reconcile(7, &Alive::default(), 9 * S, 11 * S, &mut out),
+        0
+    );
+    assert_eq!(t.tracked(), 1);
+}
+
+#[test]
+fn table_is_bounded_and_counts_refusals() {
+    let mut t = tracker(3);
+    let events: Vec<_> = (0..10)
+        .map(|i| ev(0xffff_0000_0001_0000 + i, i, Close, SynSent, 0, 80, 1, "x"))
+        .collect();
+    run(&mut t, &events);
+    assert_eq!((t.tracked(), t.refused()), (3, 7));
+    assert_eq!(
+        t.agg.transitions[Close as usize][SynSent as usize], 10,
+        "counts stay exact"
+    );
+}
+
+#[test]
+fn failed_connects_and_resets_are_counted_per_endpoint() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[
+            ev(CLIENT_SK, 0, Close, SynSent, 0, 81, 1, "x"),
+            ev(CLIENT_SK, 1, SynSent, Close, 0, 81, 0, "x"),
+            ev(SERVER_SK, 0, SynRecv, Established, 80, 5000, 1, "x"),
+            ev(SERVER_SK, 1, Established, Close, 80, 5000, 0, "x"),
+        ],
+    );
+    assert_eq!((t.agg.failed_connects, t.agg.resets), (1, 1));
+    let lo: IpAddr = "127.0.0.1".parse().expect("addr");
+    assert_eq!(t.agg.by_endpoint[&(lo, 81)].failed_connects, 1);
+    assert_eq!(t.agg.by_endpoint[&(lo, 5000)].resets, 1);
+    assert_eq!(t.tracked(), 0);
+}
+
+#[test]
+fn leak_rule_names_the_growing_owner() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[ev(LISTEN_SK, 0, Close, Listen, 8080, 0, 42, "server")],
+    );
+    let mut out = Vec::new();
+    let accept_and_strand = |t: &mut Tracker, i: u64| {
+        let sk = 0xffff_0000_0010_0000 + i;
+        run(
+            t,
+            &[
+                ev(sk, i, Listen, SynRecv, 8080, 6000 + i as u16, 0, "c"),
+                ev(sk, i, SynRecv, Established, 8080, 6000 + i as u16, 0, "c"),
+                ev(
+                    sk,
+                    i + 1,
+                    Established,
+                    CloseWait,
+                    8080,
+                    6000 + i as u16,
+                    0,
+                    "c",
+                ),
+            ],
+        );
+    };
+    for i in 0..3 {
+        accept_and_strand(&mut t, i);
+    }
+    t.check_leaks(S, &mut out);
+    let Record::LeakSuspected(l) = &out[0] else {
+        panic!("{out:?}");
+    };
+    assert_eq!((l.pid, l.count, l.previous, l.state), (42, 3, 0, CloseWait));
+    out.clear();
+    t.check_leaks(2 * S, &mut out);
+    assert!(out.is_empty(), "no growth");
+    accept_and_strand(&mut t, 10);
+    t.check_leaks(3 * S, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(t.top_owners(1)[0].3, 4);
+}
+
+#[test]
+fn deadline_heap_stays_bounded_under_churn() {
+    let mut t = tracker(1000);
+    let mut out = Vec::new();
+    for i in 0..50_000u64 {
+        let sk = 0xffff_0000_1000_0000 + (i % 10);
+        run(
+            &mut t,
+            &[
+                ev(sk, i * 10, Established, CloseWait, 1, 2, 1, "x"),
+                ev(sk, i * 10 + 1, CloseWait, LastAck, 1, 2, 1, "x"),
+                ev(sk, i * 10 + 2, LastAck, Close, 1, 2, 1, "x"),
+            ],
+        );
+        if i % 1000 == 0 {
+            t.expire(i * 10, &mut out);
+        }
+    }
+    t.expire(500_000, &mut out);
+    assert!(
+        t.deadlines.len() <= 2 * 1000 + 4096 + 1000,
+        "{}",
+        t.deadlines.len()
+    );
+    assert!(out.is_empty());
+}
