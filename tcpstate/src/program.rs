@@ -22,6 +22,22 @@ pub struct Filters {
     pub family: u16,
 }
 
+impl Filters {
+    /// The same test the eBPF program applies, for sockets that reach us
+    /// another way (the start-up snapshot).
+    pub fn admits(&self, v6: bool, sport: u16, dport: u16) -> bool {
+        let family = if v6 {
+            tcpstate_common::AF_INET6
+        } else {
+            tcpstate_common::AF_INET
+        };
+        (self.family == 0 || self.family == family)
+            && (self.port == 0 || sport == self.port || dport == self.port)
+            && (self.lport == 0 || sport == self.lport)
+            && (self.rport == 0 || dport == self.rport)
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
     pub ring_bytes: u32,

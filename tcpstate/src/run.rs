@@ -50,6 +50,7 @@ struct Daemon {
     stdout: Stdout,
     clock: WallClock,
     namespaces: Namespaces,
+    filters: Filters,
     started: Instant,
     events: u64,
     undecodable: u64,
@@ -120,6 +121,7 @@ impl Daemon {
             tracker,
             clock,
             namespaces,
+            filters,
             started: Instant::now(),
             events: 0,
             undecodable: 0,
@@ -141,7 +143,12 @@ impl Daemon {
         let seeded = if self.args.no_seed {
             0
         } else {
-            let sockets = self.namespaces.seed();
+            let f = self.filters;
+            let sockets = self
+                .namespaces
+                .seed()
+                .into_iter()
+                .filter(|s| f.admits(s.saddr.is_ipv6(), s.sport, s.dport));
             self.tracker.seed(sockets, monotonic_ns())
         };
         self.stdout.header();

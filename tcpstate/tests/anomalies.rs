@@ -1,0 +1,175 @@
+//! Stuck sockets on real traffic: anomalies, their owners, their ends.
+
+mod common;
+
+use std::{
+    io::Read as _,
+    net::{Shutdown, TcpListener, TcpStream},
+    time::{Duration, SystemTime},
+};
+
+use common::{Daemon, Netns, port, require_bpf};
+use serde_json::Value;
+
+fn ts(v: &Value) -> SystemTime {
+    humantime::parse_rfc3339(v["ts"].as_str().expect("ts")).expect("rfc3339")
+}
+
+fn our_comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("comm")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn close_wait_anomaly_names_the_server_not_the_softirq_task() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(25000);
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=2s"]);
+    // We are the server; the client is another process (bash), so the
+    // server side's transitions run in its context or in softirq.
+    let listener = ns.run(move || TcpListener::bind(("127.0.0.1", p)).expect("bind"));
+    let status = ns
+        .command("bash")
+        .args(["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{p}; exec 3>&-")])
+        .status()
+        .expect("bash client");
+    assert!(status.success());
+    let (server, peer) = listener.accept().expect("accept");
+
+    let entered = daemon
+        .wait_for(Duration::from_secs(5), |r| {
+            r["type"] == "transition" && r["new"] == "CLOSE_WAIT" && r["sport"] == p
+        })
+        .expect("server socket entered CLOSE_WAIT");
+    assert_ne!(
+        entered["pid"],
+        std::process::id(),
+        "the transition ran elsewhere: {entered}"
+    );
+    let anomaly = daemon
+        .wait_for(Duration::from_secs(5), |r| {
+            r["type"] == "anomaly" && r["netns"] == ns.inode
+        })
+        .expect("anomaly raised");
+    let late = ts(&anomaly)
+        .duration_since(ts(&entered))
+        .expect("after entry");
+    assert!(
+        late >= Duration::from_secs(2) && late < Duration::from_secs(3),
+        "raised {late:?} after entering CLOSE_WAIT"
+    );
+    assert_eq!(anomaly["kind"], "close_wait");
+    assert_eq!(anomaly["state"], "CLOSE_WAIT");
+    assert_eq!(
+        (&anomaly["sport"], &anomaly["dport"]),
+        (&p.into(), &peer.port().into())
+    );
+    assert_eq!(
+        (&anomaly["saddr"], &anomaly["daddr"]),
+        (&"127.0.0.1".into(), &"127.0.0.1".into())
+    );
+    assert_eq!(anomaly["sk"], entered["sk"]);
+    assert_eq!(anomaly["pid"], std::process::id(), "{anomaly}");
+    assert_eq!(anomaly["comm"], our_comm(), "{anomaly}");
+    assert_eq!(anomaly["owner_source"], "fd");
+    assert_eq!(anomaly["age_is_lower_bound"], false);
+
+    std::thread::sleep(Duration::from_millis(500));
+    drop(server);
+    let resolved = daemon
+        .wait_for(Duration::from_secs(5), |r| {
+            r["type"] == "anomaly_resolved" && r["netns"] == ns.inode
+        })
+        .expect("resolved");
+    let age = resolved["age_ms"].as_f64().expect("age");
+    assert!(
+        (2500.0..4000.0).contains(&age),
+        "spent {age} ms in CLOSE_WAIT"
+    );
+    assert_eq!(resolved["resolution"], "left_state");
+    drop(daemon.stop());
+}
+
+#[test]
+fn fin_wait2_anomaly_on_a_half_closed_client() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(26000);
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "fin_wait2=2s"]);
+    let (client, server, client_port) = ns.run(move || {
+        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        c.shutdown(Shutdown::Write).expect("shutdown");
+        let port = c.local_addr().expect("addr").port();
+        (c, s, port)
+    });
+    let anomaly = daemon
+        .wait_for(Duration::from_secs(6), |r| {
+            r["type"] == "anomaly" && r["netns"] == ns.inode
+        })
+        .expect("FIN_WAIT2 anomaly");
+    assert_eq!(anomaly["kind"], "fin_wait2");
+    assert_eq!(
+        (&anomaly["sport"], &anomaly["dport"]),
+        (&client_port.into(), &p.into())
+    );
+    assert_eq!(anomaly["pid"], std::process::id(), "{anomaly}");
+    assert_eq!(anomaly["owner_source"], "fd");
+    drop(server);
+    drop(client);
+    let records = daemon.stop();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["type"] == "anomaly_resolved" && r["kind"] == "fin_wait2")
+    );
+}
+
+#[test]
+fn close_wait_from_before_start_is_found_by_the_snapshot() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(27000);
+    let (server, client_port) = ns.run(move || {
+        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        let (mut s, _) = l.accept().expect("accept");
+        let port = c.local_addr().expect("addr").port();
+        drop(c);
+        let mut buf = [0u8; 1];
+        assert_eq!(s.read(&mut buf).expect("eof"), 0, "peer closed");
+        (s, port)
+    });
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=2s"]);
+    let anomaly = daemon
+        .wait_for(Duration::from_secs(6), |r| {
+            r["type"] == "anomaly" && r["netns"] == ns.inode
+        })
+        .expect("anomaly for the pre-existing socket");
+    assert_eq!(anomaly["kind"], "close_wait");
+    assert_eq!(anomaly["age_is_lower_bound"], true, "{anomaly}");
+    assert_eq!(
+        (&anomaly["sport"], &anomaly["dport"]),
+        (&p.into(), &client_port.into())
+    );
+    assert_eq!(anomaly["netns"], ns.inode);
+    assert_eq!(anomaly["pid"], std::process::id());
+    drop(server);
+    let resolved = daemon
+        .wait_for(Duration::from_secs(5), |r| {
+            r["type"] == "anomaly_resolved" && r["netns"] == ns.inode
+        })
+        .expect("resolved when closed");
+    assert_eq!(resolved["kind"], "close_wait");
+    drop(daemon.stop());
+}

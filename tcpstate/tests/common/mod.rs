@@ -1,0 +1,198 @@
+//! Test harness: a network namespace per test, the real daemon, its JSON.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// BPF tests need root. They fail loudly rather than pass by skipping,
+/// unless TCPSTATE_SKIP_BPF_TESTS=1 opts out on purpose.
+pub fn require_bpf() -> bool {
+    if std::env::var("TCPSTATE_SKIP_BPF_TESTS").as_deref() == Ok("1") {
+        eprintln!("TCPSTATE_SKIP_BPF_TESTS=1: NOT running this BPF test");
+        return false;
+    }
+    // SAFETY: no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "BPF tests need root (set TCPSTATE_SKIP_BPF_TESTS=1 to opt out on purpose)"
+    );
+    true
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace made for one test, deleted on drop.
+pub struct Netns {
+    pub name: String,
+    pub inode: u64,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        let name = format!(
+            "tcpstate-t{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        let inode = std::fs::metadata(Self::path_of(&name))
+            .unwrap_or_else(|e| panic!("stat netns {name}: {e}"))
+            .ino();
+        Self { name, inode }
+    }
+
+    fn path_of(name: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(name)
+    }
+
+    /// Runs `f` on a thread inside the namespace. Sockets it creates stay
+    /// in the namespace whichever thread uses them afterwards.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = Self::path_of(&self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            // SAFETY: valid fd; setns affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// A command run inside the namespace (`ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(argv: &[&str]) {
+    let st = Command::new(argv[0])
+        .args(&argv[1..])
+        .status()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(st.success(), "{argv:?} failed: {st}");
+}
+
+/// The real daemon, `tcpstate run --format json`, as a child process.
+pub struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub records: Vec<Value>,
+}
+
+impl Daemon {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+            .args(["run", "--format", "json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tcpstate: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Self {
+            child,
+            lines,
+            records: Vec::new(),
+        };
+        d.wait_for(Duration::from_secs(30), |r| r["type"] == "started")
+            .unwrap_or_else(|| panic!("tcpstate did not start: {:?}", d.records));
+        d
+    }
+
+    /// Reads records until one matches `pred` or the time runs out.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            let v: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("daemon wrote a line that is not JSON ({e}): {line}"));
+            self.records.push(v.clone());
+            if pred(&v) {
+                return Some(v);
+            }
+        }
+    }
+
+    /// SIGTERM, then every record up to `stopped`.
+    pub fn stop(mut self) -> Vec<Value> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let stopped = self.wait_for(Duration::from_secs(20), |r| r["type"] == "stopped");
+        let status = self.child.wait().expect("wait for tcpstate");
+        assert!(
+            stopped.is_some(),
+            "no stopped record; got {:?}",
+            self.records
+        );
+        assert!(status.success(), "tcpstate exited with {status}");
+        std::mem::take(&mut self.records)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Transitions of one namespace, in order.
+pub fn transitions(records: &[Value], netns: u64) -> Vec<&Value> {
+    records
+        .iter()
+        .filter(|r| r["type"] == "transition" && r["netns"] == netns)
+        .collect()
+}
+
+/// (old, new) pairs of one socket, in order.
+pub fn pairs_of<'a>(ts: &[&'a Value], sk: &Value) -> Vec<(&'a str, &'a str)> {
+    ts.iter()
+        .filter(|t| &t["sk"] == sk)
+        .map(|t| {
+            (
+                t["old"].as_str().unwrap_or("?"),
+                t["new"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect()
+}
+
+/// A port unlikely to collide across concurrently running tests.
+pub fn port(base: u16) -> u16 {
+    base + (std::process::id() % 500) as u16
+}

@@ -1,0 +1,243 @@
+//! The real program on real traffic: exact transitions per socket.
+
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use common::{Daemon, Netns, pairs_of, port, require_bpf, transitions};
+use serde_json::Value;
+
+/// Client connects, writes, closes; server reads, closes after a pause.
+fn lifecycle(addr: &str) -> (SocketAddr, SocketAddr, Duration) {
+    let pause = Duration::from_millis(300);
+    let listener = TcpListener::bind(addr).expect("bind");
+    let server_addr = listener.local_addr().expect("addr");
+    let mut client = TcpStream::connect(server_addr).expect("connect");
+    let client_addr = client.local_addr().expect("addr");
+    let (mut server, _) = listener.accept().expect("accept");
+    client.write_all(b"ping").expect("write");
+    let mut buf = [0u8; 4];
+    server.read_exact(&mut buf).expect("read");
+    drop(client);
+    std::thread::sleep(pause);
+    drop(server);
+    std::thread::sleep(Duration::from_millis(50));
+    drop(listener);
+    (server_addr, client_addr, pause)
+}
+
+fn check_lifecycle(family: &str, bind: &'static str) {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(20000 + if family == "ipv6" { 1000 } else { 0 });
+    let daemon = Daemon::start(&["--port", &p.to_string()]);
+    let (server, client, pause) = ns.run(move || lifecycle(&format!("{bind}:{p}")));
+    let records = daemon.stop();
+    let ts = transitions(&records, ns.inode);
+    let sk_of = |pred: &dyn Fn(&Value) -> bool| -> Value {
+        ts.iter()
+            .find(|t| pred(t))
+            .map(|t| t["sk"].clone())
+            .unwrap_or_else(|| panic!("no such socket in {ts:#?}"))
+    };
+    let listener = sk_of(&|t| t["old"] == "CLOSE" && t["new"] == "LISTEN");
+    let client_sk = sk_of(&|t| t["old"] == "CLOSE" && t["new"] == "SYN_SENT");
+    let server_sk = sk_of(&|t| t["old"] == "LISTEN" && t["new"] == "SYN_RECV");
+    assert_eq!(
+        pairs_of(&ts, &listener),
+        [("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")]
+    );
+    assert_eq!(
+        pairs_of(&ts, &client_sk),
+        [
+            ("CLOSE", "SYN_SENT"),
+            ("SYN_SENT", "ESTABLISHED"),
+            ("ESTABLISHED", "FIN_WAIT1"),
+            ("FIN_WAIT1", "FIN_WAIT2"),
+            ("FIN_WAIT2", "CLOSE"),
+        ]
+    );
+    assert_eq!(
+        pairs_of(&ts, &server_sk),
+        [
+            ("LISTEN", "SYN_RECV"),
+            ("SYN_RECV", "ESTABLISHED"),
+            ("ESTABLISHED", "CLOSE_WAIT"),
+            ("CLOSE_WAIT", "LAST_ACK"),
+            ("LAST_ACK", "CLOSE"),
+        ]
+    );
+    assert_eq!(ts.len(), 12, "nothing else in this namespace: {ts:#?}");
+    let ip = |a: SocketAddr| Value::from(a.ip().to_string());
+    for t in &ts {
+        assert_eq!(t["family"], family, "{t}");
+        if t["sk"] == client_sk && t["new"] != "SYN_SENT" {
+            assert_eq!(
+                (&t["saddr"], &t["sport"]),
+                (&ip(client), &client.port().into()),
+                "{t}"
+            );
+            assert_eq!(
+                (&t["daddr"], &t["dport"]),
+                (&ip(server), &server.port().into()),
+                "{t}"
+            );
+        }
+        if t["sk"] == server_sk {
+            assert_eq!(
+                (&t["saddr"], &t["sport"]),
+                (&ip(server), &server.port().into()),
+                "{t}"
+            );
+            assert_eq!(
+                (&t["daddr"], &t["dport"]),
+                (&ip(client), &client.port().into()),
+                "{t}"
+            );
+        }
+    }
+    // The connect starts before a local port is chosen.
+    let first = ts.iter().find(|t| t["sk"] == client_sk).expect("client");
+    assert_eq!(
+        (&first["sport"], &first["dport"]),
+        (&0.into(), &server.port().into())
+    );
+    assert_eq!(
+        first["prev_state_ms"],
+        Value::Null,
+        "CLOSE was not seen being entered"
+    );
+    // CLOSE_WAIT lasted the server's pause.
+    let cw = ts
+        .iter()
+        .find(|t| t["sk"] == server_sk && t["old"] == "CLOSE_WAIT")
+        .expect("CLOSE_WAIT exit");
+    let ms = cw["prev_state_ms"].as_f64().expect("timed");
+    let want = pause.as_secs_f64() * 1000.0;
+    assert!(
+        ms >= want && ms < want + 250.0,
+        "CLOSE_WAIT lasted {ms} ms, slept {want} ms"
+    );
+    let stopped = records.last().expect("records");
+    assert_eq!(
+        (&stopped["dropped"], &stopped["undecodable"]),
+        (&0.into(), &0.into()),
+        "{stopped}"
+    );
+    assert_eq!(stopped["recursion_misses"], 0, "{stopped}");
+}
+
+#[test]
+fn ipv4_connect_close_exact_transitions() {
+    check_lifecycle("ipv4", "127.0.0.1");
+}
+
+#[test]
+fn ipv6_connect_close_exact_transitions() {
+    check_lifecycle("ipv6", "[::1]");
+}
+
+#[test]
+fn refused_connect_is_syn_sent_to_close() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(22000);
+    let daemon = Daemon::start(&["--port", &p.to_string()]);
+    let err = ns.run(move || TcpStream::connect(("127.0.0.1", p)).expect_err("nobody listens"));
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    let records = daemon.stop();
+    let ts = transitions(&records, ns.inode);
+    let got: Vec<_> = ts
+        .iter()
+        .map(|t| (t["old"].as_str(), t["new"].as_str(), t["dport"].as_u64()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Some("CLOSE"), Some("SYN_SENT"), Some(u64::from(p))),
+            (Some("SYN_SENT"), Some("CLOSE"), Some(u64::from(p)))
+        ]
+    );
+}
+
+#[test]
+fn reset_goes_straight_to_close_on_both_ends() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(23000);
+    let daemon = Daemon::start(&["--port", &p.to_string()]);
+    ns.run(move || {
+        let listener = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        let mut client = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        // SO_LINGER 0: close() sends RST instead of FIN.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: valid socket and option buffer.
+        let rc = unsafe {
+            libc::setsockopt(
+                server.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size_of::<libc::linger>() as u32,
+            )
+        };
+        assert_eq!(rc, 0);
+        drop(server);
+        let mut buf = [0u8; 1];
+        let err = client.read(&mut buf).expect_err("reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+        let _ = client.shutdown(Shutdown::Both);
+    });
+    let records = daemon.stop();
+    let ts = transitions(&records, ns.inode);
+    let resets: Vec<_> = ts
+        .iter()
+        .filter(|t| t["old"] == "ESTABLISHED" && t["new"] == "CLOSE")
+        .map(|t| t["sport"].as_u64())
+        .collect();
+    assert_eq!(resets.len(), 2, "both ends reset: {ts:#?}");
+    assert!(resets.contains(&Some(u64::from(p))), "{resets:?}");
+}
+
+#[test]
+fn port_and_family_filters_apply_in_the_kernel() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(24000);
+    let daemon = Daemon::start(&["--port", &p.to_string(), "-6"]);
+    ns.run(move || {
+        for addr in [
+            format!("127.0.0.1:{p}"),
+            format!("[::1]:{p}"),
+            format!("[::1]:{}", p + 1),
+        ] {
+            let l = TcpListener::bind(&addr).expect("bind");
+            let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+            drop(c);
+        }
+    });
+    let records = daemon.stop();
+    let ts = transitions(&records, ns.inode);
+    assert!(!ts.is_empty());
+    for t in &ts {
+        assert_eq!(t["family"], "ipv6", "{t}");
+        assert!(t["sport"] == p || t["dport"] == p, "{t}");
+    }
+}
