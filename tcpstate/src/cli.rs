@@ -21,6 +21,55 @@ pub struct Cli {
 pub enum Command {
     /// Trace transitions, track sockets and report anomalies (needs root).
     Run(RunArgs),
+    /// Print a transition log in columns; -f follows it across rotation.
+    Tail(TailArgs),
+    /// Ask the running daemon what is stuck right now.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TailArgs {
+    /// The log to read (as written by `tcpstate run --log-file`).
+    #[arg(default_value = "/var/log/tcpstate/transitions.jsonl")]
+    pub path: std::path::PathBuf,
+    /// Keep reading as the log grows, across rename and truncation (like tail -F).
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Start with the last N records (default: all, or 10 with --follow).
+    #[arg(short = 'n', long)]
+    pub lines: Option<usize>,
+    /// Only records with this local or remote port.
+    #[arg(long, value_parser = nonzero_port)]
+    pub port: Option<u16>,
+    /// Only records involving this state (either end of a transition).
+    #[arg(long, value_parser = state)]
+    pub state: Option<TcpState>,
+    /// Only anomaly, anomaly_resolved and leak_suspected records.
+    #[arg(long)]
+    pub anomalies: bool,
+    /// Only records of this pid.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Only records of this command name.
+    #[arg(long)]
+    pub comm: Option<String>,
+    /// Print the JSON records as they are instead of columns.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Where the daemon serves /status (its --metrics-addr).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub addr: std::net::SocketAddr,
+    /// Print the daemon's JSON as it is.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn state(s: &str) -> Result<TcpState, String> {
+    TcpState::parse(s).ok_or_else(|| format!("unknown TCP state {s:?}"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -159,7 +208,9 @@ mod tests {
             "syn_sent=off",
         ])
         .expect("parses");
-        let Command::Run(r) = cli.command;
+        let Command::Run(r) = cli.command else {
+            panic!("parsed as another command");
+        };
         assert_eq!((r.format, r.port, r.ipv6), (Format::Json, Some(8080), true));
         assert_eq!(r.thresholds.len(), 2);
         assert!(Cli::try_parse_from(["tcpstate", "run", "-4", "-6"]).is_err());

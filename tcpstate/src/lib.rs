@@ -18,5 +18,7 @@ pub mod run;
 pub mod snapshot;
 pub mod sockdiag;
 pub mod state;
+pub mod status;
+pub mod tail;
 pub mod tracefs;
 pub mod tracker;

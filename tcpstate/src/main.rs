@@ -24,6 +24,8 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => tcpstate::run::run(args),
+        Command::Tail(args) => tcpstate::tail::tail(args),
+        Command::Status(args) => tcpstate::status::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

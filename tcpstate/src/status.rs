@@ -1,0 +1,7 @@
+//! `tcpstate status`: ask the running daemon.
+
+use crate::cli::StatusArgs;
+
+pub fn status(_args: StatusArgs) -> anyhow::Result<()> {
+    anyhow::bail!("tcpstate status is not implemented yet")
+}
