@@ -127,6 +127,31 @@ pub struct RunArgs {
     /// How often to report lost events on stderr (only when some were lost).
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub stats_interval: Duration,
+
+    /// Append every record to this file as JSON Lines (reopened on SIGHUP
+    /// and when logrotate renames it).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<std::path::PathBuf>,
+    /// Transition records per second written to the log; 0 = unlimited.
+    /// Default: unlimited when stdout is a terminal, 10000 otherwise.
+    /// Anomalies are never limited.
+    #[arg(long, value_name = "N")]
+    pub log_rate: Option<u32>,
+    /// Write transition records to the log (false: anomalies only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub log_transitions: bool,
+    /// Rotate the log ourselves past this size (e.g. 100M); for hosts without logrotate.
+    #[arg(long, value_parser = byte_size, value_name = "SIZE")]
+    pub log_max_size: Option<u64>,
+    /// Rotated logs kept with --log-max-size (PATH.1 .. PATH.N).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub log_keep: u32,
+    /// Serve Prometheus /metrics and /status here (loopback unless you say otherwise).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Print nothing on stdout (use with --log-file).
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 fn nonzero_port(s: &str) -> Result<u16, String> {
@@ -155,8 +180,8 @@ fn duration_or_zero(s: &str) -> Result<Duration, String> {
     duration(s)
 }
 
-/// `4M`, `256K`, `4MiB`, `1048576`.
-pub fn ring_size(s: &str) -> Result<u32, String> {
+/// `100M`, `1G`, `65536`.
+pub fn byte_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -168,9 +193,14 @@ pub fn ring_size(s: &str) -> Result<u32, String> {
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
     };
-    let bytes = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("{s:?} is not a usable size"))
+}
+
+/// `4M`, `256K`, `4MiB`, `1048576`.
+pub fn ring_size(s: &str) -> Result<u32, String> {
+    let bytes = byte_size(s)?;
     if !bytes.is_power_of_two() || !(4096..=(1 << 30)).contains(&bytes) {
         return Err(format!("{s:?}: must be a power of two between 4K and 1G"));
     }

@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
     time::MissedTickBehavior,
 };
 
@@ -18,11 +19,18 @@ use crate::{
     cli::RunArgs,
     clock::{WallClock, monotonic_ns},
     decode,
-    output::Stdout,
+    output::{
+        Stdout,
+        http::{self, Page, Request},
+        logfile::{LogFile, LogOptions},
+        metrics::{self, Counters},
+    },
     program::{self, Filters, KernelCounters, LoadOptions, Probe},
     record::{Record, Started, Stopped, TransitionRecord},
     snapshot::Namespaces,
-    sockdiag, tracefs,
+    sockdiag,
+    status::Report,
+    tracefs,
     tracker::{Config, Tracker, thresholds::Thresholds},
 };
 
@@ -39,7 +47,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async { Daemon::start(args)?.run().await })
+    rt.block_on(async { Daemon::start(args).await?.run().await })
 }
 
 struct Daemon {
@@ -47,7 +55,8 @@ struct Daemon {
     probe: Probe,
     ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
     tracker: Tracker,
-    stdout: Stdout,
+    sinks: Sinks,
+    http: Option<mpsc::Receiver<Request>>,
     clock: WallClock,
     namespaces: Namespaces,
     filters: Filters,
@@ -60,7 +69,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(args: RunArgs) -> anyhow::Result<Self> {
+    async fn start(args: RunArgs) -> anyhow::Result<Self> {
         let root = tracefs::ensure_mounted().map_err(anyhow::Error::msg)?;
         tracefs::verify_tracepoint(&root).map_err(anyhow::Error::msg)?;
         let netns_offsets = match btf::netns_offsets() {
@@ -113,8 +122,44 @@ impl Daemon {
             host: sockdiag::current_netns().unwrap_or(0),
             per_netns: netns_offsets.is_some(),
         };
+        let log = match &args.log_file {
+            None => None,
+            Some(path) => {
+                use std::io::IsTerminal as _;
+                let rate = match args.log_rate {
+                    Some(0) => None,
+                    Some(n) => Some(n),
+                    None if std::io::stdout().is_terminal() => None,
+                    None => Some(10_000),
+                };
+                Some(
+                    LogFile::open(LogOptions {
+                        path: path.clone(),
+                        rate,
+                        transitions: args.log_transitions,
+                        max_size: args.log_max_size,
+                        keep: args.log_keep,
+                    })
+                    .map_err(anyhow::Error::msg)?,
+                )
+            }
+        };
+        let http = match args.metrics_addr {
+            None => None,
+            Some(addr) => {
+                let listener = http::bind(addr).await.map_err(anyhow::Error::msg)?;
+                let (tx, rx) = mpsc::channel(16);
+                tokio::spawn(http::serve(listener, tx));
+                Some(rx)
+            }
+        };
         Ok(Self {
-            stdout: Stdout::new(args.format),
+            sinks: Sinks {
+                stdout: (!args.quiet).then(|| Stdout::new(args.format)),
+                log,
+                log_error: None,
+            },
+            http,
             args,
             probe,
             ring,
@@ -151,8 +196,10 @@ impl Daemon {
                 .filter(|s| f.admits(s.saddr.is_ipv6(), s.sport, s.dport));
             self.tracker.seed(sockets, monotonic_ns())
         };
-        self.stdout.header();
-        self.stdout.emit(&Record::Started(Started {
+        if let Some(out) = &mut self.sinks.stdout {
+            out.header();
+        }
+        self.sinks.emit(&Record::Started(Started {
             ts: std::time::SystemTime::now(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
@@ -162,6 +209,7 @@ impl Daemon {
         if self.flush()? {
             return Ok(());
         }
+        notify_systemd();
 
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -191,8 +239,18 @@ impl Daemon {
                     self.emit_pending();
                 }
                 _ = reconcile.tick(), if !reconcile_every.is_zero() => self.reconcile(),
+                Some((page, reply)) = next_request(&mut self.http) => {
+                    self.drain();
+                    let _ = reply.send(self.page(page));
+                }
                 _ = sigusr1.recv() => eprintln!("{}", self.tracker.agg.summary()),
-                _ = sighup.recv() => {}
+                _ = sighup.recv() => {
+                    if let Some(log) = &mut self.sinks.log
+                        && let Err(e) = log.reopen()
+                    {
+                        eprintln!("tcpstate: warning: cannot reopen {}: {e}", log.path().display());
+                    }
+                }
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
             }
@@ -203,7 +261,7 @@ impl Daemon {
         self.drain();
         self.expire();
         let k = self.probe.counters();
-        self.stdout.emit(&Record::Stopped(Stopped {
+        self.sinks.emit(&Record::Stopped(Stopped {
             ts: std::time::SystemTime::now(),
             events: self.events,
             dropped: k.ringbuf_full,
@@ -225,7 +283,7 @@ impl Daemon {
             match decode::decode(&item) {
                 Ok(t) => {
                     let prev_state_ms = self.tracker.on_transition(&t, &mut self.pending);
-                    self.stdout.emit(&Record::Transition(TransitionRecord {
+                    self.sinks.emit(&Record::Transition(TransitionRecord {
                         ts: self.clock.to_system(t.ts_ns),
                         sk: t.sk,
                         family: t.family,
@@ -241,7 +299,7 @@ impl Daemon {
                         netns: t.netns,
                     }));
                     for rec in self.pending.drain(..) {
-                        self.stdout.emit(&rec);
+                        self.sinks.emit(&rec);
                     }
                 }
                 Err(_) => self.undecodable += 1,
@@ -273,7 +331,7 @@ impl Daemon {
             .collect();
         self.namespaces.verify_owners(&mut fresh);
         for rec in self.pending.drain(..) {
-            self.stdout.emit(&rec);
+            self.sinks.emit(&rec);
         }
     }
 
@@ -308,14 +366,102 @@ impl Daemon {
         self.reported = k;
     }
 
+    fn counters(&self) -> Counters {
+        let k = self.probe.counters();
+        Counters {
+            events: self.events,
+            dropped: k.ringbuf_full,
+            recursion_misses: k.recursion_misses,
+            undecodable: self.undecodable,
+            log_suppressed: self.sinks.log.as_ref().map_or(0, |l| l.suppressed_total),
+        }
+    }
+
+    fn page(&self, page: Page) -> String {
+        match page {
+            Page::Metrics => metrics::render(&self.tracker, self.counters()),
+            Page::Status => {
+                let mut report = Report::build(
+                    &self.tracker,
+                    self.counters(),
+                    monotonic_ns(),
+                    self.started.elapsed().as_secs_f64(),
+                );
+                let mut open: Vec<_> = report.open_anomalies.iter_mut().collect();
+                self.namespaces.verify_owners(&mut open);
+                serde_json::to_string(&report).unwrap_or_default()
+            }
+        }
+    }
+
     /// Returns true when stdout is gone (a closed pipe): stop quietly.
     fn flush(&mut self) -> anyhow::Result<bool> {
-        match self.stdout.flush() {
+        self.sinks.flush_log();
+        match self.sinks.stdout.as_mut().map_or(Ok(()), Stdout::flush) {
             Ok(()) => Ok(false),
             Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(true),
             Err(e) => Err(e).context("writing to stdout"),
         }
     }
+}
+
+/// Every place a record goes.
+struct Sinks {
+    stdout: Option<Stdout>,
+    log: Option<LogFile>,
+    /// The last log write error, reported once until writes work again.
+    log_error: Option<std::io::ErrorKind>,
+}
+
+impl Sinks {
+    fn emit(&mut self, rec: &Record) {
+        if let Some(out) = &mut self.stdout {
+            out.emit(rec);
+        }
+        if let Some(log) = &mut self.log {
+            log.emit(rec, Instant::now());
+        }
+    }
+
+    /// A failing log (disk full, removed directory) is reported, not
+    /// fatal: counters, metrics and stdout carry on exactly.
+    fn flush_log(&mut self) {
+        let Some(log) = &mut self.log else { return };
+        match log.flush(Instant::now()) {
+            Ok(()) => self.log_error = None,
+            Err(e) => {
+                if self.log_error != Some(e.kind()) {
+                    eprintln!("tcpstate: warning: writing {}: {e}", log.path().display());
+                }
+                self.log_error = Some(e.kind());
+            }
+        }
+    }
+}
+
+async fn next_request(rx: &mut Option<mpsc::Receiver<Request>>) -> Option<Request> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `Type=notify`: tell systemd we are attached and seeded.
+fn notify_systemd() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let _ = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
+    } else {
+        sock.send_to(b"READY=1", std::path::Path::new(&path))
+    };
 }
 
 fn interval(period: Duration) -> tokio::time::Interval {

@@ -1,1 +1,139 @@
-fn main() {}
+//! Developer tasks for the tcpstate workspace, run as `cargo xtask <task>`
+//! (alias in .cargo/config.toml).
+
+mod cmd;
+mod setup;
+mod test;
+
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+
+use crate::cmd::{capture, euid, run, show, stable_cargo, which};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for tcpstate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check for (and install if missing) the nightly toolchain, rust-src,
+    /// bpf-linker, iproute2 and tracefs. Idempotent.
+    Setup,
+    /// Set up, then build target/release/tcpstate.
+    Build,
+    /// Build, then run `tcpstate run ARGS...` as root,
+    /// e.g. `cargo xtask run -- --format json --port 8080`.
+    Run {
+        /// Arguments for `tcpstate run`, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, check formatting, run clippy (host and eBPF crates), then
+    /// `cargo test --release`. What CI runs.
+    Test {
+        /// Skip rustfmt and clippy, for fast iteration.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test`, after `--`
+        /// (e.g. `cargo xtask test -- --test pipeline`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = cmd::prepend_cargo_bin_to_path().and_then(|()| match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Build => build().map(drop),
+        Task::Run { args } => Err(run_tcpstate(&args)),
+        Task::Test { no_lint, args } => test::test(no_lint, &args),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` joins the context chain on one line.
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `setup`, then a release build of tcpstate (aya-build compiles the eBPF
+/// object from its build script). Returns the binary's path.
+fn build() -> Result<PathBuf> {
+    setup::setup()?;
+    let mut cargo = stable_cargo();
+    cargo.args(["build", "--release", "--package", "tcpstate"]);
+    println!("\n==> xtask build: {}", show(&cargo));
+    run(&mut cargo).context("building tcpstate failed")?;
+    let binary = target_dir()?.join("release").join("tcpstate");
+    if !binary.is_file() {
+        bail!(
+            "cargo build succeeded but {} does not exist",
+            binary.display()
+        );
+    }
+    println!("xtask: built {}", binary.display());
+    Ok(binary)
+}
+
+/// Cargo's target directory as cargo itself resolves it (CARGO_TARGET_DIR,
+/// config files), rather than assuming `target/`.
+fn target_dir() -> Result<PathBuf> {
+    let metadata =
+        capture(stable_cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&metadata).context("cannot parse `cargo metadata` output")?;
+    json.get("target_directory")
+        .and_then(|dir| dir.as_str())
+        .map(PathBuf::from)
+        .context("`cargo metadata` output has no target_directory")
+}
+
+/// `build`, then replaces xtask with `tcpstate run ARGS...` (through
+/// `sudo -E` when not root). Only returns on failure.
+///
+/// exec rather than spawn-and-wait: Ctrl-C goes to the terminal's foreground
+/// process group, and after exec that holds tcpstate (cargo and the rustup
+/// proxy exec too) but no xtask that could die first or swallow the signal;
+/// tcpstate's exit status becomes ours without forwarding.
+fn run_tcpstate(args: &[String]) -> anyhow::Error {
+    let binary = match build() {
+        Ok(binary) => binary,
+        Err(err) => return err,
+    };
+    let mut cmd = match euid() {
+        Ok(0) => Command::new(&binary),
+        Ok(_) if which("sudo").is_some() => {
+            println!(
+                "xtask: tcpstate needs root (it loads eBPF programs); re-running through sudo -E"
+            );
+            let mut sudo = Command::new("sudo");
+            sudo.arg("-E").arg(&binary);
+            sudo
+        }
+        Ok(uid) => {
+            return anyhow!(
+                "tcpstate needs root (it loads eBPF programs) but this is uid {uid} and sudo is \
+                 not installed; run `cargo xtask run` as root"
+            );
+        }
+        Err(err) => return err,
+    };
+    cmd.arg("run").args(args);
+    println!("xtask: exec {}", show(&cmd));
+    let err = cmd.exec();
+    anyhow!("could not exec `{}`: {err}", show(&cmd))
+}

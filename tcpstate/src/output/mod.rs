@@ -1,6 +1,9 @@
 //! Where records go. Every record passes through [`Stdout`]; later sinks
 //! (log file, metrics) take the same `Record`s.
 
+pub mod http;
+pub mod logfile;
+pub mod metrics;
 pub mod text;
 
 use std::io::Write as _;

@@ -1,0 +1,317 @@
+//! `--log-file`: the transition log as JSON Lines.
+//!
+//! - Whole lines only: records are serialised into a buffer and written
+//!   with one append per batch, so a reader (or a `kill -9`) never sees
+//!   half a record.
+//! - Rotation: O_APPEND makes logrotate's copytruncate safe; rename or
+//!   removal is noticed by comparing the path's inode with ours (checked
+//!   every second and on SIGHUP), and the path is reopened.
+//! - Flood safety: transition records pass a token bucket (`--log-rate`),
+//!   with a `suppressed` record saying how many were dropped; anomalies
+//!   always pass. `--log-max-size`/`--log-keep` cap the disk used.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Write as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    time::{Instant, SystemTime},
+};
+
+use crate::record::{Record, Suppressed};
+
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    pub path: PathBuf,
+    /// Transition records per second; None = unlimited.
+    pub rate: Option<u32>,
+    /// Write transition records at all.
+    pub transitions: bool,
+    /// Rotate ourselves past this size; None = leave it to logrotate.
+    pub max_size: Option<u64>,
+    /// Rotated files kept by the built-in rotation (PATH.1 .. PATH.N).
+    pub keep: u32,
+}
+
+/// Token bucket over transition records.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    pub fn new(per_sec: u32, now: Instant) -> Self {
+        Self {
+            per_sec: f64::from(per_sec),
+            tokens: f64::from(per_sec),
+            last: now,
+        }
+    }
+
+    pub fn admit(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.per_sec).min(self.per_sec);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub struct LogFile {
+    opts: LogOptions,
+    file: File,
+    ino: (u64, u64),
+    size: u64,
+    buf: Vec<u8>,
+    rate: Option<RateLimit>,
+    suppressed: u64,
+    /// Transition records dropped by the rate limit since start.
+    pub suppressed_total: u64,
+    /// Records written (and queued for the next flush).
+    pub records: u64,
+    last_check: Instant,
+}
+
+fn open(path: &Path) -> io::Result<(File, (u64, u64), u64)> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)?;
+    let m = file.metadata()?;
+    Ok((file, (m.dev(), m.ino()), m.len()))
+}
+
+impl LogFile {
+    /// Opens (creating) the log; the error names the path.
+    pub fn open(opts: LogOptions) -> Result<Self, String> {
+        if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create log directory {}: {e}", dir.display()))?;
+        }
+        let (file, ino, size) = open(&opts.path)
+            .map_err(|e| format!("cannot open log file {}: {e}", opts.path.display()))?;
+        let now = Instant::now();
+        Ok(Self {
+            rate: opts.rate.map(|r| RateLimit::new(r, now)),
+            opts,
+            file,
+            ino,
+            size,
+            buf: Vec::with_capacity(256 * 1024),
+            suppressed: 0,
+            suppressed_total: 0,
+            records: 0,
+            last_check: now,
+        })
+    }
+
+    pub fn emit(&mut self, rec: &Record, now: Instant) {
+        if let Record::Transition(_) = rec {
+            if !self.opts.transitions {
+                return;
+            }
+            if let Some(rate) = &mut self.rate
+                && !rate.admit(now)
+            {
+                self.suppressed += 1;
+                self.suppressed_total += 1;
+                return;
+            }
+        }
+        if serde_json::to_writer(&mut self.buf, rec).is_ok() {
+            self.buf.push(b'\n');
+            self.records += 1;
+        }
+    }
+
+    /// Writes the batch; once a second also says how many transitions the
+    /// rate limit dropped and checks for rotation.
+    pub fn flush(&mut self, now: Instant) -> io::Result<()> {
+        if now.saturating_duration_since(self.last_check).as_secs() >= 1 {
+            self.last_check = now;
+            if self.suppressed > 0 {
+                let n = std::mem::take(&mut self.suppressed);
+                self.emit(
+                    &Record::Suppressed(Suppressed {
+                        ts: SystemTime::now(),
+                        transitions: n,
+                    }),
+                    now,
+                );
+            }
+            self.follow_path()?;
+        }
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if let Some(max) = self.opts.max_size
+            && self.size > 0
+            && self.size + self.buf.len() as u64 > max
+        {
+            self.rotate()?;
+        }
+        self.file.write_all(&self.buf)?;
+        self.size += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Reopens when the path no longer names our file (renamed or removed
+    /// by logrotate), and notices copytruncate.
+    pub fn follow_path(&mut self) -> io::Result<()> {
+        match std::fs::metadata(&self.opts.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.ino => {
+                self.size = m.len();
+                Ok(())
+            }
+            _ => self.reopen(),
+        }
+    }
+
+    /// SIGHUP: reopen the path unconditionally.
+    pub fn reopen(&mut self) -> io::Result<()> {
+        let (file, ino, size) = open(&self.opts.path)?;
+        self.file = file;
+        self.ino = ino;
+        self.size = size;
+        Ok(())
+    }
+
+    /// Built-in rotation: PATH -> PATH.1 -> ... -> PATH.keep (dropped).
+    fn rotate(&mut self) -> io::Result<()> {
+        let name = |i: u32| {
+            let mut p = self.opts.path.clone().into_os_string();
+            p.push(format!(".{i}"));
+            PathBuf::from(p)
+        };
+        if self.opts.keep == 0 {
+            std::fs::remove_file(&self.opts.path)?;
+        } else {
+            for i in (1..self.opts.keep).rev() {
+                let _ = std::fs::rename(name(i), name(i + 1));
+            }
+            std::fs::rename(&self.opts.path, name(1))?;
+        }
+        self.reopen()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.opts.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::record::Stopped;
+
+    fn stopped() -> Record {
+        Record::Stopped(Stopped {
+            ts: SystemTime::UNIX_EPOCH,
+            events: 1,
+            dropped: 0,
+            recursion_misses: 0,
+            undecodable: 0,
+            table_full: 0,
+            uptime_s: 1.0,
+        })
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tcpstate-log-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d.join("log.jsonl")
+    }
+
+    #[test]
+    fn rate_limit_admits_the_rate_then_refills() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(10, t0);
+        assert_eq!((0..20).filter(|_| r.admit(t0)).count(), 10);
+        assert!(!r.admit(t0));
+        assert!(r.admit(t0 + Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn built_in_rotation_keeps_n_files_of_whole_lines() {
+        let path = tmp("rotate");
+        let mut log = LogFile::open(LogOptions {
+            path: path.clone(),
+            rate: None,
+            transitions: true,
+            max_size: Some(400),
+            keep: 2,
+        })
+        .expect("open");
+        let t = Instant::now();
+        for _ in 0..20 {
+            log.emit(&stopped(), t);
+            log.flush(t).expect("flush");
+        }
+        let mut total = 0;
+        for p in [
+            path.clone(),
+            path.with_extension("jsonl.1"),
+            path.with_extension("jsonl.2"),
+        ] {
+            let text = std::fs::read_to_string(&p).expect("rotated file exists");
+            assert!(text.len() <= 400, "{} is {} bytes", p.display(), text.len());
+            for line in text.lines() {
+                serde_json::from_str::<Record>(line).expect("whole record");
+                total += 1;
+            }
+        }
+        assert!(!path.with_extension("jsonl.3").exists());
+        assert!(total > 0 && total < 20, "older files were dropped: {total}");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    #[test]
+    fn reopens_after_rename() {
+        let path = tmp("rename");
+        let mut log = LogFile::open(LogOptions {
+            path: path.clone(),
+            rate: None,
+            transitions: true,
+            max_size: None,
+            keep: 0,
+        })
+        .expect("open");
+        let t = Instant::now();
+        log.emit(&stopped(), t);
+        log.flush(t).expect("flush");
+        std::fs::rename(&path, path.with_extension("old")).expect("rename");
+        log.emit(&stopped(), t);
+        log.flush(t + Duration::from_secs(2)).expect("flush");
+        let new = std::fs::read_to_string(&path).expect("reopened");
+        let old = std::fs::read_to_string(path.with_extension("old")).expect("old");
+        assert_eq!((old.lines().count(), new.lines().count()), (1, 1));
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    #[test]
+    fn unwritable_path_is_one_clear_error() {
+        let err = LogFile::open(LogOptions {
+            path: PathBuf::from("/proc/tcpstate/log"),
+            rate: None,
+            transitions: true,
+            max_size: None,
+            keep: 0,
+        })
+        .err()
+        .expect("must fail");
+        assert!(err.contains("/proc/tcpstate"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+}

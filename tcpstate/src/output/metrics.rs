@@ -1,0 +1,294 @@
+//! Prometheus exposition, rendered at scrape time from a snapshot of the
+//! tracker's aggregates: the event path pays nothing for metrics. Labels
+//! are bounded by construction (states, state pairs, anomaly kinds).
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use crate::{state::TcpState, tracker::Tracker};
+
+/// Upper bounds (seconds) of the time-in-state histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
+];
+
+/// Counters that live outside the tracker.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub events: u64,
+    pub dropped: u64,
+    pub recursion_misses: u64,
+    pub undecodable: u64,
+    pub log_suppressed: u64,
+}
+
+#[derive(Debug)]
+struct Snapshot {
+    sockets: Vec<(&'static str, i64)>,
+    transitions: Vec<(&'static str, &'static str, u64)>,
+    durations: Vec<(&'static str, f64, u64, Vec<(f64, u64)>)>,
+    anomalies_raised: Vec<(&'static str, u64)>,
+    anomalies_open: Vec<(&'static str, i64)>,
+    failed_connects: u64,
+    resets: u64,
+    leaks: u64,
+    reconciled: u64,
+    tracked: u64,
+    capacity: u64,
+    refused: u64,
+    counters: Counters,
+}
+
+pub fn render(tracker: &Tracker, counters: Counters) -> String {
+    let agg = &tracker.agg;
+    let live = TcpState::ALL.into_iter().filter(|s| {
+        !matches!(
+            s,
+            TcpState::Close | TcpState::TimeWait | TcpState::NewSynRecv
+        )
+    });
+    let thresholded: Vec<TcpState> = tracker.config().thresholds.iter().map(|(s, _)| s).collect();
+    let snap = Snapshot {
+        sockets: live.map(|s| (s.name(), agg.sockets[s as usize])).collect(),
+        transitions: TcpState::ALL
+            .into_iter()
+            .flat_map(|a| TcpState::ALL.into_iter().map(move |b| (a, b)))
+            .filter_map(|(a, b)| {
+                let n = agg.transitions[a as usize][b as usize];
+                (n > 0).then_some((a.name(), b.name(), n))
+            })
+            .collect(),
+        durations: TcpState::ALL
+            .into_iter()
+            .filter_map(|s| {
+                let h = &agg.durations[s as usize];
+                if h.is_empty() {
+                    return None;
+                }
+                let buckets = BUCKETS
+                    .iter()
+                    .map(|&le| (le, h.count_between(0, (le * 1e6) as u64)))
+                    .collect();
+                let sum = h.mean() * h.len() as f64 / 1e6;
+                Some((s.name(), sum, h.len(), buckets))
+            })
+            .collect(),
+        anomalies_raised: thresholded
+            .iter()
+            .map(|&s| (s.kind(), agg.anomalies_raised[s as usize]))
+            .collect(),
+        anomalies_open: thresholded
+            .iter()
+            .map(|&s| (s.kind(), agg.anomalies_open[s as usize]))
+            .collect(),
+        failed_connects: agg.failed_connects,
+        resets: agg.resets,
+        leaks: agg.leaks_suspected,
+        reconciled: agg.reconciled,
+        tracked: tracker.tracked() as u64,
+        capacity: tracker.capacity() as u64,
+        refused: tracker.refused(),
+        counters,
+    };
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(snap));
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        out.clear();
+    }
+    to_prometheus_text(&out)
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has
+/// samples `x_total`; the classic text format (what `promtool check
+/// metrics` and every Prometheus version parse) names the family
+/// `x_total` and has no `# EOF`. Everything else is the same.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let lines: Vec<&str> = openmetrics.lines().collect();
+    let mut counters = std::collections::HashSet::new();
+    for l in &lines {
+        if let Some(rest) = l.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.insert(name);
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for l in lines {
+        if l == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE ", "# UNIT "]
+            .into_iter()
+            .find_map(|p| l.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let name = rest.split(' ').next().unwrap_or("");
+                if counters.contains(name) {
+                    out.push_str(p);
+                    out.push_str(name);
+                    out.push_str("_total");
+                    out.push_str(&rest[name.len()..]);
+                } else {
+                    out.push_str(l);
+                }
+            }
+            None => out.push_str(l),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_total_name_and_eof_goes() {
+        let om = "# HELP a_x A thing\n# TYPE a_x counter\na_x_total 3\n# HELP g G\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_x_total A thing\n# TYPE a_x_total counter\na_x_total 3\n# HELP g G\n# TYPE g gauge\ng 1\n"
+        );
+    }
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let mut m = e.encode_descriptor(
+            "tcpstate_sockets",
+            "Tracked sockets in each TCP state now (TIME_WAIT is not visible to the tracepoint)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for &(state, n) in &self.sockets {
+            ConstGauge::new(n).encode(m.encode_family(&[("state", state)])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "tcpstate_transitions",
+            "TCP state transitions seen, by old and new state",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(from, to, n) in &self.transitions {
+            ConstCounter::new(n).encode(m.encode_family(&[("from", from), ("to", to)])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "tcpstate_state_duration_seconds",
+            "Time sockets spent in a state, recorded when they left it",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (state, sum, count, buckets) in &self.durations {
+            m.encode_family(&[("state", *state)])?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    *sum, *count, buckets, None,
+                )?;
+        }
+        let mut m = e.encode_descriptor(
+            "tcpstate_anomalies",
+            "Anomalies raised: sockets that stayed in a state past its threshold",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(kind, n) in &self.anomalies_raised {
+            ConstCounter::new(n).encode(m.encode_family(&[("kind", kind)])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "tcpstate_anomalies_open",
+            "Anomalies raised and not yet resolved",
+            None,
+            MetricType::Gauge,
+        )?;
+        for &(kind, n) in &self.anomalies_open {
+            ConstGauge::new(n).encode(m.encode_family(&[("kind", kind)])?)?;
+        }
+        let c = &self.counters;
+        counter(
+            &mut e,
+            "tcpstate_failed_connects",
+            "Connects that went SYN_SENT -> CLOSE",
+            self.failed_connects,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_resets",
+            "Connections aborted: ESTABLISHED or CLOSE_WAIT -> CLOSE",
+            self.resets,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_leaks_suspected",
+            "Leak rule firings",
+            self.leaks,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_reconciled",
+            "Sockets removed because the kernel no longer had them (an event was lost)",
+            self.reconciled,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_events",
+            "Events received from the kernel",
+            c.events,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_events_dropped",
+            "Events lost because the ring buffer was full",
+            c.dropped,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_recursion_misses",
+            "Events the kernel skipped because the program was already running on that CPU",
+            c.recursion_misses,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_events_undecodable",
+            "Events received that could not be decoded",
+            c.undecodable,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_log_suppressed",
+            "Transition records the log rate limit dropped",
+            c.log_suppressed,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_table_refused",
+            "Sockets not tracked because the table was full",
+            self.refused,
+        )?;
+        gauge(
+            &mut e,
+            "tcpstate_tracked_sockets",
+            "Sockets in the table",
+            self.tracked as i64,
+        )?;
+        gauge(
+            &mut e,
+            "tcpstate_table_capacity",
+            "Most sockets the table holds (--max-sockets)",
+            self.capacity as i64,
+        )?;
+        Ok(())
+    }
+}
