@@ -38,6 +38,9 @@ pub struct Report {
     pub tracked: u64,
     pub capacity: u64,
     pub refused: u64,
+    /// Heap bytes of the socket table and its deadline heap.
+    #[serde(default)]
+    pub table_bytes: u64,
     pub events: u64,
     pub dropped: u64,
     pub recursion_misses: u64,
@@ -74,6 +77,7 @@ impl Report {
             tracked: tracker.tracked() as u64,
             capacity: tracker.capacity() as u64,
             refused: tracker.refused(),
+            table_bytes: tracker.bytes() as u64,
             events: c.events,
             dropped: c.dropped,
             recursion_misses: c.recursion_misses,

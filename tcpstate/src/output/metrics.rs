@@ -26,11 +26,14 @@ pub struct Counters {
     pub log_suppressed: u64,
 }
 
+/// (state, sum in seconds, count, cumulative buckets).
+type StateHistogram = (&'static str, f64, u64, Vec<(f64, u64)>);
+
 #[derive(Debug)]
 struct Snapshot {
     sockets: Vec<(&'static str, i64)>,
     transitions: Vec<(&'static str, &'static str, u64)>,
-    durations: Vec<(&'static str, f64, u64, Vec<(f64, u64)>)>,
+    durations: Vec<StateHistogram>,
     anomalies_raised: Vec<(&'static str, u64)>,
     anomalies_open: Vec<(&'static str, i64)>,
     failed_connects: u64,
@@ -40,6 +43,7 @@ struct Snapshot {
     tracked: u64,
     capacity: u64,
     refused: u64,
+    table_bytes: u64,
     counters: Counters,
 }
 
@@ -92,6 +96,7 @@ pub fn render(tracker: &Tracker, counters: Counters) -> String {
         tracked: tracker.tracked() as u64,
         capacity: tracker.capacity() as u64,
         refused: tracker.refused(),
+        table_bytes: tracker.bytes() as u64,
         counters,
     };
     let mut registry = Registry::default();
@@ -142,20 +147,6 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_get_their_total_name_and_eof_goes() {
-        let om = "# HELP a_x A thing\n# TYPE a_x counter\na_x_total 3\n# HELP g G\n# TYPE g gauge\ng 1\n# EOF\n";
-        assert_eq!(
-            to_prometheus_text(om),
-            "# HELP a_x_total A thing\n# TYPE a_x_total counter\na_x_total 3\n# HELP g G\n# TYPE g gauge\ng 1\n"
-        );
-    }
 }
 
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -290,5 +281,19 @@ impl Collector for Snapshot {
             self.capacity as i64,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_total_name_and_eof_goes() {
+        let om = "# HELP a_x A thing\n# TYPE a_x counter\na_x_total 3\n# HELP g G\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_x_total A thing\n# TYPE a_x_total counter\na_x_total 3\n# HELP g G\n# TYPE g gauge\ng 1\n"
+        );
     }
 }

@@ -122,7 +122,7 @@ impl Aggregates {
             .map(|(a, b)| (self.transitions[a as usize][b as usize], a, b))
             .filter(|(n, _, _)| *n > 0)
             .collect();
-        pairs.sort_by(|x, y| y.0.cmp(&x.0));
+        pairs.sort_by_key(|p| std::cmp::Reverse(p.0));
         s.push_str("\ntransitions:");
         for (n, a, b) in pairs {
             let _ = write!(s, "\n  {:<12} -> {:<12} {n}", a.name(), b.name());

@@ -67,7 +67,7 @@ impl LeakCounts {
                 })
             })
             .collect();
-        out.sort_by(|a, b| b.count.cmp(&a.count));
+        out.sort_by_key(|s| std::cmp::Reverse(s.count));
         self.previous.clone_from(&self.now);
         out
     }
@@ -75,7 +75,7 @@ impl LeakCounts {
     /// Current counts, largest first: the status page's "top owners".
     pub fn top(&self, n: usize) -> Vec<(OwnerRef, TcpState, u64)> {
         let mut v: Vec<_> = self.now.iter().map(|(&(o, s), &c)| (o, s, c)).collect();
-        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v.sort_by_key(|e| std::cmp::Reverse(e.2));
         v.truncate(n);
         v
     }

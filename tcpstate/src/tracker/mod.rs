@@ -159,9 +159,7 @@ impl Tracker {
             }
             return None;
         }
-        let Some(e) = self.table.map.get_mut(&key) else {
-            return None;
-        };
+        let e = self.table.map.get_mut(&key)?;
 
         // Leaving e.state.
         let left = e.state;

@@ -24,6 +24,10 @@ fn tracker(capacity: usize) -> Tracker {
     })
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one positional line per event keeps the scenarios readable"
+)]
 fn ev(
     sk: u64,
     ts: u64,

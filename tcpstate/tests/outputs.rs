@@ -1,0 +1,339 @@
+//! How people consume tcpstate: the log file under kill -9 and rotation,
+//! /metrics checked by promtool and scraped by a real Prometheus, status.
+
+mod common;
+
+use std::{
+    io::Read as _,
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Daemon, Netns, port, require_bpf};
+use serde_json::Value;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tcpstate-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmpdir");
+    d
+}
+
+/// `n` connect/close pairs in the namespace.
+fn churn(ns: &Netns, p: u16, n: usize) {
+    ns.run(move || {
+        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        for _ in 0..n {
+            let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+            let (s, _) = l.accept().expect("accept");
+            drop(c);
+            drop(s);
+        }
+    });
+}
+
+/// Every line of every file is a whole JSON record; returns them.
+fn records(files: &[PathBuf]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "{} ends mid-line",
+            f.display()
+        );
+        assert!(
+            !text.starts_with('\0'),
+            "{} starts with a hole",
+            f.display()
+        );
+        for (i, line) in text.lines().enumerate() {
+            let v: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}:{}: {e}: {line}", f.display(), i + 1));
+            out.push(v);
+        }
+    }
+    out
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[test]
+fn log_is_whole_lines_after_kill_9_mid_burst() {
+    if !require_bpf() {
+        return;
+    }
+    let dir = tmpdir("kill9");
+    let log = dir.join("t.jsonl");
+    let ns = Netns::new();
+    let p = port(28000);
+    let daemon = Daemon::start(&[
+        "--port",
+        &p.to_string(),
+        "--log-file",
+        log.to_str().expect("utf8"),
+        "--log-rate",
+        "0",
+    ]);
+    let pid = daemon_pid(&log);
+    let burst = {
+        let name = ns.name.clone();
+        std::thread::spawn(move || {
+            let ns = Netns { name, inode: 0 };
+            churn(&ns, p, 3000);
+            std::mem::forget(ns);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    // SAFETY: the daemon is our child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = burst.join();
+    drop(daemon);
+    let recs = records(&[log]);
+    let n = recs.iter().filter(|r| r["type"] == "transition").count();
+    assert!(n > 0, "the burst was logged before the kill");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The daemon's pid, from the `started` record in its log.
+fn daemon_pid(log: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(pid) = std::fs::read_to_string(log).ok().and_then(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|r| r["type"] == "started")
+                .and_then(|r| r["pid"].as_i64())
+        }) {
+            return pid as i32;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no started record in {}", log.display());
+}
+
+#[test]
+fn rotation_by_rename_and_copytruncate_loses_no_record() {
+    if !require_bpf() {
+        return;
+    }
+    let dir = tmpdir("rotate");
+    let log = dir.join("t.jsonl");
+    let ns = Netns::new();
+    let p = port(29000);
+    let daemon = Daemon::start(&[
+        "--port",
+        &p.to_string(),
+        "--log-file",
+        log.to_str().expect("utf8"),
+        "--log-rate",
+        "0",
+    ]);
+    let pid = daemon_pid(&log);
+
+    // Rename rotation in the middle of the load, then SIGHUP as logrotate's
+    // postrotate does.
+    let name = ns.name.clone();
+    let load = std::thread::spawn(move || {
+        let ns = Netns { name, inode: 0 };
+        churn(&ns, p, 1500);
+        std::mem::forget(ns);
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::rename(&log, dir.join("t.jsonl.1")).expect("rename");
+    // SAFETY: our child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    load.join().expect("load");
+
+    // copytruncate: copy then truncate. Lines written between the two are
+    // lost by any writer (logrotate documents this), so it runs once the
+    // daemon has flushed; the writes after it must land at offset 0.
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::copy(&log, dir.join("t.jsonl.2")).expect("copy");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .expect("open")
+        .set_len(0)
+        .expect("truncate");
+    churn(&ns, p + 1, 0);
+    churn(&ns, p, 500);
+    let stdout = daemon.stop();
+    let stopped = stdout
+        .iter()
+        .find(|r| r["type"] == "stopped")
+        .expect("stopped");
+    let recs = records(&[dir.join("t.jsonl.1"), dir.join("t.jsonl.2"), log.clone()]);
+    let logged = recs.iter().filter(|r| r["type"] == "transition").count() as u64;
+    assert_eq!(
+        Some(logged),
+        stopped["events"].as_u64(),
+        "every event is in the rotated logs"
+    );
+    assert_eq!(stopped["dropped"], 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    use std::io::Write as _;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    resp.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn metrics_pass_promtool_and_prometheus_sees_close_wait_and_status_shows_it() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(30000);
+    let mport = free_port();
+    let mut daemon = Daemon::start(&[
+        "--port",
+        &p.to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+        "--threshold",
+        "close_wait=1s",
+    ]);
+    // Three server sockets left in CLOSE_WAIT.
+    let held = ns.run(move || {
+        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        (0..3)
+            .map(|_| {
+                let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+                let (s, _) = l.accept().expect("accept");
+                drop(c);
+                s
+            })
+            .collect::<Vec<_>>()
+    });
+    daemon
+        .wait_for(Duration::from_secs(5), |r| r["type"] == "anomaly")
+        .expect("anomaly");
+
+    let body = http_get(mport, "/metrics");
+    assert!(
+        body.contains("tcpstate_sockets{state=\"CLOSE_WAIT\"} 3"),
+        "{body}"
+    );
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(
+            "promtool (Debian package prometheus) must be installed: cargo xtask setup does it",
+        );
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("feed promtool");
+    let out = check.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // tcpstate status names the anomaly and its holder.
+    let st = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["status", "--addr", &format!("127.0.0.1:{mport}")])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(st.status.success(), "{text}");
+    assert!(text.contains("CLOSE_WAIT=3"), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{p} -> 127.0.0.1:")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("held by pid {}", std::process::id())),
+        "{text}"
+    );
+
+    // A real Prometheus scrapes it.
+    let dir = tmpdir("prom");
+    let pport = free_port();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tcpstate\n    static_configs:\n      - targets: ['127.0.0.1:{mport}']\n"),
+    )
+    .expect("config");
+    let mut prom = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect(
+            "prometheus (Debian package prometheus) must be installed: cargo xtask setup does it",
+        );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    let value = loop {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never answered 3; last answer: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", pport)) else {
+            continue;
+        };
+        let q = "tcpstate_sockets%7Bstate%3D%22CLOSE_WAIT%22%7D";
+        use std::io::Write as _;
+        let _ = write!(
+            s,
+            "GET /api/v1/query?query={q} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        last = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        let Ok(v) = serde_json::from_str::<Value>(&last) else {
+            continue;
+        };
+        if let Some(val) = v["data"]["result"][0]["value"][1].as_str() {
+            break val.to_owned();
+        }
+    };
+    let _ = prom.kill();
+    let _ = prom.wait();
+    assert_eq!(value, "3");
+    drop(held);
+    drop(daemon.stop());
+    let _ = std::fs::remove_dir_all(dir);
+}
