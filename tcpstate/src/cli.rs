@@ -25,6 +25,23 @@ pub enum Command {
     Tail(TailArgs),
     /// Ask the running daemon what is stuck right now.
     Status(StatusArgs),
+    /// Write shell completions or the man page (used by `cargo xtask dist`).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    pub what: Generate,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Generate {
+    /// Completions for a shell, on stdout.
+    Completions { shell: clap_complete::Shell },
+    /// The man page (roff), on stdout.
+    Man,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Run(args) => tcpstate::run::run(args),
         Command::Tail(args) => tcpstate::tail::tail(args),
         Command::Status(args) => tcpstate::status::status(args),
+        Command::Generate(args) => generate(args.what),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -34,4 +35,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn generate(what: tcpstate::cli::Generate) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout().lock();
+    match what {
+        tcpstate::cli::Generate::Completions { shell } => {
+            clap_complete::generate(shell, &mut cmd, "tcpstate", &mut out);
+        }
+        tcpstate::cli::Generate::Man => clap_mangen::Man::new(cmd).render(&mut out)?,
+    }
+    Ok(())
 }

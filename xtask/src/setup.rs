@@ -28,6 +28,10 @@ pub fn setup() -> Result<()> {
     ensure_bpf_linker(llvm_major)?;
     // The integration tests create network namespaces and veths with `ip`.
     ensure_apt_package("ip", "iproute2")?;
+    // The metrics tests check /metrics with promtool and scrape it with a
+    // real Prometheus server (both in Debian's `prometheus`).
+    ensure_apt_package("promtool", "prometheus")?;
+    ensure_apt_package("prometheus", "prometheus")?;
     ensure_tracefs();
     // No sysctl changes are needed (yet).
     Ok(())
