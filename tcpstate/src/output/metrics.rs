@@ -276,6 +276,12 @@ impl Collector for Snapshot {
         )?;
         gauge(
             &mut e,
+            "tcpstate_table_bytes",
+            "Heap bytes held by the socket table and its deadlines",
+            self.table_bytes as i64,
+        )?;
+        gauge(
+            &mut e,
             "tcpstate_table_capacity",
             "Most sockets the table holds (--max-sockets)",
             self.capacity as i64,

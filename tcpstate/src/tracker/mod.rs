@@ -62,6 +62,12 @@ pub struct Alive {
 
 impl Alive {
     pub fn insert(&mut self, netns: u32, st: TcpState, s: IpAddr, sp: u16, d: IpAddr, dp: u16) {
+        // A timewait or request socket is a different kernel object from
+        // the full socket we track: the tuple lives on in TIME_WAIT after
+        // our socket is gone, so it must not keep a ghost alive.
+        if matches!(st, TcpState::TimeWait | TcpState::NewSynRecv) {
+            return;
+        }
         let (saddr, daddr) = (from_ip(s), from_ip(d));
         if st == TcpState::SynSent {
             self.connecting.insert((daddr, dp));

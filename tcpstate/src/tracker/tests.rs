@@ -371,6 +371,8 @@ fn reconciliation_removes_sockets_whose_close_was_lost() {
     let lo = "127.0.0.1".parse().expect("addr");
     alive.insert(7, Established, lo, 5001, lo, 80);
     alive.insert(7, SynSent, lo, 40000, lo, 443);
+    // The lost socket's tuple lives on as a timewait socket: still a ghost.
+    alive.insert(7, TimeWait, lo, 8080, lo, 5000);
     out.clear();
     // Another namespace's dump does not touch netns 7.
     assert_eq!(t.reconcile(8, &Alive::default(), 5 * S, 5 * S, &mut out), 0);
