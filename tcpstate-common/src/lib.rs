@@ -22,8 +22,9 @@ pub struct Event {
     pub daddr: [u8; 16],
     /// Thread group id (the userspace pid) of the task on the CPU.
     pub pid: u32,
-    /// Network namespace inode of the socket, 0 when the kernel offsets for
-    /// it could not be resolved from BTF.
+    /// Network namespace inode of the socket, read only on the events that
+    /// create a socket (old state CLOSE or LISTEN); 0 on the others, and
+    /// when the kernel offsets could not be resolved from BTF.
     pub netns: u32,
     /// Host byte order already: the tracepoint converts them.
     pub sport: u16,

@@ -26,6 +26,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+
 #[unsafe(no_mangle)]
 static FILTER_PORT: Global<u16> = Global::new(0);
 #[unsafe(no_mangle)]
@@ -126,7 +129,15 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         daddr.write(d0);
         daddr.add(1).write(d1);
         (*ev).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        (*ev).netns = netns_of(skaddr);
+        // A socket's namespace never changes, and the two probe reads cost
+        // more than the rest of the event: read it only when a socket is
+        // born (CLOSE -> SYN_SENT/LISTEN, LISTEN -> SYN_RECV); userspace
+        // remembers it per socket.
+        (*ev).netns = if oldstate == TCP_CLOSE || oldstate == TCP_LISTEN {
+            netns_of(skaddr)
+        } else {
+            0
+        };
         (*ev).sport = sport;
         (*ev).dport = dport;
         (*ev).family = family;

@@ -282,7 +282,7 @@ impl Daemon {
             self.events += 1;
             match decode::decode(&item) {
                 Ok(t) => {
-                    let prev_state_ms = self.tracker.on_transition(&t, &mut self.pending);
+                    let applied = self.tracker.on_transition(&t, &mut self.pending);
                     self.sinks.emit(&Record::Transition(TransitionRecord {
                         ts: self.clock.to_system(t.ts_ns),
                         sk: t.sk,
@@ -295,8 +295,8 @@ impl Daemon {
                         new: t.new,
                         pid: t.pid,
                         comm: t.comm,
-                        prev_state_ms,
-                        netns: t.netns,
+                        prev_state_ms: applied.prev_state_ms,
+                        netns: applied.netns,
                     }));
                     for rec in self.pending.drain(..) {
                         self.sinks.emit(&rec);

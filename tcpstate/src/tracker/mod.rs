@@ -90,16 +90,27 @@ pub struct OpenAnomaly {
     pub entry: Entry,
 }
 
+/// What applying one transition told us.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Applied {
+    /// Milliseconds spent in the old state, when we saw it entered.
+    pub prev_state_ms: Option<f64>,
+    /// The socket's network namespace: from the event when it carries it,
+    /// else remembered from the socket's birth (0 = unknown).
+    pub netns: u32,
+}
+
 pub struct Tracker {
     cfg: Config,
     table: Table,
     comms: Comms,
     deadlines: Deadlines,
     listeners: HashMap<(u32, u16), OwnerRef>,
-    /// Snapshot sockets not yet seen in an event, by tuple. They are keyed
-    /// by small synthetic numbers (kernel addresses are never that low)
-    /// until their first event tells us their real address.
-    seeded: HashMap<Tuple, u64>,
+    /// Snapshot sockets not yet seen in an event, by tuple without the
+    /// namespace (events only carry it when a socket is born). They are
+    /// keyed by small synthetic numbers (kernel addresses are never that
+    /// low) until their first event tells us their real address.
+    seeded: HashMap<Tuple, Vec<u64>>,
     next_seed_key: u64,
     leaks: LeakCounts,
     pub agg: Aggregates,
@@ -145,9 +156,8 @@ impl Tracker {
         self.comms.get(id)
     }
 
-    /// Applies one transition; returns the milliseconds the socket spent in
-    /// `old` when we saw it enter that state.
-    pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Record>) -> Option<f64> {
+    /// Applies one transition.
+    pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Record>) -> Applied {
         let (old, new) = (t.old, t.new);
         self.agg.transitions[old as usize][new as usize] += 1;
         match (old, new) {
@@ -159,13 +169,23 @@ impl Tracker {
         }
 
         let key = t.sk;
+        let unknown = Applied {
+            prev_state_ms: None,
+            netns: t.netns,
+        };
         if !self.table.map.contains_key(&key) && !self.adopt_seeded(t) {
             if new != TcpState::Close {
                 self.create(t);
             }
-            return None;
+            return unknown;
         }
-        let e = self.table.map.get_mut(&key)?;
+        let Some(e) = self.table.map.get_mut(&key) else {
+            return unknown;
+        };
+        if e.netns == 0 {
+            e.netns = t.netns;
+        }
+        let netns = e.netns;
 
         // Leaving e.state.
         let left = e.state;
@@ -191,10 +211,14 @@ impl Tracker {
             dt as f64 / 1e6
         });
 
+        let applied = Applied {
+            prev_state_ms: prev_ms,
+            netns,
+        };
         if new == TcpState::Close {
             let e = *e;
             self.forget(key, &e);
-            return prev_ms;
+            return applied;
         }
 
         // Entering `new`.
@@ -208,22 +232,22 @@ impl Tracker {
         }
         e.dport = t.dport;
         e.daddr = from_ip(t.daddr);
-        let owner = attribute(&mut self.comms, &self.listeners, t, e.owner());
+        let owner = attribute(&mut self.comms, &self.listeners, t, e.netns, e.owner());
         e.set_owner(owner);
         let e = *e;
         if old == TcpState::Close
             && new == TcpState::Listen
             && let Some(o) = owner
         {
-            self.listeners.insert((t.netns, t.sport), o);
+            self.listeners.insert((e.netns, t.sport), o);
         }
         self.entered(key, &e);
-        prev_ms
+        applied
     }
 
     /// A socket we have never seen: start tracking it, unless full.
     fn create(&mut self, t: &Transition) {
-        let owner = attribute(&mut self.comms, &self.listeners, t, None);
+        let owner = attribute(&mut self.comms, &self.listeners, t, t.netns, None);
         let mut e = Entry {
             since_ns: t.ts_ns,
             born_ns: t.ts_ns,
@@ -268,8 +292,17 @@ impl Tracker {
     /// was already undone by the caller.
     fn forget(&mut self, key: u64, e: &Entry) {
         self.table.map.remove(&key);
-        if e.has(flag::SEEDED) || key < self.next_seed_key {
-            self.seeded.remove(&e.tuple());
+        if key < self.next_seed_key {
+            let addrs = Tuple {
+                netns: 0,
+                ..e.tuple()
+            };
+            if let Some(keys) = self.seeded.get_mut(&addrs) {
+                keys.retain(|&k| k != key);
+                if keys.is_empty() {
+                    self.seeded.remove(&addrs);
+                }
+            }
         }
         if e.state == TcpState::Listen
             && self.listeners.get(&(e.netns, e.sport)).copied() == e.owner()
@@ -283,16 +316,35 @@ impl Tracker {
         if self.seeded.is_empty() {
             return false;
         }
-        let tuple = Tuple {
-            netns: t.netns,
+        let addrs = Tuple {
+            netns: 0,
             saddr: from_ip(t.saddr),
             daddr: from_ip(t.daddr),
             sport: t.sport,
             dport: t.dport,
         };
-        let Some(seed_key) = self.seeded.remove(&tuple) else {
+        let Some(keys) = self.seeded.get_mut(&addrs) else {
             return false;
         };
+        // The same tuple can exist in several namespaces (containers).
+        // Without the event's namespace, adopt only an unambiguous match;
+        // an ambiguous one is left to reconciliation.
+        let table = &self.table.map;
+        let pick = if t.netns != 0 {
+            keys.iter()
+                .position(|k| table.get(k).is_some_and(|e| e.netns == t.netns))
+        } else if keys.len() == 1 {
+            Some(0)
+        } else {
+            None
+        };
+        let Some(i) = pick else {
+            return false;
+        };
+        let seed_key = keys.swap_remove(i);
+        if keys.is_empty() {
+            self.seeded.remove(&addrs);
+        }
         let Some(e) = self.table.map.remove(&seed_key) else {
             return false;
         };
@@ -331,11 +383,15 @@ impl Tracker {
             };
             e.set_owner(owner);
             let key = self.next_seed_key;
-            if self.seeded.contains_key(&e.tuple()) || !self.table.insert(key, e) {
+            if !self.table.insert(key, e) {
                 continue;
             }
             self.next_seed_key += 1;
-            self.seeded.insert(e.tuple(), key);
+            let addrs = Tuple {
+                netns: 0,
+                ..e.tuple()
+            };
+            self.seeded.entry(addrs).or_default().push(key);
             if s.state == TcpState::Listen
                 && let Some(o) = owner
             {
@@ -485,6 +541,7 @@ fn attribute(
     comms: &mut Comms,
     listeners: &HashMap<(u32, u16), OwnerRef>,
     t: &Transition,
+    netns: u32,
     known: Option<OwnerRef>,
 ) -> Option<OwnerRef> {
     use TcpState::*;
@@ -499,7 +556,7 @@ fn attribute(
         // An accepted socket: its listener's owner is the best first guess
         // (wrong for pre-fork servers; anomalies check the fd holder).
         (Listen, SynRecv) | (SynRecv, Established) if known.is_none() => {
-            listeners.get(&(t.netns, t.sport)).copied()
+            listeners.get(&(netns, t.sport)).copied()
         }
         _ => known,
     }

@@ -58,7 +58,7 @@ fn run(t: &mut Tracker, events: &[Transition]) -> (Vec<Option<f64>>, Vec<Record>
     let mut out = Vec::new();
     let prev = events
         .iter()
-        .map(|e| t.on_transition(e, &mut out))
+        .map(|e| t.on_transition(e, &mut out).prev_state_ms)
         .collect();
     (prev, out)
 }
@@ -504,4 +504,61 @@ fn deadline_heap_stays_bounded_under_churn() {
         t.deadlines.len()
     );
     assert!(out.is_empty());
+}
+
+fn seed_close_wait(t: &mut Tracker, netns: u32, now: u64) {
+    t.seed(
+        [SeedSocket {
+            netns,
+            state: CloseWait,
+            saddr: "127.0.0.1".parse().expect("addr"),
+            sport: 8080,
+            daddr: "127.0.0.1".parse().expect("addr"),
+            dport: 5000,
+            owner: None,
+        }],
+        now,
+    );
+}
+
+#[test]
+fn namespace_is_remembered_from_birth() {
+    let mut t = tracker(100);
+    let mut out = Vec::new();
+    let born = ev(CLIENT_SK, 0, Close, SynSent, 0, 80, 1, "x");
+    assert_eq!(t.on_transition(&born, &mut out).netns, 7);
+    let mut later = ev(CLIENT_SK, 1, SynSent, Established, 5000, 80, 0, "x");
+    later.netns = 0;
+    assert_eq!(t.on_transition(&later, &mut out).netns, 7);
+}
+
+#[test]
+fn snapshot_sockets_are_adopted_without_the_namespace_only_when_unambiguous() {
+    let mut e = ev(SERVER_SK, S, CloseWait, LastAck, 8080, 5000, 1, "x");
+    e.netns = 0;
+    let mut out = Vec::new();
+
+    let mut t = tracker(100);
+    seed_close_wait(&mut t, 7, 0);
+    assert_eq!(t.on_transition(&e, &mut out).netns, 7, "unique: adopted");
+    assert_eq!(t.tracked(), 1);
+
+    let mut t = tracker(100);
+    seed_close_wait(&mut t, 7, 0);
+    seed_close_wait(&mut t, 8, 0);
+    assert_eq!(t.tracked(), 2);
+    assert_eq!(
+        t.on_transition(&e, &mut out).netns,
+        0,
+        "ambiguous: not adopted"
+    );
+    assert_eq!(t.tracked(), 3, "tracked apart until reconciliation");
+
+    // With the namespace in the event, the right one is adopted.
+    let mut t = tracker(100);
+    seed_close_wait(&mut t, 7, 0);
+    seed_close_wait(&mut t, 8, 0);
+    e.netns = 8;
+    assert_eq!(t.on_transition(&e, &mut out).netns, 8);
+    assert_eq!(t.tracked(), 2);
 }
