@@ -76,6 +76,10 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
     let f = opts.filters;
     let (net_off, inum_off) = opts.netns_offsets.unwrap_or((0, 0));
     let mut ebpf = EbpfLoader::new()
+        // The program has no CO-RE relocations (the tracepoint layout is
+        // checked against tracefs instead), so skip parsing the kernel's
+        // BTF here: it was most of the start-up CPU.
+        .btf(None)
         .map_max_entries(map::EVENTS, opts.ring_bytes)
         .override_global(global::FILTER_PORT, &f.port, true)
         .override_global(global::FILTER_LPORT, &f.lport, true)

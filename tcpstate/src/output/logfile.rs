@@ -76,6 +76,7 @@ pub struct LogFile {
     /// Records written (and queued for the next flush).
     pub records: u64,
     last_check: Instant,
+    json: super::json::JsonWriter,
 }
 
 fn open(path: &Path) -> io::Result<(File, (u64, u64), u64)> {
@@ -111,6 +112,7 @@ impl LogFile {
             suppressed_total: 0,
             records: 0,
             last_check: now,
+            json: super::json::JsonWriter::default(),
         })
     }
 
@@ -127,10 +129,8 @@ impl LogFile {
                 return;
             }
         }
-        if serde_json::to_writer(&mut self.buf, rec).is_ok() {
-            self.buf.push(b'\n');
-            self.records += 1;
-        }
+        self.json.write(&mut self.buf, rec);
+        self.records += 1;
     }
 
     /// Writes the batch; once a second also says how many transitions the

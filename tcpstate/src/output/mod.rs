@@ -2,6 +2,7 @@
 //! (log file, metrics) take the same `Record`s.
 
 pub mod http;
+pub mod json;
 pub mod logfile;
 pub mod metrics;
 pub mod text;
@@ -17,6 +18,7 @@ pub struct Stdout {
     color: bool,
     buf: Vec<u8>,
     line: String,
+    json: json::JsonWriter,
 }
 
 impl Stdout {
@@ -28,17 +30,13 @@ impl Stdout {
             color,
             buf: Vec::with_capacity(64 * 1024),
             line: String::new(),
+            json: json::JsonWriter::default(),
         }
     }
 
     pub fn emit(&mut self, rec: &Record) {
         match self.format {
-            Format::Json => {
-                // Serialising our own types into a Vec cannot fail.
-                if serde_json::to_writer(&mut self.buf, rec).is_ok() {
-                    self.buf.push(b'\n');
-                }
-            }
+            Format::Json => self.json.write(&mut self.buf, rec),
             Format::Text => {
                 self.line.clear();
                 text::write_record(&mut self.line, rec, self.color);

@@ -175,7 +175,10 @@ impl Comms {
 /// and counted, never allowed to grow memory.
 #[derive(Debug)]
 pub struct Table {
-    pub map: HashMap<u64, Entry>,
+    /// FxHash: the keys are kernel addresses, which no remote peer chooses,
+    /// and SipHash showed in the profile. Maps keyed by network-chosen
+    /// values keep std's DoS-resistant hasher.
+    pub map: rustc_hash::FxHashMap<u64, Entry>,
     pub capacity: usize,
     pub refused: u64,
 }
@@ -183,7 +186,7 @@ pub struct Table {
 impl Table {
     pub fn new(capacity: usize) -> Self {
         Self {
-            map: HashMap::new(),
+            map: rustc_hash::FxHashMap::default(),
             capacity,
             refused: 0,
         }
