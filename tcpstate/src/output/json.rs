@@ -158,7 +158,7 @@ mod tests {
                                 1_795_000_000 + i / 3,
                                 (i * 7_919) as u32 % 1_000_000_000,
                             ),
-                        sk: if i % 7 == 0 {
+                        sk: if i.is_multiple_of(7) {
                             i
                         } else {
                             0xffff_8880_0000_0000 + i
