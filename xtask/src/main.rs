@@ -1,6 +1,7 @@
 //! Developer tasks for the tcpstate workspace, run as `cargo xtask <task>`
 //! (alias in .cargo/config.toml).
 
+mod bench;
 mod cmd;
 mod setup;
 mod test;
@@ -50,6 +51,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Set up, build, then measure tcpstate's overhead against no tracer and
+    /// libbpf-tools tcpstates under TCP connection churn (needs root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Task::Build => build().map(drop),
         Task::Run { args } => Err(run_tcpstate(&args)),
         Task::Test { no_lint, args } => test::test(no_lint, &args),
+        Task::Bench(args) => bench::bench(&args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
