@@ -54,6 +54,9 @@ enum Task {
     /// Set up, build, then measure tcpstate's overhead against no tracer and
     /// libbpf-tools tcpstates under TCP connection churn (needs root).
     Bench(bench::BenchArgs),
+    /// Build, then write the man page and shell completions (generated from
+    /// tcpstate's own clap definition) to <target>/dist.
+    Dist,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Task::Run { args } => Err(run_tcpstate(&args)),
         Task::Test { no_lint, args } => test::test(no_lint, &args),
         Task::Bench(args) => bench::bench(&args),
+        Task::Dist => dist(),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,6 +96,34 @@ fn build() -> Result<PathBuf> {
     }
     println!("xtask: built {}", binary.display());
     Ok(binary)
+}
+
+/// The man page and completions come from the binary (`tcpstate generate`)
+/// rather than from xtask linking the tcpstate crate: that would make xtask
+/// need bpf-linker before `setup` could install it.
+fn dist() -> Result<()> {
+    let binary = build()?;
+    let dist = target_dir()?.join("dist");
+    let completions = dist.join("completions");
+    std::fs::create_dir_all(&completions)
+        .with_context(|| format!("cannot create {}", completions.display()))?;
+    let generate = |args: &[&str], out: PathBuf| -> Result<()> {
+        let text = capture(Command::new(&binary).arg("generate").args(args))?;
+        std::fs::write(&out, text).with_context(|| format!("cannot write {}", out.display()))?;
+        println!("xtask: wrote {}", out.display());
+        Ok(())
+    };
+    generate(&["man"], dist.join("tcpstate.1"))?;
+    for (shell, file) in [
+        ("bash", "tcpstate.bash"),
+        ("zsh", "_tcpstate"),
+        ("fish", "tcpstate.fish"),
+        ("elvish", "tcpstate.elv"),
+        ("powershell", "_tcpstate.ps1"),
+    ] {
+        generate(&["completions", shell], completions.join(file))?;
+    }
+    Ok(())
 }
 
 /// Cargo's target directory as cargo itself resolves it (CARGO_TARGET_DIR,
