@@ -68,12 +68,22 @@ fn not_root_is_one_clear_line() {
         one_clear_line(&err, "root");
         return;
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+    // The checkout may sit where `nobody` cannot traverse: run a copy from
+    // the world-readable temp dir.
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("tcpstate-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let bin = dir.join("tcpstate");
+    std::fs::copy(env!("CARGO_BIN_EXE_tcpstate"), &bin).expect("copy binary");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod bin");
+    let out = Command::new(&bin)
         .arg("run")
         .uid(65534)
         .gid(65534)
         .output()
         .expect("run as nobody");
+    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(1));
     one_clear_line(&String::from_utf8_lossy(&out.stderr), "needs root");
 }
