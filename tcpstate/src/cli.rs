@@ -117,6 +117,11 @@ pub struct RunArgs {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
 
+    /// Only sockets of this network namespace: an inode number, or a path
+    /// such as /run/netns/NAME or /proc/PID/ns/net.
+    #[arg(long, value_parser = netns, value_name = "INODE|PATH")]
+    pub netns: Option<u32>,
+
     /// Ring buffer size (power of two, at least 4KiB; e.g. 256K, 4M).
     #[arg(long, default_value = "4M", value_parser = ring_size)]
     pub ring_size: u32,
@@ -176,6 +181,15 @@ fn nonzero_port(s: &str) -> Result<u16, String> {
         Ok(0) | Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
         Ok(p) => Ok(p),
     }
+}
+
+fn netns(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(s).map_err(|e| format!("{s}: {e}"))?;
+    u32::try_from(m.ino()).map_err(|_| format!("{s}: inode {} out of range", m.ino()))
 }
 
 fn threshold(s: &str) -> Result<(TcpState, Option<Duration>), String> {

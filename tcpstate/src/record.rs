@@ -152,6 +152,9 @@ pub struct Stopped {
     pub undecodable: u64,
     /// Sockets the tracker could not hold because the table was full.
     pub table_full: u64,
+    /// Events received but left out by a userspace filter (`--netns`).
+    #[serde(default)]
+    pub filtered: u64,
     pub uptime_s: f64,
 }
 

@@ -63,6 +63,8 @@ struct Daemon {
     started: Instant,
     events: u64,
     undecodable: u64,
+    /// Events dropped by userspace filters (--netns).
+    filtered: u64,
     pending: Vec<Record>,
     reported: KernelCounters,
     warned_full: bool,
@@ -170,6 +172,7 @@ impl Daemon {
             started: Instant::now(),
             events: 0,
             undecodable: 0,
+            filtered: 0,
             pending: Vec::new(),
             reported: KernelCounters::default(),
             warned_full: false,
@@ -189,11 +192,13 @@ impl Daemon {
             0
         } else {
             let f = self.filters;
+            let only = self.args.netns;
             let sockets = self
                 .namespaces
                 .seed()
                 .into_iter()
-                .filter(|s| f.admits(s.saddr.is_ipv6(), s.sport, s.dport));
+                .filter(|s| f.admits(s.saddr.is_ipv6(), s.sport, s.dport))
+                .filter(|s| only.is_none_or(|ns| ns == s.netns));
             self.tracker.seed(sockets, monotonic_ns())
         };
         if let Some(out) = &mut self.sinks.stdout {
@@ -268,6 +273,7 @@ impl Daemon {
             recursion_misses: k.recursion_misses,
             undecodable: self.undecodable,
             table_full: self.tracker.refused(),
+            filtered: self.filtered,
             uptime_s: self.started.elapsed().as_secs_f64(),
         }));
         self.flush()?;
@@ -282,6 +288,20 @@ impl Daemon {
         while let Some(item) = ring.next() {
             self.events += 1;
             match decode::decode(&item) {
+                // --netns: the kernel reads a socket's namespace only at its
+                // birth, so later events are matched through the table; a
+                // socket born elsewhere is never tracked.
+                Ok(t)
+                    if self.args.netns.is_some_and(|ns| {
+                        ns != if t.netns != 0 {
+                            t.netns
+                        } else {
+                            self.tracker.netns_of(t.sk)
+                        }
+                    }) =>
+                {
+                    self.filtered += 1;
+                }
                 Ok(t) => {
                     let applied = self.tracker.on_transition(&t, &mut self.pending);
                     self.sinks.emit_at(

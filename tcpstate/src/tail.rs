@@ -686,6 +686,7 @@ mod tests {
                 recursion_misses: 0,
                 undecodable: 0,
                 table_full: 0,
+                filtered: 0,
                 uptime_s: 1.0,
             }),
         ]

@@ -241,3 +241,39 @@ fn port_and_family_filters_apply_in_the_kernel() {
         assert!(t["sport"] == p || t["dport"] == p, "{t}");
     }
 }
+
+#[test]
+fn netns_filter_keeps_one_namespace() {
+    if !require_bpf() {
+        return;
+    }
+    let (a, b) = (Netns::new(), Netns::new());
+    let p = port(24500);
+    let path = format!("/run/netns/{}", a.name);
+    let daemon = Daemon::start(&["--port", &p.to_string(), "--netns", &path]);
+    for ns in [&a, &b] {
+        ns.run(move || {
+            let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+            let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+            let (s, _) = l.accept().expect("accept");
+            drop(c);
+            drop(s);
+        });
+    }
+    let records = daemon.stop();
+    let ts: Vec<_> = records
+        .iter()
+        .filter(|r| r["type"] == "transition")
+        .collect();
+    assert_eq!(
+        transitions(&records, a.inode).len(),
+        ts.len(),
+        "only namespace A: {ts:#?}"
+    );
+    assert!(ts.len() >= 10, "A's full lifecycle is there: {ts:#?}");
+    let stopped = records.last().expect("stopped");
+    assert!(
+        stopped["filtered"].as_u64().unwrap_or(0) >= 10,
+        "B's events were filtered: {stopped}"
+    );
+}

@@ -198,6 +198,7 @@ mod tests {
             recursion_misses: 3,
             undecodable: 0,
             table_full: 0,
+            filtered: 0,
             uptime_s: 0.5,
         });
         let mut buf = Vec::new();

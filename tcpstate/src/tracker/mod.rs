@@ -497,6 +497,11 @@ impl Tracker {
         ghosts.len() as u64
     }
 
+    /// The namespace remembered for a tracked socket (0 = unknown).
+    pub fn netns_of(&self, sk: u64) -> u32 {
+        self.table.map.get(&sk).map_or(0, |e| e.netns)
+    }
+
     /// Network namespaces the table holds sockets in.
     pub fn namespaces(&self) -> HashSet<u32> {
         self.table.map.values().map(|e| e.netns).collect()
