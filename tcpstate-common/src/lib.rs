@@ -1,6 +1,6 @@
-//! The event the eBPF program writes into the ring buffer, and the layout of
-//! the tracepoint record it reads. Both sides compile this crate, so the
-//! layout can only change in one place.
+//! The event the eBPF program writes into the ring buffer, and the names of
+//! the maps and globals both sides refer to. Both sides compile this crate,
+//! so the layout can only change in one place.
 #![no_std]
 
 /// One TCP state transition, as the kernel made it.
@@ -22,11 +22,9 @@ pub struct Event {
     pub daddr: [u8; 16],
     /// Thread group id (the userspace pid) of the task on the CPU.
     pub pid: u32,
-    /// Network namespace inode of the socket, read only on the events that
-    /// create a socket (old state CLOSE or LISTEN); 0 on the others, and
-    /// when the kernel offsets could not be resolved from BTF.
+    /// Network namespace inode of the socket (`sk->sk_net->ns.inum`).
     pub netns: u32,
-    /// Host byte order already: the tracepoint converts them.
+    /// Host byte order (the program swaps them).
     pub sport: u16,
     pub dport: u16,
     /// AF_INET (2) or AF_INET6 (10).
@@ -47,46 +45,6 @@ const _: () = assert!(core::mem::size_of::<Event>() == 80);
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
-
-/// The `sock:inet_sock_set_state` record this program was written against
-/// (Linux 5.6+: `protocol` is a u16). The program reads these offsets
-/// directly from the context, which the verifier turns into plain loads;
-/// userspace checks the kernel's `format` file against this table before
-/// loading and refuses to start when any field moved.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct RawSetState {
-    pub common: u64,
-    pub skaddr: u64,
-    pub oldstate: i32,
-    pub newstate: i32,
-    pub sport: u16,
-    pub dport: u16,
-    pub family: u16,
-    pub protocol: u16,
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
-    pub saddr_v6: [u8; 16],
-    pub daddr_v6: [u8; 16],
-}
-
-/// (field name, offset, size) of every field of [`RawSetState`] the program
-/// reads, as the tracefs `format` file must list them.
-pub const EXPECTED_LAYOUT: [(&str, usize, usize); 11] = [
-    ("skaddr", 8, 8),
-    ("oldstate", 16, 4),
-    ("newstate", 20, 4),
-    ("sport", 24, 2),
-    ("dport", 26, 2),
-    ("family", 28, 2),
-    ("protocol", 30, 2),
-    ("saddr", 32, 4),
-    ("daddr", 36, 4),
-    ("saddr_v6", 40, 16),
-    ("daddr_v6", 56, 16),
-];
-
-const _: () = assert!(core::mem::size_of::<RawSetState>() == 72);
 
 /// Index of each counter in the per-CPU `STATS` array.
 pub mod stat {
@@ -109,10 +67,21 @@ pub mod global {
     pub const FILTER_FAMILY: &str = "FILTER_FAMILY";
     /// u64: bytes waiting in the ring past which a submit wakes userspace.
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
-    /// u32: offset of `possible_net_t skc_net` in `struct sock` (0 = unknown).
-    pub const NETNS_SK_NET_OFF: &str = "NETNS_SK_NET_OFF";
-    /// u32: offset of `ns.inum` in `struct net`.
-    pub const NETNS_INUM_OFF: &str = "NETNS_INUM_OFF";
+    /// u32 byte offsets in the running kernel, resolved from its BTF:
+    /// socket fields from the start of `struct tcp_sock`.
+    pub const OFF_FAMILY: &str = "OFF_FAMILY";
+    pub const OFF_DPORT: &str = "OFF_DPORT";
+    pub const OFF_SPORT: &str = "OFF_SPORT";
+    pub const OFF_SADDR: &str = "OFF_SADDR";
+    pub const OFF_DADDR: &str = "OFF_DADDR";
+    pub const OFF_SADDR6: &str = "OFF_SADDR6";
+    pub const OFF_DADDR6: &str = "OFF_DADDR6";
+    /// `struct net *` in the socket, then `ns.inum` in `struct net`.
+    pub const OFF_NET: &str = "OFF_NET";
+    pub const OFF_NET_INUM: &str = "OFF_NET_INUM";
+    /// In `struct task_struct`.
+    pub const OFF_TGID: &str = "OFF_TGID";
+    pub const OFF_COMM: &str = "OFF_COMM";
 }
 
 /// Map names, shared so a rename cannot silently break the loader.

@@ -1,5 +1,7 @@
-//! Resolves the two struct offsets the eBPF program needs to read a socket's network namespace
-//! inode (`sk->__sk_common.skc_net.net->ns.inum`) from the running kernel's BTF.
+//! Resolves, from the running kernel's BTF, the struct offsets the eBPF program reads: the
+//! socket's addresses, ports, family and network namespace, and the current task's tgid and
+//! comm. The program gets them as read-only globals, which the verifier folds into constants,
+//! so one object runs on every kernel layout.
 //!
 //! A minimal BTF reader: header, type section and string section, enough to walk struct/union
 //! members (through typedefs, qualifiers and anonymous members). It is written here rather than
@@ -11,27 +13,38 @@ use std::path::Path;
 /// The running kernel's BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// Byte offsets for `sk->__sk_common.skc_net.net` and `net->ns.inum`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NetnsOffsets {
-    /// Byte offset within `struct sock` of `__sk_common.skc_net.net` (a `struct net *`).
-    pub sk_net: u32,
-    /// Byte offset within `struct net` of `ns.inum` (an `unsigned int`).
+/// Byte offsets of every kernel field the eBPF program reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// In `struct tcp_sock` (which starts with `struct sock`).
+    pub family: u32,
+    pub dport: u32,
+    pub sport: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr6: u32,
+    pub daddr6: u32,
+    /// `struct net *` in the socket, and `ns.inum` in `struct net`.
+    pub net: u32,
     pub net_inum: u32,
+    /// In `struct task_struct`.
+    pub tgid: u32,
+    pub comm: u32,
 }
 
-/// Reads [`VMLINUX_BTF`] and resolves [`NetnsOffsets`]. Returns a descriptive error if BTF is
-/// missing or malformed or a member is not found.
-pub fn netns_offsets() -> Result<NetnsOffsets, String> {
-    netns_offsets_from(Path::new(VMLINUX_BTF))
+/// Reads [`VMLINUX_BTF`] and resolves [`KernelOffsets`]. Returns one descriptive line if BTF
+/// is missing or malformed or a member is not found.
+pub fn kernel_offsets() -> Result<KernelOffsets, String> {
+    kernel_offsets_from(Path::new(VMLINUX_BTF))
 }
 
-/// Same as [`netns_offsets`] with the BTF read from `path` (a raw BTF blob, as in
+/// Same as [`kernel_offsets`] with the BTF read from `path` (a raw BTF blob, as in
 /// /sys/kernel/btf/).
-pub fn netns_offsets_from(path: &Path) -> Result<NetnsOffsets, String> {
+pub fn kernel_offsets_from(path: &Path) -> Result<KernelOffsets, String> {
     let data = std::fs::read(path).map_err(|e| {
         format!(
-            "reading kernel BTF {}: {e} (kernel built without CONFIG_DEBUG_INFO_BTF?)",
+            "cannot read the kernel's BTF {}: {e} (tcpstate needs a kernel built with \
+             CONFIG_DEBUG_INFO_BTF)",
             path.display()
         )
     })?;
@@ -39,17 +52,42 @@ pub fn netns_offsets_from(path: &Path) -> Result<NetnsOffsets, String> {
     offsets_in(&btf).map_err(|e| format!("BTF {}: {e}", path.display()))
 }
 
-fn offsets_in(btf: &Btf<'_>) -> Result<NetnsOffsets, String> {
-    let (sk_net, net_ty) = btf.member_path("sock", &["__sk_common", "skc_net", "net"])?;
-    if btf.kind(net_ty) != Some(KIND_PTR) {
-        return Err("sock.__sk_common.skc_net.net is not a pointer".into());
+fn offsets_in(btf: &Btf<'_>) -> Result<KernelOffsets, String> {
+    // The program casts the socket to `struct tcp_sock` and reads `struct sock` and
+    // `struct inet_sock` fields through it: both must start it.
+    for (root, path) in [
+        ("tcp_sock", &["inet_conn", "icsk_inet"][..]),
+        ("inet_sock", &["sk"][..]),
+    ] {
+        let (off, _) = btf.member_path(root, path)?;
+        if off != 0 {
+            return Err(format!("{root}.{} is not at offset 0", path.join(".")));
+        }
     }
-    let (net_inum, inum_ty) = btf.member_path("net", &["ns", "inum"])?;
-    match btf.get(inum_ty) {
-        Some(t) if t.kind == KIND_INT && t.size_type == 4 => {}
-        _ => return Err("net.ns.inum is not a 4-byte integer".into()),
-    }
-    Ok(NetnsOffsets { sk_net, net_inum })
+    let field = |root: &str, path: &[&str], size: u64| -> Result<u32, String> {
+        let (off, ty) = btf.member_path(root, path)?;
+        match btf.size_of(ty)? {
+            s if s == size => Ok(off),
+            s => Err(format!(
+                "{root}.{} is {s} bytes, expected {size}",
+                path.join(".")
+            )),
+        }
+    };
+    let sk = |name: &str, size: u64| field("sock", &["__sk_common", name], size);
+    Ok(KernelOffsets {
+        family: sk("skc_family", 2)?,
+        dport: sk("skc_dport", 2)?,
+        sport: field("inet_sock", &["inet_sport"], 2)?,
+        saddr: field("inet_sock", &["inet_saddr"], 4)?,
+        daddr: sk("skc_daddr", 4)?,
+        saddr6: sk("skc_v6_rcv_saddr", 16)?,
+        daddr6: sk("skc_v6_daddr", 16)?,
+        net: field("sock", &["__sk_common", "skc_net", "net"], 8)?,
+        net_inum: field("net", &["ns", "inum"], 4)?,
+        tgid: field("task_struct", &["tgid"], 4)?,
+        comm: field("task_struct", &["comm"], 16)?,
+    })
 }
 
 const BTF_MAGIC: u16 = 0xeb9f;
@@ -217,10 +255,6 @@ impl<'a> Btf<'a> {
         self.types.get((id as usize).checked_sub(1)?)
     }
 
-    fn kind(&self, id: u32) -> Option<u8> {
-        self.get(id).map(|t| t.kind)
-    }
-
     fn name(&self, name_off: u32) -> &str {
         let Some(rest) = self.strings.get(name_off as usize..) else {
             return "";
@@ -247,6 +281,33 @@ impl<'a> Btf<'a> {
         Err(format!(
             "typedef/qualifier chain from type id {id} is too deep"
         ))
+    }
+
+    /// Size in bytes of a type (typedefs and qualifiers resolved).
+    fn size_of(&self, id: u32) -> Result<u64, String> {
+        self.size_at_depth(id, 0)
+    }
+
+    fn size_at_depth(&self, id: u32, depth: usize) -> Result<u64, String> {
+        if depth > MAX_DEPTH {
+            return Err("array types nested too deeply".into());
+        }
+        let id = self.resolve(id)?;
+        let t = self
+            .get(id)
+            .ok_or_else(|| format!("type id {id} does not exist"))?;
+        match t.kind {
+            KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 | KIND_FLOAT => {
+                Ok(u64::from(t.size_type))
+            }
+            KIND_PTR => Ok(8),
+            KIND_ARRAY => {
+                let elem = self.u32_at(t.extra)?;
+                let n = self.u32_at(t.extra + 8)?;
+                Ok(u64::from(n) * self.size_at_depth(elem, depth + 1)?)
+            }
+            k => Err(format!("type id {id} of kind {k} has no size")),
+        }
     }
 
     fn members(&self, t: &Type) -> Result<Vec<Member>, String> {
@@ -407,6 +468,14 @@ mod tests {
             id
         }
 
+        fn array(&mut self, elem: u32, n: u32) -> u32 {
+            let id = self.push("", KIND_ARRAY, false, 0, 0);
+            for w in [elem, elem, n] {
+                self.types.extend_from_slice(&w.to_le_bytes());
+            }
+            id
+        }
+
         fn finish(&self) -> Vec<u8> {
             let mut v = Vec::new();
             v.extend_from_slice(&BTF_MAGIC.to_le_bytes());
@@ -422,16 +491,22 @@ mod tests {
     }
 
     /// A kernel-like layout: a kind_flag struct with bitfields, a typedef'd anonymous struct
-    /// holding the pointer, and `inum` nested in an anonymous union/struct inside `ns_common`.
+    /// holding the net pointer, `inum` nested in an anonymous union/struct inside `ns_common`,
+    /// and the tcp_sock -> inet_connection_sock -> inet_sock -> sock nesting.
     fn sample() -> Vec<u8> {
         let mut b = Builder::new();
         let uint = b.int("unsigned int", 4);
         let uchar = b.int("unsigned char", 1);
+        let ushort = b.int("short unsigned int", 2);
+        let be16 = b.push("__be16", KIND_TYPEDEF, false, 0, ushort);
+        let be32 = b.push("__be32", KIND_TYPEDEF, false, 0, uint);
         // Unrelated kinds before the structs, to exercise the size table.
         b.push("", KIND_FUNC_PROTO, false, 2, uint);
         b.types.extend_from_slice(&[0; 16]);
         b.push("e", KIND_ENUM, false, 1, 4);
         b.types.extend_from_slice(&[0; 8]);
+        let u8x16 = b.array(uchar, 16);
+        let in6 = b.composite(KIND_STRUCT, "in6_addr", false, 16, &[("s6_addr", u8x16, 0)]);
         let net_fwd = b.push("net", KIND_FWD, false, 0, 0);
         let net_ptr = b.push("", KIND_PTR, false, 0, net_fwd);
         let pn_anon = b.composite(KIND_STRUCT, "", false, 8, &[("net", net_ptr, 0)]);
@@ -441,7 +516,7 @@ mod tests {
             "",
             false,
             8,
-            &[("skc_daddr", uint, 0), ("skc_rcv_saddr", uint, 32)],
+            &[("skc_daddr", be32, 0), ("skc_rcv_saddr", be32, 32)],
         );
         let addr_union = b.composite(
             KIND_UNION,
@@ -457,18 +532,57 @@ mod tests {
             136,
             &[
                 ("", addr_union, 0),
+                ("skc_dport", be16, 96),
+                ("skc_family", ushort, 128),
                 ("skc_reuse", uchar, (4 << 24) | 144),
                 ("skc_flag", uchar, (1 << 24) | 158),
                 ("skc_net", pn, 384),
+                ("skc_v6_daddr", in6, 448),
+                ("skc_v6_rcv_saddr", in6, 576),
             ],
         );
         let const_sc = b.push("", KIND_CONST, false, 0, sock_common);
-        b.composite(
+        let sock = b.composite(
             KIND_STRUCT,
             "sock",
             false,
             784,
             &[("__sk_common", const_sc, 0), ("sk_drops", uint, 1088)],
+        );
+        let inet = b.composite(
+            KIND_STRUCT,
+            "inet_sock",
+            false,
+            1024,
+            &[
+                ("sk", sock, 0),
+                ("inet_saddr", be32, 784 * 8 + 32),
+                ("inet_sport", be16, 784 * 8 + 64),
+            ],
+        );
+        let icsk = b.composite(
+            KIND_STRUCT,
+            "inet_connection_sock",
+            false,
+            1400,
+            &[("icsk_inet", inet, 0)],
+        );
+        b.composite(
+            KIND_STRUCT,
+            "tcp_sock",
+            false,
+            2200,
+            &[("inet_conn", icsk, 0)],
+        );
+        let int = b.int("int", 4);
+        let pid_t = b.push("pid_t", KIND_TYPEDEF, false, 0, int);
+        let comm = b.array(uchar, 16);
+        b.composite(
+            KIND_STRUCT,
+            "task_struct",
+            false,
+            9000,
+            &[("tgid", pid_t, 1300 * 8), ("comm", comm, 2000 * 8)],
         );
         let inner = b.composite(
             KIND_STRUCT,
@@ -508,9 +622,18 @@ mod tests {
         let off = offsets_in(&btf).expect("offsets");
         assert_eq!(
             off,
-            NetnsOffsets {
-                sk_net: 48,
-                net_inum: 152 + 8 + 4
+            KernelOffsets {
+                family: 16,
+                dport: 12,
+                sport: 792,
+                saddr: 788,
+                daddr: 0,
+                saddr6: 72,
+                daddr6: 56,
+                net: 48,
+                net_inum: 152 + 8 + 4,
+                tgid: 1300,
+                comm: 2000,
             }
         );
         // Lookups through an anonymous union in a kind_flag struct.
@@ -522,6 +645,19 @@ mod tests {
             .member_path("sock_common", &["skc_reuse"])
             .expect("bitfield");
         assert_eq!(o, 18);
+    }
+
+    #[test]
+    fn wrong_sizes_are_refused() {
+        let data = sample();
+        let btf = Btf::parse(&data).expect("parse");
+        // A kernel where skc_family were a u32 must not be read as a u16.
+        let (_, ty) = btf
+            .member_path("sock", &["__sk_common", "skc_family"])
+            .expect("family");
+        assert_eq!(btf.size_of(ty), Ok(2));
+        let (_, ty) = btf.member_path("task_struct", &["comm"]).expect("comm");
+        assert_eq!(btf.size_of(ty), Ok(16));
     }
 
     #[test]
@@ -572,21 +708,19 @@ mod tests {
 
     #[test]
     fn missing_file_is_a_descriptive_error() {
-        let e = netns_offsets_from(Path::new("/nonexistent/btf/vmlinux")).unwrap_err();
+        let e = kernel_offsets_from(Path::new("/nonexistent/btf/vmlinux")).unwrap_err();
         assert!(e.contains("/nonexistent/btf/vmlinux"), "{e}");
+        assert!(e.contains("CONFIG_DEBUG_INFO_BTF"), "{e}");
     }
 
     #[test]
     fn running_kernel_offsets() {
-        if !Path::new(VMLINUX_BTF).exists() {
-            eprintln!("{VMLINUX_BTF} missing; skipping");
-            return;
-        }
-        let off = netns_offsets().expect("netns offsets");
+        // Every BPF test needs this file too; a kernel without it is not one tcpstate runs on.
+        let off = kernel_offsets().expect("kernel offsets");
         eprintln!("running kernel: {off:?}");
-        assert!(off.sk_net < 200, "{off:?}");
-        assert_eq!(off.sk_net % 8, 0, "pointer alignment: {off:?}");
-        assert!(off.net_inum < 4096, "{off:?}");
+        assert_eq!(off.net % 8, 0, "pointer alignment: {off:?}");
         assert_eq!(off.net_inum % 4, 0, "{off:?}");
+        assert_ne!(off.sport, off.dport, "{off:?}");
+        assert_ne!(off.comm, 0, "{off:?}");
     }
 }

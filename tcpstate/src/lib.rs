@@ -20,5 +20,4 @@ pub mod sockdiag;
 pub mod state;
 pub mod status;
 pub mod tail;
-pub mod tracefs;
 pub mod tracker;

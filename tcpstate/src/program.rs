@@ -6,9 +6,11 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::BtfTracePoint,
 };
 use tcpstate_common::{PROGRAM, global, map, stat};
+
+use crate::btf::KernelOffsets;
 
 /// The compiled program, embedded at build time by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstate"));
@@ -43,8 +45,7 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     pub wakeup_bytes: u64,
     pub filters: Filters,
-    /// (offset of skc_net in struct sock, offset of ns.inum in struct net).
-    pub netns_offsets: Option<(u32, u32)>,
+    pub offsets: KernelOffsets,
 }
 
 pub struct Probe {
@@ -74,11 +75,10 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
         Err(e) => return Err(permission_hint(&format!("cannot probe BPF support: {e}"))),
     }
     let f = opts.filters;
-    let (net_off, inum_off) = opts.netns_offsets.unwrap_or((0, 0));
+    let o = &opts.offsets;
     let mut ebpf = EbpfLoader::new()
-        // The program has no CO-RE relocations (the tracepoint layout is
-        // checked against tracefs instead), so skip parsing the kernel's
-        // BTF here: it was most of the start-up CPU.
+        // The program has no CO-RE relocations (its offsets are globals),
+        // so the loader need not parse the kernel's BTF a second time.
         .btf(None)
         .map_max_entries(map::EVENTS, opts.ring_bytes)
         .override_global(global::FILTER_PORT, &f.port, true)
@@ -86,16 +86,33 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
         .override_global(global::FILTER_RPORT, &f.rport, true)
         .override_global(global::FILTER_FAMILY, &f.family, true)
         .override_global(global::WAKEUP_BYTES, &opts.wakeup_bytes, true)
-        .override_global(global::NETNS_SK_NET_OFF, &net_off, true)
-        .override_global(global::NETNS_INUM_OFF, &inum_off, true)
+        .override_global(global::OFF_FAMILY, &o.family, true)
+        .override_global(global::OFF_DPORT, &o.dport, true)
+        .override_global(global::OFF_SPORT, &o.sport, true)
+        .override_global(global::OFF_SADDR, &o.saddr, true)
+        .override_global(global::OFF_DADDR, &o.daddr, true)
+        .override_global(global::OFF_SADDR6, &o.saddr6, true)
+        .override_global(global::OFF_DADDR6, &o.daddr6, true)
+        .override_global(global::OFF_NET, &o.net, true)
+        .override_global(global::OFF_NET_INUM, &o.net_inum, true)
+        .override_global(global::OFF_TGID, &o.tgid, true)
+        .override_global(global::OFF_COMM, &o.comm, true)
         .load(OBJECT)
         .map_err(|e| permission_hint(&format!("cannot load the eBPF object: {e}")))?;
-    let prog: &mut TracePoint = ebpf
+    let prog: &mut BtfTracePoint = ebpf
         .program_mut(PROGRAM)
         .ok_or_else(|| format!("program {PROGRAM} missing from the object"))?
         .try_into()
-        .map_err(|e| format!("program {PROGRAM} is not a tracepoint: {e}"))?;
-    prog.load().map_err(|e| {
+        .map_err(|e| format!("program {PROGRAM} is not a BTF tracepoint: {e}"))?;
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| format!("cannot parse the kernel's BTF {}: {e}", crate::btf::VMLINUX_BTF))?;
+    prog.load(PROGRAM, &btf).map_err(|e| {
+        if matches!(e, aya::programs::ProgramError::Btf(_)) {
+            return format!(
+                "this kernel has no inet_sock_set_state tracepoint in its BTF ({e}); \
+                 tcpstate needs Linux 5.11 or later"
+            );
+        }
         // The verifier log is hundreds of lines; its last ones say why.
         let full = format!("{e:#}");
         let why: Vec<&str> = full
@@ -110,8 +127,8 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
             why.join(" | ")
         ))
     })?;
-    prog.attach("sock", "inet_sock_set_state")
-        .map_err(|e| format!("cannot attach to sock:inet_sock_set_state: {e}"))?;
+    prog.attach()
+        .map_err(|e| format!("cannot attach to tp_btf/inet_sock_set_state: {e}"))?;
     let prog_fd = prog
         .fd()
         .map_err(|e| format!("cannot get the program fd: {e}"))?

@@ -30,7 +30,6 @@ use crate::{
     snapshot::Namespaces,
     sockdiag,
     status::Report,
-    tracefs,
     tracker::{Config, Tracker, thresholds::Thresholds},
 };
 
@@ -72,15 +71,7 @@ struct Daemon {
 
 impl Daemon {
     async fn start(args: RunArgs) -> anyhow::Result<Self> {
-        let root = tracefs::ensure_mounted().map_err(anyhow::Error::msg)?;
-        tracefs::verify_tracepoint(&root).map_err(anyhow::Error::msg)?;
-        let netns_offsets = match btf::netns_offsets() {
-            Ok(o) => Some((o.sk_net, o.net_inum)),
-            Err(e) => {
-                eprintln!("tcpstate: warning: network namespaces will not be told apart: {e}");
-                None
-            }
-        };
+        let offsets = btf::kernel_offsets().map_err(anyhow::Error::msg)?;
         let filters = Filters {
             port: args.port.unwrap_or(0),
             lport: args.lport.unwrap_or(0),
@@ -100,7 +91,7 @@ impl Daemon {
             // per event, with room left for the poll to catch up.
             wakeup_bytes: u64::from(args.ring_size / 16),
             filters,
-            netns_offsets,
+            offsets,
         })
         .map_err(anyhow::Error::msg)?;
         let ring = probe.ring.take().context("ring buffer already taken")?;
@@ -122,7 +113,6 @@ impl Daemon {
         });
         let namespaces = Namespaces {
             host: sockdiag::current_netns().unwrap_or(0),
-            per_netns: netns_offsets.is_some(),
         };
         let log = match &args.log_file {
             None => None,

@@ -21,32 +21,20 @@ use crate::{
 pub struct Namespaces {
     /// The daemon's own netns inode.
     pub host: u32,
-    /// Whether events carry real netns inodes (BTF offsets resolved). When
-    /// they do not, every socket is filed under netns 0 and only the host
-    /// namespace is dumped.
-    pub per_netns: bool,
 }
 
 impl Namespaces {
     /// Dumps the sockets of `netns` (as events label it).
     fn dump(&self, netns: u32, paths: &HashMap<u32, PathBuf>) -> Option<Vec<DiagSocket>> {
-        if !self.per_netns || netns == self.host || netns == 0 {
+        if netns == self.host || netns == 0 {
             return sockdiag::dump_tcp().ok();
         }
         sockdiag::dump_tcp_in_netns(paths.get(&netns)?).ok()
     }
 
-    fn label(&self, netns: u32) -> u32 {
-        if self.per_netns { netns } else { 0 }
-    }
-
     /// Every socket in every namespace, with its holder, for seeding.
     pub fn seed(&self) -> Vec<SeedSocket> {
-        let paths = if self.per_netns {
-            sockdiag::all_netns()
-        } else {
-            HashMap::new()
-        };
+        let paths = sockdiag::all_netns();
         let mut namespaces: Vec<u32> = paths.keys().copied().collect();
         if !namespaces.contains(&self.host) {
             namespaces.push(self.host);
@@ -54,7 +42,7 @@ impl Namespaces {
         let mut found: Vec<(u32, DiagSocket)> = Vec::new();
         for ns in namespaces {
             if let Some(socks) = self.dump(ns, &paths) {
-                found.extend(socks.into_iter().map(|s| (self.label(ns), s)));
+                found.extend(socks.into_iter().map(|s| (ns, s)));
             }
         }
         let inodes: HashSet<u32> = found
@@ -86,11 +74,7 @@ impl Namespaces {
 
     /// What is alive, per namespace, for the namespaces asked about.
     pub fn alive(&self, namespaces: &HashSet<u32>) -> Vec<(u32, Alive)> {
-        let paths = if self.per_netns {
-            sockdiag::all_netns()
-        } else {
-            HashMap::new()
-        };
+        let paths = sockdiag::all_netns();
         namespaces
             .iter()
             .filter_map(|&ns| {
@@ -114,11 +98,7 @@ impl Namespaces {
         if anomalies.is_empty() {
             return;
         }
-        let paths = if self.per_netns {
-            sockdiag::all_netns()
-        } else {
-            HashMap::new()
-        };
+        let paths = sockdiag::all_netns();
         let mut by_tuple: HashMap<(u32, IpAddr, u16, IpAddr, u16), u32> = HashMap::new();
         let namespaces: HashSet<u32> = anomalies.iter().map(|a| a.netns).collect();
         let mut dumped = HashSet::new();
