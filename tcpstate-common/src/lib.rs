@@ -22,7 +22,9 @@ pub struct Event {
     pub daddr: [u8; 16],
     /// Thread group id (the userspace pid) of the task on the CPU.
     pub pid: u32,
-    /// Network namespace inode of the socket (`sk->sk_net->ns.inum`).
+    /// Network namespace inode of the socket (`sk->sk_net->ns.inum`), read
+    /// only on the events that create a socket (old state CLOSE or
+    /// LISTEN); 0 on the others.
     pub netns: u32,
     /// Host byte order (the program swaps them).
     pub sport: u16,

@@ -58,13 +58,19 @@ pub fn totals(progs: &[Prog], ids: &[u32]) -> Totals {
         })
 }
 
-/// Tracepoint programs in `after` but not in `before`. Other processes may
+/// Tracepoint programs (classic, raw or BTF: bpftool calls the last
+/// "tracing") in `after` but not in `before`. Other processes may
 /// load some meanwhile (e.g. a concurrent test run), so callers narrow this
 /// down to the programs the tracer holds (`procstat::bpf_prog_ids`).
 pub fn fresh_tracepoint_progs(before: &[Prog], after: &[Prog]) -> Vec<Prog> {
     after
         .iter()
-        .filter(|p| p.prog_type == "tracepoint" && !before.iter().any(|b| b.id == p.id))
+        .filter(|p| {
+            matches!(
+                p.prog_type.as_str(),
+                "tracepoint" | "raw_tracepoint" | "tracing"
+            ) && !before.iter().any(|b| b.id == p.id)
+        })
         .cloned()
         .collect()
 }
