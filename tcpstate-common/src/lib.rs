@@ -44,13 +44,34 @@ unsafe impl aya::Pod for Event {}
 
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
 
+/// One CPU's producer and consumer positions in its event ring (map
+/// `POS`, mmapped by userspace). Positions count events and never wrap in
+/// practice (u64). Each sits alone on a 64-byte cache line so the
+/// producer's stores do not invalidate the consumer's line and vice versa.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Positions {
+    /// Events this CPU has published; written only by the eBPF program.
+    pub head: u64,
+    _pad0: [u64; 7],
+    /// Events userspace has consumed; written only by userspace.
+    pub tail: u64,
+    _pad1: [u64; 7],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no implicit padding (128 bytes exactly).
+unsafe impl aya::Pod for Positions {}
+
+const _: () = assert!(core::mem::size_of::<Positions>() == 128);
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 
 /// Index of each counter in the per-CPU `STATS` array.
 pub mod stat {
-    /// Events lost because the ring buffer was full.
+    /// Events lost because this CPU's event ring was full.
     pub const RINGBUF_FULL: u32 = 0;
     /// TCP events the kernel filters dropped before the ring buffer.
     pub const FILTERED: u32 = 1;
@@ -67,8 +88,10 @@ pub mod global {
     pub const FILTER_RPORT: &str = "FILTER_RPORT";
     /// u16: keep only this address family (0 = both).
     pub const FILTER_FAMILY: &str = "FILTER_FAMILY";
-    /// u64: bytes waiting in the ring past which a submit wakes userspace.
-    pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    /// u32: log2 of the slots in each CPU's event ring.
+    pub const SLOT_BITS: &str = "SLOT_BITS";
+    /// u64: the fill level (events) at which a CPU rings the doorbell.
+    pub const WAKE_AT: &str = "WAKE_AT";
     /// u32 byte offsets in the running kernel, resolved from its BTF:
     /// socket fields from the start of `struct tcp_sock`.
     pub const OFF_FAMILY: &str = "OFF_FAMILY";
@@ -88,7 +111,12 @@ pub mod global {
 
 /// Map names, shared so a rename cannot silently break the loader.
 pub mod map {
-    pub const EVENTS: &str = "EVENTS";
+    /// `Event` slots, `1 << SLOT_BITS` per CPU, CPU-major (mmapped).
+    pub const RING: &str = "RING";
+    /// One `Positions` per CPU (mmapped).
+    pub const POS: &str = "POS";
+    /// A small BPF ring buffer used only to wake userspace.
+    pub const DOORBELL: &str = "DOORBELL";
     pub const STATS: &str = "STATS";
 }
 

@@ -14,6 +14,8 @@ pub mod output;
 pub mod owner;
 pub mod program;
 pub mod record;
+pub mod reorder;
+pub mod ring;
 pub mod run;
 pub mod snapshot;
 pub mod sockdiag;

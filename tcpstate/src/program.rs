@@ -10,7 +10,10 @@ use aya::{
 };
 use tcpstate_common::{PROGRAM, global, map, stat};
 
-use crate::btf::KernelOffsets;
+use crate::{
+    btf::KernelOffsets,
+    ring::{self, EventRings},
+};
 
 /// The compiled program, embedded at build time by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstate"));
@@ -42,8 +45,8 @@ impl Filters {
 
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
+    /// Event slots across all CPUs, in bytes (split per CPU).
     pub ring_bytes: u32,
-    pub wakeup_bytes: u64,
     pub filters: Filters,
     pub offsets: KernelOffsets,
 }
@@ -51,7 +54,9 @@ pub struct LoadOptions {
 pub struct Probe {
     /// Keeps the program and its link alive.
     _ebpf: Ebpf,
-    pub ring: Option<RingBuf<MapData>>,
+    pub rings: Option<EventRings>,
+    /// Readable when a CPU's ring reached its wake-up level.
+    pub doorbell: Option<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
     prog_fd: std::os::fd::OwnedFd,
 }
@@ -76,16 +81,28 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
     }
     let f = opts.filters;
     let o = &opts.offsets;
+    let cpus =
+        aya::util::nr_cpus().map_err(|(what, e)| format!("cannot count CPUs ({what}): {e}"))?;
+    let bits = ring::slot_bits(opts.ring_bytes, cpus);
+    let slots = 1u64 << bits;
+    // Wake userspace at a sixteenth full: a few hundred wake-ups a second
+    // at full churn instead of one per event, with room left to catch up.
+    let wake_at = (slots / 16).max(1);
+    let ring_entries = u32::try_from(cpus << bits)
+        .map_err(|_| format!("{cpus} CPUs x {slots} slots do not fit one map"))?;
+    let cpus_u32 = u32::try_from(cpus).map_err(|_| format!("{cpus} CPUs"))?;
     let mut ebpf = EbpfLoader::new()
         // The program has no CO-RE relocations (its offsets are globals),
         // so the loader need not parse the kernel's BTF a second time.
         .btf(None)
-        .map_max_entries(map::EVENTS, opts.ring_bytes)
+        .map_max_entries(map::RING, ring_entries)
+        .map_max_entries(map::POS, cpus_u32)
+        .override_global(global::SLOT_BITS, &bits, true)
+        .override_global(global::WAKE_AT, &wake_at, true)
         .override_global(global::FILTER_PORT, &f.port, true)
         .override_global(global::FILTER_LPORT, &f.lport, true)
         .override_global(global::FILTER_RPORT, &f.rport, true)
         .override_global(global::FILTER_FAMILY, &f.family, true)
-        .override_global(global::WAKEUP_BYTES, &opts.wakeup_bytes, true)
         .override_global(global::OFF_FAMILY, &o.family, true)
         .override_global(global::OFF_DPORT, &o.dport, true)
         .override_global(global::OFF_SPORT, &o.sport, true)
@@ -104,8 +121,12 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
         .ok_or_else(|| format!("program {PROGRAM} missing from the object"))?
         .try_into()
         .map_err(|e| format!("program {PROGRAM} is not a BTF tracepoint: {e}"))?;
-    let btf = aya::Btf::from_sys_fs()
-        .map_err(|e| format!("cannot parse the kernel's BTF {}: {e}", crate::btf::VMLINUX_BTF))?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| {
+        format!(
+            "cannot parse the kernel's BTF {}: {e}",
+            crate::btf::VMLINUX_BTF
+        )
+    })?;
     prog.load(PROGRAM, &btf).map_err(|e| {
         if matches!(e, aya::programs::ProgramError::Btf(_)) {
             return format!(
@@ -135,11 +156,22 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| format!("cannot duplicate the program fd: {e}"))?;
-    let ring = RingBuf::try_from(
-        ebpf.take_map(map::EVENTS)
-            .ok_or_else(|| format!("map {} missing", map::EVENTS))?,
-    )
-    .map_err(|e| format!("map {}: {e}", map::EVENTS))?;
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| format!("map {name} missing from the object"))
+    };
+    let data = |m: aya::maps::Map, name: &str| match m {
+        aya::maps::Map::Array(d) => Ok(d),
+        _ => Err(format!("map {name} is not an array")),
+    };
+    let rings = EventRings::new(
+        data(take(map::RING)?, map::RING)?,
+        data(take(map::POS)?, map::POS)?,
+        cpus,
+        bits,
+    )?;
+    let doorbell = RingBuf::try_from(take(map::DOORBELL)?)
+        .map_err(|e| format!("map {}: {e}", map::DOORBELL))?;
     let stats = PerCpuArray::try_from(
         ebpf.take_map(map::STATS)
             .ok_or_else(|| format!("map {} missing", map::STATS))?,
@@ -147,7 +179,8 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
     .map_err(|e| format!("map {}: {e}", map::STATS))?;
     Ok(Probe {
         _ebpf: ebpf,
-        ring: Some(ring),
+        rings: Some(rings),
+        doorbell: Some(doorbell),
         stats,
         prog_fd,
     })

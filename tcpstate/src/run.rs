@@ -27,15 +27,22 @@ use crate::{
     },
     program::{self, Filters, KernelCounters, LoadOptions, Probe},
     record::{Record, Started, Stopped, TransitionRecord},
+    reorder::Reorder,
+    ring::EventRings,
     snapshot::Namespaces,
     sockdiag,
     status::Report,
     tracker::{Config, Tracker, thresholds::Thresholds},
 };
 
-/// Userspace drains at least this often, so a quiet stream (whose submits
-/// do not wake us) still shows up promptly.
+/// Userspace drains at least this often, so a quiet stream (which does not
+/// ring the doorbell) still shows up promptly.
 const POLL: Duration = Duration::from_millis(50);
+/// Events this recent are held back one drain, in case another CPU is
+/// still writing an older one (see `reorder`).
+const HOLDBACK_NS: u64 = 1_000_000;
+/// When events are held back, the next drain comes this soon.
+const HELD_RETRY: Duration = Duration::from_millis(5);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -52,7 +59,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 struct Daemon {
     args: RunArgs,
     probe: Probe,
-    ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    doorbell: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    rings: EventRings,
+    reorder: Reorder,
+    fresh: Vec<tcpstate_common::Event>,
+    ready: Vec<tcpstate_common::Event>,
     tracker: Tracker,
     sinks: Sinks,
     http: Option<mpsc::Receiver<Request>>,
@@ -86,18 +97,15 @@ impl Daemon {
         };
         let mut probe = program::load(&LoadOptions {
             ring_bytes: args.ring_size,
-            // Wake userspace once a sixteenth of the ring is waiting: a
-            // few hundred wake-ups a second at full churn instead of one
-            // per event, with room left for the poll to catch up.
-            wakeup_bytes: u64::from(args.ring_size / 16),
             filters,
             offsets,
         })
         .map_err(anyhow::Error::msg)?;
-        let ring = probe.ring.take().context("ring buffer already taken")?;
+        let rings = probe.rings.take().context("event rings already taken")?;
+        let doorbell = probe.doorbell.take().context("doorbell already taken")?;
         // SAFETY: the AsyncFd owns the RingBuf, so the fd it registers stays
         // open exactly as long as the registration.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        let doorbell = unsafe { AsyncFd::register_with_interest(doorbell, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
 
         let mut thresholds = Thresholds::defaults(Thresholds::host_fin_timeout());
@@ -154,7 +162,11 @@ impl Daemon {
             http,
             args,
             probe,
-            ring,
+            doorbell,
+            rings,
+            reorder: Reorder::default(),
+            fresh: Vec::new(),
+            ready: Vec::new(),
             tracker,
             clock,
             namespaces,
@@ -198,7 +210,7 @@ impl Daemon {
             ts: std::time::SystemTime::now(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
-            ring_bytes: self.args.ring_size,
+            ring_bytes: u32::try_from(self.rings.bytes()).unwrap_or(u32::MAX),
             seeded,
         }));
         if self.flush()? {
@@ -219,11 +231,14 @@ impl Daemon {
 
         loop {
             tokio::select! {
-                guard = self.ring.readable_mut() => {
+                guard = self.doorbell.readable_mut() => {
                     let mut guard = guard.context("polling the ring buffer")?;
+                    // The doorbell's records carry nothing but the wake-up.
+                    while guard.get_inner_mut().next().is_some() {}
                     guard.clear_ready();
                     self.drain();
                 }
+                _ = tokio::time::sleep(HELD_RETRY), if self.reorder.held() > 0 => self.drain(),
                 _ = poll.tick() => {
                     self.drain();
                     self.expire();
@@ -253,7 +268,7 @@ impl Daemon {
                 return Ok(());
             }
         }
-        self.drain();
+        self.drain_before(u64::MAX);
         self.expire();
         let k = self.probe.counters();
         self.sinks.emit(&Record::Stopped(Stopped {
@@ -271,13 +286,22 @@ impl Daemon {
         Ok(())
     }
 
-    /// Reads everything the ring holds.
+    /// Applies everything the rings hold but the last millisecond.
     fn drain(&mut self) {
+        self.drain_before(monotonic_ns().saturating_sub(HOLDBACK_NS));
+    }
+
+    /// Applies every event with a timestamp before `cutoff_ns`, in
+    /// timestamp order.
+    fn drain_before(&mut self, cutoff_ns: u64) {
         let now = Instant::now();
-        let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
+        self.rings.drain_into(&mut self.fresh);
+        self.reorder
+            .release(&mut self.fresh, cutoff_ns, &mut self.ready);
+        let mut ready = std::mem::take(&mut self.ready);
+        for ev in ready.drain(..) {
             self.events += 1;
-            match decode::decode(&item) {
+            match decode::from_event(&ev) {
                 // --netns: the kernel reads a socket's namespace only at its
                 // birth, so later events are matched through the table; a
                 // socket born elsewhere is never tracked.
@@ -319,6 +343,7 @@ impl Daemon {
                 Err(_) => self.undecodable += 1,
             }
         }
+        self.ready = ready;
         if !self.warned_full && self.tracker.refused() > 0 {
             self.warned_full = true;
             eprintln!(
@@ -354,7 +379,7 @@ impl Daemon {
         let alive = self.namespaces.alive(&self.tracker.namespaces());
         // Apply every event that happened before the dump first, so a
         // socket whose CLOSE is merely queued is not taken for a ghost.
-        self.drain();
+        self.drain_before(start);
         let now = monotonic_ns();
         for (ns, alive) in alive {
             self.tracker

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-/// Toolchain name aya-build uses (`Toolchain::default()` in tcpstate/build.rs
+/// Toolchain name tcpstate/build.rs uses (`rustup run nightly`
 /// runs `rustup run nightly cargo build -Z build-std=core ...`).
 pub const NIGHTLY: &str = "nightly";
 
@@ -33,7 +33,7 @@ pub fn cargo_home() -> Result<PathBuf> {
 }
 
 /// Puts `$CARGO_HOME/bin` first on our own PATH so that every child (and the
-/// aya-build step inside `cargo build`) finds the bpf-linker that `setup`
+/// eBPF step of tcpstate/build.rs) finds the bpf-linker that `setup`
 /// installs there, rather than some other one earlier on PATH.
 pub fn prepend_cargo_bin_to_path() -> Result<()> {
     let bin = cargo_home()?.join("bin");
@@ -77,7 +77,7 @@ pub fn euid() -> Result<u32> {
 /// workspace root. Plain `cargo` from PATH is the rustup proxy, which honours
 /// RUSTUP_TOOLCHAIN; `cargo +nightly xtask ...` would leave that set to
 /// nightly, but the host crates must build with the workspace toolchain
-/// (aya-build picks nightly itself for the eBPF crate).
+/// (tcpstate/build.rs picks nightly itself for the eBPF crate).
 pub fn stable_cargo() -> Command {
     let mut cmd = Command::new("cargo");
     if env::var("RUSTUP_TOOLCHAIN").is_ok_and(|t| t.starts_with(NIGHTLY)) {
@@ -87,7 +87,7 @@ pub fn stable_cargo() -> Command {
     cmd
 }
 
-/// `rustup run <toolchain> <program>`: the same way aya-build reaches nightly.
+/// `rustup run <toolchain> <program>`: the same way tcpstate/build.rs reaches nightly.
 pub fn rustup_run(toolchain: &str, program: &str) -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", toolchain, program]);

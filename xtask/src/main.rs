@@ -79,7 +79,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `setup`, then a release build of tcpstate (aya-build compiles the eBPF
+/// `setup`, then a release build of tcpstate (tcpstate/build.rs compiles the eBPF
 /// object from its build script). Returns the binary's path.
 fn build() -> Result<PathBuf> {
     setup::setup()?;

@@ -71,7 +71,7 @@ fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or_default().trim()
 }
 
-/// Makes `toolchain` usable under the name `nightly`, which is what aya-build
+/// Makes `toolchain` usable under the name `nightly`, which is what tcpstate/build.rs
 /// (`Toolchain::default()` in tcpstate/build.rs) runs.
 ///
 /// `rustup toolchain link nightly <sysroot>` would be the obvious way, but
@@ -191,7 +191,7 @@ fn ensure_bpf_linker(llvm_major: u32) -> Result<()> {
         bail!(
             "nightly uses LLVM {llvm_major}, but bpf-linker {BPF_LINKER_VERSION} supports only \
              rust-llvm-20/21/22; install a nightly with LLVM 20-22: `rustup toolchain install \
-             {PINNED_NIGHTLY} --profile minimal --component rust-src` (aya-build runs the \
+             {PINNED_NIGHTLY} --profile minimal --component rust-src` (tcpstate/build.rs runs the \
              toolchain named `nightly`: `rustup toolchain uninstall nightly && cargo xtask setup` \
              installs {PINNED_NIGHTLY} and links it as `nightly`)"
         );

@@ -35,13 +35,19 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         steps.push(("clippy (host crates)", clippy));
 
         // The eBPF crate only compiles for bpfel-unknown-none with nightly and
-        // build-std, so it gets its own clippy run, the way aya-build builds it
+        // build-std, so it gets its own clippy run, the way tcpstate/build.rs builds it
         // (`rustup run nightly`, which also works when RUSTUP_TOOLCHAIN is set).
         // A nightly installed by `setup` has the minimal profile: add clippy.
         ensure_nightly_component("clippy")?;
         let mut ebpf_clippy = rustup_run(NIGHTLY, "cargo");
         ebpf_clippy
             .current_dir(workspace_root().join("tcpstate-ebpf"))
+            // The cfg tcpstate/build.rs sets, so the lint sees the code
+            // that ships for this machine.
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+            )
             .args([
                 "clippy",
                 "--package",

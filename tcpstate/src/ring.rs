@@ -1,0 +1,159 @@
+//! The per-CPU event rings the eBPF program fills: maps `RING` (event
+//! slots, `1 << bits` per CPU) and `POS` (each CPU's head and tail), both
+//! mmapped. Draining copies each CPU's published events out and hands the
+//! slots back by moving its tail; ordering across CPUs is `reorder`'s job.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aya::maps::MapData;
+use tcpstate_common::{Event, Positions};
+
+/// How many slots each CPU gets for a total budget of `ring_bytes`: the
+/// largest power of two that fits, at least 64 so a burst on one CPU of a
+/// many-CPU host still has room. Returns log2 of it.
+pub fn slot_bits(ring_bytes: u32, cpus: usize) -> u32 {
+    let per_cpu = u64::from(ring_bytes) / size_of::<Event>() as u64 / cpus.max(1) as u64;
+    per_cpu.max(64).ilog2().min(24)
+}
+
+/// One shared mapping of a BPF array map.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(map: &MapData, len: usize, writable: bool) -> Result<Self, String> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of a map fd we hold; the kernel
+        // checks `len` against the map's size.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!(
+                "cannot mmap the event ring: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        NonNull::new(ptr.cast())
+            .map(|ptr| Mapping { ptr, len })
+            .ok_or_else(|| "mmap returned NULL".to_owned())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the region mmap returned.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+fn page_round(n: usize) -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    n.div_ceil(page) * page
+}
+
+pub struct EventRings {
+    ring: Mapping,
+    pos: Mapping,
+    cpus: usize,
+    bits: u32,
+    /// The mappings hold the maps too; these keep the fds for as long.
+    _maps: (MapData, MapData),
+}
+
+impl EventRings {
+    /// Maps `ring` (`cpus << bits` events) and `pos` (`cpus` positions).
+    pub fn new(ring: MapData, pos: MapData, cpus: usize, bits: u32) -> Result<Self, String> {
+        let ring_map = Mapping::new(
+            &ring,
+            page_round((cpus << bits) * size_of::<Event>()),
+            false,
+        )?;
+        let pos_map = Mapping::new(&pos, page_round(cpus * size_of::<Positions>()), true)?;
+        Ok(EventRings {
+            ring: ring_map,
+            pos: pos_map,
+            cpus,
+            bits,
+            _maps: (ring, pos),
+        })
+    }
+
+    /// Bytes of event slots across all CPUs.
+    pub fn bytes(&self) -> usize {
+        (self.cpus << self.bits) * size_of::<Event>()
+    }
+
+    fn positions(&self, cpu: usize) -> (&AtomicU64, &AtomicU64) {
+        let base = self.pos.ptr.as_ptr().cast::<Positions>();
+        // SAFETY: cpu < cpus, so the entry lies inside the mapping, which
+        // is page-aligned; the kernel and we only touch these two words
+        // atomically (the program with a fetching add, we with loads and
+        // stores).
+        unsafe {
+            let p = base.add(cpu);
+            (
+                AtomicU64::from_ptr(&raw mut (*p).head),
+                AtomicU64::from_ptr(&raw mut (*p).tail),
+            )
+        }
+    }
+
+    /// Appends every published event to `out`, each CPU's in its order,
+    /// and frees their slots. Returns how many.
+    pub fn drain_into(&mut self, out: &mut Vec<Event>) -> usize {
+        let mask = (1u64 << self.bits) - 1;
+        let slots = self.ring.ptr.as_ptr().cast::<Event>();
+        let before = out.len();
+        for cpu in 0..self.cpus {
+            let (head, tail) = self.positions(cpu);
+            // Acquire pairs with the program's fully ordered add: the
+            // slots below `head` are completely written.
+            let h = head.load(Ordering::Acquire);
+            let t = tail.load(Ordering::Relaxed);
+            if h == t {
+                continue;
+            }
+            out.reserve(h.wrapping_sub(t) as usize);
+            let mut i = t;
+            while i != h {
+                let idx = (cpu << self.bits) | (i & mask) as usize;
+                // SAFETY: idx < cpus << bits, inside the mapping; the slot
+                // is published and the program will not reuse it until
+                // the tail moves past it below.
+                out.push(unsafe { std::ptr::read_volatile(slots.add(idx)) });
+                i = i.wrapping_add(1);
+            }
+            // Release: our reads of the slots happen before the program
+            // may overwrite them.
+            tail.store(h, Ordering::Release);
+        }
+        out.len() - before
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_per_cpu() {
+        // 4 MiB over 2 CPUs: 26,214 events each, rounded down to 16,384.
+        assert_eq!(slot_bits(4 << 20, 2), 14);
+        // A tiny ring still gets 64 slots per CPU.
+        assert_eq!(slot_bits(4096, 2), 6);
+        assert_eq!(slot_bits(4096, 0), 6);
+        // 1 GiB on one CPU is capped at 16M slots.
+        assert_eq!(slot_bits(1 << 30, 1), 23);
+    }
+}
