@@ -122,7 +122,7 @@ pub struct RunArgs {
     #[arg(long, value_parser = netns, value_name = "INODE|PATH")]
     pub netns: Option<u32>,
 
-    /// Ring buffer size (power of two, at least 4KiB; e.g. 256K, 4M).
+    /// Event ring size, split evenly across CPUs (power of two, at least 4KiB; e.g. 256K, 4M).
     #[arg(long, default_value = "4M", value_parser = ring_size)]
     pub ring_size: u32,
 
