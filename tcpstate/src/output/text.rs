@@ -74,13 +74,14 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
             paint(out, DIM);
             let _ = write!(
                 out,
-                "{} STOPPED  {} events, {} dropped, {} recursion misses, {} undecodable, {} refused (table full), up {:.1}s",
+                "{} STOPPED  {} events, {} dropped, {} recursion misses, {} undecodable, {} refused (table full), {} filtered (--netns), up {:.1}s",
                 clock(s.ts),
                 s.events,
                 s.dropped,
                 s.recursion_misses,
                 s.undecodable,
                 s.table_full,
+                s.filtered,
                 s.uptime_s
             );
             paint(out, RESET);
