@@ -1,5 +1,7 @@
 //! `cargo xtask bench`: tcpstate's cost under TCP connection churn, next to
-//! no tracer and libbpf-tools `tcpstates`, plus its memory per tracked socket.
+//! no tracer, libbpf-tools `tcpstates` and a bpftrace one-liner that only
+//! counts states (the floor for any tracer of this tracepoint), plus its
+//! memory per tracked socket.
 //!
 //! Orchestration only; the pieces are: `netns` (the namespace the traffic
 //! runs in), `churn` (the load), `tracer` (start / ready / stop),
@@ -117,11 +119,18 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             command: t
                 .command(&tools, Path::new("<tmp>/tcpstate.jsonl"))
                 .map(|c| match t {
-                    Tracer::Tcpstates => format!("{} > /dev/null", show(&c)),
+                    Tracer::Tcpstates | Tracer::Bpftrace => format!("{} > /dev/null", show(&c)),
                     _ => show(&c),
                 }),
-            skipped: (t == Tracer::Tcpstates && tools.tcpstates.is_none())
-                .then(|| "libbpf-tools is not installed".to_owned()),
+            skipped: match t {
+                Tracer::Tcpstates if tools.tcpstates.is_none() => {
+                    Some("libbpf-tools is not installed".to_owned())
+                }
+                Tracer::Bpftrace if tools.bpftrace.is_none() => {
+                    Some("bpftrace is not installed".to_owned())
+                }
+                _ => None,
+            },
             rounds: Vec::new(),
             median: Summary::default(),
         })
@@ -210,21 +219,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 fn prepare_tools() -> Result<Tools> {
     let tcpstate = crate::build()?;
     let bpftool = ensure_apt_package("bpftool", "bpftool")?;
-    let tcpstates = if which("tcpstates").is_none() && which("apt-get").is_none() {
-        eprintln!(
-            "bench: skipping libbpf-tools tcpstates: it is not installed and apt-get is \
-             unavailable to install libbpf-tools"
-        );
-        None
-    } else {
-        match ensure_apt_package("tcpstates", "libbpf-tools") {
-            Ok(path) => Some(path),
-            Err(err) => {
-                eprintln!("bench: skipping libbpf-tools tcpstates: {err:#}");
-                None
-            }
-        }
-    };
+    let tcpstates = optional_apt_tool("tcpstates", "libbpf-tools");
+    let bpftrace = optional_apt_tool("bpftrace", "bpftrace");
     let stdbuf = which("stdbuf");
     if tcpstates.is_some() && stdbuf.is_none() {
         eprintln!("bench: stdbuf (coreutils) not found; running tcpstates without -oL");
@@ -240,8 +236,21 @@ fn prepare_tools() -> Result<Tools> {
         bpftool,
         tcpstates,
         stdbuf,
+        bpftrace,
         tcpstates_reports_lost,
     })
+}
+
+/// A peer the bench compares against: installed with apt when absent, or
+/// skipped with one line saying why.
+fn optional_apt_tool(binary: &str, package: &str) -> Option<PathBuf> {
+    if which(binary).is_none() && which("apt-get").is_none() {
+        eprintln!("bench: skipping {binary}: it is not installed and apt-get is unavailable");
+        return None;
+    }
+    ensure_apt_package(binary, package)
+        .map_err(|err| eprintln!("bench: skipping {binary}: {err:#}"))
+        .ok()
 }
 
 /// One tracer, one round: start it, churn, sample, stop it.
@@ -374,6 +383,11 @@ fn notes(tools: &Tools, results: &[TracerResult], server_errors: u64) -> Vec<Str
     } else {
         "tcpstates ring drops: n/a (this build prints no lost-event count).".to_owned()
     });
+    notes.push(format!(
+        "bpftrace reference: `{}` (an in-kernel count, no event leaves the kernel: the least \
+         any tracer of this tracepoint can do; ring drops n/a).",
+        tracer::BPFTRACE_PROGRAM
+    ));
     let client_errors: u64 = results
         .iter()
         .flat_map(|r| &r.rounds)

@@ -27,16 +27,19 @@ pub enum Tracer {
     TcpstateFullLog,
     TcpstateAnomalies,
     Tcpstates,
+    /// The cheapest thing a tracer of this tracepoint can do: count.
+    Bpftrace,
 }
 
 impl Tracer {
     /// In the order each round runs them.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Untraced,
         Self::TcpstateDefault,
         Self::TcpstateFullLog,
         Self::TcpstateAnomalies,
         Self::Tcpstates,
+        Self::Bpftrace,
     ];
 
     pub fn label(self) -> &'static str {
@@ -46,6 +49,7 @@ impl Tracer {
             Self::TcpstateFullLog => "tcpstate --log-rate 0",
             Self::TcpstateAnomalies => "tcpstate --log-transitions=false",
             Self::Tcpstates => "libbpf-tools tcpstates",
+            Self::Bpftrace => "bpftrace count() one-liner (reference)",
         }
     }
 
@@ -57,6 +61,7 @@ impl Tracer {
             Self::TcpstateFullLog => "tcpstate-full-log",
             Self::TcpstateAnomalies => "tcpstate-anomalies-only",
             Self::Tcpstates => "tcpstates",
+            Self::Bpftrace => "bpftrace-count",
         }
     }
 
@@ -87,6 +92,11 @@ impl Tracer {
                     None => Command::new(tcpstates),
                 }
             }
+            Self::Bpftrace => {
+                let mut cmd = Command::new(tools.bpftrace.as_ref()?);
+                cmd.args(["-e", BPFTRACE_PROGRAM]);
+                cmd
+            }
             _ => {
                 let mut cmd = Command::new(&tools.tcpstate);
                 let log: OsString = log.into();
@@ -107,12 +117,18 @@ impl Tracer {
     }
 }
 
+/// The bpftrace reference: count transitions by new state, nothing else.
+pub const BPFTRACE_PROGRAM: &str =
+    "tracepoint:sock:inet_sock_set_state { @[args->newstate] = count(); }";
+
 pub struct Tools {
     pub tcpstate: PathBuf,
     pub bpftool: PathBuf,
     /// None when libbpf-tools could not be installed.
     pub tcpstates: Option<PathBuf>,
     pub stdbuf: Option<PathBuf>,
+    /// None when bpftrace could not be installed.
+    pub bpftrace: Option<PathBuf>,
     /// Its binary has libbpf-tools' "lost %llu events on CPU" warning, so
     /// silence on stderr means nothing was lost.
     pub tcpstates_reports_lost: bool,
@@ -329,7 +345,7 @@ impl Running {
                     self.log.display()
                 )
             })?);
-        } else if tools.tcpstates_reports_lost {
+        } else if self.tracer == Tracer::Tcpstates && tools.tcpstates_reports_lost {
             let stderr = fs::read_to_string(&self.stderr).unwrap_or_default();
             stopped.lost = Some(lost_events(&stderr));
         }
