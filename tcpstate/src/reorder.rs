@@ -16,15 +16,22 @@ pub struct Reorder {
 }
 
 impl Reorder {
-    /// Takes the freshly drained events; moves every event with
-    /// `ts_ns < cutoff_ns` into `out`, oldest first, and holds the rest.
+    /// Takes the freshly drained events; replaces `out` with every event
+    /// with `ts_ns < cutoff_ns`, oldest first, and holds the rest.
     pub fn release(&mut self, fresh: &mut Vec<Event>, cutoff_ns: u64, out: &mut Vec<Event>) {
-        self.held.append(fresh);
+        // Moves rather than copies where it can: the events are 80 bytes
+        // and this runs for every one of them.
+        if self.held.is_empty() {
+            std::mem::swap(&mut self.held, fresh);
+        } else {
+            self.held.append(fresh);
+        }
         // Runs of already sorted events (one per CPU) make this close to a
         // linear merge.
         self.held.sort_by_key(|e| e.ts_ns);
         let n = self.held.partition_point(|e| e.ts_ns < cutoff_ns);
-        out.extend(self.held.drain(..n));
+        let newer = self.held.split_off(n);
+        *out = std::mem::replace(&mut self.held, newer);
     }
 
     /// Events waiting for the cutoff to pass them.

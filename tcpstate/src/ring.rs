@@ -109,8 +109,9 @@ impl EventRings {
         }
     }
 
-    /// Appends every published event to `out`, each CPU's in its order,
-    /// and frees their slots. Returns how many.
+    /// Appends every published event to `out`, each CPU's in its order
+    /// (at most two copies per CPU: the run up to the ring's end and the
+    /// wrapped one), and frees their slots. Returns how many.
     pub fn drain_into(&mut self, out: &mut Vec<Event>) -> usize {
         let mask = (1u64 << self.bits) - 1;
         let slots = self.ring.ptr.as_ptr().cast::<Event>();
@@ -124,15 +125,18 @@ impl EventRings {
             if h == t {
                 continue;
             }
-            out.reserve(h.wrapping_sub(t) as usize);
-            let mut i = t;
-            while i != h {
-                let idx = (cpu << self.bits) | (i & mask) as usize;
-                // SAFETY: idx < cpus << bits, inside the mapping; the slot
-                // is published and the program will not reuse it until
-                // the tail moves past it below.
-                out.push(unsafe { std::ptr::read_volatile(slots.add(idx)) });
-                i = i.wrapping_add(1);
+            let size = 1usize << self.bits;
+            let start = (t & mask) as usize;
+            let n = (h.wrapping_sub(t) as usize).min(size);
+            let first = n.min(size - start);
+            // SAFETY: both runs lie inside this CPU's `size` slots of the
+            // mapping; they are published (below `head`) and the program
+            // does not write them again until the tail moves past them, so
+            // nothing writes them while these slices live.
+            unsafe {
+                let base = slots.add(cpu << self.bits);
+                out.extend_from_slice(std::slice::from_raw_parts(base.add(start), first));
+                out.extend_from_slice(std::slice::from_raw_parts(base, n - first));
             }
             // Release: our reads of the slots happen before the program
             // may overwrite them.

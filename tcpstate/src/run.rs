@@ -299,9 +299,9 @@ impl Daemon {
         self.reorder
             .release(&mut self.fresh, cutoff_ns, &mut self.ready);
         let mut ready = std::mem::take(&mut self.ready);
-        for ev in ready.drain(..) {
+        for ev in &ready {
             self.events += 1;
-            match decode::from_event(&ev) {
+            match decode::from_event(ev) {
                 // --netns: the kernel reads a socket's namespace only at its
                 // birth, so later events are matched through the table; a
                 // socket born elsewhere is never tracked.
@@ -343,6 +343,7 @@ impl Daemon {
                 Err(_) => self.undecodable += 1,
             }
         }
+        ready.clear();
         self.ready = ready;
         if !self.warned_full && self.tracker.refused() > 0 {
             self.warned_full = true;

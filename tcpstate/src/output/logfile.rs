@@ -51,9 +51,12 @@ impl RateLimit {
     }
 
     pub fn admit(&mut self, now: Instant) -> bool {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.per_sec).min(self.per_sec);
+        // A whole drained batch shares one `now`: refill once per batch.
+        if now != self.last {
+            let dt = now.saturating_duration_since(self.last).as_secs_f64();
+            self.last = now;
+            self.tokens = (self.tokens + dt * self.per_sec).min(self.per_sec);
+        }
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true

@@ -2,7 +2,7 @@
 //! keeps growing. Counts are kept incrementally per (owner, state) as
 //! sockets enter and leave; the rule compares them once per interval.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use super::table::OwnerRef;
 use crate::state::TcpState;
@@ -16,10 +16,12 @@ pub fn is_lingering(st: TcpState) -> bool {
     LINGERING.contains(&st)
 }
 
+/// FxHash: updated on every transition, and keyed by our own owner ids,
+/// which nobody outside chooses.
 #[derive(Debug, Default)]
 pub struct LeakCounts {
-    now: HashMap<(OwnerRef, TcpState), u64>,
-    previous: HashMap<(OwnerRef, TcpState), u64>,
+    now: FxHashMap<(OwnerRef, TcpState), u64>,
+    previous: FxHashMap<(OwnerRef, TcpState), u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -105,7 +105,9 @@ pub struct Tracker {
     table: Table,
     comms: Comms,
     deadlines: Deadlines,
-    listeners: HashMap<(u32, u16), OwnerRef>,
+    /// FxHash: looked up on every accepted socket; keyed by local ports,
+    /// which only local processes choose (at most 64k per namespace).
+    listeners: rustc_hash::FxHashMap<(u32, u16), OwnerRef>,
     /// Snapshot sockets not yet seen in an event, by tuple without the
     /// namespace (events only carry it when a socket is born). They are
     /// keyed by small synthetic numbers (kernel addresses are never that
@@ -123,7 +125,7 @@ impl Tracker {
             cfg,
             comms: Comms::default(),
             deadlines: Deadlines::default(),
-            listeners: HashMap::new(),
+            listeners: rustc_hash::FxHashMap::default(),
             seeded: HashMap::new(),
             next_seed_key: 1,
             leaks: LeakCounts::default(),
@@ -544,7 +546,7 @@ impl Tracker {
 /// previous answer.
 fn attribute(
     comms: &mut Comms,
-    listeners: &HashMap<(u32, u16), OwnerRef>,
+    listeners: &rustc_hash::FxHashMap<(u32, u16), OwnerRef>,
     t: &Transition,
     netns: u32,
     known: Option<OwnerRef>,

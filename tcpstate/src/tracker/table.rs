@@ -136,12 +136,27 @@ pub struct Tuple {
 pub struct Comms {
     ids: HashMap<Comm, u32>,
     names: Vec<Comm>,
+    /// The last name interned: bursts of transitions come from one task,
+    /// and a 16-byte compare is cheaper than hashing (SipHash here: the
+    /// names are chosen by whoever runs a process).
+    last: Option<(Comm, u32)>,
 }
 
 const MAX_COMMS: usize = 65_536;
 
 impl Comms {
     pub fn intern(&mut self, c: Comm) -> u32 {
+        if let Some((last, id)) = self.last
+            && last == c
+        {
+            return id;
+        }
+        let id = self.intern_slow(c);
+        self.last = Some((c, id));
+        id
+    }
+
+    fn intern_slow(&mut self, c: Comm) -> u32 {
         if let Some(&id) = self.ids.get(&c) {
             return id;
         }
