@@ -1,8 +1,9 @@
 //! TCP socket dumps over netlink `NETLINK_SOCK_DIAG` (`INET_DIAG`), the way `ss -t -a` gets them.
 //!
-//! [`dump_tcp`] lists every TCP socket (all states, IPv4 then IPv6) in the network namespace of the
-//! calling thread; [`dump_tcp_in_netns`] does the same in another namespace from a short-lived
-//! helper thread, so the caller's thread never changes namespace.
+//! [`dump_tcp`] lists every full TCP socket (all states but TIME_WAIT and NEW_SYN_RECV, IPv4
+//! then IPv6) in the network namespace of the calling thread; [`dump_tcp_in_netns`] does the
+//! same in another namespace from a short-lived helper thread, so the caller's thread never
+//! changes namespace.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -45,9 +46,11 @@ pub struct DiagSocket {
     pub uid: u32,
 }
 
-/// Every TCP state bit (1..=12, TCP_ESTABLISHED..TCP_NEW_SYN_RECV); the kernel ignores bits it
-/// does not know. `StateFlags::all()` would leave out NEW_SYN_RECV.
-const ALL_STATES: u32 = ((1 << 13) - 1) & !1;
+/// Every state of a full socket: bits 1..=11 (TCP_ESTABLISHED..TCP_CLOSING) without TIME_WAIT
+/// (6). Timewait and request (NEW_SYN_RECV, 12) sockets are mini-sockets the tracepoint never
+/// reports and that have no owner; a busy server can hold a million of them, which would make
+/// every dump (start-up, reconciliation) cost that much memory and time for nothing.
+const FULL_SOCKET_STATES: u32 = ((1 << 12) - 1) & !1 & !(1 << 6);
 
 /// Receive buffer size. The kernel caps one dump datagram at 32 KiB, so this never truncates; a
 /// truncation is detected anyway (MSG_TRUNC) and reported as an error.
@@ -61,7 +64,7 @@ fn invalid(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
-/// Dump every TCP socket in every state (all states bitmask, IPv4 then IPv6) in the network
+/// Dump every full TCP socket (see [`FULL_SOCKET_STATES`]), IPv4 then IPv6, in the network
 /// namespace the calling thread is in.
 pub fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)
@@ -113,7 +116,7 @@ fn dump_family(
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::empty(),
-            states: StateFlags::from_bits_retain(ALL_STATES),
+            states: StateFlags::from_bits_retain(FULL_SOCKET_STATES),
             socket_id,
         })
         .into(),
