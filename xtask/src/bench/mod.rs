@@ -166,9 +166,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             result.rounds.push(sample);
         }
     }
-    let untraced = results[0].median_rate();
+    let untraced = results[0].rounds.clone();
     for result in &mut results {
-        result.summarize(untraced);
+        result.summarize(&untraced);
     }
     let server_errors = churn.server_errors();
     let ipv6 = churn.ipv6();
@@ -355,6 +355,10 @@ fn notes(tools: &Tools, results: &[TracerResult], server_errors: u64) -> Vec<Str
         .collect();
     let mut notes = vec![
         format!("Commands: {}.", commands.join("; ")),
+        "vs untraced: median conn/s over the untraced median. Paired: the median over rounds \
+         of conn/s over the same round's untraced conn/s, which cancels the drift between \
+         rounds (this VM's untraced rate moves by 10-20% from one round to the next)."
+            .to_owned(),
         "events/s and BPF ns/event: run_cnt and run_time_ns of the tracer's own tracepoint \
          program(s) in `bpftool prog show --json` (kernel.bpf_stats_enabled=1), from readiness \
          to stop. The tracepoint is global: other TCP activity on the host counts too."

@@ -62,6 +62,10 @@ pub struct Sample {
 pub struct Summary {
     pub conns_per_s: Option<f64>,
     pub ratio_to_untraced: Option<f64>,
+    /// Median over rounds of (this round's rate / the same round's
+    /// untraced rate): the pairing is what the interleaving is for, and it
+    /// cancels the machine's drift between rounds.
+    pub paired_ratio: Option<f64>,
     pub events_per_s: Option<f64>,
     pub bpf_ns_per_event: Option<f64>,
     pub cpu_us_per_event: Option<f64>,
@@ -99,6 +103,10 @@ fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
     })
 }
 
+fn percent(ratio: Option<f64>) -> String {
+    ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{:.1} %", r * 100.0))
+}
+
 fn sum<T: std::iter::Sum<T>>(values: impl IntoIterator<Item = Option<T>>) -> Option<T> {
     let v: Vec<T> = values.into_iter().flatten().collect();
     if v.is_empty() {
@@ -109,13 +117,22 @@ fn sum<T: std::iter::Sum<T>>(values: impl IntoIterator<Item = Option<T>>) -> Opt
 }
 
 impl TracerResult {
-    /// Fills `median` from `rounds`; `untraced` is the untraced median rate.
-    pub fn summarize(&mut self, untraced: Option<f64>) {
+    /// Fills `median` from `rounds`; `untraced` holds the untraced run's
+    /// rounds.
+    pub fn summarize(&mut self, untraced: &[Sample]) {
         let r = &self.rounds;
         let conns_per_s = median(r.iter().map(|s| Some(s.conns_per_s)));
+        let untraced_median = median(untraced.iter().map(|s| Some(s.conns_per_s)));
+        let paired = r.iter().map(|s| {
+            untraced
+                .iter()
+                .find(|u| u.round == s.round && u.conns_per_s > 0.0)
+                .map(|u| s.conns_per_s / u.conns_per_s)
+        });
         self.median = Summary {
             conns_per_s,
-            ratio_to_untraced: conns_per_s.zip(untraced).map(|(a, b)| a / b),
+            ratio_to_untraced: conns_per_s.zip(untraced_median).map(|(a, b)| a / b),
+            paired_ratio: median(paired),
             events_per_s: median(r.iter().map(|s| s.events_per_s)),
             bpf_ns_per_event: median(r.iter().map(|s| s.bpf_ns_per_event)),
             cpu_us_per_event: median(r.iter().map(|s| s.cpu_us_per_event)),
@@ -131,10 +148,6 @@ impl TracerResult {
             latency_p99_ms: median(r.iter().map(|s| s.latency_p99_ms)),
             latency_samples: sum(r.iter().map(|s| s.latency_samples)),
         };
-    }
-
-    pub fn median_rate(&self) -> Option<f64> {
-        median(self.rounds.iter().map(|s| Some(s.conns_per_s)))
     }
 }
 
@@ -170,13 +183,14 @@ pub fn markdown(report: &Report) -> String {
         h.rounds
     );
     md.push_str(
-        "| tracer | conn/s | vs untraced | events/s | BPF ns/event | daemon CPU µs/event \
-         | peak RSS MiB | ring drops | recursion misses | log latency p50 / p99 ms (n) |\n",
+        "| tracer | conn/s | vs untraced | vs untraced, paired | events/s | BPF ns/event \
+         | daemon CPU µs/event | peak RSS MiB | ring drops | recursion misses \
+         | log latency p50 / p99 ms (n) |\n",
     );
-    md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     for t in &report.tracers {
         if let Some(reason) = &t.skipped {
-            let _ = writeln!(md, "| {} | skipped: {reason} |||||||||", t.label);
+            let _ = writeln!(md, "| {} | skipped: {reason} ||||||||||", t.label);
             continue;
         }
         let m = &t.median;
@@ -189,11 +203,11 @@ pub fn markdown(report: &Report) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             t.label,
             num(m.conns_per_s, 0),
-            m.ratio_to_untraced
-                .map_or_else(|| "n/a".to_owned(), |r| format!("{:.1} %", r * 100.0)),
+            percent(m.ratio_to_untraced),
+            percent(m.paired_ratio),
             num(m.events_per_s, 0),
             num(m.bpf_ns_per_event, 0),
             num(m.cpu_us_per_event, 2),
