@@ -243,7 +243,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 /// Publishes this CPU's next slot and returns the new head. The slot's
 /// stores must be visible before the head moves. x86 keeps stores in
 /// order (TSO) and the JIT turns a BPF store into a plain `mov`, so a
-/// compiler barrier suffices there; a lock-prefixed add would cost ~55 ns a
+/// compiler barrier suffices there; a lock-prefixed add would cost ~55 ns an
 /// event here (it waits for the slot's cache misses). Elsewhere the
 /// fetching atomic add, which every JIT emits fully ordered.
 #[inline(always)]
