@@ -277,3 +277,103 @@ fn netns_filter_keeps_one_namespace() {
         "B's events were filtered: {stopped}"
     );
 }
+
+/// Pins the calling thread to one CPU.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays inside it for any
+    // cpu < CPU_SETSIZE, and sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity({cpu}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The client on the first CPU, the server on the last: each end's
+/// transitions run on both CPUs (its own syscalls on one, the peer's
+/// packets in softirq on the other), so the program writes one socket's
+/// transitions into two per-CPU rings and the daemon must merge them back
+/// into order. Every socket's transitions must form one unbroken chain.
+#[test]
+fn sockets_whose_ends_run_on_two_cpus_come_out_in_order() {
+    if !require_bpf() {
+        return;
+    }
+    const CONNS: usize = 300;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ns = Netns::new();
+    let p = port(23000);
+    let daemon = Daemon::start(&["--port", &p.to_string()]);
+    ns.run(move || {
+        let listener = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        let server = std::thread::spawn(move || {
+            pin_to(cpus - 1);
+            for i in 0..CONNS {
+                let (mut s, _) = listener.accept().expect("accept");
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).expect("read");
+                s.write_all(&b).expect("write");
+                // Half the time the server closes first.
+                if i % 2 == 0 {
+                    drop(s);
+                } else {
+                    let _ = s.read(&mut b);
+                }
+            }
+        });
+        pin_to(0);
+        for i in 0..CONNS {
+            let mut c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+            c.write_all(b"x").expect("write");
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).expect("read");
+            if i % 2 == 0 {
+                let _ = c.read(&mut b);
+            }
+        }
+        server.join().expect("server thread");
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let records = daemon.stop();
+    let ts = transitions(&records, ns.inode);
+
+    // Kernel addresses are reused once a socket is freed, so one address
+    // can carry several lifetimes: each starts from CLOSE (or LISTEN, for
+    // an accepted socket) after the previous one reached CLOSE.
+    let mut open: std::collections::HashMap<&Value, &str> = std::collections::HashMap::new();
+    let mut lifetimes = 0;
+    for t in &ts {
+        let (old, new) = (
+            t["old"].as_str().unwrap_or("?"),
+            t["new"].as_str().unwrap_or("?"),
+        );
+        match open.get(&t["sk"]) {
+            Some(&prev) => assert_eq!(old, prev, "broken chain at {t}"),
+            None => {
+                assert!(
+                    old == "CLOSE" || old == "LISTEN",
+                    "a socket born mid-life: {t}"
+                );
+                lifetimes += 1;
+            }
+        }
+        if new == "CLOSE" {
+            open.remove(&t["sk"]);
+        } else {
+            open.insert(&t["sk"], new);
+        }
+    }
+    // The listener is closed when `listener` drops inside the server thread.
+    assert!(open.is_empty(), "sockets never closed: {open:?}");
+    assert_eq!(
+        lifetimes,
+        2 * CONNS + 1,
+        "client + server per connection, and the listener"
+    );
+}
