@@ -6,8 +6,9 @@
 //! plumbing, plus one flag it cannot take: `-Ctarget-cpu=v3`. aya-build
 //! replaces CARGO_ENCODED_RUSTFLAGS wholesale and rustc always hands
 //! bpf-linker `--cpu generic` (v1), whose only atomic add cannot return a
-//! value. Publishing an event to a CPU's ring needs the fetching add (the
-//! one every JIT emits fully ordered), which is BPF ISA v3: Linux 5.12+.
+//! value. Off x86, publishing an event to a CPU's ring needs the fetching
+//! add (the one every JIT emits fully ordered), which is BPF ISA v3:
+//! Linux 5.12+. One ISA for every architecture keeps one kernel minimum.
 use std::{
     env,
     path::{Path, PathBuf},

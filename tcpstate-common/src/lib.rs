@@ -1,4 +1,4 @@
-//! The event the eBPF program writes into the ring buffer, and the names of
+//! The event the eBPF program writes into its per-CPU rings, and the names of
 //! the maps and globals both sides refer to. Both sides compile this crate,
 //! so the layout can only change in one place.
 #![no_std]
@@ -59,21 +59,16 @@ pub struct Positions {
     _pad1: [u64; 7],
 }
 
-#[cfg(feature = "user")]
-// SAFETY: repr(C), integers only, no implicit padding (128 bytes exactly).
-unsafe impl aya::Pod for Positions {}
-
 const _: () = assert!(core::mem::size_of::<Positions>() == 128);
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
-pub const IPPROTO_TCP: u16 = 6;
 
 /// Index of each counter in the per-CPU `STATS` array.
 pub mod stat {
     /// Events lost because this CPU's event ring was full.
     pub const RINGBUF_FULL: u32 = 0;
-    /// TCP events the kernel filters dropped before the ring buffer.
+    /// TCP events the kernel filters dropped before the rings.
     pub const FILTERED: u32 = 1;
     pub const COUNT: u32 = 2;
 }

@@ -131,7 +131,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
         if matches!(e, aya::programs::ProgramError::Btf(_)) {
             return format!(
                 "this kernel has no inet_sock_set_state tracepoint in its BTF ({e}); \
-                 tcpstate needs Linux 5.11 or later"
+                 tcpstate needs Linux 5.12 or later"
             );
         }
         // The verifier log is hundreds of lines; its last ones say why.

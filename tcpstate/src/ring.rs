@@ -97,9 +97,8 @@ impl EventRings {
     fn positions(&self, cpu: usize) -> (&AtomicU64, &AtomicU64) {
         let base = self.pos.ptr.as_ptr().cast::<Positions>();
         // SAFETY: cpu < cpus, so the entry lies inside the mapping, which
-        // is page-aligned; the kernel and we only touch these two words
-        // atomically (the program with a fetching add, we with loads and
-        // stores).
+        // is page-aligned; the program writes only `head` (see `publish`
+        // in the eBPF crate), we only `tail`, each with single stores.
         unsafe {
             let p = base.add(cpu);
             (
@@ -118,8 +117,9 @@ impl EventRings {
         let before = out.len();
         for cpu in 0..self.cpus {
             let (head, tail) = self.positions(cpu);
-            // Acquire pairs with the program's fully ordered add: the
-            // slots below `head` are completely written.
+            // Acquire pairs with the program's ordered publish (a plain
+            // store after its slot stores on x86, a fully ordered add
+            // elsewhere): the slots below `head` are completely written.
             let h = head.load(Ordering::Acquire);
             let t = tail.load(Ordering::Relaxed);
             if h == t {

@@ -62,8 +62,8 @@ struct Daemon {
     doorbell: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
     rings: EventRings,
     reorder: Reorder,
+    /// Reused drain buffer (its capacity survives between drains).
     fresh: Vec<tcpstate_common::Event>,
-    ready: Vec<tcpstate_common::Event>,
     tracker: Tracker,
     sinks: Sinks,
     http: Option<mpsc::Receiver<Request>>,
@@ -166,7 +166,6 @@ impl Daemon {
             rings,
             reorder: Reorder::default(),
             fresh: Vec::new(),
-            ready: Vec::new(),
             tracker,
             clock,
             namespaces,
@@ -296,9 +295,7 @@ impl Daemon {
     fn drain_before(&mut self, cutoff_ns: u64) {
         let now = Instant::now();
         self.rings.drain_into(&mut self.fresh);
-        self.reorder
-            .release(&mut self.fresh, cutoff_ns, &mut self.ready);
-        let mut ready = std::mem::take(&mut self.ready);
+        let ready = self.reorder.release(&mut self.fresh, cutoff_ns);
         for ev in &ready {
             self.events += 1;
             match decode::from_event(ev) {
@@ -343,8 +340,6 @@ impl Daemon {
                 Err(_) => self.undecodable += 1,
             }
         }
-        ready.clear();
-        self.ready = ready;
         if !self.warned_full && self.tracker.refused() > 0 {
             self.warned_full = true;
             eprintln!(
