@@ -1,13 +1,14 @@
-//! The event the eBPF program writes into its per-CPU rings, and the names of
-//! the maps and globals both sides refer to. Both sides compile this crate,
-//! so the layout can only change in one place.
+//! The contract between the eBPF program and userspace: the event it writes
+//! into its per-CPU rings, the one read-only configuration it is loaded
+//! with, and the names of its maps. Both sides compile this crate, so the
+//! layout can only change in one place.
 #![no_std]
 
 /// One TCP state transition, as the kernel made it.
 ///
 /// Fields are ordered largest first so the struct has no implicit padding:
 /// `aya::Pod` requires every byte to be initialised, and a fixed 80-byte
-/// record keeps the ring buffer arithmetic trivial.
+/// record keeps the ring arithmetic trivial.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -29,8 +30,11 @@ pub struct Event {
     /// Host byte order (the program swaps them).
     pub sport: u16,
     pub dport: u16,
-    /// AF_INET (2) or AF_INET6 (10).
-    pub family: u16,
+    /// AF_INET (2) or AF_INET6 (10); a byte is enough for both.
+    pub family: u8,
+    /// On `-> CLOSE` only (0 otherwise), how the full socket ended: see
+    /// [`close`].
+    pub close: u8,
     pub oldstate: u8,
     pub newstate: u8,
     /// `comm` of the task on the CPU, NUL padded.
@@ -43,6 +47,22 @@ pub struct Event {
 unsafe impl aya::Pod for Event {}
 
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
+
+/// Values of [`Event::close`]. The tracepoint shows every end of a full
+/// socket as `-> CLOSE`, including the ones where `tcp_time_wait()` hands
+/// the connection to a timewait mini-socket that lives on (and that `ss`
+/// shows): the program tells them apart from the socket itself.
+pub mod close {
+    /// A timewait mini-socket in TIME_WAIT replaced the socket.
+    pub const TIME_WAIT: u8 = 0xff;
+    /// An orphan (its application already closed it) was handed to a
+    /// timewait mini-socket in FIN_WAIT2, which waits for the peer's FIN.
+    pub const FIN_WAIT2: u8 = 0xfe;
+    /// Any other value is a real close, carrying the socket's pending error
+    /// (`sk_err`, an errno: ECONNREFUSED, ECONNRESET, ETIMEDOUT, ...; 0 for
+    /// a clean close), capped at this.
+    pub const MAX_ERRNO: u8 = 0xfd;
+}
 
 /// One CPU's producer and consumer positions in its event ring (map
 /// `POS`, mmapped by userspace). Positions count events and never wrap in
@@ -68,45 +88,114 @@ pub const AF_INET6: u16 = 10;
 pub mod stat {
     /// Events lost because this CPU's event ring was full.
     pub const RINGBUF_FULL: u32 = 0;
-    /// TCP events the kernel filters dropped before the rings.
-    pub const FILTERED: u32 = 1;
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 1;
 }
 
-/// Names of the globals userspace sets with `EbpfLoader::override_global`.
-pub mod global {
-    /// u16: keep events whose local or remote port equals this (0 = any).
-    pub const FILTER_PORT: &str = "FILTER_PORT";
-    /// u16: keep events whose local port equals this (0 = any).
-    pub const FILTER_LPORT: &str = "FILTER_LPORT";
-    /// u16: keep events whose remote port equals this (0 = any).
-    pub const FILTER_RPORT: &str = "FILTER_RPORT";
-    /// u16: keep only this address family (0 = both).
-    pub const FILTER_FAMILY: &str = "FILTER_FAMILY";
-    /// u32: log2 of the slots in each CPU's event ring.
-    pub const SLOT_BITS: &str = "SLOT_BITS";
-    /// u64: the fill level (events) at which a CPU rings the doorbell.
-    pub const WAKE_AT: &str = "WAKE_AT";
-    /// u32 byte offsets in the running kernel, resolved from its BTF:
-    /// socket fields from the start of `struct tcp_sock`.
-    pub const OFF_FAMILY: &str = "OFF_FAMILY";
-    pub const OFF_DPORT: &str = "OFF_DPORT";
-    pub const OFF_SPORT: &str = "OFF_SPORT";
-    pub const OFF_SADDR: &str = "OFF_SADDR";
-    pub const OFF_DADDR: &str = "OFF_DADDR";
-    pub const OFF_SADDR6: &str = "OFF_SADDR6";
-    pub const OFF_DADDR6: &str = "OFF_DADDR6";
-    /// `struct net *` in the socket, then `ns.inum` in `struct net`.
-    pub const OFF_NET: &str = "OFF_NET";
-    pub const OFF_NET_INUM: &str = "OFF_NET_INUM";
-    /// In `struct task_struct`.
-    pub const OFF_TGID: &str = "OFF_TGID";
-    pub const OFF_COMM: &str = "OFF_COMM";
+/// Kernel filters: an event passes when every non-zero field matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filters {
+    /// Local or remote port.
+    pub port: u16,
+    pub lport: u16,
+    pub rport: u16,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
 }
+
+/// Byte offsets of every kernel field the program reads, resolved from the
+/// running kernel's BTF by userspace (`tcpstate::btf`). Adding a field the
+/// program reads means one field here, its BTF path there, and its use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    /// In `struct tcp_sock` (which starts with `struct sock`).
+    pub family: u32,
+    pub dport: u32,
+    pub sport: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr6: u32,
+    pub daddr6: u32,
+    /// `struct net *` in the socket.
+    pub net: u32,
+    /// `sk_err` (int) and `sk_flags` (unsigned long) in the socket.
+    pub sk_err: u32,
+    pub sk_flags: u32,
+    /// In `struct net`: `ns.inum`, and the timewait death row's live count
+    /// (`ipv4.tcp_death_row.tw_refcount`) and limit
+    /// (`sysctl_max_tw_buckets`).
+    pub net_inum: u32,
+    pub tw_refcount: u32,
+    pub tw_max: u32,
+    /// In `struct task_struct`.
+    pub tgid: u32,
+    pub comm: u32,
+    /// Bit numbers of `SOCK_DEAD` and `SOCK_DONE` in `enum sock_flags`.
+    pub flag_dead: u32,
+    pub flag_done: u32,
+}
+
+/// Everything the program is loaded with: the read-only global `CONFIG`,
+/// which userspace sets with one `override_global` and the verifier then
+/// treats as constants.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// A CPU wakes userspace when its ring holds exactly this many events.
+    pub wake_at: u64,
+    /// log2 of the slots in each CPU's event ring.
+    pub slot_bits: u32,
+    pub filters: Filters,
+    pub off: Offsets,
+}
+
+impl Config {
+    /// All zero: what the object carries until userspace overrides it.
+    pub const ZERO: Config = Config {
+        wake_at: 0,
+        slot_bits: 0,
+        filters: Filters {
+            port: 0,
+            lport: 0,
+            rport: 0,
+            family: 0,
+        },
+        off: Offsets {
+            family: 0,
+            dport: 0,
+            sport: 0,
+            saddr: 0,
+            daddr: 0,
+            saddr6: 0,
+            daddr6: 0,
+            net: 0,
+            sk_err: 0,
+            sk_flags: 0,
+            net_inum: 0,
+            tw_refcount: 0,
+            tw_max: 0,
+            tgid: 0,
+            comm: 0,
+            flag_dead: 0,
+            flag_done: 0,
+        },
+    };
+}
+
+// No implicit padding (Pod): 8 + 4 + 8 + 17 * 4 = 88.
+const _: () = assert!(core::mem::size_of::<Config>() == 88);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no padding (size assertion above).
+unsafe impl aya::Pod for Config {}
+
+/// Name of the [`Config`] global in the object.
+pub const CONFIG: &str = "CONFIG";
 
 /// Map names, shared so a rename cannot silently break the loader.
 pub mod map {
-    /// `Event` slots, `1 << SLOT_BITS` per CPU, CPU-major (mmapped).
+    /// `Event` slots, `1 << slot_bits` per CPU, CPU-major (mmapped).
     pub const RING: &str = "RING";
     /// One `Positions` per CPU (mmapped).
     pub const POS: &str = "POS";

@@ -14,7 +14,7 @@
 //! machines, while a CPU's own ring needs no lock and no shared store (the
 //! program does not nest on a CPU). Userspace merges the rings by
 //! timestamp. A CPU rings `DOORBELL`, a tiny BPF ring buffer, only when its
-//! ring reaches `WAKE_AT` events, so bursts wake userspace once.
+//! ring reaches `wake_at` events, so bursts wake userspace once.
 //!
 //! Every event that cannot be delivered is counted in `STATS`; nothing is
 //! lost silently.
@@ -38,9 +38,9 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
-use tcpstate_common::{AF_INET6, Event, Positions, stat};
+use tcpstate_common::{AF_INET6, Config, Event, Positions, close, stat};
 
-/// Userspace sizes both arrays at load: CPUs << SLOT_BITS slots, and one
+/// Userspace sizes both arrays at load: CPUs << slot_bits slots, and one
 /// `Positions` per CPU.
 #[map]
 static RING: Array<Event> = Array::with_max_entries(1, BPF_F_MMAPABLE);
@@ -52,50 +52,26 @@ static DOORBELL: RingBuf = RingBuf::with_byte_size(4096, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
+const TCP_FIN_WAIT2: i32 = 5;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
+const TCP_CLOSING: i32 = 11;
 
+/// Filters, ring geometry and this kernel's field offsets (see
+/// `tcpstate_common::Config`); read-only, so the verifier folds every
+/// field into a constant.
 #[unsafe(no_mangle)]
-static FILTER_PORT: Global<u16> = Global::new(0);
-#[unsafe(no_mangle)]
-static FILTER_LPORT: Global<u16> = Global::new(0);
-#[unsafe(no_mangle)]
-static FILTER_RPORT: Global<u16> = Global::new(0);
-#[unsafe(no_mangle)]
-static FILTER_FAMILY: Global<u16> = Global::new(0);
-#[unsafe(no_mangle)]
-static SLOT_BITS: Global<u32> = Global::new(0);
-/// A CPU wakes userspace when its ring holds exactly this many events, so
-/// a burst costs one wake-up instead of one per event; userspace also
-/// drains on a short timer so a quiet stream is still delivered promptly.
-#[unsafe(no_mangle)]
-static WAKE_AT: Global<u64> = Global::new(1);
+static CONFIG: Global<Config> = Global::new(Config::ZERO);
 
-// Byte offsets in the running kernel, from its BTF (see
-// `tcpstate::layout`). Socket offsets are from the start of `struct
-// tcp_sock`, which begins with `struct sock`.
-#[unsafe(no_mangle)]
-static OFF_FAMILY: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_DPORT: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_SPORT: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_SADDR: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_DADDR: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_SADDR6: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_DADDR6: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_NET: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_NET_INUM: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_TGID: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
-static OFF_COMM: Global<u32> = Global::new(0);
+/// One field of `CONFIG`, read without copying the whole struct.
+macro_rules! cfg {
+    ($($field:ident).+) => {{
+        let c = (&raw const CONFIG).cast::<Config>();
+        // SAFETY: `Global` is a transparent wrapper of an initialised
+        // `Config`; volatile keeps LLVM from folding the zero default.
+        unsafe { core::ptr::read_volatile(&raw const (*c).$($field).+) }
+    }};
+}
 
 #[inline(always)]
 fn count(index: u32) {
@@ -129,22 +105,20 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     }
     let sk = tp as *const u8;
     // SAFETY (all `field` calls): offsets resolved from this kernel's BTF.
-    let family: u16 = unsafe { field(sk, OFF_FAMILY.load(), 0) };
-    let filter_family = FILTER_FAMILY.load();
+    let family: u16 = unsafe { field(sk, cfg!(off.family), 0) };
+    let filter_family = cfg!(filters.family);
     if filter_family != 0 && family != filter_family {
-        count(stat::FILTERED);
         return 0;
     }
-    let sport = u16::from_be(unsafe { field(sk, OFF_SPORT.load(), 0) });
-    let dport = u16::from_be(unsafe { field(sk, OFF_DPORT.load(), 0) });
-    let port = FILTER_PORT.load();
-    let lport = FILTER_LPORT.load();
-    let rport = FILTER_RPORT.load();
+    let sport = u16::from_be(unsafe { field(sk, cfg!(off.sport), 0) });
+    let dport = u16::from_be(unsafe { field(sk, cfg!(off.dport), 0) });
+    let port = cfg!(filters.port);
+    let lport = cfg!(filters.lport);
+    let rport = cfg!(filters.rport);
     if (port != 0 && sport != port && dport != port)
         || (lport != 0 && sport != lport)
         || (rport != 0 && dport != rport)
     {
-        count(stat::FILTERED);
         return 0;
     }
 
@@ -162,7 +136,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             core::ptr::read_volatile(&raw const (*pos).tail),
         )
     };
-    let bits = SLOT_BITS.load();
+    let bits = cfg!(slot_bits);
     let mask = (1u32 << bits) - 1;
     if head.wrapping_sub(tail) > u64::from(mask) {
         count(stat::RINGBUF_FULL);
@@ -175,8 +149,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
     let (s0, s1, d0, d1): (u64, u64, u64, u64) = if family == AF_INET6 {
-        let s = OFF_SADDR6.load();
-        let d = OFF_DADDR6.load();
+        let s = cfg!(off.saddr6);
+        let d = cfg!(off.daddr6);
         unsafe {
             (
                 field(sk, s, 0),
@@ -186,8 +160,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             )
         }
     } else {
-        let s: u32 = unsafe { field(sk, OFF_SADDR.load(), 0) };
-        let d: u32 = unsafe { field(sk, OFF_DADDR.load(), 0) };
+        let s: u32 = unsafe { field(sk, cfg!(off.saddr), 0) };
+        let d: u32 = unsafe { field(sk, cfg!(off.daddr), 0) };
         (u64::from(s), 0, u64::from(d), 0)
     };
     // SAFETY: a BTF task pointer to the current task, always valid.
@@ -203,41 +177,100 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         let daddr = (&raw mut (*ev).daddr).cast::<u64>();
         daddr.write(d0);
         daddr.add(1).write(d1);
-        (*ev).pid = field(task, OFF_TGID.load(), 0);
+        (*ev).pid = field(task, cfg!(off.tgid), 0);
         // A socket's namespace never changes, and `ns.inum` shares a cache
         // line with the namespace's refcount, which every socket creation
         // bumps: the load misses and cost ~50 ns/event. Read it only when
         // a socket is born (CLOSE -> SYN_SENT/LISTEN, LISTEN -> SYN_RECV);
         // userspace remembers it per socket.
         (*ev).netns = if oldstate == TCP_CLOSE || oldstate == TCP_LISTEN {
-            let net: u64 = field(sk, OFF_NET.load(), 0);
+            let net: u64 = field(sk, cfg!(off.net), 0);
             if net == 0 {
                 0
             } else {
-                field(net as *const u8, OFF_NET_INUM.load(), 0)
+                field(net as *const u8, cfg!(off.net_inum), 0)
             }
         } else {
             0
         };
         (*ev).sport = sport;
         (*ev).dport = dport;
-        (*ev).family = family;
+        (*ev).family = family as u8;
+        (*ev).close = if newstate == TCP_CLOSE {
+            how_closed(sk, oldstate)
+        } else {
+            0
+        };
         (*ev).oldstate = oldstate as u8;
         (*ev).newstate = newstate as u8;
         // `comm` straight from the task: two loads instead of the
         // bpf_get_current_comm() copy (~75 ns here).
         let comm = (&raw mut (*ev).comm).cast::<u64>();
-        let c = OFF_COMM.load();
+        let c = cfg!(off.comm);
         comm.write(field(task, c, 0));
         comm.add(1).write(field(task, c, 8));
     }
     // SAFETY: `pos` is this CPU's entry.
     let published = unsafe { publish(&raw mut (*pos).head, head) };
-    if published.wrapping_sub(tail) == WAKE_AT.load() {
+    if published.wrapping_sub(tail) == cfg!(wake_at) {
         // A lost doorbell (its ring full) only delays delivery to the timer.
         let _ = DOORBELL.output::<u32>(&cpu, u64::from(BPF_RB_FORCE_WAKEUP));
     }
     0
+}
+
+/// How a full socket going to CLOSE ended (`tcpstate_common::close`).
+///
+/// `tcp_time_wait()` hashes a timewait mini-socket in the socket's place
+/// and only then moves the socket to CLOSE, so this tracepoint cannot see
+/// the mini-socket; the socket it is leaving still says which path this is:
+/// - an error (`sk_err`: a reset, a timeout, an abort) is a real close;
+/// - from CLOSING, or from FIN_WAIT2 once the peer's FIN arrived
+///   (`SOCK_DONE`), it is TIME_WAIT: those are the only error-free ways
+///   out of both states;
+/// - from FIN_WAIT2 without the peer's FIN, an orphan (`SOCK_DEAD`) was
+///   handed to a FIN_WAIT2 mini-socket (`tcp_fin_timeout` runs there);
+/// - unless the namespace's timewait table is full (`tw_refcount - 1 >=
+///   tcp_max_tw_buckets`, the test `inet_twsk_alloc()` applies), in which
+///   case the kernel closed it outright (TCPTimeWaitOverflow).
+///
+/// Userspace checks what is left over (a rare abort without an error)
+/// against sock_diag.
+#[inline(always)]
+unsafe fn how_closed(sk: *const u8, oldstate: i32) -> u8 {
+    // SAFETY (all `field` calls): offsets from this kernel's BTF.
+    let err: i32 = unsafe { field(sk, cfg!(off.sk_err), 0) };
+    if err != 0 {
+        return if err > 0 && err < i32::from(close::MAX_ERRNO) {
+            err as u8
+        } else {
+            close::MAX_ERRNO
+        };
+    }
+    if oldstate != TCP_CLOSING && oldstate != TCP_FIN_WAIT2 {
+        return 0;
+    }
+    let flags: u64 = unsafe { field(sk, cfg!(off.sk_flags), 0) };
+    let done = flags & (1 << cfg!(off.flag_done)) != 0;
+    let dead = flags & (1 << cfg!(off.flag_dead)) != 0;
+    let handoff = if oldstate == TCP_CLOSING || done {
+        close::TIME_WAIT
+    } else if dead {
+        close::FIN_WAIT2
+    } else {
+        return 0;
+    };
+    let net: u64 = unsafe { field(sk, cfg!(off.net), 0) };
+    if net == 0 {
+        return 0;
+    }
+    let net = net as *const u8;
+    let live: u32 = unsafe { field(net, cfg!(off.tw_refcount), 0) };
+    let max: i32 = unsafe { field(net, cfg!(off.tw_max), 0) };
+    if max >= 0 && i64::from(live) - 1 >= i64::from(max) {
+        return 0;
+    }
+    handoff
 }
 
 /// Publishes this CPU's next slot and returns the new head. The slot's

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{state::TcpState, tracker::thresholds::parse_override};
+use crate::{
+    state::TcpState,
+    tracker::thresholds::{Threshold, parse_override},
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -126,13 +129,18 @@ pub struct RunArgs {
     #[arg(long, default_value = "4M", value_parser = ring_size)]
     pub ring_size: u32,
 
-    /// Age limit per state, e.g. close_wait=2s, fin_wait2=5m, syn_sent=off (repeatable).
+    /// Age limit per state, e.g. close_wait=2s, fin_wait2=5m, syn_sent=off; or
+    /// time_wait_pressure=0.5 (share of the ephemeral port range one destination's
+    /// TIME_WAIT sockets may hold) (repeatable).
     #[arg(long = "threshold", value_name = "STATE=DURATION", value_parser = threshold)]
-    pub thresholds: Vec<(TcpState, Option<Duration>)>,
+    pub thresholds: Vec<Threshold>,
 
     /// Most sockets tracked at once; more are counted and refused.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_sockets: u64,
+    /// Most TIME_WAIT mini-sockets tracked at once; more are counted and refused.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_timewait: u64,
 
     /// Leak rule: an owner holding more than this many CLOSE_WAIT or FIN_WAIT2 sockets, and more than last time.
     #[arg(long, default_value_t = 10)]
@@ -183,16 +191,20 @@ fn nonzero_port(s: &str) -> Result<u16, String> {
     }
 }
 
-fn netns(s: &str) -> Result<u32, String> {
+/// An inode number (checked against the host's namespaces once running as root), or a path
+/// that must open a network namespace.
+pub fn netns(s: &str) -> Result<u32, String> {
     if let Ok(n) = s.parse::<u32>() {
+        if n == 0 {
+            return Err("0 is not a network namespace inode".into());
+        }
         return Ok(n);
     }
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(s).map_err(|e| format!("{s}: {e}"))?;
-    u32::try_from(m.ino()).map_err(|_| format!("{s}: inode {} out of range", m.ino()))
+    crate::sockdiag::netns::is_netns(std::path::Path::new(s))
+        .map_err(|e| format!("{s}: {e} (want /run/netns/NAME, /proc/PID/ns/net or an inode)"))
 }
 
-fn threshold(s: &str) -> Result<(TcpState, Option<Duration>), String> {
+fn threshold(s: &str) -> Result<Threshold, String> {
     parse_override(s)
 }
 

@@ -2,24 +2,48 @@
 //! stuck, for how long, and which process must fix them.
 //!
 //! Data flows one way: kernel (`tcpstate-ebpf`, loaded by [`program`]) ->
-//! ring buffer -> [`decode`] -> [`tracker`] -> [`output`]. [`snapshot`]
-//! reads the kernel's socket table (via [`sockdiag`] and [`owner`]) to seed,
-//! reconcile and verify the tracker.
+//! per-CPU rings ([`ring`]) -> [`collector`] (merge in time order with
+//! [`reorder`], [`decode`]) -> [`tracker`] -> [`output`]. The kernel's own
+//! socket table is read by [`kernel_table`] workers (through [`sockdiag`]
+//! and [`procfs`]) to seed, reconcile, follow mini-sockets and name owners,
+//! and their answers come back to the tracker as messages.
 
 pub mod btf;
 pub mod cli;
 pub mod clock;
+pub mod collector;
 pub mod decode;
+pub mod kernel_table;
 pub mod output;
-pub mod owner;
+pub mod procfs;
 pub mod program;
 pub mod record;
 pub mod reorder;
 pub mod ring;
 pub mod run;
-pub mod snapshot;
+pub mod socket;
 pub mod sockdiag;
 pub mod state;
 pub mod status;
 pub mod tail;
 pub mod tracker;
+pub mod verify;
+
+/// One warning line on stderr, made safe for a terminal (it may quote names any local user
+/// chose).
+pub fn warn(msg: std::fmt::Arguments<'_>) {
+    eprintln!(
+        "tcpstate: warning: {}",
+        output::escape::escape(&msg.to_string())
+    );
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends the output quietly.
+pub fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}

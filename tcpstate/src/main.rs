@@ -18,7 +18,10 @@ fn main() -> ExitCode {
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
             let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("tcpstate: error: {first} (see tcpstate --help)");
+            eprintln!(
+                "tcpstate: error: {} (see tcpstate --help)",
+                tcpstate::output::escape::escape(first)
+            );
             return ExitCode::from(2);
         }
     };
@@ -31,7 +34,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tcpstate: error: {e:#}");
+            // Errors may quote names and paths anyone chose: one safe line.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("tcpstate: error: {}", tcpstate::output::escape::escape(&msg));
             ExitCode::FAILURE
         }
     }
@@ -40,12 +45,12 @@ fn main() -> ExitCode {
 fn generate(what: tcpstate::cli::Generate) -> anyhow::Result<()> {
     use clap::CommandFactory as _;
     let mut cmd = Cli::command();
-    let mut out = std::io::stdout().lock();
+    let mut out = Vec::new();
     match what {
         tcpstate::cli::Generate::Completions { shell } => {
             clap_complete::generate(shell, &mut cmd, "tcpstate", &mut out);
         }
         tcpstate::cli::Generate::Man => clap_mangen::Man::new(cmd).render(&mut out)?,
     }
-    Ok(())
+    tcpstate::write_stdout(&out)
 }

@@ -8,29 +8,21 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use tcpstate_common::{PROGRAM, global, map, stat};
+use tcpstate_common::{CONFIG, Config, Filters, Offsets, PROGRAM, map, stat};
 
-use crate::{
-    btf::KernelOffsets,
-    ring::{self, EventRings},
-};
+use crate::ring::{self, EventRings};
 
 /// The compiled program, embedded at build time by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstate"));
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Filters {
-    pub port: u16,
-    pub lport: u16,
-    pub rport: u16,
-    /// 0 (both), AF_INET or AF_INET6.
-    pub family: u16,
+/// The same test the eBPF program applies, for sockets that reach us
+/// another way (the start-up snapshot).
+pub trait Admits {
+    fn admits(&self, v6: bool, sport: u16, dport: u16) -> bool;
 }
 
-impl Filters {
-    /// The same test the eBPF program applies, for sockets that reach us
-    /// another way (the start-up snapshot).
-    pub fn admits(&self, v6: bool, sport: u16, dport: u16) -> bool {
+impl Admits for Filters {
+    fn admits(&self, v6: bool, sport: u16, dport: u16) -> bool {
         let family = if v6 {
             tcpstate_common::AF_INET6
         } else {
@@ -48,12 +40,14 @@ pub struct LoadOptions {
     /// Event slots across all CPUs, in bytes (split per CPU).
     pub ring_bytes: u32,
     pub filters: Filters,
-    pub offsets: KernelOffsets,
+    pub offsets: Offsets,
 }
 
 pub struct Probe {
     /// Keeps the program and its link alive.
     _ebpf: Ebpf,
+    /// Bytes of event slots across all CPUs.
+    ring_bytes: usize,
     pub rings: Option<EventRings>,
     /// Readable when a CPU's ring reached its wake-up level.
     pub doorbell: Option<RingBuf<MapData>>,
@@ -65,10 +59,7 @@ pub struct Probe {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
     pub ringbuf_full: u64,
-    pub filtered: u64,
     pub recursion_misses: u64,
-    pub run_time_ns: u64,
-    pub run_cnt: u64,
 }
 
 pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
@@ -79,8 +70,6 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
         }
         Err(e) => return Err(permission_hint(&format!("cannot probe BPF support: {e}"))),
     }
-    let f = opts.filters;
-    let o = &opts.offsets;
     let cpus =
         aya::util::nr_cpus().map_err(|(what, e)| format!("cannot count CPUs ({what}): {e}"))?;
     let bits = ring::slot_bits(opts.ring_bytes, cpus);
@@ -97,23 +86,16 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
         .btf(None)
         .map_max_entries(map::RING, ring_entries)
         .map_max_entries(map::POS, cpus_u32)
-        .override_global(global::SLOT_BITS, &bits, true)
-        .override_global(global::WAKE_AT, &wake_at, true)
-        .override_global(global::FILTER_PORT, &f.port, true)
-        .override_global(global::FILTER_LPORT, &f.lport, true)
-        .override_global(global::FILTER_RPORT, &f.rport, true)
-        .override_global(global::FILTER_FAMILY, &f.family, true)
-        .override_global(global::OFF_FAMILY, &o.family, true)
-        .override_global(global::OFF_DPORT, &o.dport, true)
-        .override_global(global::OFF_SPORT, &o.sport, true)
-        .override_global(global::OFF_SADDR, &o.saddr, true)
-        .override_global(global::OFF_DADDR, &o.daddr, true)
-        .override_global(global::OFF_SADDR6, &o.saddr6, true)
-        .override_global(global::OFF_DADDR6, &o.daddr6, true)
-        .override_global(global::OFF_NET, &o.net, true)
-        .override_global(global::OFF_NET_INUM, &o.net_inum, true)
-        .override_global(global::OFF_TGID, &o.tgid, true)
-        .override_global(global::OFF_COMM, &o.comm, true)
+        .override_global(
+            CONFIG,
+            &Config {
+                wake_at,
+                slot_bits: bits,
+                filters: opts.filters,
+                off: opts.offsets,
+            },
+            true,
+        )
         .load(OBJECT)
         .map_err(|e| permission_hint(&format!("cannot load the eBPF object: {e}")))?;
     let prog: &mut BtfTracePoint = ebpf
@@ -179,6 +161,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
     .map_err(|e| format!("map {}: {e}", map::STATS))?;
     Ok(Probe {
         _ebpf: ebpf,
+        ring_bytes: rings.bytes(),
         rings: Some(rings),
         doorbell: Some(doorbell),
         stats,
@@ -195,6 +178,10 @@ fn permission_hint(msg: &str) -> String {
 }
 
 impl Probe {
+    pub fn ring_bytes(&self) -> usize {
+        self.ring_bytes
+    }
+
     pub fn counters(&self) -> KernelCounters {
         let sum = |i: u32| {
             self.stats
@@ -205,16 +192,13 @@ impl Probe {
         let info = prog_info(self.prog_fd.as_raw_fd());
         KernelCounters {
             ringbuf_full: sum(stat::RINGBUF_FULL),
-            filtered: sum(stat::FILTERED),
             recursion_misses: info.map_or(0, |i| i.recursion_misses),
-            run_time_ns: info.map_or(0, |i| i.run_time_ns),
-            run_cnt: info.map_or(0, |i| i.run_cnt),
         }
     }
 }
 
-/// BPF_OBJ_GET_INFO_BY_FD, for the counters aya's ProgramInfo does not
-/// expose (recursion_misses, run_time_ns, run_cnt).
+/// BPF_OBJ_GET_INFO_BY_FD, for the counter aya's ProgramInfo does not
+/// expose (recursion_misses).
 fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
     // SAFETY: bpf_prog_info is plain old data; zero is a valid value.
     let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };

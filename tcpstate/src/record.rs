@@ -8,8 +8,10 @@ use std::{net::IpAddr, time::SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    decode::{Comm, Family},
+    clock::WallClock,
+    socket::{Comm, Family},
     state::TcpState,
+    tracker::{Anomaly, Fact, Leak, Moved, Owner as Blame, Resolution},
 };
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -59,6 +61,11 @@ pub struct TransitionRecord {
     pub prev_state_ms: Option<f64>,
     #[serde(default)]
     pub netns: u32,
+    /// How a transition no tracepoint shows was observed (a mini-socket's:
+    /// `peer`, `reuse`, `sock_diag`, `netns_gone`); absent for the kernel's
+    /// own events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// Who the anomaly names, and how sure we are.
@@ -109,9 +116,18 @@ pub struct AnomalyRecord {
     pub owner_source: OwnerSource,
     /// Set when no process holds the socket: who held it last.
     pub last_owner: Option<Owner>,
-    /// For `anomaly_resolved`: why it ended (`left_state`, `reconciled`).
+    /// For `anomaly_resolved`: why it ended (`left_state`, `reconciled`,
+    /// `netns_gone`, `below_threshold`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<String>,
+    /// For `time_wait_pressure`: sockets to the destination, the size of
+    /// the ephemeral port range, and the namespace's `tcp_tw_reuse`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tw_reuse: Option<u8>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -152,10 +168,108 @@ pub struct Stopped {
     pub undecodable: u64,
     /// Sockets the tracker could not hold because the table was full.
     pub table_full: u64,
+    /// TIME_WAIT mini-sockets not tracked because their table was full.
+    #[serde(default)]
+    pub timewait_full: u64,
+    /// Records the log could not write (disk full, ...): counted, not kept.
+    #[serde(default)]
+    pub log_dropped: u64,
     /// Events received but left out by a userspace filter (`--netns`).
     #[serde(default)]
     pub filtered: u64,
     pub uptime_s: f64,
+}
+
+impl Record {
+    /// The record for a tracker fact. `ts` comes from the fact's monotonic
+    /// time through the run's one wall-clock mapping.
+    pub fn from_fact(f: &Fact, clock: WallClock) -> Record {
+        match f {
+            Fact::Moved(m) => Record::Transition(TransitionRecord::from_moved(m, clock)),
+            Fact::Raised(a) => Record::Anomaly(AnomalyRecord::new(a, None, clock)),
+            Fact::Resolved(a, why) => {
+                Record::AnomalyResolved(AnomalyRecord::new(a, Some(*why), clock))
+            }
+            Fact::Leak(l) => Record::LeakSuspected(LeakRecord::new(l, clock)),
+        }
+    }
+}
+
+impl TransitionRecord {
+    pub fn from_moved(m: &Moved, clock: WallClock) -> Self {
+        Self {
+            ts: clock.to_system(m.ts_ns),
+            sk: m.sk,
+            family: m.tuple.family,
+            saddr: m.tuple.saddr(),
+            sport: m.tuple.sport,
+            daddr: m.tuple.daddr(),
+            dport: m.tuple.dport,
+            old: m.old,
+            new: m.new,
+            pid: m.task.map_or(0, |t| t.pid),
+            comm: m.task.map_or_else(Comm::default, |t| t.comm),
+            prev_state_ms: m.prev_ns.map(|ns| ns as f64 / 1e6),
+            netns: m.netns,
+            via: (m.via != crate::tracker::Via::Event).then(|| m.via.name().to_owned()),
+        }
+    }
+}
+
+impl AnomalyRecord {
+    pub fn new(a: &Anomaly, resolution: Option<Resolution>, clock: WallClock) -> Self {
+        let (pid, comm, owner_source, last_owner) = match a.owner {
+            Blame::Verified(t) => (Some(t.pid), Some(t.comm), OwnerSource::Fd, None),
+            Blame::Attributed(t) => (Some(t.pid), Some(t.comm), OwnerSource::Attributed, None),
+            Blame::Orphan { last } => (
+                None,
+                None,
+                OwnerSource::None,
+                last.map(|t| Owner {
+                    pid: t.pid,
+                    comm: t.comm,
+                }),
+            ),
+            Blame::Unknown => (None, None, OwnerSource::None, None),
+        };
+        let p = a.pressure;
+        Self {
+            ts: clock.to_system(a.ts_ns),
+            kind: a.kind.name().to_owned(),
+            state: a.state,
+            age_ms: a.ts_ns.saturating_sub(a.since_ns) as f64 / 1e6,
+            age_is_lower_bound: a.lower_bound,
+            sk: a.sk,
+            family: a.tuple.family,
+            saddr: a.tuple.saddr(),
+            sport: a.tuple.sport,
+            daddr: a.tuple.daddr(),
+            dport: a.tuple.dport,
+            netns: a.netns,
+            pid,
+            comm,
+            owner_source,
+            last_owner,
+            resolution: resolution.map(|r| r.name().to_owned()),
+            count: p.map(|p| p.count),
+            port_range: p.map(|p| p.range),
+            tw_reuse: p.map(|p| p.tw_reuse),
+        }
+    }
+}
+
+impl LeakRecord {
+    pub fn new(l: &Leak, clock: WallClock) -> Self {
+        Self {
+            ts: clock.to_system(l.ts_ns),
+            pid: l.task.pid,
+            comm: l.task.comm,
+            state: l.state,
+            count: l.count,
+            previous: l.previous,
+            threshold: l.threshold,
+        }
+    }
 }
 
 mod ts {
@@ -188,7 +302,7 @@ mod hex {
 mod family {
     use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
 
-    use crate::decode::Family;
+    use crate::socket::Family;
 
     pub fn serialize<S: Serializer>(f: &Family, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(f.name())
@@ -219,7 +333,7 @@ mod state {
 mod comm {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    use crate::decode::Comm;
+    use crate::socket::Comm;
 
     pub fn serialize<S: Serializer>(c: &Comm, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&c.as_str())
@@ -233,7 +347,7 @@ mod comm {
 mod opt_comm {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    use crate::decode::Comm;
+    use crate::socket::Comm;
 
     pub fn serialize<S: Serializer>(c: &Option<Comm>, s: S) -> Result<S::Ok, S::Error> {
         match c {
@@ -268,6 +382,7 @@ mod tests {
             comm: Comm::new("curl"),
             prev_state_ms: Some(0.25),
             netns: 4026531840,
+            via: None,
         }
     }
 

@@ -55,6 +55,7 @@ mod tests {
             sport: 0,
             dport: 0,
             family: 2,
+            close: 0,
             oldstate: 1,
             newstate: 4,
             comm: [0; 16],

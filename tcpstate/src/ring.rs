@@ -49,6 +49,10 @@ impl Mapping {
     }
 }
 
+// SAFETY: the mapping is plain shared memory owned by this value; moving it to another thread
+// (the collector's) moves the only handle to it.
+unsafe impl Send for Mapping {}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: exactly the region mmap returned.

@@ -1,14 +1,12 @@
-//! `tcpstate run`: load, attach, seed, then stream kernel -> decode ->
-//! tracker -> outputs until a signal says stop.
+//! `tcpstate run`: load and attach, then the second stage. The collector thread hands batches
+//! of transitions over a channel; this loop applies them to the tracker and writes what it
+//! concludes. Everything that waits on the kernel's socket table or /proc runs on the
+//! `kernel_table` workers and comes back as a message, so nothing here blocks for long.
 
-use std::{
-    io::ErrorKind,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use tokio::{
-    io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
     sync::mpsc,
     time::MissedTickBehavior,
@@ -18,36 +16,38 @@ use crate::{
     btf,
     cli::RunArgs,
     clock::{WallClock, monotonic_ns},
-    decode,
+    collector::{Batch, Collector},
+    kernel_table::{Job, Reply, Workers},
     output::{
-        Stdout,
+        Sinks, Stdout,
         http::{self, Page, Request},
         logfile::{LogFile, LogOptions},
         metrics::{self, Counters},
+        summary::summary,
     },
-    program::{self, Filters, KernelCounters, LoadOptions, Probe},
-    record::{Record, Started, Stopped, TransitionRecord},
-    reorder::Reorder,
-    ring::EventRings,
-    snapshot::Namespaces,
-    sockdiag,
+    program::{self, Admits as _, KernelCounters, LoadOptions, Probe},
+    record::{Record, Started, Stopped},
     status::Report,
-    tracker::{Config, Tracker, thresholds::Thresholds},
+    tracker::{Alive, Config, Fact, Tracker, thresholds::Thresholds},
+    verify::Verifier,
 };
 
-/// Userspace drains at least this often, so a quiet stream (which does not
-/// ring the doorbell) still shows up promptly.
-const POLL: Duration = Duration::from_millis(50);
-/// Events this recent are held back one drain, in case another CPU is
-/// still writing an older one (see `reorder`).
-const HOLDBACK_NS: u64 = 1_000_000;
-/// When events are held back, the next drain comes this soon.
-const HELD_RETRY: Duration = Duration::from_millis(5);
+/// How often mini-sockets are checked with the kernel: the accuracy of a TIME_WAIT or an
+/// orphaned FIN_WAIT2's end when no event says it.
+const SWEEP: Duration = Duration::from_millis(500);
+/// The tick that raises anomalies and writes batches out.
+const TICK: Duration = Duration::from_millis(50);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("tcpstate run needs root (it loads a BPF program): try sudo tcpstate run");
+    }
+    if let Some(ns) = args.netns
+        && !crate::sockdiag::netns::all_netns().contains_key(&ns)
+        && crate::sockdiag::current_netns().ok() != Some(ns)
+    {
+        bail!("--netns {ns}: no network namespace with that inode exists");
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -56,34 +56,56 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     rt.block_on(async { Daemon::start(args).await?.run().await })
 }
 
-struct Daemon {
-    args: RunArgs,
-    probe: Probe,
-    doorbell: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
-    rings: EventRings,
-    reorder: Reorder,
-    /// Reused drain buffer (its capacity survives between drains).
-    fresh: Vec<tcpstate_common::Event>,
-    tracker: Tracker,
-    sinks: Sinks,
-    http: Option<mpsc::Receiver<Request>>,
-    clock: WallClock,
-    namespaces: Namespaces,
-    filters: Filters,
-    started: Instant,
+/// Counters the daemon keeps itself.
+#[derive(Default)]
+struct Tally {
     events: u64,
     undecodable: u64,
     /// Events dropped by userspace filters (--netns).
     filtered: u64,
-    pending: Vec<Record>,
+    /// Events since the last sweep (an idle sweep re-reads the kernel's table).
+    since_sweep: u64,
+    /// Events since the last reconciliation started.
+    since_reconcile: u64,
+}
+
+/// Jobs out with the workers, so none is queued twice.
+#[derive(Default)]
+struct InFlight {
+    reconcile: bool,
+    probes: usize,
+    settings: std::collections::HashSet<u32>,
+    /// A reconciliation answered before the events up to its start were applied.
+    parked: Option<(u64, Vec<(u32, Alive)>, Vec<u32>)>,
+}
+
+struct Daemon {
+    args: RunArgs,
+    probe: Probe,
+    collector: Collector,
+    batches: mpsc::Receiver<Batch>,
+    workers: Workers,
+    replies: mpsc::UnboundedReceiver<Reply>,
+    tracker: Tracker,
+    verifier: Verifier,
+    sinks: Sinks,
+    http: Option<mpsc::Receiver<Request>>,
+    clock: WallClock,
+    tally: Tally,
+    jobs: InFlight,
+    /// Every event before this is applied.
+    watermark_ns: u64,
+    started: Instant,
+    /// Kernel loss counters at the last report, and when a new loss was last seen.
     reported: KernelCounters,
+    loss_at_ns: Option<u64>,
     warned_full: bool,
 }
 
 impl Daemon {
     async fn start(args: RunArgs) -> anyhow::Result<Self> {
-        let offsets = btf::kernel_offsets().map_err(anyhow::Error::msg)?;
-        let filters = Filters {
+        let offsets = btf::kernel_offsets()?;
+        let filters = tcpstate_common::Filters {
             port: args.port.unwrap_or(0),
             lport: args.lport.unwrap_or(0),
             rport: args.rport.unwrap_or(0),
@@ -103,80 +125,33 @@ impl Daemon {
         .map_err(anyhow::Error::msg)?;
         let rings = probe.rings.take().context("event rings already taken")?;
         let doorbell = probe.doorbell.take().context("doorbell already taken")?;
-        // SAFETY: the AsyncFd owns the RingBuf, so the fd it registers stays
-        // open exactly as long as the registration.
-        let doorbell = unsafe { AsyncFd::register_with_interest(doorbell, Interest::READABLE) }
-            .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
-
-        let mut thresholds = Thresholds::defaults(Thresholds::host_fin_timeout());
-        for &(st, d) in &args.thresholds {
-            thresholds.set(st, d);
-        }
-        let clock = WallClock::now();
-        let tracker = Tracker::new(Config {
-            capacity: usize::try_from(args.max_sockets).unwrap_or(usize::MAX),
-            thresholds,
-            leak_threshold: args.leak_threshold,
-            clock,
-        });
-        let namespaces = Namespaces {
-            host: sockdiag::current_netns().unwrap_or(0),
-        };
-        let log = match &args.log_file {
-            None => None,
-            Some(path) => {
-                use std::io::IsTerminal as _;
-                let rate = match args.log_rate {
-                    Some(0) => None,
-                    Some(n) => Some(n),
-                    None if std::io::stdout().is_terminal() => None,
-                    None => Some(10_000),
-                };
-                Some(
-                    LogFile::open(LogOptions {
-                        path: path.clone(),
-                        rate,
-                        transitions: args.log_transitions,
-                        max_size: args.log_max_size,
-                        keep: args.log_keep,
-                    })
-                    .map_err(anyhow::Error::msg)?,
-                )
-            }
-        };
+        let (tx, batches) = mpsc::channel(64);
+        let collector = Collector::spawn(rings, doorbell, tx).context("cannot start the collector")?;
+        let (rtx, replies) = mpsc::unbounded_channel();
+        let workers = Workers::spawn(2, rtx).context("cannot start the kernel-table workers")?;
         let http = match args.metrics_addr {
             None => None,
-            Some(addr) => {
-                let listener = http::bind(addr).await.map_err(anyhow::Error::msg)?;
-                let (tx, rx) = mpsc::channel(16);
-                tokio::spawn(http::serve(listener, tx));
-                Some(rx)
-            }
+            Some(addr) => Some(http::start(addr).await?),
         };
         Ok(Self {
-            sinks: Sinks {
-                stdout: (!args.quiet).then(|| Stdout::new(args.format)),
-                log,
-                log_error: None,
-            },
+            tracker: Tracker::new(tracker_config(&args)),
+            sinks: sinks(&args)?,
             http,
-            args,
             probe,
-            doorbell,
-            rings,
-            reorder: Reorder::default(),
-            fresh: Vec::new(),
-            tracker,
-            clock,
-            namespaces,
-            filters,
+            collector,
+            batches,
+            workers,
+            replies,
+            verifier: Verifier::default(),
+            clock: WallClock::now(),
+            tally: Tally::default(),
+            jobs: InFlight::default(),
+            watermark_ns: 0,
             started: Instant::now(),
-            events: 0,
-            undecodable: 0,
-            filtered: 0,
-            pending: Vec::new(),
             reported: KernelCounters::default(),
+            loss_at_ns: None,
             warned_full: false,
+            args,
         })
     }
 
@@ -186,39 +161,24 @@ impl Daemon {
         let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         let mut sigusr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
 
-        // Attached before seeding, so nothing falls between the snapshot
-        // and the stream; events for snapshot sockets are matched up by
-        // the tracker.
-        let seeded = if self.args.no_seed {
-            0
-        } else {
-            let f = self.filters;
-            let only = self.args.netns;
-            let sockets = self
-                .namespaces
-                .seed()
-                .into_iter()
-                .filter(|s| f.admits(s.saddr.is_ipv6(), s.sport, s.dport))
-                .filter(|s| only.is_none_or(|ns| ns == s.netns));
-            self.tracker.seed(sockets, monotonic_ns())
-        };
+        let seeded = self.seed().await;
         if let Some(out) = &mut self.sinks.stdout {
             out.header();
         }
-        self.sinks.emit(&Record::Started(Started {
+        self.emit(&Record::Started(Started {
             ts: std::time::SystemTime::now(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
-            ring_bytes: u32::try_from(self.rings.bytes()).unwrap_or(u32::MAX),
+            ring_bytes: u32::try_from(self.probe.ring_bytes()).unwrap_or(u32::MAX),
             seeded,
         }));
-        if self.flush()? {
+        if !self.sinks.flush(Instant::now()) {
             return Ok(());
         }
         notify_systemd();
 
-        let mut poll = tokio::time::interval(POLL);
-        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut tick = interval(TICK);
+        let mut sweep = interval(SWEEP);
         let mut stats = interval(self.args.stats_interval);
         let mut leaks = interval(self.args.leak_interval);
         let reconcile_every = self.args.reconcile_interval;
@@ -227,161 +187,296 @@ impl Daemon {
         } else {
             reconcile_every
         });
-
         loop {
             tokio::select! {
-                guard = self.doorbell.readable_mut() => {
-                    let mut guard = guard.context("polling the ring buffer")?;
-                    // The doorbell's records carry nothing but the wake-up.
-                    while guard.get_inner_mut().next().is_some() {}
-                    guard.clear_ready();
-                    self.drain();
+                Some(batch) = self.batches.recv() => {
+                    let last = batch.last;
+                    self.apply(batch);
+                    if last { break; }
                 }
-                _ = tokio::time::sleep(HELD_RETRY), if self.reorder.held() > 0 => self.drain(),
-                _ = poll.tick() => {
-                    self.drain();
-                    self.expire();
-                }
+                Some(reply) = self.replies.recv() => self.on_reply(reply),
+                _ = tick.tick() => self.on_tick(),
+                _ = sweep.tick() => self.sweep(),
                 _ = stats.tick() => self.report_losses(),
                 _ = leaks.tick() => {
-                    self.tracker.check_leaks(monotonic_ns(), &mut self.pending);
-                    self.emit_pending();
+                    let mut facts = Vec::new();
+                    self.tracker.check_leaks(monotonic_ns(), &mut facts);
+                    self.publish(facts);
                 }
-                _ = reconcile.tick(), if !reconcile_every.is_zero() => self.reconcile(),
-                Some((page, reply)) = next_request(&mut self.http) => {
-                    self.drain();
-                    let _ = reply.send(self.page(page));
-                }
-                _ = sigusr1.recv() => eprintln!("{}", self.tracker.agg.summary()),
-                _ = sighup.recv() => {
-                    if let Some(log) = &mut self.sinks.log
-                        && let Err(e) = log.reopen()
-                    {
-                        eprintln!("tcpstate: warning: cannot reopen {}: {e}", log.path().display());
-                    }
-                }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
+                _ = reconcile.tick(), if !reconcile_every.is_zero() => self.start_reconcile(),
+                Some((page, reply)) = next_request(&mut self.http) => self.page(page, reply),
+                _ = sigusr1.recv() => eprintln!("{}", summary(&self.tracker)),
+                _ = sighup.recv() => self.reopen_log(),
+                _ = sigint.recv() => self.collector.stop(),
+                _ = sigterm.recv() => self.collector.stop(),
             }
-            if self.flush()? {
+            if !self.sinks.flush(Instant::now()) {
                 return Ok(());
             }
         }
-        self.drain_before(u64::MAX);
-        self.expire();
-        let k = self.probe.counters();
-        self.sinks.emit(&Record::Stopped(Stopped {
-            ts: std::time::SystemTime::now(),
-            events: self.events,
-            dropped: k.ringbuf_full,
-            recursion_misses: k.recursion_misses,
-            undecodable: self.undecodable,
-            table_full: self.tracker.refused(),
-            filtered: self.filtered,
-            uptime_s: self.started.elapsed().as_secs_f64(),
-        }));
-        self.flush()?;
-        eprintln!("{}", self.tracker.agg.summary());
+        self.finish();
         Ok(())
     }
 
-    /// Applies everything the rings hold but the last millisecond.
-    fn drain(&mut self) {
-        self.drain_before(monotonic_ns().saturating_sub(HOLDBACK_NS));
-    }
-
-    /// Applies every event with a timestamp before `cutoff_ns`, in
-    /// timestamp order.
-    fn drain_before(&mut self, cutoff_ns: u64) {
-        let now = Instant::now();
-        self.rings.drain_into(&mut self.fresh);
-        let ready = self.reorder.release(&mut self.fresh, cutoff_ns);
-        for ev in &ready {
-            self.events += 1;
-            match decode::from_event(ev) {
-                // --netns: the kernel reads a socket's namespace only at its
-                // birth, so later events are matched through the table; a
-                // socket born elsewhere is never tracked.
-                Ok(t)
-                    if self.args.netns.is_some_and(|ns| {
-                        ns != if t.netns != 0 {
-                            t.netns
-                        } else {
-                            self.tracker.netns_of(t.sk)
-                        }
-                    }) =>
-                {
-                    self.filtered += 1;
+    /// Loads the kernel's socket table. The program is attached before, so nothing falls
+    /// between the snapshot and the stream; events for snapshot sockets are matched up by the
+    /// tracker. Batches wait in their channel (and the rings) meanwhile.
+    async fn seed(&mut self) -> u64 {
+        self.workers.submit(Job::Settings { netns: 0 });
+        if self.args.no_seed {
+            return 0;
+        }
+        if !self.workers.submit(Job::Seed { only: None }) {
+            return 0;
+        }
+        loop {
+            match self.replies.recv().await {
+                Some(Reply::Seeded { sockets, host }) => {
+                    let f = self.filters();
+                    let only = self.args.netns;
+                    let sockets = sockets
+                        .into_iter()
+                        .filter(|s| f.admits(s.tuple.family == crate::socket::Family::V6, s.tuple.sport, s.tuple.dport))
+                        .filter(|s| only.is_none_or(|ns| ns == s.netns));
+                    let _ = host;
+                    return self.tracker.seed(sockets, monotonic_ns());
                 }
-                Ok(t) => {
-                    let applied = self.tracker.on_transition(&t, &mut self.pending);
-                    self.sinks.emit_at(
-                        &Record::Transition(TransitionRecord {
-                            ts: self.clock.to_system(t.ts_ns),
-                            sk: t.sk,
-                            family: t.family,
-                            saddr: t.saddr,
-                            sport: t.sport,
-                            daddr: t.daddr,
-                            dport: t.dport,
-                            old: t.old,
-                            new: t.new,
-                            pid: t.pid,
-                            comm: t.comm,
-                            prev_state_ms: applied.prev_state_ms,
-                            netns: applied.netns,
-                        }),
-                        now,
-                    );
-                    for rec in self.pending.drain(..) {
-                        self.sinks.emit_at(&rec, now);
-                    }
-                }
-                Err(_) => self.undecodable += 1,
+                Some(other) => self.on_reply(other),
+                None => return 0,
             }
         }
+    }
+
+    fn filters(&self) -> tcpstate_common::Filters {
+        tcpstate_common::Filters {
+            port: self.args.port.unwrap_or(0),
+            lport: self.args.lport.unwrap_or(0),
+            rport: self.args.rport.unwrap_or(0),
+            family: if self.args.ipv4 {
+                tcpstate_common::AF_INET
+            } else if self.args.ipv6 {
+                tcpstate_common::AF_INET6
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Applies one batch of transitions, in order.
+    fn apply(&mut self, batch: Batch) {
+        let now = Instant::now();
+        self.tally.events += batch.events;
+        self.tally.since_sweep += batch.events;
+        self.tally.since_reconcile += batch.events;
+        self.tally.undecodable += batch.undecodable;
+        let mut facts = Vec::new();
+        for t in &batch.transitions {
+            // --netns: the kernel reads a socket's namespace only at its birth, so later
+            // events are matched through the table; a socket born elsewhere is never tracked.
+            if let Some(ns) = self.args.netns {
+                let of = if t.netns != 0 {
+                    t.netns
+                } else {
+                    self.tracker.netns_of(t.sk)
+                };
+                if of != ns {
+                    self.tally.filtered += 1;
+                    continue;
+                }
+            }
+            self.tracker.on_transition(t, &mut facts);
+            self.write_facts(&mut facts, now);
+        }
+        self.watermark_ns = batch.watermark_ns;
         if !self.warned_full && self.tracker.refused() > 0 {
             self.warned_full = true;
-            eprintln!(
-                "tcpstate: warning: socket table full ({} sockets, --max-sockets); new sockets are counted but not tracked",
+            crate::warn(format_args!(
+                "socket table full ({} sockets, --max-sockets); new sockets are counted but not tracked",
                 self.tracker.capacity()
-            );
+            ));
+        }
+        if let Some((start, alive, gone)) = self.jobs.parked.take() {
+            self.reconciled(start, alive, gone);
         }
     }
 
-    /// Raises anomalies whose deadline passed, naming the fd holder.
-    fn expire(&mut self) {
-        self.tracker.expire(monotonic_ns(), &mut self.pending);
-        self.emit_pending();
+    /// Writes transition facts at once; anomaly facts go through the owner check.
+    fn write_facts(&mut self, facts: &mut Vec<Fact>, now: Instant) {
+        if facts.is_empty() {
+            return;
+        }
+        if facts.len() == 1
+            && let Some(Fact::Moved(m)) = facts.first()
+        {
+            let rec = Record::Transition(crate::record::TransitionRecord::from_moved(m, self.clock));
+            self.sinks.emit(&rec, now);
+            facts.clear();
+            return;
+        }
+        let all = std::mem::take(facts);
+        let (moved, rest): (Vec<Fact>, Vec<Fact>) =
+            all.into_iter().partition(|f| matches!(f, Fact::Moved(_)));
+        for f in &moved {
+            self.sinks.emit(&Record::from_fact(f, self.clock), now);
+        }
+        self.publish(rest);
     }
 
-    fn emit_pending(&mut self) {
-        let mut fresh: Vec<&mut crate::record::AnomalyRecord> = self
-            .pending
-            .iter_mut()
-            .filter_map(|r| match r {
-                Record::Anomaly(a) => Some(a),
-                _ => None,
-            })
-            .collect();
-        self.namespaces.verify_owners(&mut fresh);
-        for rec in self.pending.drain(..) {
-            self.sinks.emit(&rec);
+    /// Queues anomaly facts behind their owner checks and writes what is ready.
+    fn publish(&mut self, facts: Vec<Fact>) {
+        if facts.is_empty() {
+            return;
+        }
+        let (moved, rest): (Vec<Fact>, Vec<Fact>) =
+            facts.into_iter().partition(|f| matches!(f, Fact::Moved(_)));
+        let now = Instant::now();
+        for f in &moved {
+            self.sinks.emit(&Record::from_fact(f, self.clock), now);
+        }
+        if let Some(job) = self.verifier.push(rest) {
+            self.workers.submit(job);
+        }
+        self.release();
+    }
+
+    fn release(&mut self) {
+        let ready: Vec<Fact> = self.verifier.ready().collect();
+        let now = Instant::now();
+        for f in &ready {
+            self.sinks.emit(&Record::from_fact(f, self.clock), now);
         }
     }
 
-    fn reconcile(&mut self) {
-        let start = monotonic_ns();
-        let alive = self.namespaces.alive(&self.tracker.namespaces());
-        // Apply every event that happened before the dump first, so a
-        // socket whose CLOSE is merely queued is not taken for a ghost.
-        self.drain_before(start);
+    fn emit(&mut self, rec: &Record) {
+        self.sinks.emit(rec, Instant::now());
+    }
+
+    fn on_tick(&mut self) {
         let now = monotonic_ns();
-        for (ns, alive) in alive {
-            self.tracker
-                .reconcile(ns, &alive, start, now, &mut self.pending);
+        let k = self.probe.counters();
+        if k.ringbuf_full > self.reported.ringbuf_full || k.recursion_misses > self.reported.recursion_misses {
+            // Events were lost: the table may hold ghosts. No anomaly until a
+            // reconciliation, which starts now rather than at its interval.
+            if self.loss_at_ns.is_none() {
+                self.tracker.set_incomplete(true);
+                self.start_reconcile();
+            }
+            self.loss_at_ns = Some(now);
         }
-        self.emit_pending();
+        let mut facts = Vec::new();
+        self.tracker.expire(now, &mut facts);
+        self.publish(facts);
+    }
+
+    /// Checks mini-sockets with the kernel, and re-reads its table when things went quiet.
+    fn sweep(&mut self) {
+        let now = monotonic_ns();
+        if self.jobs.probes == 0 {
+            for p in self.tracker.probes(now) {
+                if self.workers.submit(Job::Probe(p)) {
+                    self.jobs.probes += 1;
+                }
+            }
+        }
+        for netns in self.tracker.netns_without_info() {
+            if self.jobs.settings.insert(netns) {
+                self.workers.submit(Job::Settings { netns });
+            }
+        }
+        // A quiet moment after activity: one full re-read makes the counts exact (TIME_WAIT
+        // killed early by an RST, request sockets), at no cost while traffic flows.
+        if self.tally.since_sweep == 0 && self.tally.since_reconcile > 0 {
+            self.start_reconcile();
+        }
+        self.tally.since_sweep = 0;
+    }
+
+    fn start_reconcile(&mut self) {
+        if self.jobs.reconcile {
+            return;
+        }
+        let mut namespaces: Vec<u32> = self.tracker.namespaces().into_iter().collect();
+        namespaces.sort_unstable();
+        if self.workers.submit(Job::Reconcile { namespaces }) {
+            self.jobs.reconcile = true;
+            self.tally.since_reconcile = 0;
+        }
+    }
+
+    fn on_reply(&mut self, reply: Reply) {
+        match reply {
+            Reply::Reconciled {
+                started_ns,
+                alive,
+                gone,
+            } => {
+                self.jobs.reconcile = false;
+                // Every event from before the dump must be applied first, so a socket whose
+                // CLOSE is merely queued is not taken for a ghost.
+                if self.watermark_ns < started_ns {
+                    self.jobs.parked = Some((started_ns, alive, gone));
+                } else {
+                    self.reconciled(started_ns, alive, gone);
+                }
+            }
+            Reply::Probed(r) => {
+                self.jobs.probes = self.jobs.probes.saturating_sub(1);
+                let mut facts = Vec::new();
+                self.tracker.apply_probe(&r, monotonic_ns(), &mut facts);
+                self.publish(facts);
+            }
+            Reply::Owners {
+                ticket,
+                holders,
+                unreadable,
+            } => self.owners_checked(ticket, &holders, unreadable),
+            Reply::Settings { netns, info } => {
+                self.jobs.settings.remove(&netns);
+                if let Some(info) = info {
+                    if netns == 0 {
+                        self.tracker.set_default_netns_info(info);
+                    } else {
+                        self.tracker.set_netns_info(netns, info);
+                    }
+                }
+            }
+            Reply::Seeded { .. } => {}
+        }
+    }
+
+    fn reconciled(&mut self, started_ns: u64, alive: Vec<(u32, Alive)>, gone: Vec<u32>) {
+        let now = monotonic_ns();
+        let mut facts = Vec::new();
+        for (ns, a) in &alive {
+            self.tracker.reconcile(*ns, a, started_ns, now, &mut facts);
+        }
+        for ns in gone {
+            self.tracker.netns_gone(ns, now, &mut facts);
+        }
+        if self.tracker.is_incomplete() && self.loss_at_ns.is_some_and(|t| t < started_ns) {
+            self.tracker.set_incomplete(false);
+            self.loss_at_ns = None;
+        }
+        self.publish(facts);
+    }
+
+    fn owners_checked(&mut self, ticket: u64, holders: &[crate::kernel_table::Holder], unreadable: u32) {
+        if unreadable > 0 {
+            crate::warn(format_args!(
+                "owner check could not read the fds of {unreadable} processes (raise LimitNOFILE?); those owners are shown as attributed, not verified"
+            ));
+        }
+        if let Some((open, reply)) = self.verifier.answer(ticket, holders) {
+            let report = Report::build(
+                &self.tracker,
+                self.counters(),
+                &open,
+                self.clock,
+                self.started.elapsed().as_secs_f64(),
+            );
+            let _ = reply.send(serde_json::to_string(&report).unwrap_or_default());
+        }
+        self.release();
     }
 
     fn report_losses(&mut self) {
@@ -391,12 +486,12 @@ impl Daemon {
             k.recursion_misses - self.reported.recursion_misses.min(k.recursion_misses),
         );
         if full > 0 || rec > 0 {
-            eprintln!(
-                "tcpstate: warning: lost {full} events (ring buffer full; raise --ring-size) and {rec} to recursion in the last {}; totals {} and {}",
+            crate::warn(format_args!(
+                "lost {full} events (ring buffer full; raise --ring-size) and {rec} to recursion in the last {}; totals {} and {}",
                 humantime::format_duration(self.args.stats_interval),
                 k.ringbuf_full,
                 k.recursion_misses
-            );
+            ));
         }
         self.reported = k;
     }
@@ -404,80 +499,115 @@ impl Daemon {
     fn counters(&self) -> Counters {
         let k = self.probe.counters();
         Counters {
-            events: self.events,
+            events: self.tally.events,
             dropped: k.ringbuf_full,
             recursion_misses: k.recursion_misses,
-            undecodable: self.undecodable,
-            log_suppressed: self.sinks.log.as_ref().map_or(0, |l| l.suppressed_total),
+            undecodable: self.tally.undecodable,
+            log_suppressed: self.sinks.log_suppressed(),
+            log_dropped: self.sinks.log_dropped(),
+            stdout_dropped: self.sinks.stdout_dropped(),
         }
     }
 
-    fn page(&self, page: Page) -> String {
+    fn page(&mut self, page: Page, reply: http::Reply) {
         match page {
-            Page::Metrics => metrics::render(&self.tracker, self.counters()),
+            Page::Metrics => {
+                let _ = reply.send(metrics::render(&self.tracker, self.counters()));
+            }
             Page::Status => {
-                let mut report = Report::build(
-                    &self.tracker,
-                    self.counters(),
-                    monotonic_ns(),
-                    self.started.elapsed().as_secs_f64(),
-                );
-                let mut open: Vec<_> = report.open_anomalies.iter_mut().collect();
-                self.namespaces.verify_owners(&mut open);
-                serde_json::to_string(&report).unwrap_or_default()
+                let open = self.tracker.open_anomalies(monotonic_ns());
+                let job = self.verifier.status(open, reply);
+                self.workers.submit(job);
             }
         }
     }
 
-    /// Returns true when stdout is gone (a closed pipe): stop quietly.
-    fn flush(&mut self) -> anyhow::Result<bool> {
-        self.sinks.flush_log();
-        match self.sinks.stdout.as_mut().map_or(Ok(()), Stdout::flush) {
-            Ok(()) => Ok(false),
-            Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(true),
-            Err(e) => Err(e).context("writing to stdout"),
+    fn reopen_log(&mut self) {
+        if let Some(log) = &mut self.sinks.log
+            && let Err(e) = log.reopen()
+        {
+            crate::warn(format_args!("cannot reopen {}: {e}", log.path().display()));
         }
+    }
+
+    /// The last batch is in: raise what is due, write everything and the final counts.
+    fn finish(&mut self) {
+        let mut facts = Vec::new();
+        self.tracker.expire(monotonic_ns(), &mut facts);
+        let _ = self.verifier.push(facts);
+        let rest: Vec<Fact> = self.verifier.drain_all().collect();
+        let now = Instant::now();
+        for f in &rest {
+            self.sinks.emit(&Record::from_fact(f, self.clock), now);
+        }
+        let k = self.probe.counters();
+        let stopped = Record::Stopped(Stopped {
+            ts: std::time::SystemTime::now(),
+            events: self.tally.events,
+            dropped: k.ringbuf_full,
+            recursion_misses: k.recursion_misses,
+            undecodable: self.tally.undecodable,
+            table_full: self.tracker.refused(),
+            timewait_full: self.tracker.timewait_refused(),
+            log_dropped: self.sinks.log_dropped(),
+            filtered: self.tally.filtered,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+        });
+        self.emit(&stopped);
+        self.sinks.flush(Instant::now());
+        if let Some(out) = &mut self.sinks.stdout {
+            out.finish(Duration::from_secs(2));
+        }
+        self.collector.join();
+        eprintln!("{}", summary(&self.tracker));
     }
 }
 
-/// Every place a record goes.
-struct Sinks {
-    stdout: Option<Stdout>,
-    log: Option<LogFile>,
-    /// The last log write error, reported once until writes work again.
-    log_error: Option<std::io::ErrorKind>,
+fn tracker_config(args: &RunArgs) -> Config {
+    use crate::tracker::thresholds::Threshold;
+    let mut thresholds = Thresholds::defaults(Thresholds::host_fin_timeout());
+    let mut pressure = Some(0.5);
+    for t in &args.thresholds {
+        match *t {
+            Threshold::State(st, d) => thresholds.set(st, d),
+            Threshold::Pressure(p) => pressure = p,
+        }
+    }
+    Config {
+        capacity: usize::try_from(args.max_sockets).unwrap_or(usize::MAX),
+        timewait_capacity: usize::try_from(args.max_timewait).unwrap_or(usize::MAX),
+        thresholds,
+        leak_threshold: args.leak_threshold,
+        pressure,
+    }
 }
 
-impl Sinks {
-    fn emit(&mut self, rec: &Record) {
-        self.emit_at(rec, Instant::now());
-    }
-
-    /// `now` is read once per ring-buffer batch: a clock read per record
-    /// showed in the profile, and the rate limit needs no finer grain.
-    fn emit_at(&mut self, rec: &Record, now: Instant) {
-        if let Some(out) = &mut self.stdout {
-            out.emit(rec);
+fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
+    let stdout = if args.quiet {
+        None
+    } else {
+        Some(Stdout::new(args.format).context("cannot start the stdout writer")?)
+    };
+    let log = match &args.log_file {
+        None => None,
+        Some(path) => {
+            use std::io::IsTerminal as _;
+            let rate = match args.log_rate {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None if std::io::stdout().is_terminal() => None,
+                None => Some(10_000),
+            };
+            Some(LogFile::open(LogOptions {
+                path: path.clone(),
+                rate,
+                transitions: args.log_transitions,
+                max_size: args.log_max_size,
+                keep: args.log_keep,
+            })?)
         }
-        if let Some(log) = &mut self.log {
-            log.emit(rec, now);
-        }
-    }
-
-    /// A failing log (disk full, removed directory) is reported, not
-    /// fatal: counters, metrics and stdout carry on exactly.
-    fn flush_log(&mut self) {
-        let Some(log) = &mut self.log else { return };
-        match log.flush(Instant::now()) {
-            Ok(()) => self.log_error = None,
-            Err(e) => {
-                if self.log_error != Some(e.kind()) {
-                    eprintln!("tcpstate: warning: writing {}: {e}", log.path().display());
-                }
-                self.log_error = Some(e.kind());
-            }
-        }
-    }
+    };
+    Ok(Sinks::new(stdout, log, args.stats_interval))
 }
 
 async fn next_request(rx: &mut Option<mpsc::Receiver<Request>>) -> Option<Request> {

@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     cli::StatusArgs,
-    output::{metrics::Counters, text},
+    clock::WallClock,
+    output::{escape::escape, metrics::Counters, text},
     record::{AnomalyRecord, Record},
-    tracker::Tracker,
+    tracker::{Anomaly, Tracker},
 };
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -46,30 +47,45 @@ pub struct Report {
     pub recursion_misses: u64,
     pub failed_connects: u64,
     pub resets: u64,
+    /// TIME_WAIT mini-sockets not tracked (their table was full).
+    #[serde(default)]
+    pub timewait_refused: u64,
+    /// Records the log could not write.
+    #[serde(default)]
+    pub log_dropped: u64,
+    /// Records stdout's reader did not take in time.
+    #[serde(default)]
+    pub stdout_dropped: u64,
 }
 
 impl Report {
-    pub fn build(tracker: &Tracker, c: Counters, now_ns: u64, uptime_s: f64) -> Self {
-        let agg = &tracker.agg;
+    /// The report; `open` are the open anomalies (owners checked by the caller).
+    pub fn build(
+        tracker: &Tracker,
+        c: Counters,
+        open: &[Anomaly],
+        clock: WallClock,
+        uptime_s: f64,
+    ) -> Self {
+        let agg = tracker.stats();
         Self {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s,
             sockets: crate::state::TcpState::ALL
                 .into_iter()
-                .filter(|s| agg.sockets[*s as usize] != 0)
-                .map(|s| (s.name().to_owned(), agg.sockets[s as usize]))
+                .filter(|&s| s != crate::state::TcpState::Close && tracker.sockets(s) != 0)
+                .map(|s| (s.name().to_owned(), tracker.sockets(s) as i64))
                 .collect(),
-            open_anomalies: tracker
-                .open_anomalies()
+            open_anomalies: open
                 .iter()
-                .map(|a| tracker.describe(a, now_ns))
+                .map(|a| AnomalyRecord::new(a, None, clock))
                 .collect(),
             top_owners: tracker
                 .top_owners(10)
                 .into_iter()
-                .map(|(pid, comm, st, count)| TopOwner {
-                    pid,
-                    comm: comm.as_str().into_owned(),
+                .map(|(task, st, count)| TopOwner {
+                    pid: task.pid,
+                    comm: task.comm.as_str().into_owned(),
                     state: st.name().to_owned(),
                     count,
                 })
@@ -83,6 +99,9 @@ impl Report {
             recursion_misses: c.recursion_misses,
             failed_connects: agg.failed_connects,
             resets: agg.resets,
+            timewait_refused: tracker.timewait_refused(),
+            log_dropped: c.log_dropped,
+            stdout_dropped: c.stdout_dropped,
         }
     }
 
@@ -130,7 +149,10 @@ impl Report {
                 let _ = writeln!(
                     s,
                     "  pid {:<7} {:<16} {:<11} {}",
-                    o.pid, o.comm, o.state, o.count
+                    o.pid,
+                    escape(&o.comm),
+                    escape(&o.state),
+                    o.count
                 );
             }
         }
@@ -145,15 +167,19 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             args.addr, args.addr
         )
     })?;
-    if args.json {
-        println!("{body}");
-        return Ok(());
-    }
-    let report: Report =
-        serde_json::from_str(&body).context("the daemon's /status is not a status report")?;
-    print!("{}", report.to_text());
-    Ok(())
+    let text = if args.json {
+        body + "\n"
+    } else {
+        let report: Report =
+            serde_json::from_str(&body).context("the daemon's /status is not a status report")?;
+        report.to_text()
+    };
+    crate::write_stdout(text.as_bytes())
 }
+
+/// Largest /status answer read: a daemon tracking a million anomalies writes far less; past
+/// it the other end is not a tcpstate daemon.
+const MAX_RESPONSE: u64 = 256 << 20;
 
 fn fetch(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -163,12 +189,15 @@ fn fetch(addr: std::net::SocketAddr) -> anyhow::Result<String> {
         "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
     let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
+    let n = (&mut s).take(MAX_RESPONSE + 1).read_to_string(&mut resp)?;
+    if n as u64 > MAX_RESPONSE {
+        bail!("the answer is larger than {} MiB: not a tcpstate daemon", MAX_RESPONSE >> 20);
+    }
     let Some((head, body)) = resp.split_once("\r\n\r\n") else {
         bail!("malformed HTTP response");
     };
     if !head.starts_with("HTTP/1.1 200") {
-        bail!("{}", head.lines().next().unwrap_or("bad response"));
+        bail!("{}", escape(head.lines().next().unwrap_or("bad response")));
     }
     Ok(body.to_owned())
 }

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{cli::TailArgs, decode::Comm, output::text, record::Record, state::TcpState};
+use crate::{cli::TailArgs, socket::Comm, output::text, record::Record, state::TcpState};
 
 /// How often `-f` looks for growth, truncation and rotation.
 const POLL: Duration = Duration::from_millis(200);
@@ -624,7 +624,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        decode::Family,
+        socket::Family,
         record::{AnomalyRecord, LeakRecord, Owner, OwnerSource, Started, Stopped, Suppressed},
     };
 
@@ -653,6 +653,9 @@ mod tests {
             owner_source: OwnerSource::Fd,
             last_owner: None,
             resolution: None,
+            count: None,
+            port_range: None,
+            tw_reuse: None,
         }
     }
 
@@ -686,6 +689,8 @@ mod tests {
                 recursion_misses: 0,
                 undecodable: 0,
                 table_full: 0,
+                timewait_full: 0,
+                log_dropped: 0,
                 filtered: 0,
                 uptime_s: 1.0,
             }),

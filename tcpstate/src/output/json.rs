@@ -62,6 +62,10 @@ impl JsonWriter {
         let _ = serde_json::to_writer(&mut *buf, &t.prev_state_ms);
         buf.extend_from_slice(b",\"netns\":");
         buf.extend_from_slice(n.format(t.netns).as_bytes());
+        if let Some(via) = &t.via {
+            buf.extend_from_slice(b",\"via\":");
+            let _ = serde_json::to_writer(&mut *buf, via);
+        }
         buf.push(b'}');
     }
 
@@ -124,8 +128,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        decode::{Comm, Family},
         record::Stopped,
+        socket::{Comm, Family},
         state::TcpState,
     };
 
@@ -178,6 +182,7 @@ mod tests {
                         comm: Comm::new(comm),
                         prev_state_ms: prev,
                         netns: u32::MAX - i as u32,
+                        via: (i % 3 == 0).then(|| "sock_diag".to_owned()),
                     };
                     let rec = Record::Transition(t);
                     let mut buf = Vec::new();
@@ -198,6 +203,8 @@ mod tests {
             recursion_misses: 3,
             undecodable: 0,
             table_full: 0,
+            timewait_full: 0,
+            log_dropped: 0,
             filtered: 0,
             uptime_s: 0.5,
         });

@@ -2,7 +2,12 @@
 //!
 //! - Whole lines only: records are serialised into a buffer and written
 //!   with one append per batch, so a reader (or a `kill -9`) never sees
-//!   half a record.
+//!   half a record. A write that fails part-way (disk full) is cut back to
+//!   the last whole line and the batch is dropped, counted: memory stays
+//!   bounded and nothing is written twice.
+//! - Safety: the path is opened without following a final symlink (a user
+//!   who can write its directory cannot point root's log at another file),
+//!   mode 0640.
 //! - Rotation: O_APPEND makes logrotate's copytruncate safe; rename or
 //!   removal is noticed by comparing the path's inode with ours (checked
 //!   every second and on SIGHUP), and the path is reopened.
@@ -76,33 +81,47 @@ pub struct LogFile {
     suppressed: u64,
     /// Transition records dropped by the rate limit since start.
     pub suppressed_total: u64,
-    /// Records written (and queued for the next flush).
-    pub records: u64,
+    /// Records in `buf`, not yet written.
+    buffered: u64,
+    /// Records lost to write errors since start.
+    pub dropped_total: u64,
     last_check: Instant,
     json: super::json::JsonWriter,
 }
 
 fn open(path: &Path) -> io::Result<(File, (u64, u64), u64)> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
     let file = OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
-        .open(path)?;
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(
+                    e.kind(),
+                    "it is a symbolic link (refused: the log is opened as root)",
+                )
+            } else {
+                e
+            }
+        })?;
     let m = file.metadata()?;
     Ok((file, (m.dev(), m.ino()), m.len()))
 }
 
 impl LogFile {
     /// Opens (creating) the log; the error names the path.
-    pub fn open(opts: LogOptions) -> Result<Self, String> {
-        if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty())
-            && !dir.exists()
-        {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create log directory {}: {e}", dir.display()))?;
-        }
-        let (file, ino, size) = open(&opts.path)
-            .map_err(|e| format!("cannot open log file {}: {e}", opts.path.display()))?;
+    pub fn open(opts: LogOptions) -> Result<Self, LogError> {
+        let (file, ino, size) = open(&opts.path).map_err(|source| LogError {
+            path: opts.path.clone(),
+            source,
+        })?;
         let now = Instant::now();
         Ok(Self {
             rate: opts.rate.map(|r| RateLimit::new(r, now)),
@@ -113,7 +132,8 @@ impl LogFile {
             buf: Vec::with_capacity(256 * 1024),
             suppressed: 0,
             suppressed_total: 0,
-            records: 0,
+            buffered: 0,
+            dropped_total: 0,
             last_check: now,
             json: super::json::JsonWriter::default(),
         })
@@ -133,11 +153,12 @@ impl LogFile {
             }
         }
         self.json.write(&mut self.buf, rec);
-        self.records += 1;
+        self.buffered += 1;
     }
 
     /// Writes the batch; once a second also says how many transitions the
-    /// rate limit dropped and checks for rotation.
+    /// rate limit dropped and checks for rotation. On an error the batch is
+    /// dropped and counted, never kept: the next batch starts clean.
     pub fn flush(&mut self, now: Instant) -> io::Result<()> {
         if now.saturating_duration_since(self.last_check).as_secs() >= 1 {
             self.last_check = now;
@@ -151,20 +172,47 @@ impl LogFile {
                     now,
                 );
             }
-            self.follow_path()?;
+            if let Err(e) = self.follow_path() {
+                self.drop_batch();
+                return Err(e);
+            }
         }
         if self.buf.is_empty() {
             return Ok(());
         }
+        let r = self.write_batch();
+        if r.is_err() {
+            self.drop_batch();
+        }
+        self.buf.clear();
+        self.buffered = 0;
+        // A batch that grew huge once must not keep its memory.
+        self.buf.shrink_to(256 * 1024);
+        r
+    }
+
+    fn drop_batch(&mut self) {
+        self.dropped_total += self.buffered;
+        self.buffered = 0;
+        self.buf.clear();
+    }
+
+    fn write_batch(&mut self) -> io::Result<()> {
         if let Some(max) = self.opts.max_size
             && self.size > 0
             && self.size + self.buf.len() as u64 > max
         {
             self.rotate()?;
         }
-        self.file.write_all(&self.buf)?;
-        self.size += self.buf.len() as u64;
-        self.buf.clear();
+        let before = self.file.metadata().map_or(self.size, |m| m.len());
+        if let Err(e) = self.file.write_all(&self.buf) {
+            // Part of the batch may be in the file: cut it back to the last whole line, so
+            // readers never see a spliced record and nothing is written twice.
+            let _ = self.file.set_len(before);
+            self.size = before;
+            return Err(e);
+        }
+        self.size = before + self.buf.len() as u64;
         Ok(())
     }
 
@@ -180,7 +228,7 @@ impl LogFile {
         }
     }
 
-    /// SIGHUP: reopen the path unconditionally.
+    /// SIGHUP: reopen the path unconditionally (recreating its directory).
     pub fn reopen(&mut self) -> io::Result<()> {
         let (file, ino, size) = open(&self.opts.path)?;
         self.file = file;
@@ -212,6 +260,14 @@ impl LogFile {
     }
 }
 
+/// The log could not be opened: one line naming the path and why.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open log file {}: {source}", path.display())]
+pub struct LogError {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -227,6 +283,8 @@ mod tests {
             recursion_misses: 0,
             undecodable: 0,
             table_full: 0,
+            timewait_full: 0,
+            log_dropped: 0,
             filtered: 0,
             uptime_s: 1.0,
         })
@@ -314,7 +372,8 @@ mod tests {
             keep: 0,
         })
         .err()
-        .expect("must fail");
+        .expect("must fail")
+        .to_string();
         assert!(err.contains("/proc/tcpstate"), "{err}");
         assert!(!err.contains('\n'));
     }

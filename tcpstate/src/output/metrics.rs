@@ -24,6 +24,8 @@ pub struct Counters {
     pub recursion_misses: u64,
     pub undecodable: u64,
     pub log_suppressed: u64,
+    pub log_dropped: u64,
+    pub stdout_dropped: u64,
 }
 
 /// (state, sum in seconds, count, cumulative buckets).
@@ -43,21 +45,25 @@ struct Snapshot {
     tracked: u64,
     capacity: u64,
     refused: u64,
+    timewait_refused: u64,
     table_bytes: u64,
+    timewait_bytes: u64,
+    pressure_raised: u64,
+    pressure_open: u64,
+    pressure_worst: f64,
     counters: Counters,
 }
 
 pub fn render(tracker: &Tracker, counters: Counters) -> String {
-    let agg = &tracker.agg;
-    let live = TcpState::ALL.into_iter().filter(|s| {
-        !matches!(
-            s,
-            TcpState::Close | TcpState::TimeWait | TcpState::NewSynRecv
-        )
-    });
+    let agg = tracker.stats();
+    let live = TcpState::ALL
+        .into_iter()
+        .filter(|s| !matches!(s, TcpState::Close | TcpState::NewSynRecv));
     let thresholded: Vec<TcpState> = tracker.config().thresholds.iter().map(|(s, _)| s).collect();
     let snap = Snapshot {
-        sockets: live.map(|s| (s.name(), agg.sockets[s as usize])).collect(),
+        sockets: live
+            .map(|s| (s.name(), tracker.sockets(s) as i64))
+            .collect(),
         transitions: TcpState::ALL
             .into_iter()
             .flat_map(|a| TcpState::ALL.into_iter().map(move |b| (a, b)))
@@ -87,7 +93,7 @@ pub fn render(tracker: &Tracker, counters: Counters) -> String {
             .collect(),
         anomalies_open: thresholded
             .iter()
-            .map(|&s| (s.kind(), agg.anomalies_open[s as usize]))
+            .map(|&s| (s.kind(), tracker.anomalies_open(s) as i64))
             .collect(),
         failed_connects: agg.failed_connects,
         resets: agg.resets,
@@ -96,7 +102,12 @@ pub fn render(tracker: &Tracker, counters: Counters) -> String {
         tracked: tracker.tracked() as u64,
         capacity: tracker.capacity() as u64,
         refused: tracker.refused(),
+        timewait_refused: tracker.timewait_refused(),
         table_bytes: tracker.bytes() as u64,
+        timewait_bytes: tracker.timewait_bytes() as u64,
+        pressure_raised: agg.pressure_raised,
+        pressure_open: tracker.pressure_open(),
+        pressure_worst: tracker.pressure_worst(),
         counters,
     };
     let mut registry = Registry::default();
@@ -161,7 +172,7 @@ impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let mut m = e.encode_descriptor(
             "tcpstate_sockets",
-            "Tracked sockets in each TCP state now (TIME_WAIT is not visible to the tracepoint)",
+            "Sockets in each TCP state now, as ss -tan counts them (TIME_WAIT and orphaned FIN_WAIT2 mini-sockets, SYN_RECV request sockets included)",
             None,
             MetricType::Gauge,
         )?;
@@ -264,9 +275,51 @@ impl Collector for Snapshot {
         )?;
         counter(
             &mut e,
+            "tcpstate_log_dropped",
+            "Records the log could not write (disk full, unwritable path): counted, not kept",
+            c.log_dropped,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_stdout_dropped",
+            "Records dropped because stdout's reader did not keep up",
+            c.stdout_dropped,
+        )?;
+        counter(
+            &mut e,
             "tcpstate_table_refused",
-            "Sockets not tracked because the table was full",
+            "Sockets not tracked because the table was full (counted once, at birth)",
             self.refused,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_timewait_refused",
+            "TIME_WAIT mini-sockets not tracked because their table was full (--max-timewait)",
+            self.timewait_refused,
+        )?;
+        counter(
+            &mut e,
+            "tcpstate_time_wait_pressure",
+            "time_wait_pressure anomalies raised: one destination's TIME_WAIT sockets held more than the threshold's share of the ephemeral port range",
+            self.pressure_raised,
+        )?;
+        gauge(
+            &mut e,
+            "tcpstate_time_wait_pressure_open",
+            "Destinations under time_wait_pressure now",
+            self.pressure_open as i64,
+        )?;
+        ConstGauge::new(self.pressure_worst).encode(e.encode_descriptor(
+            "tcpstate_time_wait_pressure_ratio",
+            "The fullest destination's TIME_WAIT sockets over its ephemeral port range size",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        gauge(
+            &mut e,
+            "tcpstate_timewait_bytes",
+            "Heap bytes held by the TIME_WAIT table",
+            self.timewait_bytes as i64,
         )?;
         gauge(
             &mut e,
@@ -277,7 +330,7 @@ impl Collector for Snapshot {
         gauge(
             &mut e,
             "tcpstate_table_bytes",
-            "Heap bytes held by the socket table and its deadlines",
+            "Heap bytes held by the socket tables and the deadlines",
             self.table_bytes as i64,
         )?;
         gauge(

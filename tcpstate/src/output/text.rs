@@ -3,6 +3,7 @@
 
 use std::{fmt::Write as _, net::IpAddr, time::SystemTime};
 
+use super::escape::escape;
 use crate::record::{AnomalyRecord, OwnerSource, Record, TransitionRecord};
 
 pub const HEADER: &str = "TIME(UTC)       PID     COMM             LADDR:LPORT                RADDR:RPORT                OLD          -> NEW          MS";
@@ -39,7 +40,7 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
                 "{} LEAK     pid {} ({}) holds {} sockets in {} (was {}, threshold {})",
                 clock(l.ts),
                 l.pid,
-                l.comm.as_str(),
+                escape(&l.comm.as_str()),
                 l.count,
                 l.state,
                 l.previous,
@@ -63,7 +64,7 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
                 out,
                 "{} STARTED  tcpstate {} pid {}, ring {} KiB, {} sockets seeded",
                 clock(s.ts),
-                s.version,
+                escape(&s.version),
                 s.pid,
                 s.ring_bytes / 1024,
                 s.seeded
@@ -74,13 +75,15 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
             paint(out, DIM);
             let _ = write!(
                 out,
-                "{} STOPPED  {} events, {} dropped, {} recursion misses, {} undecodable, {} refused (table full), {} filtered (--netns), up {:.1}s",
+                "{} STOPPED  {} events, {} dropped, {} recursion misses, {} undecodable, {} refused (table full), {} TIME_WAIT refused, {} log records lost, {} filtered (--netns), up {:.1}s",
                 clock(s.ts),
                 s.events,
                 s.dropped,
                 s.recursion_misses,
                 s.undecodable,
                 s.table_full,
+                s.timewait_full,
+                s.log_dropped,
                 s.filtered,
                 s.uptime_s
             );
@@ -95,12 +98,17 @@ fn write_transition(out: &mut String, t: &TransitionRecord) {
         Some(ms) => format!("{ms:.3}"),
         None => "-".to_owned(),
     };
+    // A mini-socket's transition runs in no task: say how it was seen instead.
+    let (pid, comm) = match &t.via {
+        Some(via) => ("-".to_owned(), format!("({})", escape(via))),
+        None => (t.pid.to_string(), escape(&t.comm.as_str()).into_owned()),
+    };
     let _ = write!(
         out,
         "{} {:<7} {:<16} {:<26} {:<26} {:<12} -> {:<12} {}",
         clock(t.ts),
-        t.pid,
-        t.comm.as_str(),
+        pid,
+        comm,
         endpoint(t.saddr, t.sport),
         endpoint(t.daddr, t.dport),
         t.old.name(),
@@ -112,13 +120,21 @@ fn write_transition(out: &mut String, t: &TransitionRecord) {
 fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
     let owner = match (a.pid, a.comm, a.owner_source) {
         (Some(pid), Some(comm), OwnerSource::Fd) => {
-            format!("held by pid {pid} ({})", comm.as_str())
+            format!("held by pid {pid} ({})", escape(&comm.as_str()))
         }
         (Some(pid), Some(comm), _) => {
-            format!("attributed to pid {pid} ({}), not verified", comm.as_str())
+            format!(
+                "attributed to pid {pid} ({}), not verified",
+                escape(&comm.as_str())
+            )
         }
         _ => match a.last_owner {
-            Some(o) => format!("orphaned, last owner pid {} ({})", o.pid, o.comm.as_str()),
+            Some(o) => format!(
+                "orphaned, last owner pid {} ({})",
+                o.pid,
+                escape(&o.comm.as_str())
+            ),
+            None if a.count.is_some() => String::new(),
             None => "owner unknown".to_owned(),
         },
     };
@@ -127,13 +143,24 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
         out,
         "{} {label} {:<11} {at_least}{:.1}s {} -> {} {owner}",
         clock(a.ts),
-        a.state.name(),
+        if a.count.is_some() {
+            "TW_PRESSURE"
+        } else {
+            a.state.name()
+        },
         a.age_ms / 1000.0,
         endpoint(a.saddr, a.sport),
         endpoint(a.daddr, a.dport),
     );
+    if let (Some(n), Some(range)) = (a.count, a.port_range) {
+        let _ = write!(
+            out,
+            "{n} sockets of a {range}-port range (tcp_tw_reuse={})",
+            a.tw_reuse.unwrap_or(0)
+        );
+    }
     if let Some(why) = &a.resolution {
-        let _ = write!(out, " ({why})");
+        let _ = write!(out, " ({})", escape(why));
     }
 }
 
@@ -156,8 +183,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        decode::{Comm, Family},
         record::Owner,
+        socket::{Comm, Family},
         state::TcpState,
     };
 
@@ -176,6 +203,7 @@ mod tests {
             comm: Comm::new("curl"),
             prev_state_ms: Some(0.25),
             netns: 0,
+            via: None,
         }
     }
 
@@ -217,6 +245,9 @@ mod tests {
                 comm: Comm::new("server"),
             }),
             resolution: None,
+            count: None,
+            port_range: None,
+            tw_reuse: None,
         }
     }
 

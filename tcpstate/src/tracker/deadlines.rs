@@ -1,8 +1,9 @@
 //! When each tracked socket's time in its state runs out.
 //!
 //! A min-heap with lazy deletion: a state change does not search the heap,
-//! it bumps the entry's generation, and stale deadlines are skipped when
-//! they surface. Checking costs O(log n) per deadline that expires, nothing
+//! it gives the entry a new epoch (unique across every socket, so a
+//! deadline can never match another socket that took the same address),
+//! and stale deadlines are skipped when they surface. Checking costs O(log n) per deadline that expires, nothing
 //! per event that does not set one. The heap is rebuilt from the table when
 //! stale deadlines outnumber live sockets, so churn cannot grow it without
 //! bound.
@@ -13,7 +14,7 @@ use std::{cmp::Reverse, collections::BinaryHeap};
 pub struct Deadline {
     pub at_ns: u64,
     pub key: u64,
-    pub generation: u32,
+    pub epoch: u64,
 }
 
 #[derive(Default, Debug)]
@@ -70,7 +71,7 @@ mod tests {
             d.push(Deadline {
                 at_ns: at,
                 key,
-                generation: 0,
+                epoch: 0,
             });
         }
         assert_eq!(d.pop_due(5), None);
@@ -87,14 +88,14 @@ mod tests {
             d.push(Deadline {
                 at_ns: i,
                 key: i,
-                generation: 0,
+                epoch: 0,
             });
         }
         assert!(d.needs_rebuild(10));
         d.rebuild(std::iter::once(Deadline {
             at_ns: 1,
             key: 1,
-            generation: 1,
+            epoch: 1,
         }));
         assert_eq!(d.len(), 1);
     }

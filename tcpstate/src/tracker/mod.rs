@@ -1,93 +1,63 @@
 //! The socket table and its state machine: timing each socket in each
-//! state, attributing owners, raising and resolving anomalies, counting.
+//! state (TIME_WAIT and orphaned FIN_WAIT2 mini-sockets included),
+//! attributing owners, raising and resolving anomalies, counting.
 //!
 //! Pure: time comes from event timestamps and the `now_ns` callers pass
-//! (kernel CLOCK_MONOTONIC), so tests drive it with a fake clock.
+//! (kernel CLOCK_MONOTONIC), and what the kernel's socket table says comes
+//! in as plain data, so tests drive it with a fake clock. It speaks in
+//! [`Fact`]s; the outputs turn them into records.
+//!
+//! - `mod.rs`: the event path (a transition in, facts out);
+//! - `minisock.rs`: the second half of the close, after `tcp_time_wait()`;
+//! - `kernel.rs`: seeding, reconciliation and sock_diag answers;
+//! - `table.rs`, `timewait.rs`: the two tables and their counts;
+//! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`: the rules;
+//! - `stats.rs`: counters for the life of the daemon.
 
-pub mod aggregates;
 pub mod deadlines;
+pub mod facts;
+mod kernel;
 pub mod leak;
+mod minisock;
+pub mod pressure;
+pub mod stats;
 pub mod table;
 pub mod thresholds;
+pub mod timewait;
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
+use std::collections::HashMap;
+
+pub use self::{
+    facts::{Anomaly, Fact, Kind, Leak, Moved, Owner, Resolution, Task, Via},
+    kernel::{Alive, Found, KernelSocket, Probe, ProbeResult},
+    pressure::NetnsInfo,
 };
-
 use self::{
-    aggregates::Aggregates,
     deadlines::{Deadline, Deadlines},
-    leak::LeakCounts,
-    table::{Comms, Entry, NO_OWNER, OwnerRef, Table, Tuple, flag, from_ip},
+    pressure::PressureRule,
+    stats::Stats,
+    table::{Comms, Entry, OwnerRef, Table, flag},
     thresholds::Thresholds,
+    timewait::TimeWaitTable,
 };
 use crate::{
-    clock::WallClock,
-    decode::{Comm, Family, Transition},
-    record::{AnomalyRecord, LeakRecord, OwnerSource, Record},
+    decode::{Ending, Transition},
+    socket::{Comm, Tuple},
     state::TcpState,
 };
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Hard cap on tracked sockets.
+    /// Hard cap on tracked full sockets (and FIN_WAIT2 mini-sockets).
     pub capacity: usize,
+    /// Hard cap on tracked TIME_WAIT mini-sockets.
+    pub timewait_capacity: usize,
     pub thresholds: Thresholds,
     /// Leak rule: more than this many sockets in a lingering state.
     pub leak_threshold: u64,
-    pub clock: WallClock,
-}
-
-/// A socket found by the start-up snapshot.
-#[derive(Clone, Debug)]
-pub struct SeedSocket {
-    pub netns: u32,
-    pub state: TcpState,
-    pub saddr: IpAddr,
-    pub sport: u16,
-    pub daddr: IpAddr,
-    pub dport: u16,
-    pub owner: Option<(u32, Comm)>,
-}
-
-/// What a reconciliation dump says is alive in one network namespace.
-#[derive(Debug, Default)]
-pub struct Alive {
-    pub tuples: HashSet<Tuple>,
-    /// SYN_SENT sockets by remote end: the tracepoint shows local port 0
-    /// when a connect starts, so those entries match on the remote only.
-    pub connecting: HashSet<([u8; 16], u16)>,
-}
-
-impl Alive {
-    pub fn insert(&mut self, netns: u32, st: TcpState, s: IpAddr, sp: u16, d: IpAddr, dp: u16) {
-        // A timewait or request socket is a different kernel object from
-        // the full socket we track: the tuple lives on in TIME_WAIT after
-        // our socket is gone, so it must not keep a ghost alive.
-        if matches!(st, TcpState::TimeWait | TcpState::NewSynRecv) {
-            return;
-        }
-        let (saddr, daddr) = (from_ip(s), from_ip(d));
-        if st == TcpState::SynSent {
-            self.connecting.insert((daddr, dp));
-        }
-        self.tuples.insert(Tuple {
-            netns,
-            saddr,
-            daddr,
-            sport: sp,
-            dport: dp,
-        });
-    }
-}
-
-/// An open anomaly, for the status page.
-#[derive(Clone, Debug)]
-pub struct OpenAnomaly {
-    pub key: u64,
-    pub since_ns: u64,
-    pub entry: Entry,
+    /// `time_wait_pressure`: the fraction of the ephemeral port range one
+    /// destination may hold (None: off).
+    pub pressure: Option<f64>,
 }
 
 /// What applying one transition told us.
@@ -100,36 +70,56 @@ pub struct Applied {
     pub netns: u32,
 }
 
+/// Keys below this are ours, not kernel addresses (which live in the top
+/// half of the address space): snapshot sockets and mini-sockets.
+const SYNTHETIC_LIMIT: u64 = 1 << 48;
+
 pub struct Tracker {
     cfg: Config,
     table: Table,
+    timewait: TimeWaitTable,
     comms: Comms,
     deadlines: Deadlines,
+    next_epoch: u64,
     /// FxHash: looked up on every accepted socket; keyed by local ports,
     /// which only local processes choose (at most 64k per namespace).
     listeners: rustc_hash::FxHashMap<(u32, u16), OwnerRef>,
     /// Snapshot sockets not yet seen in an event, by tuple without the
-    /// namespace (events only carry it when a socket is born). They are
-    /// keyed by small synthetic numbers (kernel addresses are never that
-    /// low) until their first event tells us their real address.
+    /// namespace (events only carry it when a socket is born).
     seeded: HashMap<Tuple, Vec<u64>>,
-    next_seed_key: u64,
-    leaks: LeakCounts,
-    pub agg: Aggregates,
+    /// FIN_WAIT2 mini-sockets (orphans) by namespace and tuple: their
+    /// (synthetic) keys in the table.
+    orphans: HashMap<(u32, Tuple), u64>,
+    next_key: u64,
+    pressure: PressureRule,
+    /// Request sockets per namespace, from the last dump.
+    requests: HashMap<u32, u64>,
+    /// Sockets refused at birth because the table was full.
+    refused: u64,
+    /// An event was lost and no reconciliation has run since: the table
+    /// may hold ghosts, so no anomaly is raised from it.
+    incomplete: bool,
+    stats: Stats,
 }
 
 impl Tracker {
     pub fn new(cfg: Config) -> Self {
         Self {
             table: Table::new(cfg.capacity),
+            timewait: TimeWaitTable::new(cfg.timewait_capacity),
+            pressure: PressureRule::new(cfg.pressure),
+            requests: HashMap::new(),
             cfg,
             comms: Comms::default(),
             deadlines: Deadlines::default(),
+            next_epoch: 1,
             listeners: rustc_hash::FxHashMap::default(),
             seeded: HashMap::new(),
-            next_seed_key: 1,
-            leaks: LeakCounts::default(),
-            agg: Aggregates::new(),
+            orphans: HashMap::new(),
+            next_key: 1,
+            refused: 0,
+            incomplete: false,
+            stats: Stats::new(),
         }
     }
 
@@ -137,180 +127,271 @@ impl Tracker {
         &self.cfg
     }
 
+    /// Full sockets and FIN_WAIT2 mini-sockets tracked.
     pub fn tracked(&self) -> usize {
         self.table.len()
     }
 
+    pub fn timewait(&self) -> usize {
+        self.timewait.len()
+    }
+
+    /// Sockets refused at birth (table full), and TIME_WAIT mini-sockets
+    /// refused (timewait table full).
     pub fn refused(&self) -> u64 {
-        self.table.refused
+        self.refused
+    }
+
+    pub fn timewait_refused(&self) -> u64 {
+        self.timewait.refused()
     }
 
     pub fn capacity(&self) -> usize {
-        self.table.capacity
+        self.table.capacity()
     }
 
-    /// Heap bytes of the table and deadline heap.
+    /// Heap bytes of the tables and the deadline heap.
     pub fn bytes(&self) -> usize {
-        self.table.bytes() + self.deadlines.bytes()
+        self.table.bytes() + self.timewait.bytes() + self.deadlines.bytes()
+    }
+
+    pub fn timewait_bytes(&self) -> usize {
+        self.timewait.bytes()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Sockets in `st` now, as `ss -tan` counts them.
+    pub fn sockets(&self, st: TcpState) -> u64 {
+        match st {
+            TcpState::TimeWait => self.timewait.len() as u64,
+            TcpState::SynRecv => self.table.sockets(st) + self.requests(),
+            st => self.table.sockets(st),
+        }
+    }
+
+    pub fn anomalies_open(&self, st: TcpState) -> u64 {
+        self.table.anomalies_open(st)
+    }
+
+    pub fn pressure_open(&self) -> u64 {
+        self.pressure.open()
+    }
+
+    /// The worst destination's share of its ephemeral port range.
+    pub fn pressure_worst(&self) -> f64 {
+        self.pressure.worst()
     }
 
     pub fn comm(&self, id: u32) -> Comm {
         self.comms.get(id)
     }
 
+    fn task(&self, o: OwnerRef) -> Task {
+        Task {
+            pid: o.pid,
+            comm: self.comms.get(o.comm),
+        }
+    }
+
+    fn synthetic_key(&mut self) -> u64 {
+        let k = self.next_key;
+        self.next_key = (self.next_key + 1) % SYNTHETIC_LIMIT;
+        if self.next_key == 0 {
+            self.next_key = 1;
+        }
+        k
+    }
+
     /// Applies one transition.
-    pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Record>) -> Applied {
-        let (old, new) = (t.old, t.new);
-        self.agg.transitions[old as usize][new as usize] += 1;
-        match (old, new) {
-            (TcpState::SynSent, TcpState::Close) => self.agg.failed_connect(t.daddr, t.dport),
-            (TcpState::Established | TcpState::CloseWait, TcpState::Close) => {
-                self.agg.reset(t.daddr, t.dport)
-            }
-            _ => {}
+    pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Fact>) -> Applied {
+        let known = self.table.contains(t.sk) || self.adopt_seeded(t);
+        if !known {
+            return self.on_unknown(t, out);
         }
-
-        let key = t.sk;
-        let unknown = Applied {
-            prev_state_ms: None,
-            netns: t.netns,
+        let Some(e) = self.table.get(t.sk).copied() else {
+            return self.on_unknown(t, out);
         };
-        if !self.table.map.contains_key(&key) && !self.adopt_seeded(t) {
-            if new != TcpState::Close {
-                self.create(t);
-            }
-            return unknown;
-        }
-        let Some(e) = self.table.map.get_mut(&key) else {
-            return unknown;
-        };
-        if e.netns == 0 {
-            e.netns = t.netns;
-        }
-        let netns = e.netns;
-
-        // Leaving e.state.
-        let left = e.state;
-        let seen = left == old && e.has(flag::ENTRY_SEEN);
-        let dt = t.ts_ns.saturating_sub(e.since_ns);
-        self.agg.sockets[left as usize] -= 1;
-        self.leaks.leave(e.owner(), left);
-        if e.has(flag::ANOMALY_OPEN) {
-            e.flags &= !flag::ANOMALY_OPEN;
-            self.agg.anomalies_open[left as usize] -= 1;
-            let rec = anomaly_record(
-                &self.cfg.clock,
-                &self.comms,
-                key,
-                e,
-                t.ts_ns,
-                Some("left_state"),
-            );
-            out.push(Record::AnomalyResolved(rec));
-        }
-        let prev_ms = seen.then(|| {
-            self.agg.record_duration(old, dt);
-            dt as f64 / 1e6
-        });
-
+        let netns = if e.netns == 0 { t.netns } else { e.netns };
+        let seen = e.state == t.old && e.has(flag::ENTRY_SEEN);
+        let prev_ns = seen.then(|| t.ts_ns.saturating_sub(e.since_ns));
         let applied = Applied {
-            prev_state_ms: prev_ms,
+            prev_state_ms: prev_ns.map(|ns| ns as f64 / 1e6),
             netns,
         };
-        if new == TcpState::Close {
-            let e = *e;
-            self.forget(key, &e);
+        if t.new == TcpState::Close && t.ending == Ending::FinWait2 {
+            // The orphan lives on as a mini-socket, still in FIN_WAIT2:
+            // nothing to report, and its clock keeps running.
+            self.detach_orphan(t.sk, netns);
             return applied;
         }
-
-        // Entering `new`.
-        e.state = new;
-        e.since_ns = t.ts_ns;
-        e.flags = (e.flags | flag::ENTRY_SEEN) & !flag::SEEDED;
-        e.generation = e.generation.wrapping_add(1);
-        if t.sport != 0 {
-            e.sport = t.sport;
-            e.saddr = from_ip(t.saddr);
+        let new = reported_state(t);
+        self.report(out, t, netns, new, prev_ns);
+        if e.has(flag::ANOMALY_OPEN) {
+            self.resolve(out, t.sk, &e, t.ts_ns, Resolution::LeftState);
         }
-        e.dport = t.dport;
-        e.daddr = from_ip(t.daddr);
-        let owner = attribute(&mut self.comms, &self.listeners, t, e.netns, e.owner());
-        e.set_owner(owner);
-        let e = *e;
-        if old == TcpState::Close
-            && new == TcpState::Listen
-            && let Some(o) = owner
-        {
-            self.listeners.insert((e.netns, t.sport), o);
+        match new {
+            TcpState::Close => {
+                self.forget(t.sk);
+            }
+            TcpState::TimeWait => {
+                self.forget(t.sk);
+                self.enter_timewait(netns, &tuple_of(t, &e), t.ts_ns, false, out);
+            }
+            _ => self.advance(t, netns),
         }
-        self.entered(key, &e);
+        self.after_move(t, netns, out);
         applied
     }
 
-    /// A socket we have never seen: start tracking it, unless full.
-    fn create(&mut self, t: &Transition) {
-        let owner = attribute(&mut self.comms, &self.listeners, t, t.netns, None);
-        let mut e = Entry {
-            since_ns: t.ts_ns,
-            born_ns: t.ts_ns,
-            saddr: from_ip(t.saddr),
-            daddr: from_ip(t.daddr),
-            sport: t.sport,
-            dport: t.dport,
-            netns: t.netns,
-            owner_pid: 0,
-            owner_comm: NO_OWNER,
-            generation: 0,
-            state: t.new,
-            v6: t.family == Family::V6,
-            flags: flag::ENTRY_SEEN,
-        };
-        e.set_owner(owner);
-        if t.old == TcpState::Close
-            && t.new == TcpState::Listen
-            && let Some(o) = owner
-        {
-            self.listeners.insert((t.netns, t.sport), o);
+    /// A socket we have never seen: track it unless it is closing.
+    fn on_unknown(&mut self, t: &Transition, out: &mut Vec<Fact>) -> Applied {
+        let new = reported_state(t);
+        if t.new == TcpState::Close && t.ending == Ending::FinWait2 {
+            // An orphan we never saw: track the mini-socket from now.
+            let e = Entry::new(t.tuple, t.netns, TcpState::FinWait2, t.ts_ns, flag::SEEDED);
+            if self.table.insert(t.sk, e).is_ok() {
+                self.enter_deadline(t.sk);
+                self.detach_orphan(t.sk, t.netns);
+            }
+            return Applied {
+                prev_state_ms: None,
+                netns: t.netns,
+            };
         }
-        if self.table.insert(t.sk, e) {
-            self.entered(t.sk, &e);
+        self.report(out, t, t.netns, new, None);
+        match new {
+            TcpState::Close => {}
+            TcpState::TimeWait => self.enter_timewait(t.netns, &t.tuple, t.ts_ns, false, out),
+            _ => self.create(t),
+        }
+        self.after_move(t, t.netns, out);
+        Applied {
+            prev_state_ms: None,
+            netns: t.netns,
         }
     }
 
-    /// Book-keeping for a socket now in `e.state` since `e.since_ns`.
-    fn entered(&mut self, key: u64, e: &Entry) {
-        self.agg.sockets[e.state as usize] += 1;
-        self.leaks.enter(e.owner(), e.state);
+    /// Pushes the transition fact and counts it.
+    fn report(
+        &mut self,
+        out: &mut Vec<Fact>,
+        t: &Transition,
+        netns: u32,
+        new: TcpState,
+        prev_ns: Option<u64>,
+    ) {
+        self.stats.transition(t.old, new, prev_ns);
+        if new == TcpState::Close {
+            self.stats.closed(t.old, &t.tuple, t.ending);
+        }
+        out.push(Fact::Moved(Moved {
+            ts_ns: t.ts_ns,
+            sk: t.sk,
+            netns,
+            tuple: t.tuple,
+            old: t.old,
+            new,
+            prev_ns,
+            task: Some(Task {
+                pid: t.pid,
+                comm: t.comm,
+            }),
+            via: Via::Event,
+        }));
+    }
+
+    /// Moves a tracked full socket into `t.new`.
+    fn advance(&mut self, t: &Transition, netns: u32) {
+        let Some(e) = self.table.get(t.sk).copied() else {
+            return;
+        };
+        let owner = attribute(&mut self.comms, &self.listeners, t, netns, e.owner());
+        let epoch = self.epoch();
+        let updated = self.table.update(t.sk, |e| {
+            e.state = t.new;
+            e.since_ns = t.ts_ns;
+            e.epoch = epoch;
+            e.netns = netns;
+            e.flags = (e.flags | flag::ENTRY_SEEN) & !(flag::SEEDED | flag::ANOMALY_OPEN);
+            if t.tuple.sport != 0 {
+                e.tuple.saddr = t.tuple.saddr;
+                e.tuple.sport = t.tuple.sport;
+            }
+            e.tuple.daddr = t.tuple.daddr;
+            e.tuple.dport = t.tuple.dport;
+            *e = e.with_owner(owner);
+        });
+        if let (Some(e), Some(o)) = (updated, owner) {
+            self.register_listener(t, &e, o);
+        }
+        self.enter_deadline(t.sk);
+    }
+
+    /// A socket born under our eyes: start tracking it, unless full.
+    fn create(&mut self, t: &Transition) {
+        let owner = attribute(&mut self.comms, &self.listeners, t, t.netns, None);
+        let mut e = Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN).with_owner(owner);
+        e.epoch = self.epoch();
+        if self.table.insert(t.sk, e).is_err() {
+            // Counted once per socket: only at its birth.
+            if matches!(t.old, TcpState::Close | TcpState::Listen) {
+                self.refused += 1;
+            }
+            return;
+        }
+        if let Some(o) = owner {
+            self.register_listener(t, &e, o);
+        }
+        self.enter_deadline(t.sk);
+    }
+
+    fn register_listener(&mut self, t: &Transition, e: &Entry, o: OwnerRef) {
+        if t.old == TcpState::Close && t.new == TcpState::Listen {
+            self.listeners.insert((e.netns, e.tuple.sport), o);
+        }
+    }
+
+    fn epoch(&mut self) -> u64 {
+        self.next_epoch += 1;
+        self.next_epoch
+    }
+
+    /// Schedules the anomaly check for the state entry `key` is in now.
+    fn enter_deadline(&mut self, key: u64) {
+        let Some(e) = self.table.get(key) else { return };
         if let Some(d) = self.cfg.thresholds.get(e.state) {
             self.deadlines.push(Deadline {
-                at_ns: e.since_ns.saturating_add(d.as_nanos() as u64),
+                at_ns: e.since_ns.saturating_add(saturating_ns(d)),
                 key,
-                generation: e.generation,
+                epoch: e.epoch,
             });
         }
     }
 
-    /// Removes a socket that closed or vanished; its state's book-keeping
-    /// was already undone by the caller.
-    fn forget(&mut self, key: u64, e: &Entry) {
-        self.table.map.remove(&key);
-        if key < self.next_seed_key {
-            let addrs = Tuple {
-                netns: 0,
-                ..e.tuple()
-            };
+    /// Removes a socket that closed or vanished, and what refers to it.
+    fn forget(&mut self, key: u64) -> Option<Entry> {
+        let e = self.table.remove(key)?;
+        if key < SYNTHETIC_LIMIT {
+            let addrs = e.tuple;
             if let Some(keys) = self.seeded.get_mut(&addrs) {
                 keys.retain(|&k| k != key);
                 if keys.is_empty() {
                     self.seeded.remove(&addrs);
                 }
             }
+            if self.orphans.get(&(e.netns, e.tuple)) == Some(&key) {
+                self.orphans.remove(&(e.netns, e.tuple));
+            }
         }
         if e.state == TcpState::Listen
-            && self.listeners.get(&(e.netns, e.sport)).copied() == e.owner()
+            && self.listeners.get(&(e.netns, e.tuple.sport)).copied() == e.owner()
         {
-            self.listeners.remove(&(e.netns, e.sport));
+            self.listeners.remove(&(e.netns, e.tuple.sport));
         }
+        Some(e)
     }
 
     /// Moves a snapshot socket to its real kernel address on its first event.
@@ -318,23 +399,16 @@ impl Tracker {
         if self.seeded.is_empty() {
             return false;
         }
-        let addrs = Tuple {
-            netns: 0,
-            saddr: from_ip(t.saddr),
-            daddr: from_ip(t.daddr),
-            sport: t.sport,
-            dport: t.dport,
-        };
-        let Some(keys) = self.seeded.get_mut(&addrs) else {
+        let Some(keys) = self.seeded.get_mut(&t.tuple) else {
             return false;
         };
         // The same tuple can exist in several namespaces (containers).
         // Without the event's namespace, adopt only an unambiguous match;
         // an ambiguous one is left to reconciliation.
-        let table = &self.table.map;
+        let table = &self.table;
         let pick = if t.netns != 0 {
             keys.iter()
-                .position(|k| table.get(k).is_some_and(|e| e.netns == t.netns))
+                .position(|&k| table.get(k).is_some_and(|e| e.netns == t.netns))
         } else if keys.len() == 1 {
             Some(0)
         } else {
@@ -345,199 +419,150 @@ impl Tracker {
         };
         let seed_key = keys.swap_remove(i);
         if keys.is_empty() {
-            self.seeded.remove(&addrs);
+            self.seeded.remove(&t.tuple);
         }
-        let Some(e) = self.table.map.remove(&seed_key) else {
-            return false;
-        };
-        self.table.map.insert(t.sk, e);
-        true
-    }
-
-    /// Loads the start-up snapshot; returns how many sockets were tracked.
-    pub fn seed(&mut self, sockets: impl IntoIterator<Item = SeedSocket>, now_ns: u64) -> u64 {
-        let mut n = 0;
-        for s in sockets {
-            if matches!(
-                s.state,
-                TcpState::TimeWait | TcpState::NewSynRecv | TcpState::Close
-            ) {
-                continue;
-            }
-            let owner = s.owner.map(|(pid, comm)| OwnerRef {
-                pid,
-                comm: self.comms.intern(comm),
-            });
-            let mut e = Entry {
-                since_ns: now_ns,
-                born_ns: now_ns,
-                saddr: from_ip(s.saddr),
-                daddr: from_ip(s.daddr),
-                sport: s.sport,
-                dport: s.dport,
-                netns: s.netns,
-                owner_pid: 0,
-                owner_comm: NO_OWNER,
-                generation: 0,
-                state: s.state,
-                v6: s.saddr.is_ipv6(),
-                flags: flag::SEEDED,
-            };
-            e.set_owner(owner);
-            let key = self.next_seed_key;
-            if !self.table.insert(key, e) {
-                continue;
-            }
-            self.next_seed_key += 1;
-            let addrs = Tuple {
-                netns: 0,
-                ..e.tuple()
-            };
-            self.seeded.entry(addrs).or_default().push(key);
-            if s.state == TcpState::Listen
-                && let Some(o) = owner
-            {
-                self.listeners.insert((s.netns, s.sport), o);
-            }
-            self.entered(key, &e);
-            n += 1;
-        }
-        n
+        self.table.rekey(seed_key, t.sk)
     }
 
     /// Raises an anomaly for every socket whose time in its state ran out.
-    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Record>) {
+    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Fact>) {
+        if self.incomplete {
+            // Deadlines wait in the heap until reconciliation says which
+            // sockets are real.
+            return;
+        }
         while let Some(d) = self.deadlines.pop_due(now_ns) {
-            let Some(e) = self.table.map.get_mut(&d.key) else {
+            let Some(e) = self.table.get(d.key).copied() else {
                 continue;
             };
-            if e.generation != d.generation || e.has(flag::ANOMALY_OPEN) {
+            if e.epoch != d.epoch || e.has(flag::ANOMALY_OPEN) {
                 continue;
             }
-            e.flags |= flag::ANOMALY_OPEN;
-            self.agg.anomalies_raised[e.state as usize] += 1;
-            self.agg.anomalies_open[e.state as usize] += 1;
-            let rec = anomaly_record(&self.cfg.clock, &self.comms, d.key, e, now_ns, None);
-            out.push(Record::Anomaly(rec));
+            self.table.update(d.key, |e| e.flags |= flag::ANOMALY_OPEN);
+            self.stats.raised(Kind::Lingering(e.state));
+            out.push(Fact::Raised(self.anomaly(d.key, &e, now_ns)));
         }
         if self.deadlines.needs_rebuild(self.table.len()) {
             let th = &self.cfg.thresholds;
             self.deadlines
-                .rebuild(self.table.map.iter().filter_map(|(&key, e)| {
+                .rebuild(self.table.iter().filter_map(|(key, e)| {
                     let d = th.get(e.state)?;
                     (!e.has(flag::ANOMALY_OPEN)).then_some(Deadline {
-                        at_ns: e.since_ns.saturating_add(d.as_nanos() as u64),
+                        at_ns: e.since_ns.saturating_add(saturating_ns(d)),
                         key,
-                        generation: e.generation,
+                        epoch: e.epoch,
                     })
                 }));
         }
     }
 
+    /// Says whether the table can be trusted: false after a lost event,
+    /// until the next reconciliation.
+    pub fn set_incomplete(&mut self, incomplete: bool) {
+        self.incomplete = incomplete;
+    }
+
+    pub fn is_incomplete(&self) -> bool {
+        self.incomplete
+    }
+
+    fn resolve(&mut self, out: &mut Vec<Fact>, key: u64, e: &Entry, now_ns: u64, why: Resolution) {
+        out.push(Fact::Resolved(self.anomaly(key, e, now_ns), why));
+    }
+
     /// Applies the leak rule; call once per leak interval.
-    pub fn check_leaks(&mut self, now_ns: u64, out: &mut Vec<Record>) {
-        for s in self.leaks.check(self.cfg.leak_threshold) {
-            self.agg.leaks_suspected += 1;
-            out.push(Record::LeakSuspected(LeakRecord {
-                ts: self.cfg.clock.to_system(now_ns),
-                pid: s.owner.pid,
-                comm: self.comms.get(s.owner.comm),
+    pub fn check_leaks(&mut self, now_ns: u64, out: &mut Vec<Fact>) {
+        let threshold = self.cfg.leak_threshold;
+        for s in self.table.leaks_mut().check(threshold) {
+            self.stats.leak();
+            out.push(Fact::Leak(Leak {
+                ts_ns: now_ns,
+                task: self.task(s.owner),
                 state: s.state,
                 count: s.count,
                 previous: s.previous,
-                threshold: self.cfg.leak_threshold,
+                threshold,
             }));
         }
     }
 
-    /// Removes sockets of `netns` that the kernel no longer has (an event
-    /// was lost). Only sockets unchanged since before `dump_start_ns` are
-    /// judged, so a socket born during the dump is not mistaken for a ghost.
-    pub fn reconcile(
-        &mut self,
-        netns: u32,
-        alive: &Alive,
-        dump_start_ns: u64,
-        now_ns: u64,
-        out: &mut Vec<Record>,
-    ) -> u64 {
-        let ghosts: Vec<u64> = self
-            .table
-            .map
-            .iter()
-            .filter(|(_, e)| e.netns == netns && e.since_ns < dump_start_ns)
-            .filter(|(_, e)| {
-                if e.sport == 0 {
-                    !alive.connecting.contains(&(e.daddr, e.dport))
-                } else {
-                    !alive.tuples.contains(&e.tuple())
-                }
-            })
-            .map(|(&k, _)| k)
-            .collect();
-        for &key in &ghosts {
-            let Some(e) = self.table.map.get(&key).copied() else {
-                continue;
-            };
-            self.agg.sockets[e.state as usize] -= 1;
-            self.leaks.leave(e.owner(), e.state);
-            if e.has(flag::ANOMALY_OPEN) {
-                self.agg.anomalies_open[e.state as usize] -= 1;
-                let rec = anomaly_record(
-                    &self.cfg.clock,
-                    &self.comms,
-                    key,
-                    &e,
-                    now_ns,
-                    Some("reconciled"),
-                );
-                out.push(Record::AnomalyResolved(rec));
-            }
-            self.forget(key, &e);
-            self.agg.reconciled += 1;
-        }
-        ghosts.len() as u64
-    }
-
     /// The namespace remembered for a tracked socket (0 = unknown).
     pub fn netns_of(&self, sk: u64) -> u32 {
-        self.table.map.get(&sk).map_or(0, |e| e.netns)
+        self.table.get(sk).map_or(0, |e| e.netns)
     }
 
-    /// Network namespaces the table holds sockets in.
-    pub fn namespaces(&self) -> HashSet<u32> {
-        self.table.map.values().map(|e| e.netns).collect()
-    }
-
-    pub fn open_anomalies(&self) -> Vec<OpenAnomaly> {
-        let mut v: Vec<OpenAnomaly> = self
+    /// Open anomalies, oldest first, as of `now_ns` (the status page).
+    pub fn open_anomalies(&self, now_ns: u64) -> Vec<Anomaly> {
+        let mut v: Vec<Anomaly> = self
             .table
-            .map
             .iter()
             .filter(|(_, e)| e.has(flag::ANOMALY_OPEN))
-            .map(|(&key, e)| OpenAnomaly {
-                key,
-                since_ns: e.since_ns,
-                entry: *e,
-            })
+            .map(|(key, e)| self.anomaly(key, e, now_ns))
             .collect();
+        v.extend(self.pressure.open_anomalies(now_ns));
         v.sort_by_key(|a| a.since_ns);
         v
     }
 
-    /// Top owners of lingering sockets: (pid, comm, state, count).
-    pub fn top_owners(&self, n: usize) -> Vec<(u32, Comm, TcpState, u64)> {
-        self.leaks
+    /// Top owners of lingering sockets: (task, state, count).
+    pub fn top_owners(&self, n: usize) -> Vec<(Task, TcpState, u64)> {
+        self.table
+            .leaks()
             .top(n)
             .into_iter()
-            .map(|(o, st, c)| (o.pid, self.comms.get(o.comm), st, c))
+            .map(|(o, st, c)| (self.task(o), st, c))
             .collect()
     }
 
-    /// Builds an anomaly record for an open anomaly (status page).
-    pub fn describe(&self, a: &OpenAnomaly, now_ns: u64) -> AnomalyRecord {
-        anomaly_record(&self.cfg.clock, &self.comms, a.key, &a.entry, now_ns, None)
+    /// The anomaly a tracked socket stands for, as of `now_ns`.
+    fn anomaly(&self, key: u64, e: &Entry, now_ns: u64) -> Anomaly {
+        let last = e.owner().map(|o| self.task(o));
+        let (sk, owner) = if e.has(flag::ORPHAN) {
+            (0, Owner::Orphan { last })
+        } else {
+            // Snapshot sockets have no kernel address until their first event
+            // (and keep reporting 0 while their age is a lower bound).
+            let sk = if key < SYNTHETIC_LIMIT || e.has(flag::SEEDED) {
+                0
+            } else {
+                key
+            };
+            (sk, last.map_or(Owner::Unknown, Owner::Attributed))
+        };
+        Anomaly {
+            kind: Kind::Lingering(e.state),
+            state: e.state,
+            ts_ns: now_ns,
+            since_ns: e.since_ns,
+            lower_bound: e.has(flag::SEEDED),
+            sk,
+            netns: e.netns,
+            tuple: e.tuple,
+            owner,
+            pressure: None,
+        }
     }
+}
+
+/// The state a transition really enters: `-> CLOSE` is TIME_WAIT when a
+/// timewait mini-socket took the socket's place.
+fn reported_state(t: &Transition) -> TcpState {
+    match (t.new, t.ending) {
+        (TcpState::Close, Ending::TimeWait) => TcpState::TimeWait,
+        (new, _) => new,
+    }
+}
+
+/// The socket's tuple at its end: the event's, or the entry's when the
+/// event lacks the local end.
+fn tuple_of(t: &Transition, e: &Entry) -> Tuple {
+    if t.tuple.sport == 0 { e.tuple } else { t.tuple }
+}
+
+/// A threshold as nanoseconds, saturating: `--threshold` accepts huge
+/// values, which must mean "never", not wrap into "soon".
+fn saturating_ns(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Who owns the socket after transition `t`, given what we knew before.
@@ -563,44 +588,9 @@ fn attribute(
         // An accepted socket: its listener's owner is the best first guess
         // (wrong for pre-fork servers; anomalies check the fd holder).
         (Listen, SynRecv) | (SynRecv, Established) if known.is_none() => {
-            listeners.get(&(netns, t.sport)).copied()
+            listeners.get(&(netns, t.tuple.sport)).copied()
         }
         _ => known,
-    }
-}
-
-fn anomaly_record(
-    clock: &WallClock,
-    comms: &Comms,
-    key: u64,
-    e: &Entry,
-    now_ns: u64,
-    resolution: Option<&str>,
-) -> AnomalyRecord {
-    let owner = e.owner();
-    AnomalyRecord {
-        ts: clock.to_system(now_ns),
-        kind: e.state.kind().to_owned(),
-        state: e.state,
-        age_ms: now_ns.saturating_sub(e.since_ns) as f64 / 1e6,
-        age_is_lower_bound: e.has(flag::SEEDED),
-        // Snapshot sockets have no kernel address until their first event.
-        sk: if e.has(flag::SEEDED) { 0 } else { key },
-        family: e.family(),
-        saddr: e.saddr(),
-        sport: e.sport,
-        daddr: e.daddr(),
-        dport: e.dport,
-        netns: e.netns,
-        pid: owner.map(|o| o.pid),
-        comm: owner.map(|o| comms.get(o.comm)),
-        owner_source: if owner.is_some() {
-            OwnerSource::Attributed
-        } else {
-            OwnerSource::None
-        },
-        last_owner: None,
-        resolution: resolution.map(str::to_owned),
     }
 }
 

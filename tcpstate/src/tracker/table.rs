@@ -1,12 +1,17 @@
-//! The live-socket table: one compact entry per kernel socket, bounded.
+//! The live-socket table: one compact entry per socket, bounded, and the
+//! counts derived from it (sockets per state, open anomalies, lingering
+//! sockets per owner).
+//!
+//! Every count is a pure function of the entries, and the table is the only
+//! code that can change an entry: each mutation subtracts the entry's
+//! contribution, changes it, and adds it back (`account`). Nothing outside
+//! holds a `&mut Entry`, so no path can forget a decrement.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::collections::HashMap;
 
+use super::leak::LeakCounts;
 use crate::{
-    decode::{Comm, Family},
+    socket::{Comm, Tuple},
     state::TcpState,
 };
 
@@ -24,34 +29,50 @@ pub mod flag {
     pub const ANOMALY_OPEN: u8 = 2;
     /// We saw the socket enter its current state, so `since_ns` is exact.
     pub const ENTRY_SEEN: u8 = 4;
+    /// A timewait mini-socket in FIN_WAIT2 replaced the full socket: no
+    /// process holds it, `owner` is the last one that did, and it has no
+    /// kernel address we know (keyed by a synthetic key).
+    pub const ORPHAN: u8 = 8;
 }
 
-/// 72 bytes: addresses are raw 16-byte arrays (IPv4 in the first 4) and
-/// the comm is an index into a shared interner, because at 10^6 sockets
+const NO_OWNER: u32 = u32::MAX;
+
+/// 80 bytes: addresses raw, the comm interned, because at 10^6 sockets
 /// every byte here is a megabyte.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub since_ns: u64,
     pub born_ns: u64,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
+    /// Unique for every state any socket entered (a tracker-wide counter):
+    /// a deadline matches its entry by key *and* epoch, so a deadline left
+    /// by an old socket can never match a new one at a reused address.
+    pub epoch: u64,
+    pub tuple: Tuple,
+    /// 0 until known (a socket first seen mid-life carries none).
     pub netns: u32,
-    pub owner_pid: u32,
-    /// Interned comm; `NO_OWNER` when unknown.
-    pub owner_comm: u32,
-    pub generation: u32,
+    owner_pid: u32,
+    owner_comm: u32,
     pub state: TcpState,
-    pub v6: bool,
     pub flags: u8,
 }
 
-pub const NO_OWNER: u32 = u32::MAX;
-
-const _: () = assert!(size_of::<Entry>() == 72);
+const _: () = assert!(size_of::<Entry>() == 80);
 
 impl Entry {
+    pub fn new(tuple: Tuple, netns: u32, state: TcpState, since_ns: u64, flags: u8) -> Self {
+        Self {
+            since_ns,
+            born_ns: since_ns,
+            epoch: 0,
+            tuple,
+            netns,
+            owner_pid: 0,
+            owner_comm: NO_OWNER,
+            state,
+            flags,
+        }
+    }
+
     pub fn owner(&self) -> Option<OwnerRef> {
         (self.owner_comm != NO_OWNER).then_some(OwnerRef {
             pid: self.owner_pid,
@@ -59,74 +80,175 @@ impl Entry {
         })
     }
 
-    pub fn set_owner(&mut self, o: Option<OwnerRef>) {
-        match o {
-            Some(o) => {
-                self.owner_pid = o.pid;
-                self.owner_comm = o.comm;
-            }
-            None => {
-                self.owner_pid = 0;
-                self.owner_comm = NO_OWNER;
-            }
-        }
-    }
-
-    pub fn family(&self) -> Family {
-        if self.v6 { Family::V6 } else { Family::V4 }
-    }
-
-    pub fn saddr(&self) -> IpAddr {
-        to_ip(self.v6, &self.saddr)
-    }
-
-    pub fn daddr(&self) -> IpAddr {
-        to_ip(self.v6, &self.daddr)
+    pub fn with_owner(mut self, o: Option<OwnerRef>) -> Self {
+        (self.owner_pid, self.owner_comm) = o.map_or((0, NO_OWNER), |o| (o.pid, o.comm));
+        self
     }
 
     pub fn has(&self, f: u8) -> bool {
         self.flags & f != 0
     }
 
-    pub fn tuple(&self) -> Tuple {
-        Tuple {
-            netns: self.netns,
-            saddr: self.saddr,
-            daddr: self.daddr,
-            sport: self.sport,
-            dport: self.dport,
+    /// The owner the leak rule counts: a process that still holds it.
+    fn holder(&self) -> Option<OwnerRef> {
+        if self.has(flag::ORPHAN) {
+            None
+        } else {
+            self.owner()
         }
     }
 }
 
-pub fn to_ip(v6: bool, b: &[u8; 16]) -> IpAddr {
-    if v6 {
-        IpAddr::V6(Ipv6Addr::from(*b))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-    }
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Full;
+
+/// The table. `capacity` is a hard cap: inserts past it are refused, never
+/// allowed to grow memory.
+#[derive(Debug)]
+pub struct Table {
+    /// FxHash: the keys are kernel addresses (or our synthetic keys), which
+    /// no remote peer chooses, and SipHash showed in the profile.
+    map: rustc_hash::FxHashMap<u64, Entry>,
+    capacity: usize,
+    sockets: [u64; TcpState::COUNT],
+    anomalies_open: [u64; TcpState::COUNT],
+    leaks: LeakCounts,
 }
 
-pub fn from_ip(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            b
+impl Table {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            map: rustc_hash::FxHashMap::default(),
+            capacity,
+            sockets: [0; TcpState::COUNT],
+            anomalies_open: [0; TcpState::COUNT],
+            leaks: LeakCounts::default(),
         }
-        IpAddr::V6(a) => a.octets(),
     }
-}
 
-/// A socket's identity as sock_diag sees it: what seeding and reconciling
-/// match on, since sock_diag does not expose kernel socket addresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Tuple {
-    pub netns: u32,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
+    fn account(&mut self, e: &Entry, add: bool) {
+        let st = e.state as usize;
+        let bump = |n: &mut u64| *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        bump(&mut self.sockets[st]);
+        if e.has(flag::ANOMALY_OPEN) {
+            bump(&mut self.anomalies_open[st]);
+        }
+        if add {
+            self.leaks.enter(e.holder(), e.state);
+        } else {
+            self.leaks.leave(e.holder(), e.state);
+        }
+    }
+
+    pub fn get(&self, key: u64) -> Option<&Entry> {
+        self.map.get(&key)
+    }
+
+    pub fn contains(&self, key: u64) -> bool {
+        self.map.contains_key(&key)
+    }
+
+    /// Inserts (or replaces) unless full.
+    pub fn insert(&mut self, key: u64, e: Entry) -> Result<(), Full> {
+        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
+            return Err(Full);
+        }
+        self.account(&e, true);
+        if let Some(old) = self.map.insert(key, e) {
+            self.account(&old, false);
+        }
+        Ok(())
+    }
+
+    pub fn remove(&mut self, key: u64) -> Option<Entry> {
+        let e = self.map.remove(&key)?;
+        self.account(&e, false);
+        Some(e)
+    }
+
+    /// Changes an entry through `f`, keeping every count right. Returns the
+    /// entry as it is afterwards.
+    pub fn update(&mut self, key: u64, f: impl FnOnce(&mut Entry)) -> Option<Entry> {
+        let mut e = *self.map.get(&key)?;
+        let before = e;
+        f(&mut e);
+        if e != before {
+            self.account(&before, false);
+            self.account(&e, true);
+            self.map.insert(key, e);
+        }
+        Some(e)
+    }
+
+    /// Moves an entry to another key (a snapshot socket learning its kernel
+    /// address, an orphan losing it).
+    pub fn rekey(&mut self, from: u64, to: u64) -> bool {
+        let Some(e) = self.map.remove(&from) else {
+            return false;
+        };
+        if let Some(old) = self.map.insert(to, e) {
+            self.account(&old, false);
+        }
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Entry)> {
+        self.map.iter().map(|(&k, e)| (k, e))
+    }
+
+    pub fn sockets(&self, st: TcpState) -> u64 {
+        self.sockets[st as usize]
+    }
+
+    pub fn anomalies_open(&self, st: TcpState) -> u64 {
+        self.anomalies_open[st as usize]
+    }
+
+    pub fn leaks(&self) -> &LeakCounts {
+        &self.leaks
+    }
+
+    pub fn leaks_mut(&mut self) -> &mut LeakCounts {
+        &mut self.leaks
+    }
+
+    /// Heap bytes held by the table (hashbrown: buckets of key + value plus
+    /// one control byte each).
+    pub fn bytes(&self) -> usize {
+        self.map.capacity() * (size_of::<(u64, Entry)>() + 1)
+    }
+
+    /// Recomputes every count from the entries; tests compare it with the
+    /// incremental ones.
+    #[cfg(test)]
+    pub fn recount(&self) -> ([u64; TcpState::COUNT], [u64; TcpState::COUNT]) {
+        let mut s = [0; TcpState::COUNT];
+        let mut a = [0; TcpState::COUNT];
+        for e in self.map.values() {
+            s[e.state as usize] += 1;
+            if e.has(flag::ANOMALY_OPEN) {
+                a[e.state as usize] += 1;
+            }
+        }
+        (s, a)
+    }
+
+    #[cfg(test)]
+    pub fn counts(&self) -> ([u64; TcpState::COUNT], [u64; TcpState::COUNT]) {
+        (self.sockets, self.anomalies_open)
+    }
 }
 
 /// Interns task names so entries carry 4 bytes instead of 16. Bounded: a
@@ -186,79 +308,54 @@ impl Comms {
     }
 }
 
-/// The table itself. `capacity` is a hard cap: inserts past it are refused
-/// and counted, never allowed to grow memory.
-#[derive(Debug)]
-pub struct Table {
-    /// FxHash: the keys are kernel addresses, which no remote peer chooses,
-    /// and SipHash showed in the profile. Maps keyed by network-chosen
-    /// values keep std's DoS-resistant hasher.
-    pub map: rustc_hash::FxHashMap<u64, Entry>,
-    pub capacity: usize,
-    pub refused: u64,
-}
-
-impl Table {
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            map: rustc_hash::FxHashMap::default(),
-            capacity,
-            refused: 0,
-        }
-    }
-
-    /// Inserts unless full; returns false (and counts) when refused.
-    pub fn insert(&mut self, key: u64, e: Entry) -> bool {
-        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
-            self.refused += 1;
-            return false;
-        }
-        self.map.insert(key, e);
-        true
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// Heap bytes held by the table (hashbrown: buckets of key + value plus
-    /// one control byte each).
-    pub fn bytes(&self) -> usize {
-        self.map.capacity() * (size_of::<(u64, Entry)>() + 1)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn entry(state: TcpState) -> Entry {
+        Entry::new(
+            Tuple::new(
+                "127.0.0.1".parse().expect("addr"),
+                1,
+                "127.0.0.1".parse().expect("addr"),
+                2,
+            ),
+            7,
+            state,
+            0,
+            0,
+        )
+    }
+
     #[test]
     fn table_refuses_past_capacity() {
         let mut t = Table::new(2);
-        let e = Entry {
-            since_ns: 0,
-            born_ns: 0,
-            saddr: [0; 16],
-            daddr: [0; 16],
-            sport: 0,
-            dport: 0,
-            netns: 0,
-            owner_pid: 0,
-            owner_comm: NO_OWNER,
-            generation: 0,
-            state: TcpState::Established,
-            v6: false,
-            flags: 0,
-        };
-        assert!(t.insert(1, e));
-        assert!(t.insert(2, e));
-        assert!(!t.insert(3, e));
-        assert!(t.insert(2, e), "updating an existing key is not growth");
-        assert_eq!((t.len(), t.refused), (2, 1));
+        let e = entry(TcpState::Established);
+        assert_eq!(t.insert(1, e), Ok(()));
+        assert_eq!(t.insert(2, e), Ok(()));
+        assert_eq!(t.insert(3, e), Err(Full));
+        assert_eq!(t.insert(2, e), Ok(()), "updating an existing key is not growth");
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.sockets(TcpState::Established), 2);
+    }
+
+    #[test]
+    fn counts_follow_every_mutation() {
+        let mut t = Table::new(10);
+        let o = Some(OwnerRef { pid: 1, comm: 0 });
+        t.insert(1, entry(TcpState::CloseWait).with_owner(o))
+            .expect("room");
+        assert_eq!(t.leaks().top(1)[0].2, 1);
+        t.update(1, |e| e.flags |= flag::ANOMALY_OPEN);
+        assert_eq!(t.anomalies_open(TcpState::CloseWait), 1);
+        t.update(1, |e| e.state = TcpState::LastAck);
+        assert_eq!(t.anomalies_open(TcpState::CloseWait), 0);
+        assert_eq!(t.anomalies_open(TcpState::LastAck), 1);
+        assert!(t.leaks().top(1).is_empty());
+        assert!(t.rekey(1, 9));
+        t.remove(9);
+        assert_eq!(t.counts(), t.recount());
+        assert_eq!(t.sockets(TcpState::LastAck), 0);
     }
 
     #[test]
@@ -271,13 +368,5 @@ mod tests {
         }
         assert!(c.names.len() <= MAX_COMMS + 1);
         assert_eq!(c.get(a).as_str(), "nginx");
-    }
-
-    #[test]
-    fn addresses_round_trip() {
-        for a in ["10.1.2.3", "::1", "fe80::1"] {
-            let ip: IpAddr = a.parse().expect("addr");
-            assert_eq!(to_ip(ip.is_ipv6(), &from_ip(ip)), ip);
-        }
     }
 }

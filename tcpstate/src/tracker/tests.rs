@@ -1,10 +1,16 @@
 //! The state machine, thresholds, deadlines, attribution, seeding,
 //! reconciliation and the leak rule, driven by a fake clock.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use super::*;
-use crate::{decode::Comm, state::TcpState::*};
+use crate::{
+    clock::WallClock,
+    decode::Ending,
+    record::{OwnerSource, Record},
+    socket::{Comm, Family},
+    state::TcpState::*,
+};
 
 const S: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
@@ -18,9 +24,10 @@ fn tracker(capacity: usize) -> Tracker {
     th.set(FinWait2, Some(Duration::from_secs(5)));
     Tracker::new(Config {
         capacity,
+        timewait_capacity: capacity,
         thresholds: th,
         leak_threshold: 2,
-        clock: WallClock::with_offset(0),
+        pressure: Some(0.5),
     })
 }
 
@@ -38,20 +45,29 @@ fn ev(
     pid: u32,
     comm: &str,
 ) -> Transition {
+    let lo: IpAddr = "127.0.0.1".parse().expect("addr");
+    let mut tuple = Tuple::new(lo, sport, lo, dport);
+    tuple.family = Family::V4;
     Transition {
         ts_ns: ts,
         sk,
-        family: Family::V4,
-        saddr: "127.0.0.1".parse().expect("addr"),
-        sport,
-        daddr: "127.0.0.1".parse().expect("addr"),
-        dport,
+        tuple,
         old,
         new,
+        ending: Ending::Closed { errno: 0 },
         pid,
         comm: Comm::new(comm),
         netns: 7,
     }
+}
+
+/// Records for the facts that are not transitions (those are what these tests look at).
+fn records(facts: &[Fact]) -> Vec<Record> {
+    facts
+        .iter()
+        .filter(|f| !matches!(f, Fact::Moved(_)))
+        .map(|f| Record::from_fact(f, WallClock::with_offset(0)))
+        .collect()
 }
 
 fn run(t: &mut Tracker, events: &[Transition]) -> (Vec<Option<f64>>, Vec<Record>) {
@@ -60,7 +76,39 @@ fn run(t: &mut Tracker, events: &[Transition]) -> (Vec<Option<f64>>, Vec<Record>
         .iter()
         .map(|e| t.on_transition(e, &mut out).prev_state_ms)
         .collect();
-    (prev, out)
+    (prev, records(&out))
+}
+
+fn expire(t: &mut Tracker, now: u64, out: &mut Vec<Record>) {
+    let mut facts = Vec::new();
+    t.expire(now, &mut facts);
+    out.extend(records(&facts));
+}
+
+fn check_leaks(t: &mut Tracker, now: u64, out: &mut Vec<Record>) {
+    let mut facts = Vec::new();
+    t.check_leaks(now, &mut facts);
+    out.extend(records(&facts));
+}
+
+fn reconcile(t: &mut Tracker, ns: u32, alive: &Alive, start: u64, now: u64, out: &mut Vec<Record>) -> u64 {
+    let mut facts = Vec::new();
+    let n = t.reconcile(ns, alive, start, now, &mut facts);
+    out.extend(records(&facts));
+    n
+}
+
+fn kernel_socket(netns: u32, state: TcpState, sport: u16, dport: u16) -> KernelSocket {
+    let lo: IpAddr = "127.0.0.1".parse().expect("addr");
+    KernelSocket {
+        netns,
+        state,
+        tuple: Tuple::new(lo, sport, lo, dport),
+        mini: state == TimeWait,
+        request: false,
+        expires_ms: 30_000,
+        owner: None,
+    }
 }
 
 #[test]
@@ -119,9 +167,9 @@ fn times_each_state_and_forgets_closed_sockets() {
     assert_eq!(prev[3], Some(1.0));
     assert_eq!(prev[4], Some(1.0));
     assert_eq!(t.tracked(), 0);
-    assert!(t.agg.sockets.iter().all(|&n| n == 0));
-    assert_eq!(t.agg.transitions[SynSent as usize][Established as usize], 1);
-    assert_eq!(t.agg.durations[Established as usize].len(), 1);
+    assert!(TcpState::ALL.iter().all(|&s| t.sockets(s) == 0));
+    assert_eq!(t.stats().transitions[SynSent as usize][Established as usize], 1);
+    assert_eq!(t.stats().durations[Established as usize].len(), 1);
 }
 
 #[test]
@@ -147,10 +195,10 @@ fn close_wait_anomaly_fires_at_threshold_once_and_resolves_with_age() {
         ],
     );
     let mut out = Vec::new();
-    t.expire(5 * S - 1, &mut out);
+    expire(&mut t, 5 * S - 1, &mut out);
     assert!(out.is_empty(), "not before the threshold");
-    t.expire(5 * S, &mut out);
-    t.expire(9 * S, &mut out);
+    expire(&mut t, 5 * S, &mut out);
+    expire(&mut t, 9 * S, &mut out);
     assert_eq!(out.len(), 1, "raised once: {out:?}");
     let Record::Anomaly(a) = &out[0] else {
         panic!("expected an anomaly, got {out:?}");
@@ -167,7 +215,7 @@ fn close_wait_anomaly_fires_at_threshold_once_and_resolves_with_age() {
     );
     assert_eq!(a.owner_source, OwnerSource::Attributed);
     assert!(!a.age_is_lower_bound);
-    assert_eq!(t.agg.anomalies_open[CloseWait as usize], 1);
+    assert_eq!(t.anomalies_open(CloseWait), 1);
 
     let (_, out) = run(
         &mut t,
@@ -189,8 +237,8 @@ fn close_wait_anomaly_fires_at_threshold_once_and_resolves_with_age() {
         (r.age_ms, r.resolution.as_deref()),
         (7000.0, Some("left_state"))
     );
-    assert_eq!(t.agg.anomalies_open[CloseWait as usize], 0);
-    assert_eq!(t.agg.anomalies_raised[CloseWait as usize], 1);
+    assert_eq!(t.anomalies_open(CloseWait), 0);
+    assert_eq!(t.stats().anomalies_raised[CloseWait as usize], 1);
 }
 
 #[test]
@@ -207,7 +255,7 @@ fn leaving_before_the_threshold_raises_nothing() {
         ],
     );
     let mut out = Vec::new();
-    t.expire(100 * S, &mut out);
+    expire(&mut t, 100 * S, &mut out);
     assert!(out.is_empty(), "{out:?}");
 }
 
@@ -242,7 +290,7 @@ fn client_owner_comes_from_connect_not_softirq() {
         ],
     );
     let mut out = Vec::new();
-    t.expire(S + MS + 5 * S, &mut out);
+    expire(&mut t, S + MS + 5 * S, &mut out);
     let Record::Anomaly(a) = &out[0] else {
         panic!("{out:?}");
     };
@@ -269,7 +317,7 @@ fn unknown_owner_is_said_to_be_unknown() {
         )],
     );
     let mut out = Vec::new();
-    t.expire(2 * S, &mut out);
+    expire(&mut t, 2 * S, &mut out);
     let Record::Anomaly(a) = &out[0] else {
         panic!("{out:?}");
     };
@@ -284,31 +332,20 @@ fn seeded_sockets_age_from_start_and_adopt_their_address() {
     let mut t = tracker(100);
     let n = t.seed(
         [
-            SeedSocket {
-                netns: 7,
-                state: CloseWait,
-                saddr: "127.0.0.1".parse().expect("addr"),
-                sport: 8080,
-                daddr: "127.0.0.1".parse().expect("addr"),
-                dport: 5000,
+            KernelSocket {
                 owner: Some((42, Comm::new("server"))),
+                ..kernel_socket(7, CloseWait, 8080, 5000)
             },
-            SeedSocket {
-                netns: 7,
-                state: TimeWait,
-                saddr: "127.0.0.1".parse().expect("addr"),
-                sport: 1,
-                daddr: "127.0.0.1".parse().expect("addr"),
-                dport: 2,
-                owner: None,
-            },
+            kernel_socket(7, TimeWait, 1, 2),
         ],
         10 * S,
     );
-    assert_eq!(n, 1, "TIME_WAIT is not tracked");
-    assert_eq!(t.agg.sockets[CloseWait as usize], 1);
+    // Issue 9: TIME_WAIT mini-sockets are tracked now, in their own table.
+    assert_eq!(n, 2);
+    assert_eq!((t.tracked(), t.timewait()), (1, 1));
+    assert_eq!(t.sockets(CloseWait), 1);
     let mut out = Vec::new();
-    t.expire(12 * S, &mut out);
+    expire(&mut t, 12 * S, &mut out);
     let Record::Anomaly(a) = &out[0] else {
         panic!("{out:?}");
     };
@@ -365,21 +402,20 @@ fn reconciliation_removes_sockets_whose_close_was_lost() {
         ],
     );
     let mut out = Vec::new();
-    t.expire(4 * S, &mut out);
+    expire(&mut t, 4 * S, &mut out);
     assert_eq!(out.len(), 1);
     let mut alive = Alive::default();
-    let lo = "127.0.0.1".parse().expect("addr");
-    alive.insert(7, Established, lo, 5001, lo, 80);
-    alive.insert(7, SynSent, lo, 40000, lo, 443);
+    alive.insert(&kernel_socket(7, Established, 5001, 80));
+    alive.insert(&kernel_socket(7, SynSent, 40000, 443));
     // The lost socket's tuple lives on as a timewait socket: still a ghost.
-    alive.insert(7, TimeWait, lo, 8080, lo, 5000);
+    alive.insert(&kernel_socket(7, TimeWait, 8080, 5000));
     out.clear();
     // Another namespace's dump does not touch netns 7.
-    assert_eq!(t.reconcile(8, &Alive::default(), 5 * S, 5 * S, &mut out), 0);
-    assert_eq!(t.reconcile(7, &alive, 5 * S, 5 * S, &mut out), 1);
+    assert_eq!(reconcile(&mut t, 8, &Alive::default(), 5 * S, 5 * S, &mut out), 0);
+    assert_eq!(reconcile(&mut t, 7, &alive, 5 * S, 5 * S, &mut out), 1);
     assert_eq!(t.tracked(), 2);
-    assert_eq!(t.agg.reconciled, 1);
-    assert_eq!(t.agg.sockets[CloseWait as usize], 0);
+    assert_eq!(t.stats().reconciled, 1);
+    assert_eq!(t.sockets(CloseWait), 0);
     let Record::AnomalyResolved(r) = &out[0] else {
         panic!("{out:?}");
     };
@@ -395,7 +431,7 @@ fn sockets_changed_during_the_dump_are_not_judged() {
     );
     let mut out = Vec::new();
     assert_eq!(
-        t.reconcile(7, &Alive::default(), 9 * S, 11 * S, &mut out),
+        reconcile(&mut t, 7, &Alive::default(), 9 * S, 11 * S, &mut out),
         0
     );
     assert_eq!(t.tracked(), 1);
@@ -410,7 +446,7 @@ fn table_is_bounded_and_counts_refusals() {
     run(&mut t, &events);
     assert_eq!((t.tracked(), t.refused()), (3, 7));
     assert_eq!(
-        t.agg.transitions[Close as usize][SynSent as usize], 10,
+        t.stats().transitions[Close as usize][SynSent as usize], 10,
         "counts stay exact"
     );
 }
@@ -427,10 +463,10 @@ fn failed_connects_and_resets_are_counted_per_endpoint() {
             ev(SERVER_SK, 1, Established, Close, 80, 5000, 0, "x"),
         ],
     );
-    assert_eq!((t.agg.failed_connects, t.agg.resets), (1, 1));
+    assert_eq!((t.stats().failed_connects, t.stats().resets), (1, 1));
     let lo: IpAddr = "127.0.0.1".parse().expect("addr");
-    assert_eq!(t.agg.by_endpoint[&(lo, 81)].failed_connects, 1);
-    assert_eq!(t.agg.by_endpoint[&(lo, 5000)].resets, 1);
+    assert_eq!(t.stats().by_endpoint[&(lo, 81)].failed_connects, 1);
+    assert_eq!(t.stats().by_endpoint[&(lo, 5000)].resets, 1);
     assert_eq!(t.tracked(), 0);
 }
 
@@ -465,18 +501,18 @@ fn leak_rule_names_the_growing_owner() {
     for i in 0..3 {
         accept_and_strand(&mut t, i);
     }
-    t.check_leaks(S, &mut out);
+    check_leaks(&mut t, S, &mut out);
     let Record::LeakSuspected(l) = &out[0] else {
         panic!("{out:?}");
     };
     assert_eq!((l.pid, l.count, l.previous, l.state), (42, 3, 0, CloseWait));
     out.clear();
-    t.check_leaks(2 * S, &mut out);
+    check_leaks(&mut t, 2 * S, &mut out);
     assert!(out.is_empty(), "no growth");
     accept_and_strand(&mut t, 10);
-    t.check_leaks(3 * S, &mut out);
+    check_leaks(&mut t, 3 * S, &mut out);
     assert_eq!(out.len(), 1);
-    assert_eq!(t.top_owners(1)[0].3, 4);
+    assert_eq!(t.top_owners(1)[0].2, 4);
 }
 
 #[test]
@@ -494,10 +530,10 @@ fn deadline_heap_stays_bounded_under_churn() {
             ],
         );
         if i % 1000 == 0 {
-            t.expire(i * 10, &mut out);
+            expire(&mut t, i * 10, &mut out);
         }
     }
-    t.expire(500_000, &mut out);
+    expire(&mut t, 500_000, &mut out);
     assert!(
         t.deadlines.len() <= 2 * 1000 + 4096 + 1000,
         "{}",
@@ -508,15 +544,7 @@ fn deadline_heap_stays_bounded_under_churn() {
 
 fn seed_close_wait(t: &mut Tracker, netns: u32, now: u64) {
     t.seed(
-        [SeedSocket {
-            netns,
-            state: CloseWait,
-            saddr: "127.0.0.1".parse().expect("addr"),
-            sport: 8080,
-            daddr: "127.0.0.1".parse().expect("addr"),
-            dport: 5000,
-            owner: None,
-        }],
+        [kernel_socket(netns, CloseWait, 8080, 5000)],
         now,
     );
 }

@@ -57,30 +57,63 @@ impl Thresholds {
     }
 }
 
-/// Parses `STATE=DURATION` (`close_wait=2s`, `FIN_WAIT2=5m`, `syn_sent=off`).
-pub fn parse_override(s: &str) -> Result<(TcpState, Option<Duration>), String> {
+/// One `--threshold`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Threshold {
+    /// A state's age limit (None: off).
+    State(TcpState, Option<Duration>),
+    /// `time_wait_pressure`: the share of the port range (None: off).
+    Pressure(Option<f64>),
+}
+
+/// Longest threshold accepted: beyond it a typo, not a policy (and a nanosecond count near
+/// u64::MAX would wrap into "now").
+const MAX_THRESHOLD: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Parses `STATE=DURATION` (`close_wait=2s`, `FIN_WAIT2=5m`, `syn_sent=off`) and
+/// `time_wait_pressure=FRACTION|off`.
+pub fn parse_override(s: &str) -> Result<Threshold, String> {
     let (state, dur) = s
         .split_once('=')
         .ok_or_else(|| format!("expected STATE=DURATION, got {s:?}"))?;
+    if state.trim().eq_ignore_ascii_case("time_wait_pressure") {
+        let v = dur.trim();
+        if v == "off" || v == "none" {
+            return Ok(Threshold::Pressure(None));
+        }
+        return match v.parse::<f64>() {
+            Ok(f) if f > 0.0 && f <= 1.0 => Ok(Threshold::Pressure(Some(f))),
+            _ => Err(format!(
+                "time_wait_pressure wants a fraction of the port range in (0, 1] or off, got {v:?}"
+            )),
+        };
+    }
     let st = TcpState::parse(state).ok_or_else(|| format!("unknown TCP state {state:?}"))?;
     if matches!(
         st,
         TcpState::Close | TcpState::TimeWait | TcpState::NewSynRecv
     ) {
-        return Err(format!(
-            "{} cannot have a threshold: the tracepoint never shows sockets sitting in it",
-            st.name()
-        ));
+        return Err(match st {
+            TcpState::TimeWait => "TIME_WAIT cannot have a threshold: it always ends on the \
+                 kernel's 60 s timer (see time_wait_pressure=FRACTION)"
+                .to_owned(),
+            st => format!("{} cannot have a threshold: no socket sits in it", st.name()),
+        });
     }
     let dur = dur.trim();
     if dur == "off" || dur == "none" {
-        return Ok((st, None));
+        return Ok(Threshold::State(st, None));
     }
     let d = humantime::parse_duration(dur).map_err(|e| format!("bad duration {dur:?}: {e}"))?;
     if d.is_zero() {
         return Err("a threshold must be longer than 0 (use off to disable)".into());
     }
-    Ok((st, Some(d)))
+    if d > MAX_THRESHOLD {
+        return Err(format!(
+            "a threshold of {dur} is longer than ten years (use off to disable)"
+        ));
+    }
+    Ok(Threshold::State(st, Some(d)))
 }
 
 #[cfg(test)]
@@ -91,16 +124,35 @@ mod tests {
     fn parses_overrides() {
         assert_eq!(
             parse_override("close_wait=2s"),
-            Ok((TcpState::CloseWait, Some(Duration::from_secs(2))))
+            Ok(Threshold::State(
+                TcpState::CloseWait,
+                Some(Duration::from_secs(2))
+            ))
         );
         assert_eq!(
             parse_override("FIN_WAIT2=5m"),
-            Ok((TcpState::FinWait2, Some(Duration::from_secs(300))))
+            Ok(Threshold::State(
+                TcpState::FinWait2,
+                Some(Duration::from_secs(300))
+            ))
         );
         assert_eq!(
             parse_override("syn-sent=off"),
-            Ok((TcpState::SynSent, None))
+            Ok(Threshold::State(TcpState::SynSent, None))
         );
+        assert_eq!(
+            parse_override("time_wait_pressure=0.5"),
+            Ok(Threshold::Pressure(Some(0.5)))
+        );
+        assert_eq!(
+            parse_override("time_wait_pressure=off"),
+            Ok(Threshold::Pressure(None))
+        );
+        assert!(parse_override("time_wait_pressure=2").is_err());
+        assert!(parse_override("time_wait_pressure=0").is_err());
+        // A duration that would wrap a nanosecond count is refused, not wrapped.
+        let e = parse_override("close_wait=18446744075s 709551616ns").unwrap_err();
+        assert!(e.contains("ten years"), "{e}");
         assert!(parse_override("close_wait").is_err());
         assert!(parse_override("bogus=1s").is_err());
         assert!(parse_override("close_wait=soon").is_err());

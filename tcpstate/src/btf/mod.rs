@@ -1,0 +1,125 @@
+//! Resolves, from the running kernel's BTF, the struct offsets the eBPF program reads (the
+//! socket's addresses, ports, family, namespace, error and flags; the namespace's timewait
+//! count; the current task's tgid and comm). The program gets them in its read-only `CONFIG`,
+//! which the verifier folds into constants, so one object runs on every kernel layout.
+
+mod reader;
+
+use std::path::{Path, PathBuf};
+
+use tcpstate_common::Offsets;
+
+use self::reader::Btf;
+
+/// The running kernel's BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error(
+        "cannot read the kernel's BTF {path}: {source} (tcpstate needs a kernel built with CONFIG_DEBUG_INFO_BTF)"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("BTF {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// Reads [`VMLINUX_BTF`] and resolves [`Offsets`].
+pub fn kernel_offsets() -> Result<Offsets, BtfError> {
+    kernel_offsets_from(Path::new(VMLINUX_BTF))
+}
+
+/// Same as [`kernel_offsets`] with the BTF read from `path` (a raw BTF blob, as in
+/// /sys/kernel/btf/).
+pub fn kernel_offsets_from(path: &Path) -> Result<Offsets, BtfError> {
+    let data = std::fs::read(path).map_err(|source| BtfError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    offsets_in_blob(&data).map_err(|reason| BtfError::Invalid {
+        path: path.to_owned(),
+        reason,
+    })
+}
+
+/// Parses a blob and resolves every offset: the fuzzable core.
+pub fn offsets_in_blob(data: &[u8]) -> Result<Offsets, String> {
+    let btf = Btf::parse(data).map_err(|e| format!("malformed: {e}"))?;
+    offsets_in(&btf)
+}
+
+fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
+    // The program casts the socket to `struct tcp_sock` and reads `struct sock` and
+    // `struct inet_sock` fields through it: both must start it.
+    for (root, path) in [
+        ("tcp_sock", &["inet_conn", "icsk_inet"][..]),
+        ("inet_sock", &["sk"][..]),
+    ] {
+        let (off, _) = btf.member_path(root, path)?;
+        if off != 0 {
+            return Err(format!("{root}.{} is not at offset 0", path.join(".")));
+        }
+    }
+    let field = |root: &str, path: &[&str], size: u64| -> Result<u32, String> {
+        let (off, ty) = btf.member_path(root, path)?;
+        match btf.size_of(ty)? {
+            s if s == size => Ok(off),
+            s => Err(format!(
+                "{root}.{} is {s} bytes, expected {size}",
+                path.join(".")
+            )),
+        }
+    };
+    let sk = |name: &str, size: u64| field("sock", &["__sk_common", name], size);
+    // The namespace's timewait count, embedded in `struct net` since Linux 6.0 (a pointer
+    // before): optional, 0 tells the program to skip the overflow test.
+    let death_row = |name: &str| -> Result<u32, String> {
+        let (base, ty) = btf.member_path("net", &["ipv4", "tcp_death_row"])?;
+        if !btf.is_struct(ty)? {
+            return Err("net.ipv4.tcp_death_row is not embedded".into());
+        }
+        let (off, ty) = btf.member_path("inet_timewait_death_row", &[name])?;
+        match btf.size_of(ty)? {
+            4 => Ok(base + off),
+            s => Err(format!(
+                "inet_timewait_death_row.{name} is {s} bytes, expected 4"
+            )),
+        }
+    };
+    let (tw_refcount, tw_max) = match (death_row("tw_refcount"), death_row("sysctl_max_tw_buckets")) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => (0, 0),
+    };
+    let flag = |name: &str| -> Result<u32, String> {
+        let v = btf.enum_value("sock_flags", name)?;
+        u32::try_from(v)
+            .ok()
+            .filter(|&v| v < 64)
+            .ok_or_else(|| format!("sock_flags {name} = {v} is not a bit of an unsigned long"))
+    };
+    Ok(Offsets {
+        family: sk("skc_family", 2)?,
+        dport: sk("skc_dport", 2)?,
+        sport: field("inet_sock", &["inet_sport"], 2)?,
+        saddr: field("inet_sock", &["inet_saddr"], 4)?,
+        daddr: sk("skc_daddr", 4)?,
+        saddr6: sk("skc_v6_rcv_saddr", 16)?,
+        daddr6: sk("skc_v6_daddr", 16)?,
+        net: field("sock", &["__sk_common", "skc_net", "net"], 8)?,
+        sk_err: field("sock", &["sk_err"], 4)?,
+        sk_flags: sk("skc_flags", 8)?,
+        net_inum: field("net", &["ns", "inum"], 4)?,
+        tw_refcount,
+        tw_max,
+        tgid: field("task_struct", &["tgid"], 4)?,
+        comm: field("task_struct", &["comm"], 16)?,
+        flag_dead: flag("SOCK_DEAD")?,
+        flag_done: flag("SOCK_DONE")?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

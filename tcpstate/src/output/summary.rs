@@ -1,0 +1,59 @@
+//! The compact summary printed on SIGUSR1 and at exit: sockets per state (as `ss -tan` would
+//! count them), time in state, transition counts.
+
+use std::fmt::Write as _;
+
+use crate::{state::TcpState, tracker::Tracker};
+
+pub fn summary(t: &Tracker) -> String {
+    let mut s = String::from("sockets by state:");
+    for st in TcpState::ALL {
+        let n = t.sockets(st);
+        if n != 0 {
+            let _ = write!(s, " {}={n}", st.name());
+        }
+    }
+    let stats = t.stats();
+    s.push_str("\ntime in state (p50 / p99 / max):");
+    for st in TcpState::ALL {
+        let h = &stats.durations[st as usize];
+        if !h.is_empty() {
+            let _ = write!(
+                s,
+                "\n  {:<12} n={:<8} {} / {} / {}",
+                st.name(),
+                h.len(),
+                us(h.value_at_quantile(0.5)),
+                us(h.value_at_quantile(0.99)),
+                us(h.max())
+            );
+        }
+    }
+    let mut pairs: Vec<(u64, TcpState, TcpState)> = TcpState::ALL
+        .into_iter()
+        .flat_map(|a| TcpState::ALL.into_iter().map(move |b| (a, b)))
+        .map(|(a, b)| (stats.transitions[a as usize][b as usize], a, b))
+        .filter(|(n, _, _)| *n > 0)
+        .collect();
+    pairs.sort_by_key(|p| std::cmp::Reverse(p.0));
+    s.push_str("\ntransitions:");
+    for (n, a, b) in pairs {
+        let _ = write!(s, "\n  {:<12} -> {:<12} {n}", a.name(), b.name());
+    }
+    let raised: u64 = stats.anomalies_raised.iter().sum::<u64>() + stats.pressure_raised;
+    let open: u64 = TcpState::ALL
+        .into_iter()
+        .map(|st| t.anomalies_open(st))
+        .sum::<u64>()
+        + t.pressure_open();
+    let _ = write!(
+        s,
+        "\nfailed connects {}, resets {}, anomalies raised {raised} (open {open}), leaks suspected {}, reconciled {}",
+        stats.failed_connects, stats.resets, stats.leaks_suspected, stats.reconciled
+    );
+    s
+}
+
+fn us(v: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_micros(v)).to_string()
+}

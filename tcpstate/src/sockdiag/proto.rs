@@ -1,0 +1,310 @@
+//! TCP sockets over netlink `NETLINK_SOCK_DIAG` (`INET_DIAG`), the way `ss` gets them: dumps
+//! filtered to some states in the kernel, and exact lookups of one socket by its tuple. A
+//! [`Diag`] is bound to the network namespace of the thread that created it.
+
+use std::io;
+
+use netlink_packet_core::{
+    DoneBuffer, ErrorBuffer, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP,
+    NLMSG_OVERRUN, NetlinkBuffer, NetlinkHeader, NetlinkMessage, Parseable,
+};
+use netlink_packet_sock_diag::{
+    SOCK_DIAG_BY_FAMILY, SockDiagMessage,
+    constants::IPPROTO_TCP,
+    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+use crate::socket::{Family, Tuple};
+
+/// One socket as the kernel's `inet_diag` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiagSocket {
+    /// Kernel TCP state number; a timewait mini-socket reports its substate
+    /// (FIN_WAIT2 or TIME_WAIT), a request socket SYN_RECV.
+    pub state: u8,
+    /// AF_INET6 sockets keep their IPv6 form (v4-mapped for dual-stack),
+    /// as the eBPF events do.
+    pub tuple: Tuple,
+    /// `idiag_timer`: 3 marks a timewait mini-socket.
+    pub timer: u8,
+    /// Time left on the timer, in milliseconds.
+    pub expires_ms: u32,
+    /// For listeners: the accept queue length; else unread bytes.
+    pub rqueue: u32,
+    /// For listeners: the backlog; else unsent bytes.
+    pub wqueue: u32,
+    /// Socket inode; 0 for sockets without a file (orphans, mini-sockets).
+    pub inode: u32,
+    pub uid: u32,
+}
+
+impl DiagSocket {
+    /// A timewait mini-socket (TIME_WAIT, or an orphan's FIN_WAIT2).
+    pub fn is_timewait(&self) -> bool {
+        self.timer == 3
+    }
+
+    /// A request socket: a half-open connection, SYN_RECV with no file.
+    pub fn is_request(&self) -> bool {
+        self.state == 3 && self.inode == 0 && !self.is_timewait()
+    }
+}
+
+/// Every TCP state (1..=12).
+pub const ALL_STATES: u32 = ((1 << 13) - 1) & !1;
+/// The states a timewait mini-socket can be in.
+pub const MINI_STATES: u32 = (1 << 5) | (1 << 6);
+
+/// The kernel caps one dump datagram at 32 KiB, so this never truncates; a truncation is
+/// detected anyway (MSG_TRUNC) and reported as an error.
+const RECV_BUF: usize = 64 * 1024;
+
+fn with_context(e: io::Error, what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn invalid(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+fn family_name(family: u8) -> &'static str {
+    if i32::from(family) == libc::AF_INET6 {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    }
+}
+
+/// A sock_diag socket in the namespace of the thread that opened it.
+pub struct Diag {
+    socket: Socket,
+    buf: Vec<u8>,
+    seq: u32,
+}
+
+impl Diag {
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG)
+            .map_err(|e| with_context(e, "sock_diag: creating NETLINK_SOCK_DIAG socket"))?;
+        socket
+            .bind_auto()
+            .map_err(|e| with_context(e, "sock_diag: binding netlink socket"))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(|e| with_context(e, "sock_diag: connecting netlink socket to the kernel"))?;
+        Ok(Self {
+            socket,
+            buf: vec![0u8; RECV_BUF],
+            seq: 0,
+        })
+    }
+
+    /// Every TCP socket in one of `states` (a bitmask of `1 << state`), IPv4 then IPv6.
+    pub fn dump(&mut self, states: u32) -> io::Result<Vec<DiagSocket>> {
+        let mut out = Vec::new();
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            let id = if i32::from(family) == libc::AF_INET6 {
+                SocketId::new_v6()
+            } else {
+                SocketId::new_v4()
+            };
+            self.request(family, states, id, true, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// The socket with exactly this tuple (local end first), if the kernel has one: a full
+    /// socket, a timewait mini-socket or a request socket. A listener the kernel falls back to
+    /// for an unknown tuple is not it.
+    pub fn lookup(&mut self, t: &Tuple) -> io::Result<Option<DiagSocket>> {
+        let family = match t.family {
+            Family::V4 => libc::AF_INET as u8,
+            Family::V6 => libc::AF_INET6 as u8,
+        };
+        let id = SocketId {
+            source_port: t.sport,
+            destination_port: t.dport,
+            source_address: t.saddr(),
+            destination_address: t.daddr(),
+            interface_id: 0,
+            // INET_DIAG_NOCOOKIE: any socket with this tuple.
+            cookie: [0xff; 8],
+        };
+        let mut out = Vec::new();
+        match self.request(family, ALL_STATES, id, false, &mut out) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        Ok(out.into_iter().find(|s| s.tuple == *t && s.state != 10))
+    }
+
+    fn request(
+        &mut self,
+        family: u8,
+        states: u32,
+        socket_id: SocketId,
+        dump: bool,
+        out: &mut Vec<DiagSocket>,
+    ) -> io::Result<()> {
+        let fam = family_name(family);
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        header.sequence_number = seq;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::from_bits_retain(states),
+                socket_id,
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut req = vec![0u8; request.buffer_len()];
+        request.serialize(&mut req);
+        let sent = self
+            .socket
+            .send(&req, 0)
+            .map_err(|e| with_context(e, format!("sock_diag: sending {fam} request")))?;
+        if sent != req.len() {
+            return Err(invalid(format!(
+                "sock_diag: short send of {fam} request ({sent} of {} bytes)",
+                req.len()
+            )));
+        }
+        loop {
+            let n = self
+                .socket
+                .recv(&mut &mut self.buf[..], libc::MSG_TRUNC)
+                .map_err(|e| with_context(e, format!("sock_diag: receiving {fam} answer")))?;
+            if n > self.buf.len() {
+                return Err(invalid(format!(
+                    "sock_diag: {fam} datagram of {n} bytes truncated to {}",
+                    self.buf.len()
+                )));
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("sock_diag: netlink socket closed during {fam} request"),
+                ));
+            }
+            // An exact lookup is answered by one message and no NLMSG_DONE.
+            let before = out.len();
+            let done = parse_datagram(&self.buf[..n], seq, fam, out)?;
+            if done || (!dump && out.len() > before) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Parses the netlink messages of one datagram, appending sockets to `out`. Returns true once
+/// `NLMSG_DONE` (or an ACK) for `seq` is seen.
+pub fn parse_datagram(
+    mut data: &[u8],
+    seq: u32,
+    fam: &str,
+    out: &mut Vec<DiagSocket>,
+) -> io::Result<bool> {
+    while !data.is_empty() {
+        let msg = NetlinkBuffer::new_checked(data)
+            .map_err(|e| invalid(format!("sock_diag: malformed netlink message ({fam}): {e}")))?;
+        let len = msg.length() as usize;
+        let payload = msg.payload();
+        // Messages are padded to 4 bytes; the last one may lack its padding.
+        let advance = len.next_multiple_of(4).clamp(1, data.len());
+        // Anything not answering our request (e.g. a stale reply) is skipped.
+        if msg.sequence_number() == seq {
+            match msg.message_type() {
+                NLMSG_NOOP => {}
+                NLMSG_DONE => {
+                    // The kernel's NLMSG_DONE of a dump carries the dump's final errno.
+                    if let Ok(done) = DoneBuffer::new_checked(payload) {
+                        let code = done.code();
+                        if code < 0 {
+                            return Err(with_context(
+                                io::Error::from_raw_os_error(code.saturating_neg()),
+                                format!("sock_diag: {fam} dump ended with an error"),
+                            ));
+                        }
+                    }
+                    return Ok(true);
+                }
+                NLMSG_ERROR => {
+                    let err = ErrorBuffer::new_checked(payload).map_err(|e| {
+                        invalid(format!("sock_diag: malformed NLMSG_ERROR ({fam}): {e}"))
+                    })?;
+                    return match err.code() {
+                        // An ACK: nothing more will come for this request.
+                        None => Ok(true),
+                        Some(code) => Err(with_context(
+                            io::Error::from_raw_os_error(code.get().saturating_abs()),
+                            format!("sock_diag: kernel refused the {fam} request"),
+                        )),
+                    };
+                }
+                NLMSG_OVERRUN => {
+                    return Err(invalid(format!("sock_diag: netlink overrun ({fam})")));
+                }
+                SOCK_DIAG_BY_FAMILY => out.push(parse_socket(payload, fam)?),
+                other => {
+                    return Err(invalid(format!(
+                        "sock_diag: unexpected netlink message type {other} ({fam})"
+                    )));
+                }
+            }
+        }
+        data = &data[advance..];
+    }
+    Ok(false)
+}
+
+/// Parses one `inet_diag_msg`. Only the fixed header is read: the attributes that follow are
+/// not needed, and skipping them keeps this working when a kernel adds new ones.
+pub fn parse_socket(payload: &[u8], fam: &str) -> io::Result<DiagSocket> {
+    let h = InetResponseHeader::parse(payload)
+        .map_err(|e| invalid(format!("sock_diag: malformed inet_diag_msg ({fam}): {e}")))?;
+    // The crate drops a TIME_WAIT timer's expiry; read it (and the timer) from the fixed
+    // layout: family, state, timer, retrans, a 48-byte id, then expires (the parse above
+    // checked the length).
+    let raw_u32 = |off: usize| {
+        payload
+            .get(off..off + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_ne_bytes)
+    };
+    let family = match i32::from(h.family) {
+        libc::AF_INET => Family::V4,
+        libc::AF_INET6 => Family::V6,
+        other => return Err(invalid(format!("sock_diag: unknown address family {other}"))),
+    };
+    let id = &h.socket_id;
+    let mut tuple = Tuple::new(
+        id.source_address,
+        id.source_port,
+        id.destination_address,
+        id.destination_port,
+    );
+    // The family of the socket, not of the address form the crate picked.
+    tuple.family = family;
+    Ok(DiagSocket {
+        state: h.state,
+        tuple,
+        timer: payload.get(2).copied().unwrap_or(0),
+        expires_ms: raw_u32(52),
+        rqueue: h.recv_queue,
+        wqueue: h.send_queue,
+        inode: h.inode,
+        uid: h.uid,
+    })
+}
+
+#[cfg(test)]
+mod tests;

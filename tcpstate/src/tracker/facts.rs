@@ -1,0 +1,161 @@
+//! What the tracker concludes, in its own terms. The outputs turn these
+//! into records (`record.rs` is the only place that knows JSON); the
+//! tracker knows nothing of wall clocks or formats.
+
+use crate::{
+    socket::{Comm, Tuple},
+    state::TcpState,
+};
+
+/// A process, as the kernel names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Task {
+    pub pid: u32,
+    pub comm: Comm,
+}
+
+/// Who is to blame for a socket, and how sure we are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// A process holding the socket's fd right now (checked in /proc).
+    Verified(Task),
+    /// Nobody holds it: its application closed it (or never accepted
+    /// it). `last` is who held it last, when known.
+    Orphan { last: Option<Task> },
+    /// Inferred from process-context transitions, not (yet) checked.
+    Attributed(Task),
+    Unknown,
+}
+
+/// How a transition was observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The kernel's tracepoint.
+    Event,
+    /// Inferred from the local peer's own transition (its FIN reached a
+    /// FIN_WAIT2 mini-socket).
+    Peer,
+    /// A new connection reused the tuple of a TIME_WAIT mini-socket.
+    Reuse,
+    /// Found by asking the kernel (sock_diag) about the socket.
+    SockDiag,
+    /// Its network namespace was destroyed.
+    NetnsGone,
+}
+
+impl Via {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Event => "event",
+            Self::Peer => "peer",
+            Self::Reuse => "reuse",
+            Self::SockDiag => "sock_diag",
+            Self::NetnsGone => "netns_gone",
+        }
+    }
+}
+
+/// A transition to report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moved {
+    pub ts_ns: u64,
+    pub sk: u64,
+    pub netns: u32,
+    pub tuple: Tuple,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// Time spent in `old`, when we saw it entered.
+    pub prev_ns: Option<u64>,
+    /// The task on the CPU, for kernel events.
+    pub task: Option<Task>,
+    pub via: Via,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A socket sat in this state past its threshold.
+    Lingering(TcpState),
+    /// Sockets to one destination hold too much of the ephemeral port range.
+    TimeWaitPressure,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lingering(st) => st.kind(),
+            Self::TimeWaitPressure => "time_wait_pressure",
+        }
+    }
+}
+
+/// For `time_wait_pressure`: how full the port range is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pressure {
+    /// Sockets from the local address to the destination.
+    pub count: u64,
+    /// Ports in `net.ipv4.ip_local_port_range`.
+    pub range: u32,
+    /// `net.ipv4.tcp_tw_reuse` in the namespace.
+    pub tw_reuse: u8,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Anomaly {
+    pub kind: Kind,
+    pub state: TcpState,
+    /// When it was raised or resolved.
+    pub ts_ns: u64,
+    /// Since when the socket (or destination) has been in this condition.
+    pub since_ns: u64,
+    /// The socket predates the daemon: the age is "at least".
+    pub lower_bound: bool,
+    /// Kernel address; 0 when none is known (a snapshot socket, a
+    /// mini-socket, a destination).
+    pub sk: u64,
+    pub netns: u32,
+    pub tuple: Tuple,
+    pub owner: Owner,
+    pub pressure: Option<Pressure>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// The socket left the state.
+    LeftState,
+    /// The kernel no longer had the socket (an event was lost).
+    Reconciled,
+    /// Its network namespace was destroyed.
+    NetnsGone,
+    /// The count fell below the threshold.
+    Relieved,
+}
+
+impl Resolution {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::LeftState => "left_state",
+            Self::Reconciled => "reconciled",
+            Self::NetnsGone => "netns_gone",
+            Self::Relieved => "below_threshold",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leak {
+    pub ts_ns: u64,
+    pub task: Task,
+    pub state: TcpState,
+    pub count: u64,
+    pub previous: u64,
+    pub threshold: u64,
+}
+
+/// Everything the tracker tells the outputs, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fact {
+    Moved(Moved),
+    Raised(Anomaly),
+    Resolved(Anomaly, Resolution),
+    Leak(Leak),
+}

@@ -1,0 +1,373 @@
+//! What the kernel's own socket table (sock_diag) says, applied to the
+//! tracker: seeding at start-up, reconciliation after lost events, the
+//! sweep that follows mini-sockets to their end, and namespace settings.
+//! The sock_diag calls themselves run elsewhere (`kernel_table`), off the
+//! event path; here they are plain data.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{
+    Fact, Resolution, Tracker, Via,
+    pressure::NetnsInfo,
+    table::{Entry, OwnerRef, flag},
+    timewait::TIMEWAIT_LEN_NS,
+};
+use crate::{
+    socket::{Comm, Tuple},
+    state::TcpState,
+};
+
+/// One socket in a sock_diag answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSocket {
+    pub netns: u32,
+    /// For a mini-socket, its substate (FIN_WAIT2 or TIME_WAIT); a request
+    /// socket says SYN_RECV.
+    pub state: TcpState,
+    pub tuple: Tuple,
+    /// A timewait mini-socket (`idiag_timer` 3).
+    pub mini: bool,
+    /// A request socket (half-open connection, no full socket yet).
+    pub request: bool,
+    /// Time left on its timer, in milliseconds.
+    pub expires_ms: u32,
+    /// Who holds its fd, when someone does.
+    pub owner: Option<(u32, Comm)>,
+}
+
+/// What a reconciliation dump says is alive in one network namespace.
+#[derive(Debug, Default)]
+pub struct Alive {
+    /// Full sockets.
+    pub tuples: HashSet<Tuple>,
+    /// SYN_SENT sockets by remote end: the tracepoint shows local port 0
+    /// when a connect starts, so those entries match on the remote only.
+    pub connecting: HashSet<([u8; 16], u16)>,
+    /// Mini-sockets and their substate.
+    pub minis: HashMap<Tuple, (TcpState, u32)>,
+    /// Request sockets (SYN_RECV mini-sockets).
+    pub requests: u64,
+}
+
+impl Alive {
+    pub fn insert(&mut self, s: &KernelSocket) {
+        if s.request {
+            self.requests += 1;
+        } else if s.mini {
+            self.minis.insert(s.tuple, (s.state, s.expires_ms));
+        } else {
+            if s.state == TcpState::SynSent {
+                self.connecting.insert((s.tuple.daddr, s.tuple.dport));
+            }
+            self.tuples.insert(s.tuple);
+        }
+    }
+}
+
+/// Mini-sockets of one namespace to check with exact lookups.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Probe {
+    pub netns: u32,
+    /// TIME_WAIT mini-sockets past their 2MSL, oldest first. Their timers
+    /// fire in the order they were set, so the ones gone are a prefix: a
+    /// binary search finds it with a handful of lookups.
+    pub timewait: Vec<Tuple>,
+    /// FIN_WAIT2 mini-sockets, each looked up.
+    pub orphans: Vec<Tuple>,
+}
+
+/// A mini-socket's fate, as an exact lookup found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    Mini(TcpState),
+    /// A full socket holds the tuple now (the mini-socket was reused).
+    Full,
+    Absent,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeResult {
+    pub netns: u32,
+    /// How many of `Probe::timewait`, from the oldest, are gone.
+    pub timewait_gone: usize,
+    pub timewait: Vec<Tuple>,
+    pub orphans: Vec<(Tuple, Found)>,
+    /// The namespace no longer exists.
+    pub netns_gone: bool,
+}
+
+/// Exact lookups of FIN_WAIT2 mini-sockets per namespace per sweep, so one
+/// sweep stays short whatever the host holds; the rest wait for the next.
+const MAX_ORPHAN_LOOKUPS: usize = 256;
+
+impl Tracker {
+    /// Loads the start-up snapshot; returns how many sockets were tracked.
+    pub fn seed(&mut self, sockets: impl IntoIterator<Item = KernelSocket>, now_ns: u64) -> u64 {
+        let mut out = Vec::new();
+        let mut n = 0;
+        for s in sockets {
+            if s.request || s.state == TcpState::Close {
+                continue;
+            }
+            if s.mini && s.state == TcpState::TimeWait {
+                let since = estimated_since(now_ns, s.expires_ms);
+                self.enter_timewait(s.netns, &s.tuple, since, true, &mut out);
+                n += 1;
+                continue;
+            }
+            let owner = s.owner.map(|(pid, comm)| OwnerRef {
+                pid,
+                comm: self.comms.intern(comm),
+            });
+            let flags = flag::SEEDED | if s.mini { flag::ORPHAN } else { 0 };
+            let mut e = Entry::new(s.tuple, s.netns, s.state, now_ns, flags).with_owner(owner);
+            e.epoch = self.epoch();
+            let key = self.synthetic_key();
+            if self.table.insert(key, e).is_err() {
+                self.refused += 1;
+                continue;
+            }
+            if s.mini {
+                self.orphans.insert((s.netns, s.tuple), key);
+            } else {
+                self.seeded.entry(s.tuple).or_default().push(key);
+            }
+            if s.state == TcpState::Listen
+                && let Some(o) = owner
+            {
+                self.listeners.insert((s.netns, s.tuple.sport), o);
+            }
+            self.enter_deadline(key);
+            n += 1;
+        }
+        n
+    }
+
+    /// Namespaces the tables hold sockets in (0, unknown, excluded).
+    pub fn namespaces(&self) -> HashSet<u32> {
+        let mut v: HashSet<u32> = self.table.iter().map(|(_, e)| e.netns).collect();
+        v.extend(self.timewait.iter().map(|s| s.netns));
+        v.remove(&0);
+        v
+    }
+
+    /// Removes sockets of `netns` that the kernel no longer has (an event
+    /// was lost), follows mini-sockets the dump shows in a new state, and
+    /// adopts TIME_WAIT mini-sockets we missed. Only sockets unchanged since
+    /// before `dump_start_ns` are judged, so a socket born during the dump
+    /// is not mistaken for a ghost. A socket whose namespace is unknown is
+    /// never judged against any namespace's dump.
+    pub fn reconcile(
+        &mut self,
+        netns: u32,
+        alive: &Alive,
+        dump_start_ns: u64,
+        now_ns: u64,
+        out: &mut Vec<Fact>,
+    ) -> u64 {
+        if netns == 0 {
+            return 0;
+        }
+        let mut removed = self.reconcile_full(netns, alive, dump_start_ns, now_ns, out);
+        removed += self.reconcile_minis(netns, alive, dump_start_ns, now_ns, out);
+        self.requests.insert(netns, alive.requests);
+        removed
+    }
+
+    fn reconcile_full(
+        &mut self,
+        netns: u32,
+        alive: &Alive,
+        dump_start_ns: u64,
+        now_ns: u64,
+        out: &mut Vec<Fact>,
+    ) -> u64 {
+        let ghosts: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|(_, e)| {
+                e.netns == netns && e.since_ns < dump_start_ns && !e.has(flag::ORPHAN)
+            })
+            .filter(|(_, e)| {
+                if e.tuple.sport == 0 {
+                    !alive.connecting.contains(&(e.tuple.daddr, e.tuple.dport))
+                } else {
+                    !alive.tuples.contains(&e.tuple)
+                }
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for &key in &ghosts {
+            if let Some(e) = self.forget(key) {
+                self.stats.reconciled();
+                if e.has(flag::ANOMALY_OPEN) {
+                    self.resolve(out, key, &e, now_ns, Resolution::Reconciled);
+                }
+            }
+        }
+        ghosts.len() as u64
+    }
+
+    fn reconcile_minis(
+        &mut self,
+        netns: u32,
+        alive: &Alive,
+        dump_start_ns: u64,
+        now_ns: u64,
+        out: &mut Vec<Fact>,
+    ) -> u64 {
+        let mut removed = 0;
+        let orphans: Vec<(Tuple, u64)> = self
+            .orphans
+            .iter()
+            .filter(|((n, _), _)| *n == netns)
+            .filter_map(|((_, t), &key)| Some((*t, self.table.get(key)?.since_ns)))
+            .filter(|&(_, since)| since < dump_start_ns)
+            .collect();
+        for (t, _) in orphans {
+            let found = match alive.minis.get(&t) {
+                Some(&(st, _)) => Found::Mini(st),
+                None => Found::Absent,
+            };
+            removed += u64::from(self.apply_orphan(netns, &t, found, now_ns, out));
+        }
+        let stale: Vec<Tuple> = self
+            .timewait
+            .iter()
+            .filter(|s| s.netns == netns && s.since_ns < dump_start_ns)
+            .filter(|s| !matches!(alive.minis.get(&s.tuple), Some((TcpState::TimeWait, _))))
+            .map(|s| s.tuple)
+            .collect();
+        for t in stale {
+            self.end_timewait(netns, &t, now_ns, Via::SockDiag, out);
+            removed += 1;
+        }
+        for (t, &(st, expires)) in &alive.minis {
+            if st == TcpState::TimeWait
+                && self.timewait.get(netns, t).is_none()
+                && !self.orphans.contains_key(&(netns, *t))
+            {
+                let since = estimated_since(now_ns, expires);
+                self.enter_timewait(netns, t, since, true, out);
+            }
+        }
+        removed
+    }
+
+    /// Applies one exact lookup of a FIN_WAIT2 mini-socket. Returns true
+    /// when it ended.
+    fn apply_orphan(
+        &mut self,
+        netns: u32,
+        t: &Tuple,
+        found: Found,
+        now_ns: u64,
+        out: &mut Vec<Fact>,
+    ) -> bool {
+        match found {
+            Found::Mini(TcpState::FinWait2) => false,
+            Found::Mini(TcpState::TimeWait) => {
+                self.orphan_to_timewait(netns, t, now_ns, Via::SockDiag, out);
+                false
+            }
+            _ => self.end_orphan(netns, t, now_ns, Via::SockDiag, Resolution::Reconciled, out),
+        }
+    }
+
+    /// The lookups a sweep at `now_ns` should make: TIME_WAIT mini-sockets
+    /// past their 2MSL and FIN_WAIT2 mini-sockets, per namespace.
+    pub fn probes(&self, now_ns: u64) -> Vec<Probe> {
+        let mut by_ns: HashMap<u32, Probe> = HashMap::new();
+        for s in self.timewait.due(now_ns) {
+            by_ns
+                .entry(s.netns)
+                .or_insert_with(|| Probe {
+                    netns: s.netns,
+                    ..Probe::default()
+                })
+                .timewait
+                .push(s.tuple);
+        }
+        let mut orphans: Vec<(u32, u64, Tuple)> = self
+            .orphans
+            .iter()
+            .filter_map(|(&(n, t), &key)| Some((n, self.table.get(key)?.since_ns, t)))
+            .collect();
+        orphans.sort_unstable_by_key(|&(n, since, _)| (n, since));
+        for (n, _, t) in orphans {
+            let p = by_ns.entry(n).or_insert_with(|| Probe {
+                netns: n,
+                ..Probe::default()
+            });
+            if p.orphans.len() < MAX_ORPHAN_LOOKUPS {
+                p.orphans.push(t);
+            }
+        }
+        let mut v: Vec<Probe> = by_ns.into_values().filter(|p| p.netns != 0).collect();
+        v.sort_by_key(|p| p.netns);
+        v
+    }
+
+    /// Applies what a sweep's lookups found.
+    pub fn apply_probe(&mut self, r: &ProbeResult, now_ns: u64, out: &mut Vec<Fact>) {
+        if r.netns_gone {
+            self.netns_gone(r.netns, now_ns, out);
+            return;
+        }
+        for t in r.timewait.iter().take(r.timewait_gone) {
+            self.end_timewait(r.netns, t, now_ns, Via::SockDiag, out);
+        }
+        for (t, found) in &r.orphans {
+            self.apply_orphan(r.netns, t, *found, now_ns, out);
+        }
+    }
+
+    /// Sets a namespace's port range and `tcp_tw_reuse`.
+    pub fn set_netns_info(&mut self, netns: u32, info: NetnsInfo) {
+        self.pressure.set_info(netns, info);
+    }
+
+    /// The host's settings, used until a namespace's own are known.
+    pub fn set_default_netns_info(&mut self, info: NetnsInfo) {
+        self.pressure.set_default(info);
+    }
+
+    /// Namespaces with TIME_WAIT mini-sockets whose settings are unknown.
+    pub fn netns_without_info(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .timewait
+            .iter()
+            .map(|s| s.netns)
+            .filter(|&n| n != 0 && !self.pressure.knows(n))
+            .collect::<HashSet<u32>>()
+            .into_iter()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Request sockets (half-open connections) per namespace, from the last
+    /// dump: `ss -tan` counts them as SYN-RECV.
+    pub fn requests(&self) -> u64 {
+        self.requests.values().sum()
+    }
+}
+
+/// When a mini-socket found by a dump entered TIME_WAIT, from the time
+/// left on its 2MSL timer.
+fn estimated_since(now_ns: u64, expires_ms: u32) -> u64 {
+    let left = u64::from(expires_ms).saturating_mul(1_000_000);
+    now_ns.saturating_sub(TIMEWAIT_LEN_NS.saturating_sub(left))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_wait_age_comes_from_its_timer() {
+        assert_eq!(estimated_since(100 * 1_000_000_000, 60_000), 100_000_000_000);
+        assert_eq!(estimated_since(100 * 1_000_000_000, 15_000), 55_000_000_000);
+        assert_eq!(estimated_since(1, 0), 0);
+    }
+}

@@ -1,0 +1,223 @@
+//! The second half of the close, after `tcp_time_wait()` replaced a full
+//! socket with a timewait mini-socket: an orphan waiting in FIN_WAIT2 for
+//! the peer's FIN, then TIME_WAIT for 2MSL. No tracepoint fires for a
+//! mini-socket, so its transitions are inferred from other sockets' events
+//! (the local peer's close, a new connection reusing the tuple) or found
+//! by asking the kernel (sock_diag), and each is reported with how it was
+//! observed (`Via`).
+
+use super::{Fact, Moved, Resolution, Tracker, Via, table::flag};
+use crate::{decode::Transition, socket::Tuple, state::TcpState};
+
+impl Tracker {
+    /// An orphan in FIN_WAIT2 was handed to a mini-socket: it stays in
+    /// FIN_WAIT2 (its time and any open anomaly go on), but loses its
+    /// kernel address, which the next socket may take: from here on it is
+    /// named by namespace and tuple, as `ss` names it, and its records say
+    /// `sk` 0.
+    pub(super) fn detach_orphan(&mut self, sk: u64, netns: u32) {
+        let key = self.synthetic_key();
+        if !self.table.rekey(sk, key) {
+            return;
+        }
+        let epoch = self.epoch();
+        let Some(e) = self.table.update(key, |e| {
+            e.netns = netns;
+            e.flags |= flag::ORPHAN;
+            e.epoch = epoch;
+            if e.state != TcpState::FinWait2 {
+                // Its FIN_WAIT1 -> FIN_WAIT2 was lost: it is in FIN_WAIT2
+                // from now, as far as we know.
+                e.state = TcpState::FinWait2;
+                e.flags &= !(flag::ENTRY_SEEN | flag::ANOMALY_OPEN);
+            }
+        }) else {
+            return;
+        };
+        // A new epoch, so the deadline left under the old address (which a
+        // new socket may take) is dead; this one replaces it.
+        self.enter_deadline(key);
+        if let Some(old) = self.orphans.insert((e.netns, e.tuple), key) {
+            // The kernel has one mini-socket per tuple: an older entry for
+            // it is stale.
+            if old != key {
+                self.table.remove(old);
+            }
+        }
+    }
+
+    /// Starts tracking a TIME_WAIT mini-socket.
+    pub(super) fn enter_timewait(
+        &mut self,
+        netns: u32,
+        tuple: &Tuple,
+        since_ns: u64,
+        estimated: bool,
+        out: &mut Vec<Fact>,
+    ) {
+        let fresh = self.timewait.get(netns, tuple).is_none();
+        if self.timewait.insert(netns, tuple, since_ns, estimated) && fresh {
+            self.pressure.add(netns, tuple, since_ns, out);
+        }
+    }
+
+    /// Ends a TIME_WAIT mini-socket, reporting TIME_WAIT -> CLOSE.
+    pub(super) fn end_timewait(
+        &mut self,
+        netns: u32,
+        tuple: &Tuple,
+        ts_ns: u64,
+        via: Via,
+        out: &mut Vec<Fact>,
+    ) -> bool {
+        let Some(s) = self.timewait.remove(netns, tuple) else {
+            return false;
+        };
+        self.pressure.remove(netns, tuple, ts_ns, out);
+        let prev_ns = (!s.estimated).then(|| ts_ns.saturating_sub(s.since_ns));
+        self.stats
+            .transition(TcpState::TimeWait, TcpState::Close, prev_ns);
+        out.push(Fact::Moved(Moved {
+            ts_ns,
+            sk: 0,
+            netns,
+            tuple: *tuple,
+            old: TcpState::TimeWait,
+            new: TcpState::Close,
+            prev_ns,
+            task: None,
+            via,
+        }));
+        true
+    }
+
+    /// A FIN_WAIT2 mini-socket got the peer's FIN: FIN_WAIT2 -> TIME_WAIT.
+    pub(super) fn orphan_to_timewait(
+        &mut self,
+        netns: u32,
+        tuple: &Tuple,
+        ts_ns: u64,
+        via: Via,
+        out: &mut Vec<Fact>,
+    ) -> bool {
+        let Some(key) = self.orphans.remove(&(netns, *tuple)) else {
+            return false;
+        };
+        let Some(e) = self.table.remove(key) else {
+            return false;
+        };
+        let prev_ns = e
+            .has(flag::ENTRY_SEEN)
+            .then(|| ts_ns.saturating_sub(e.since_ns));
+        self.stats
+            .transition(TcpState::FinWait2, TcpState::TimeWait, prev_ns);
+        out.push(Fact::Moved(Moved {
+            ts_ns,
+            sk: 0,
+            netns,
+            tuple: *tuple,
+            old: TcpState::FinWait2,
+            new: TcpState::TimeWait,
+            prev_ns,
+            task: None,
+            via,
+        }));
+        if e.has(flag::ANOMALY_OPEN) {
+            out.push(Fact::Resolved(self.anomaly(key, &e, ts_ns), Resolution::LeftState));
+        }
+        self.enter_timewait(netns, tuple, ts_ns, false, out);
+        true
+    }
+
+    /// A FIN_WAIT2 mini-socket the kernel no longer has (its
+    /// `tcp_fin_timeout` ran out, or an RST): FIN_WAIT2 -> CLOSE.
+    pub(super) fn end_orphan(
+        &mut self,
+        netns: u32,
+        tuple: &Tuple,
+        ts_ns: u64,
+        via: Via,
+        why: Resolution,
+        out: &mut Vec<Fact>,
+    ) -> bool {
+        let Some(&key) = self.orphans.get(&(netns, *tuple)) else {
+            return false;
+        };
+        let Some(e) = self.forget(key) else {
+            return false;
+        };
+        let prev_ns = e
+            .has(flag::ENTRY_SEEN)
+            .then(|| ts_ns.saturating_sub(e.since_ns));
+        self.stats
+            .transition(TcpState::FinWait2, TcpState::Close, prev_ns);
+        out.push(Fact::Moved(Moved {
+            ts_ns,
+            sk: 0,
+            netns,
+            tuple: *tuple,
+            old: TcpState::FinWait2,
+            new: TcpState::Close,
+            prev_ns,
+            task: None,
+            via,
+        }));
+        if e.has(flag::ANOMALY_OPEN) {
+            out.push(Fact::Resolved(self.anomaly(key, &e, ts_ns), why));
+        }
+        true
+    }
+
+    /// What one socket's transition says about mini-sockets:
+    /// - the local peer sent its FIN (CLOSE_WAIT -> LAST_ACK): our
+    ///   FIN_WAIT2 mini-socket at the other end enters TIME_WAIT;
+    /// - a new connection took a tuple (its connect or its handshake
+    ///   completed): a TIME_WAIT mini-socket on it was reused
+    ///   (`tcp_tw_reuse`, or a SYN the mini-socket accepted).
+    pub(super) fn after_move(&mut self, t: &Transition, netns: u32, out: &mut Vec<Fact>) {
+        if self.orphans.is_empty() && self.timewait.is_empty() {
+            return;
+        }
+        match (t.old, t.new) {
+            (TcpState::CloseWait, TcpState::LastAck) => {
+                let peer = t.tuple.reversed();
+                self.orphan_to_timewait(netns, &peer, t.ts_ns, Via::Peer, out);
+            }
+            (TcpState::SynSent, _) | (TcpState::Listen, TcpState::SynRecv) if t.tuple.sport != 0 => {
+                self.end_timewait(netns, &t.tuple, t.ts_ns, Via::Reuse, out);
+            }
+            _ => {}
+        }
+    }
+
+    /// Forgets everything tracked in a namespace that was destroyed (its
+    /// mini-sockets die with it; a full socket cannot outlive it).
+    pub fn netns_gone(&mut self, netns: u32, now_ns: u64, out: &mut Vec<Fact>) {
+        if netns == 0 {
+            return;
+        }
+        let timewait: Vec<Tuple> = self
+            .timewait
+            .iter()
+            .filter(|s| s.netns == netns)
+            .map(|s| s.tuple)
+            .collect();
+        for tuple in timewait {
+            self.end_timewait(netns, &tuple, now_ns, Via::NetnsGone, out);
+        }
+        let keys: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|(_, e)| e.netns == netns)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            if let Some(e) = self.forget(key) {
+                self.stats.reconciled();
+                if e.has(flag::ANOMALY_OPEN) {
+                    self.resolve(out, key, &e, now_ns, Resolution::NetnsGone);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! TIME_WAIT mini-sockets: what `tcp_time_wait()` leaves behind a closed
+//! connection for 2MSL (60 s), invisible to the tracepoint. A busy client
+//! host holds hundreds of thousands, so an entry is a namespace, a 4-tuple
+//! and the time it entered TIME_WAIT, no more: IPv4 and IPv6 keys are kept
+//! apart so an IPv4 entry costs 24 bytes plus the hash table's overhead.
+//!
+//! The peer chooses half of every tuple, so the maps use std's
+//! DoS-resistant hasher.
+
+use std::collections::HashMap;
+
+use crate::socket::{Family, Tuple};
+
+/// How long a TIME_WAIT mini-socket lives (`TCP_TIMEWAIT_LEN`, a kernel
+/// constant): its predicted end. The kernel's timer wheel fires it up to a
+/// few seconds later (2 s at HZ=250), and an ACK in TIME_WAIT restarts it,
+/// so the end itself is checked with sock_diag (`sweep`).
+pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
+
+/// The top bit of the stored time: the entry predates the daemon, its
+/// time is an estimate from the kernel's timer.
+const ESTIMATED: u64 = 1 << 63;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct V4 {
+    netns: u32,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct V6 {
+    netns: u32,
+    sport: u16,
+    dport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+const _: () = assert!(size_of::<(V4, u64)>() == 24);
+
+fn v4(netns: u32, t: &Tuple) -> V4 {
+    let four = |a: &[u8; 16]| [a[0], a[1], a[2], a[3]];
+    V4 {
+        netns,
+        saddr: four(&t.saddr),
+        daddr: four(&t.daddr),
+        sport: t.sport,
+        dport: t.dport,
+    }
+}
+
+fn v6(netns: u32, t: &Tuple) -> V6 {
+    V6 {
+        netns,
+        sport: t.sport,
+        dport: t.dport,
+        saddr: t.saddr,
+        daddr: t.daddr,
+    }
+}
+
+impl V4 {
+    fn tuple(&self) -> (u32, Tuple) {
+        let mut s = [0; 16];
+        let mut d = [0; 16];
+        s[..4].copy_from_slice(&self.saddr);
+        d[..4].copy_from_slice(&self.daddr);
+        (
+            self.netns,
+            Tuple {
+                family: Family::V4,
+                saddr: s,
+                daddr: d,
+                sport: self.sport,
+                dport: self.dport,
+            },
+        )
+    }
+}
+
+impl V6 {
+    fn tuple(&self) -> (u32, Tuple) {
+        (
+            self.netns,
+            Tuple {
+                family: Family::V6,
+                saddr: self.saddr,
+                daddr: self.daddr,
+                sport: self.sport,
+                dport: self.dport,
+            },
+        )
+    }
+}
+
+/// One mini-socket as the tracker hands it out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeWaitSocket {
+    pub netns: u32,
+    pub tuple: Tuple,
+    pub since_ns: u64,
+    /// `since_ns` is estimated (a socket that predates the daemon).
+    pub estimated: bool,
+}
+
+#[derive(Debug)]
+pub struct TimeWaitTable {
+    v4: HashMap<V4, u64>,
+    v6: HashMap<V6, u64>,
+    capacity: usize,
+    refused: u64,
+}
+
+impl TimeWaitTable {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            v4: HashMap::new(),
+            v6: HashMap::new(),
+            capacity,
+            refused: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// Adds a mini-socket; false (and counted) when full. Re-adding the
+    /// same tuple replaces it (the kernel has one per tuple).
+    pub fn insert(&mut self, netns: u32, t: &Tuple, since_ns: u64, estimated: bool) -> bool {
+        let stamp = (since_ns & !ESTIMATED) | if estimated { ESTIMATED } else { 0 };
+        let full = self.len() >= self.capacity;
+        let room = match t.family {
+            Family::V4 => {
+                let k = v4(netns, t);
+                let room = !full || self.v4.contains_key(&k);
+                if room {
+                    self.v4.insert(k, stamp);
+                }
+                room
+            }
+            Family::V6 => {
+                let k = v6(netns, t);
+                let room = !full || self.v6.contains_key(&k);
+                if room {
+                    self.v6.insert(k, stamp);
+                }
+                room
+            }
+        };
+        if !room {
+            self.refused += 1;
+        }
+        room
+    }
+
+    pub fn get(&self, netns: u32, t: &Tuple) -> Option<TimeWaitSocket> {
+        let stamp = match t.family {
+            Family::V4 => self.v4.get(&v4(netns, t)),
+            Family::V6 => self.v6.get(&v6(netns, t)),
+        }?;
+        Some(socket(netns, *t, *stamp))
+    }
+
+    pub fn remove(&mut self, netns: u32, t: &Tuple) -> Option<TimeWaitSocket> {
+        let stamp = match t.family {
+            Family::V4 => self.v4.remove(&v4(netns, t)),
+            Family::V6 => self.v6.remove(&v6(netns, t)),
+        }?;
+        Some(socket(netns, *t, stamp))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = TimeWaitSocket> + '_ {
+        let a = self.v4.iter().map(|(k, &s)| {
+            let (n, t) = k.tuple();
+            socket(n, t, s)
+        });
+        let b = self.v6.iter().map(|(k, &s)| {
+            let (n, t) = k.tuple();
+            socket(n, t, s)
+        });
+        a.chain(b)
+    }
+
+    /// Mini-sockets whose 2MSL has run out by `now_ns`, oldest first: the
+    /// ones to check with the kernel. A scan (about a millisecond per 500k
+    /// entries), once per sweep, never per event.
+    pub fn due(&self, now_ns: u64) -> Vec<TimeWaitSocket> {
+        let mut v: Vec<TimeWaitSocket> = self
+            .iter()
+            .filter(|s| s.since_ns.saturating_add(TIMEWAIT_LEN_NS) <= now_ns)
+            .collect();
+        v.sort_by_key(|s| (s.netns, s.since_ns));
+        v
+    }
+
+    /// Heap bytes (hashbrown: buckets of key + value, one control byte each).
+    pub fn bytes(&self) -> usize {
+        self.v4.capacity() * (size_of::<(V4, u64)>() + 1)
+            + self.v6.capacity() * (size_of::<(V6, u64)>() + 1)
+    }
+}
+
+fn socket(netns: u32, tuple: Tuple, stamp: u64) -> TimeWaitSocket {
+    TimeWaitSocket {
+        netns,
+        tuple,
+        since_ns: stamp & !ESTIMATED,
+        estimated: stamp & ESTIMATED != 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tuple(a: &str, sport: u16) -> Tuple {
+        let ip = a.parse().expect("addr");
+        Tuple::new(ip, sport, ip, 80)
+    }
+
+    #[test]
+    fn both_families_round_trip_and_are_bounded() {
+        let mut tw = TimeWaitTable::new(2);
+        assert!(tw.insert(7, &tuple("10.0.0.1", 1), 5, false));
+        assert!(tw.insert(7, &tuple("fd00::1", 2), 6, true));
+        assert!(!tw.insert(7, &tuple("10.0.0.1", 3), 7, false), "full");
+        assert!(tw.insert(7, &tuple("10.0.0.1", 1), 8, false), "replace");
+        assert_eq!((tw.len(), tw.refused()), (2, 1));
+        let s = tw.get(7, &tuple("fd00::1", 2)).expect("v6");
+        assert_eq!((s.since_ns, s.estimated), (6, true));
+        assert_eq!(tw.get(8, &tuple("fd00::1", 2)), None, "other netns");
+        let s = tw.remove(7, &tuple("10.0.0.1", 1)).expect("v4");
+        assert_eq!(s.since_ns, 8);
+        assert_eq!(s.tuple, tuple("10.0.0.1", 1));
+    }
+
+    #[test]
+    fn due_lists_expired_oldest_first() {
+        let mut tw = TimeWaitTable::new(10);
+        tw.insert(7, &tuple("10.0.0.1", 2), 20, false);
+        tw.insert(7, &tuple("10.0.0.1", 1), 10, false);
+        tw.insert(7, &tuple("10.0.0.1", 3), 30, false);
+        let due = tw.due(TIMEWAIT_LEN_NS + 25);
+        assert_eq!(
+            due.iter().map(|s| s.tuple.sport).collect::<Vec<_>>(),
+            [1, 2]
+        );
+    }
+}
