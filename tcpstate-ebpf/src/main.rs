@@ -69,7 +69,9 @@ macro_rules! cfg {
         let c = (&raw const CONFIG).cast::<Config>();
         // SAFETY: `Global` is a transparent wrapper of an initialised
         // `Config`; volatile keeps LLVM from folding the zero default.
-        unsafe { core::ptr::read_volatile(&raw const (*c).$($field).+) }
+        #[allow(unused_unsafe, reason = "also expanded inside unsafe blocks")]
+        let v = unsafe { core::ptr::read_volatile(&raw const (*c).$($field).+) };
+        v
     }};
 }
 
@@ -260,6 +262,10 @@ unsafe fn how_closed(sk: *const u8, oldstate: i32) -> u8 {
     } else {
         return 0;
     };
+    if cfg!(off.tw_refcount) == 0 {
+        // This kernel's death row is not in `struct net` (before 6.0): no overflow test.
+        return handoff;
+    }
     let net: u64 = unsafe { field(sk, cfg!(off.net), 0) };
     if net == 0 {
         return 0;
@@ -267,7 +273,7 @@ unsafe fn how_closed(sk: *const u8, oldstate: i32) -> u8 {
     let net = net as *const u8;
     let live: u32 = unsafe { field(net, cfg!(off.tw_refcount), 0) };
     let max: i32 = unsafe { field(net, cfg!(off.tw_max), 0) };
-    if max >= 0 && i64::from(live) - 1 >= i64::from(max) {
+    if max >= 0 && i64::from(live) > i64::from(max) {
         return 0;
     }
     handoff

@@ -86,7 +86,12 @@ impl Drop for Collector {
     }
 }
 
-fn collect(mut rings: EventRings, mut doorbell: RingBuf<MapData>, tx: &Sender<Batch>, stop: &AtomicBool) {
+fn collect(
+    mut rings: EventRings,
+    mut doorbell: RingBuf<MapData>,
+    tx: &Sender<Batch>,
+    stop: &AtomicBool,
+) {
     let mut reorder = Reorder::default();
     let mut fresh = Vec::new();
     loop {

@@ -139,7 +139,10 @@ mod tests {
         let mut ev = event();
         ev.family = 10;
         ev.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
-        ev.daddr = "fd00::2".parse::<std::net::Ipv6Addr>().expect("addr").octets();
+        ev.daddr = "fd00::2"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("addr")
+            .octets();
         let t = decode(&bytes(&ev)).expect("decodes");
         assert_eq!(t.tuple.family, Family::V6);
         assert_eq!(t.tuple.saddr().to_string(), "::1");

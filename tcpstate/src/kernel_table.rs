@@ -13,8 +13,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::{
     clock::monotonic_ns,
     procfs,
-    socket::{Comm, Tuple},
     sockdiag::{ALL_STATES, DiagSocket, Namespaces},
+    socket::{Comm, Tuple},
     state::TcpState,
     tracker::{Alive, Found, KernelSocket, NetnsInfo, Probe, ProbeResult},
 };
@@ -48,17 +48,23 @@ pub enum Holder {
     Unknown,
 }
 
+/// A reconciliation's dumps.
+#[derive(Debug)]
+pub struct Dump {
+    /// When the first dump started (monotonic ns).
+    pub started_ns: u64,
+    pub alive: Vec<(u32, Alive)>,
+    /// Namespaces that no longer exist.
+    pub gone: Vec<u32>,
+}
+
 #[derive(Debug)]
 pub enum Reply {
     Seeded {
         sockets: Vec<KernelSocket>,
         host: u32,
     },
-    Reconciled {
-        started_ns: u64,
-        alive: Vec<(u32, Alive)>,
-        gone: Vec<u32>,
-    },
+    Reconciled(Dump),
     Probed(ProbeResult),
     Owners {
         ticket: u64,
@@ -201,11 +207,11 @@ fn reconcile(ns: &mut Namespaces, namespaces: &[u32]) -> Reply {
         }
         alive.push((netns, a));
     }
-    Reply::Reconciled {
+    Reply::Reconciled(Dump {
         started_ns,
         alive,
         gone,
-    }
+    })
 }
 
 /// One exact lookup: what holds the tuple now.
@@ -264,7 +270,12 @@ fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
             diag.lookup(t).ok()?.map(|s| s.inode)
         })
         .collect();
-    let wanted: HashSet<u32> = inodes.iter().flatten().copied().filter(|&i| i != 0).collect();
+    let wanted: HashSet<u32> = inodes
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|&i| i != 0)
+        .collect();
     let found = procfs::holders(&wanted);
     let holders = inodes
         .iter()
@@ -288,7 +299,9 @@ fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
     }
 }
 
+/// Settings of `netns` (0: the daemon's own namespace, the default for all).
 fn settings(ns: &mut Namespaces, netns: u32) -> Option<NetnsInfo> {
+    let netns = if netns == 0 { ns.home() } else { netns };
     let range = ns.sysctl(netns, "/proc/sys/net/ipv4/ip_local_port_range")?;
     let mut it = range.split_whitespace().map(str::parse::<u16>);
     let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else {

@@ -36,7 +36,10 @@ fn main() -> ExitCode {
         Err(e) => {
             // Errors may quote names and paths anyone chose: one safe line.
             let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("tcpstate: error: {}", tcpstate::output::escape::escape(&msg));
+            eprintln!(
+                "tcpstate: error: {}",
+                tcpstate::output::escape::escape(&msg)
+            );
             ExitCode::FAILURE
         }
     }

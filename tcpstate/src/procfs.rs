@@ -136,8 +136,8 @@ mod tests {
     #[test]
     fn listener_is_held_by_us_once() {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-        let md = std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
-            .expect("stat fd");
+        let md =
+            std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd())).expect("stat fd");
         let ino = u32::try_from(md.ino()).expect("inode fits u32");
         // A duplicate fd to the same socket must not list us twice.
         let dup = listener.try_clone().expect("dup");

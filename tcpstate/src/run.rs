@@ -17,7 +17,7 @@ use crate::{
     cli::RunArgs,
     clock::{WallClock, monotonic_ns},
     collector::{Batch, Collector},
-    kernel_table::{Job, Reply, Workers},
+    kernel_table::{Dump, Job, Reply, Workers},
     output::{
         Sinks, Stdout,
         http::{self, Page, Request},
@@ -28,7 +28,7 @@ use crate::{
     program::{self, Admits as _, KernelCounters, LoadOptions, Probe},
     record::{Record, Started, Stopped},
     status::Report,
-    tracker::{Alive, Config, Fact, Tracker, thresholds::Thresholds},
+    tracker::{Config, Fact, Tracker, thresholds::Thresholds},
     verify::Verifier,
 };
 
@@ -76,7 +76,7 @@ struct InFlight {
     probes: usize,
     settings: std::collections::HashSet<u32>,
     /// A reconciliation answered before the events up to its start were applied.
-    parked: Option<(u64, Vec<(u32, Alive)>, Vec<u32>)>,
+    parked: Option<Dump>,
 }
 
 struct Daemon {
@@ -126,7 +126,8 @@ impl Daemon {
         let rings = probe.rings.take().context("event rings already taken")?;
         let doorbell = probe.doorbell.take().context("doorbell already taken")?;
         let (tx, batches) = mpsc::channel(64);
-        let collector = Collector::spawn(rings, doorbell, tx).context("cannot start the collector")?;
+        let collector =
+            Collector::spawn(rings, doorbell, tx).context("cannot start the collector")?;
         let (rtx, replies) = mpsc::unbounded_channel();
         let workers = Workers::spawn(2, rtx).context("cannot start the kernel-table workers")?;
         let http = match args.metrics_addr {
@@ -236,7 +237,13 @@ impl Daemon {
                     let only = self.args.netns;
                     let sockets = sockets
                         .into_iter()
-                        .filter(|s| f.admits(s.tuple.family == crate::socket::Family::V6, s.tuple.sport, s.tuple.dport))
+                        .filter(|s| {
+                            f.admits(
+                                s.tuple.family == crate::socket::Family::V6,
+                                s.tuple.sport,
+                                s.tuple.dport,
+                            )
+                        })
                         .filter(|s| only.is_none_or(|ns| ns == s.netns));
                     let _ = host;
                     return self.tracker.seed(sockets, monotonic_ns());
@@ -295,8 +302,12 @@ impl Daemon {
                 self.tracker.capacity()
             ));
         }
-        if let Some((start, alive, gone)) = self.jobs.parked.take() {
-            self.reconciled(start, alive, gone);
+        if let Some(dump) = self
+            .jobs
+            .parked
+            .take_if(|d| d.started_ns <= self.watermark_ns)
+        {
+            self.reconciled(dump);
         }
     }
 
@@ -308,7 +319,8 @@ impl Daemon {
         if facts.len() == 1
             && let Some(Fact::Moved(m)) = facts.first()
         {
-            let rec = Record::Transition(crate::record::TransitionRecord::from_moved(m, self.clock));
+            let rec =
+                Record::Transition(crate::record::TransitionRecord::from_moved(m, self.clock));
             self.sinks.emit(&rec, now);
             facts.clear();
             return;
@@ -354,7 +366,9 @@ impl Daemon {
     fn on_tick(&mut self) {
         let now = monotonic_ns();
         let k = self.probe.counters();
-        if k.ringbuf_full > self.reported.ringbuf_full || k.recursion_misses > self.reported.recursion_misses {
+        if k.ringbuf_full > self.reported.ringbuf_full
+            || k.recursion_misses > self.reported.recursion_misses
+        {
             // Events were lost: the table may hold ghosts. No anomaly until a
             // reconciliation, which starts now rather than at its interval.
             if self.loss_at_ns.is_none() {
@@ -405,18 +419,14 @@ impl Daemon {
 
     fn on_reply(&mut self, reply: Reply) {
         match reply {
-            Reply::Reconciled {
-                started_ns,
-                alive,
-                gone,
-            } => {
+            Reply::Reconciled(dump) => {
                 self.jobs.reconcile = false;
                 // Every event from before the dump must be applied first, so a socket whose
                 // CLOSE is merely queued is not taken for a ghost.
-                if self.watermark_ns < started_ns {
-                    self.jobs.parked = Some((started_ns, alive, gone));
+                if self.watermark_ns < dump.started_ns {
+                    self.jobs.parked = Some(dump);
                 } else {
-                    self.reconciled(started_ns, alive, gone);
+                    self.reconciled(dump);
                 }
             }
             Reply::Probed(r) => {
@@ -444,23 +454,34 @@ impl Daemon {
         }
     }
 
-    fn reconciled(&mut self, started_ns: u64, alive: Vec<(u32, Alive)>, gone: Vec<u32>) {
+    fn reconciled(&mut self, dump: Dump) {
         let now = monotonic_ns();
         let mut facts = Vec::new();
-        for (ns, a) in &alive {
-            self.tracker.reconcile(*ns, a, started_ns, now, &mut facts);
+        for (ns, a) in &dump.alive {
+            self.tracker
+                .reconcile(*ns, a, dump.started_ns, now, &mut facts);
         }
-        for ns in gone {
+        for ns in dump.gone {
             self.tracker.netns_gone(ns, now, &mut facts);
         }
-        if self.tracker.is_incomplete() && self.loss_at_ns.is_some_and(|t| t < started_ns) {
-            self.tracker.set_incomplete(false);
-            self.loss_at_ns = None;
+        if self.tracker.is_incomplete() {
+            if self.loss_at_ns.is_some_and(|t| t < dump.started_ns) {
+                self.tracker.set_incomplete(false);
+                self.loss_at_ns = None;
+            } else {
+                // Lost again while it ran: once more.
+                self.start_reconcile();
+            }
         }
         self.publish(facts);
     }
 
-    fn owners_checked(&mut self, ticket: u64, holders: &[crate::kernel_table::Holder], unreadable: u32) {
+    fn owners_checked(
+        &mut self,
+        ticket: u64,
+        holders: &[crate::kernel_table::Holder],
+        unreadable: u32,
+    ) {
         if unreadable > 0 {
             crate::warn(format_args!(
                 "owner check could not read the fds of {unreadable} processes (raise LimitNOFILE?); those owners are shown as attributed, not verified"

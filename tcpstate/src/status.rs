@@ -191,7 +191,10 @@ fn fetch(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let mut resp = String::new();
     let n = (&mut s).take(MAX_RESPONSE + 1).read_to_string(&mut resp)?;
     if n as u64 > MAX_RESPONSE {
-        bail!("the answer is larger than {} MiB: not a tcpstate daemon", MAX_RESPONSE >> 20);
+        bail!(
+            "the answer is larger than {} MiB: not a tcpstate daemon",
+            MAX_RESPONSE >> 20
+        );
     }
     let Some((head, body)) = resp.split_once("\r\n\r\n") else {
         bail!("malformed HTTP response");

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{cli::TailArgs, socket::Comm, output::text, record::Record, state::TcpState};
+use crate::{cli::TailArgs, output::text, record::Record, socket::Comm, state::TcpState};
 
 /// How often `-f` looks for growth, truncation and rotation.
 const POLL: Duration = Duration::from_millis(200);
@@ -624,8 +624,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        socket::Family,
         record::{AnomalyRecord, LeakRecord, Owner, OwnerSource, Started, Stopped, Suppressed},
+        socket::Family,
     };
 
     const TRANSITION: &str = r#"{"type":"transition","ts":"2026-11-23T22:47:00.072509318Z","sk":"0xffff888105db8000","family":"ipv4","saddr":"127.0.0.1","sport":43052,"daddr":"127.0.0.1","dport":18080,"old":"SYN_SENT","new":"ESTABLISHED","pid":14949,"comm":"python3","prev_state_ms":0.088936,"netns":4026531833}"#;

@@ -179,7 +179,11 @@ mod tests {
             panic!("{job:?}");
         };
         assert_eq!(sockets.len(), 1);
-        assert_eq!(v.ready().count(), 0, "the resolution waits behind the raise");
+        assert_eq!(
+            v.ready().count(),
+            0,
+            "the resolution waits behind the raise"
+        );
         v.answer(ticket, &[Holder::Nobody]);
         let out: Vec<Fact> = v.ready().collect();
         let Fact::Raised(a) = &out[0] else {

@@ -380,7 +380,11 @@ fn sockets_whose_ends_run_on_two_cpus_come_out_in_order() {
             t["new"].as_str().unwrap_or("?"),
         );
         if !t["via"].is_null() {
-            assert_eq!((old, new, &t["sk"]), ("FIN_WAIT2", "TIME_WAIT", &"0x0".into()), "{t}");
+            assert_eq!(
+                (old, new, &t["sk"]),
+                ("FIN_WAIT2", "TIME_WAIT", &"0x0".into()),
+                "{t}"
+            );
             minis += 1;
             continue;
         }
@@ -410,7 +414,11 @@ fn sockets_whose_ends_run_on_two_cpus_come_out_in_order() {
         .iter()
         .filter(|t| t["via"].is_null() && t["new"] == "TIME_WAIT")
         .count();
-    assert_eq!(handoffs + minis, CONNS, "{handoffs} handoffs, {minis} via mini-sockets");
+    assert_eq!(
+        handoffs + minis,
+        CONNS,
+        "{handoffs} handoffs, {minis} via mini-sockets"
+    );
     assert_eq!(
         lifetimes,
         2 * CONNS + 1,

@@ -89,7 +89,8 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
             )),
         }
     };
-    let (tw_refcount, tw_max) = match (death_row("tw_refcount"), death_row("sysctl_max_tw_buckets")) {
+    let (tw_refcount, tw_max) = match (death_row("tw_refcount"), death_row("sysctl_max_tw_buckets"))
+    {
         (Ok(a), Ok(b)) => (a, b),
         _ => (0, 0),
     };

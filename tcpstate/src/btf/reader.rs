@@ -351,4 +351,3 @@ fn read_u32(data: &[u8], off: usize, big_endian: bool) -> Result<u32, String> {
         u32::from_le_bytes(b)
     })
 }
-

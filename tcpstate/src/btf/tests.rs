@@ -212,7 +212,10 @@ fn sample() -> Vec<u8> {
         "inet_timewait_death_row",
         false,
         192,
-        &[("tw_refcount", refcount_t, 0), ("sysctl_max_tw_buckets", int, 72 * 8)],
+        &[
+            ("tw_refcount", refcount_t, 0),
+            ("sysctl_max_tw_buckets", int, 72 * 8),
+        ],
     );
     let netns_ipv4 = b.composite(
         KIND_STRUCT,
@@ -356,6 +359,9 @@ fn running_kernel_offsets() {
     assert_eq!(off.net_inum % 4, 0, "{off:?}");
     assert_ne!(off.sport, off.dport, "{off:?}");
     assert_ne!(off.comm, 0, "{off:?}");
-    assert_ne!(off.tw_refcount, 0, "this kernel embeds its death row: {off:?}");
+    assert_ne!(
+        off.tw_refcount, 0,
+        "this kernel embeds its death row: {off:?}"
+    );
     assert_eq!((off.flag_dead, off.flag_done), (0, 1), "{off:?}");
 }

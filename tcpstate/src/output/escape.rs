@@ -81,7 +81,10 @@ mod tests {
 
     #[test]
     fn controls_and_bad_bytes_are_escaped() {
-        assert_eq!(escape("\x1b[31mEVIL\x1b]0;x\x07"), "\\e[31mEVIL\\e]0;x\\x07");
+        assert_eq!(
+            escape("\x1b[31mEVIL\x1b]0;x\x07"),
+            "\\e[31mEVIL\\e]0;x\\x07"
+        );
         assert_eq!(escape("a\nb\tc\\d\x7f"), "a\\nb\\tc\\\\d\\x7f");
         // C1 control U+009B (CSI) in UTF-8 is c2 9b.
         assert_eq!(escape("x\u{9b}y"), "x\\xc2\\x9by");

@@ -182,7 +182,7 @@ mod tests {
                         comm: Comm::new(comm),
                         prev_state_ms: prev,
                         netns: u32::MAX - i as u32,
-                        via: (i % 3 == 0).then(|| "sock_diag".to_owned()),
+                        via: i.is_multiple_of(3).then(|| "sock_diag".to_owned()),
                     };
                     let rec = Record::Transition(t);
                     let mut buf = Vec::new();

@@ -48,8 +48,8 @@ pub fn is_netns(path: &Path) -> io::Result<u32> {
 /// Runs `f` with the calling thread inside the namespace `path` opens, then moves it back.
 /// Meant for worker threads: nothing else may run on the thread meanwhile.
 pub fn within<T>(path: &Path, f: impl FnOnce() -> T) -> io::Result<T> {
-    let target =
-        File::open(path).map_err(|e| with_context(e, format!("opening netns {}", path.display())))?;
+    let target = File::open(path)
+        .map_err(|e| with_context(e, format!("opening netns {}", path.display())))?;
     let home = File::open("/proc/thread-self/ns/net")
         .map_err(|e| with_context(e, "opening /proc/thread-self/ns/net"))?;
     // SAFETY: setns on an fd we own; it affects only this thread.
@@ -134,7 +134,8 @@ impl Namespaces {
     /// Every namespace on the host now.
     pub fn all(&mut self) -> Vec<u32> {
         self.paths = all_netns();
-        self.paths.insert(self.home, PathBuf::from("/proc/thread-self/ns/net"));
+        self.paths
+            .insert(self.home, PathBuf::from("/proc/thread-self/ns/net"));
         let mut v: Vec<u32> = self.paths.keys().copied().collect();
         v.sort_unstable();
         v

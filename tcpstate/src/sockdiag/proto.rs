@@ -283,7 +283,11 @@ pub fn parse_socket(payload: &[u8], fam: &str) -> io::Result<DiagSocket> {
     let family = match i32::from(h.family) {
         libc::AF_INET => Family::V4,
         libc::AF_INET6 => Family::V6,
-        other => return Err(invalid(format!("sock_diag: unknown address family {other}"))),
+        other => {
+            return Err(invalid(format!(
+                "sock_diag: unknown address family {other}"
+            )));
+        }
     };
     let id = &h.socket_id;
     let mut tuple = Tuple::new(

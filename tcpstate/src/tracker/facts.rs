@@ -21,7 +21,9 @@ pub enum Owner {
     Verified(Task),
     /// Nobody holds it: its application closed it (or never accepted
     /// it). `last` is who held it last, when known.
-    Orphan { last: Option<Task> },
+    Orphan {
+        last: Option<Task>,
+    },
     /// Inferred from process-context transitions, not (yet) checked.
     Attributed(Task),
     Unknown,

@@ -185,9 +185,7 @@ impl Tracker {
         let ghosts: Vec<u64> = self
             .table
             .iter()
-            .filter(|(_, e)| {
-                e.netns == netns && e.since_ns < dump_start_ns && !e.has(flag::ORPHAN)
-            })
+            .filter(|(_, e)| e.netns == netns && e.since_ns < dump_start_ns && !e.has(flag::ORPHAN))
             .filter(|(_, e)| {
                 if e.tuple.sport == 0 {
                     !alive.connecting.contains(&(e.tuple.daddr, e.tuple.dport))
@@ -366,7 +364,10 @@ mod tests {
 
     #[test]
     fn time_wait_age_comes_from_its_timer() {
-        assert_eq!(estimated_since(100 * 1_000_000_000, 60_000), 100_000_000_000);
+        assert_eq!(
+            estimated_since(100 * 1_000_000_000, 60_000),
+            100_000_000_000
+        );
         assert_eq!(estimated_since(100 * 1_000_000_000, 15_000), 55_000_000_000);
         assert_eq!(estimated_since(1, 0), 0);
     }

@@ -123,7 +123,10 @@ impl Tracker {
             via,
         }));
         if e.has(flag::ANOMALY_OPEN) {
-            out.push(Fact::Resolved(self.anomaly(key, &e, ts_ns), Resolution::LeftState));
+            out.push(Fact::Resolved(
+                self.anomaly(key, &e, ts_ns),
+                Resolution::LeftState,
+            ));
         }
         self.enter_timewait(netns, tuple, ts_ns, false, out);
         true
@@ -183,7 +186,9 @@ impl Tracker {
                 let peer = t.tuple.reversed();
                 self.orphan_to_timewait(netns, &peer, t.ts_ns, Via::Peer, out);
             }
-            (TcpState::SynSent, _) | (TcpState::Listen, TcpState::SynRecv) if t.tuple.sport != 0 => {
+            (TcpState::SynSent, _) | (TcpState::Listen, TcpState::SynRecv)
+                if t.tuple.sport != 0 =>
+            {
                 self.end_timewait(netns, &t.tuple, t.ts_ns, Via::Reuse, out);
             }
             _ => {}

@@ -27,11 +27,6 @@ pub mod timewait;
 
 use std::collections::HashMap;
 
-pub use self::{
-    facts::{Anomaly, Fact, Kind, Leak, Moved, Owner, Resolution, Task, Via},
-    kernel::{Alive, Found, KernelSocket, Probe, ProbeResult},
-    pressure::NetnsInfo,
-};
 use self::{
     deadlines::{Deadline, Deadlines},
     pressure::PressureRule,
@@ -39,6 +34,11 @@ use self::{
     table::{Comms, Entry, OwnerRef, Table, flag},
     thresholds::Thresholds,
     timewait::TimeWaitTable,
+};
+pub use self::{
+    facts::{Anomaly, Fact, Kind, Leak, Moved, Owner, Resolution, Task, Via},
+    kernel::{Alive, Found, KernelSocket, Probe, ProbeResult},
+    pressure::NetnsInfo,
 };
 use crate::{
     decode::{Ending, Transition},
@@ -333,7 +333,8 @@ impl Tracker {
     /// A socket born under our eyes: start tracking it, unless full.
     fn create(&mut self, t: &Transition) {
         let owner = attribute(&mut self.comms, &self.listeners, t, t.netns, None);
-        let mut e = Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN).with_owner(owner);
+        let mut e =
+            Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN).with_owner(owner);
         e.epoch = self.epoch();
         if self.table.insert(t.sk, e).is_err() {
             // Counted once per socket: only at its birth.

@@ -334,7 +334,11 @@ mod tests {
         assert_eq!(t.insert(1, e), Ok(()));
         assert_eq!(t.insert(2, e), Ok(()));
         assert_eq!(t.insert(3, e), Err(Full));
-        assert_eq!(t.insert(2, e), Ok(()), "updating an existing key is not growth");
+        assert_eq!(
+            t.insert(2, e),
+            Ok(()),
+            "updating an existing key is not growth"
+        );
         assert_eq!(t.len(), 2);
         assert_eq!(t.sockets(TcpState::Established), 2);
     }

@@ -91,7 +91,14 @@ fn check_leaks(t: &mut Tracker, now: u64, out: &mut Vec<Record>) {
     out.extend(records(&facts));
 }
 
-fn reconcile(t: &mut Tracker, ns: u32, alive: &Alive, start: u64, now: u64, out: &mut Vec<Record>) -> u64 {
+fn reconcile(
+    t: &mut Tracker,
+    ns: u32,
+    alive: &Alive,
+    start: u64,
+    now: u64,
+    out: &mut Vec<Record>,
+) -> u64 {
     let mut facts = Vec::new();
     let n = t.reconcile(ns, alive, start, now, &mut facts);
     out.extend(records(&facts));
@@ -168,7 +175,10 @@ fn times_each_state_and_forgets_closed_sockets() {
     assert_eq!(prev[4], Some(1.0));
     assert_eq!(t.tracked(), 0);
     assert!(TcpState::ALL.iter().all(|&s| t.sockets(s) == 0));
-    assert_eq!(t.stats().transitions[SynSent as usize][Established as usize], 1);
+    assert_eq!(
+        t.stats().transitions[SynSent as usize][Established as usize],
+        1
+    );
     assert_eq!(t.stats().durations[Established as usize].len(), 1);
 }
 
@@ -411,7 +421,10 @@ fn reconciliation_removes_sockets_whose_close_was_lost() {
     alive.insert(&kernel_socket(7, TimeWait, 8080, 5000));
     out.clear();
     // Another namespace's dump does not touch netns 7.
-    assert_eq!(reconcile(&mut t, 8, &Alive::default(), 5 * S, 5 * S, &mut out), 0);
+    assert_eq!(
+        reconcile(&mut t, 8, &Alive::default(), 5 * S, 5 * S, &mut out),
+        0
+    );
     assert_eq!(reconcile(&mut t, 7, &alive, 5 * S, 5 * S, &mut out), 1);
     assert_eq!(t.tracked(), 2);
     assert_eq!(t.stats().reconciled, 1);
@@ -446,7 +459,8 @@ fn table_is_bounded_and_counts_refusals() {
     run(&mut t, &events);
     assert_eq!((t.tracked(), t.refused()), (3, 7));
     assert_eq!(
-        t.stats().transitions[Close as usize][SynSent as usize], 10,
+        t.stats().transitions[Close as usize][SynSent as usize],
+        10,
         "counts stay exact"
     );
 }
@@ -543,10 +557,7 @@ fn deadline_heap_stays_bounded_under_churn() {
 }
 
 fn seed_close_wait(t: &mut Tracker, netns: u32, now: u64) {
-    t.seed(
-        [kernel_socket(netns, CloseWait, 8080, 5000)],
-        now,
-    );
+    t.seed([kernel_socket(netns, CloseWait, 8080, 5000)], now);
 }
 
 #[test]

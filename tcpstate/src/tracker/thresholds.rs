@@ -97,7 +97,10 @@ pub fn parse_override(s: &str) -> Result<Threshold, String> {
             TcpState::TimeWait => "TIME_WAIT cannot have a threshold: it always ends on the \
                  kernel's 60 s timer (see time_wait_pressure=FRACTION)"
                 .to_owned(),
-            st => format!("{} cannot have a threshold: no socket sits in it", st.name()),
+            st => format!(
+                "{} cannot have a threshold: no socket sits in it",
+                st.name()
+            ),
         });
     }
     let dur = dur.trim();

@@ -1,9 +1,9 @@
 use std::{
     fs::File,
-net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
-os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-path::{Path, PathBuf},
-process::Command,
+    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+    process::Command,
 };
 
 use super::*;
@@ -99,7 +99,10 @@ fn parses_multipart_datagrams() {
     );
     assert_eq!(out.len(), 2);
     assert_eq!(out[1].tuple.family, crate::socket::Family::V6);
-    assert_eq!(out[1].tuple.saddr(), IpAddr::V6(std::net::Ipv6Addr::from(v6)));
+    assert_eq!(
+        out[1].tuple.saddr(),
+        IpAddr::V6(std::net::Ipv6Addr::from(v6))
+    );
     assert_eq!(
         (out[1].tuple.sport, out[1].tuple.dport, out[1].state),
         (80, 40000, 6)
@@ -120,8 +123,7 @@ fn netlink_errors_become_io_errors() {
     let mut out = Vec::new();
     let mut payload = (-libc::EPERM).to_ne_bytes().to_vec();
     payload.extend_from_slice(&[0; 16]); // the echoed request header
-    let e =
-        parse_datagram(&nlmsg(NLMSG_ERROR, 3, &payload), 3, "AF_INET", &mut out).unwrap_err();
+    let e = parse_datagram(&nlmsg(NLMSG_ERROR, 3, &payload), 3, "AF_INET", &mut out).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
     assert!(
         e.to_string().contains("kernel refused the AF_INET request"),
@@ -189,9 +191,11 @@ fn current_netns_matches_proc_self_and_all_netns() {
     let md = std::fs::metadata(path).expect("stat listed path");
     assert_eq!(md.ino(), u64::from(ns));
     // Entering our own namespace works too.
-    within(Path::new("/proc/thread-self/ns/net"), || Diag::open()?.dump(ALL_STATES))
-        .expect("enter own netns")
-        .expect("dump in own netns");
+    within(Path::new("/proc/thread-self/ns/net"), || {
+        Diag::open()?.dump(ALL_STATES)
+    })
+    .expect("enter own netns")
+    .expect("dump in own netns");
 }
 
 #[test]
@@ -252,9 +256,16 @@ fn dump_in_other_netns() {
     // The socket opened inside stays there: an exact lookup finds the listener's tuple
     // only in the namespace.
     let t = l.tuple;
-    assert_eq!(inside.lookup(&t).expect("lookup").map(|s| s.inode), None, "a listener is not a connection");
+    assert_eq!(
+        inside.lookup(&t).expect("lookup").map(|s| s.inode),
+        None,
+        "a listener is not a connection"
+    );
 
-    let host = Diag::open().expect("open").dump(ALL_STATES).expect("dump in host netns");
+    let host = Diag::open()
+        .expect("open")
+        .dump(ALL_STATES)
+        .expect("dump in host netns");
     assert!(
         !host.iter().any(|s| s.inode == l.inode),
         "netns listener leaked into host dump"
