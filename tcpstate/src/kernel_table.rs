@@ -234,6 +234,7 @@ fn found(ns: &mut Namespaces, netns: u32, t: &Tuple) -> Option<Found> {
 fn probe(ns: &mut Namespaces, p: &Probe) -> ProbeResult {
     let mut r = ProbeResult {
         netns: p.netns,
+        done_ns: 0,
         timewait_gone: 0,
         timewait: p.timewait.clone(),
         orphans: Vec::new(),
@@ -241,6 +242,7 @@ fn probe(ns: &mut Namespaces, p: &Probe) -> ProbeResult {
     };
     if ns.path(p.netns).is_none() {
         r.netns_gone = true;
+        r.done_ns = monotonic_ns();
         return r;
     }
     let (mut lo, mut hi) = (0, p.timewait.len());
@@ -259,6 +261,7 @@ fn probe(ns: &mut Namespaces, p: &Probe) -> ProbeResult {
             r.orphans.push((*t, f));
         }
     }
+    r.done_ns = monotonic_ns();
     r
 }
 

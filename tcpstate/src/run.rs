@@ -69,14 +69,29 @@ struct Tally {
     since_reconcile: u64,
 }
 
+enum Parked {
+    Reconciled(Dump),
+    Probed(crate::tracker::ProbeResult),
+}
+
+impl Parked {
+    fn at_ns(&self) -> u64 {
+        match self {
+            Parked::Reconciled(d) => d.started_ns,
+            Parked::Probed(p) => p.done_ns,
+        }
+    }
+}
+
 /// Jobs out with the workers, so none is queued twice.
 #[derive(Default)]
 struct InFlight {
     reconcile: bool,
     probes: usize,
     settings: std::collections::HashSet<u32>,
-    /// A reconciliation answered before the events up to its start were applied.
-    parked: Option<Dump>,
+    /// Answers about the kernel's table that came before the events up to
+    /// them were applied: they wait, so nothing is judged on stale events.
+    parked: std::collections::VecDeque<Parked>,
 }
 
 struct Daemon {
@@ -273,9 +288,8 @@ impl Daemon {
     fn apply(&mut self, batch: Batch) {
         let now = Instant::now();
         self.tally.events += batch.events;
-        self.tally.since_sweep += batch.events;
-        self.tally.since_reconcile += batch.events;
         self.tally.undecodable += batch.undecodable;
+        let filtered = self.tally.filtered;
         let mut facts = Vec::new();
         for t in &batch.transitions {
             // --netns: the kernel reads a socket's namespace only at its birth, so later
@@ -294,6 +308,10 @@ impl Daemon {
             self.tracker.on_transition(t, &mut facts);
             self.write_facts(&mut facts, now);
         }
+        // Activity for the idle re-read: events that reached the tracker.
+        let applied = batch.transitions.len() as u64 - (self.tally.filtered - filtered);
+        self.tally.since_sweep += applied;
+        self.tally.since_reconcile += applied;
         self.watermark_ns = batch.watermark_ns;
         if !self.warned_full && self.tracker.refused() > 0 {
             self.warned_full = true;
@@ -302,13 +320,7 @@ impl Daemon {
                 self.tracker.capacity()
             ));
         }
-        if let Some(dump) = self
-            .jobs
-            .parked
-            .take_if(|d| d.started_ns <= self.watermark_ns)
-        {
-            self.reconciled(dump);
-        }
+        self.unpark();
     }
 
     /// Writes transition facts at once; anomaly facts go through the owner check.
@@ -419,21 +431,18 @@ impl Daemon {
 
     fn on_reply(&mut self, reply: Reply) {
         match reply {
+            // Every event from before a dump or lookup must be applied first, so a socket
+            // whose CLOSE is merely queued is not taken for a ghost, and a transition the
+            // events show is not reported as found by sock_diag.
             Reply::Reconciled(dump) => {
                 self.jobs.reconcile = false;
-                // Every event from before the dump must be applied first, so a socket whose
-                // CLOSE is merely queued is not taken for a ghost.
-                if self.watermark_ns < dump.started_ns {
-                    self.jobs.parked = Some(dump);
-                } else {
-                    self.reconciled(dump);
-                }
+                self.jobs.parked.push_back(Parked::Reconciled(dump));
+                self.unpark();
             }
             Reply::Probed(r) => {
                 self.jobs.probes = self.jobs.probes.saturating_sub(1);
-                let mut facts = Vec::new();
-                self.tracker.apply_probe(&r, monotonic_ns(), &mut facts);
-                self.publish(facts);
+                self.jobs.parked.push_back(Parked::Probed(r));
+                self.unpark();
             }
             Reply::Owners {
                 ticket,
@@ -446,7 +455,10 @@ impl Daemon {
                     if netns == 0 {
                         self.tracker.set_default_netns_info(info);
                     } else {
-                        self.tracker.set_netns_info(netns, info);
+                        let mut facts = Vec::new();
+                        self.tracker
+                            .set_netns_info(netns, info, monotonic_ns(), &mut facts);
+                        self.publish(facts);
                     }
                 }
             }
@@ -454,8 +466,26 @@ impl Daemon {
         }
     }
 
+    /// Applies the parked answers whose events are all in.
+    fn unpark(&mut self) {
+        while let Some(p) = self
+            .jobs
+            .parked
+            .pop_front_if(|p| p.at_ns() <= self.watermark_ns)
+        {
+            match p {
+                Parked::Reconciled(dump) => self.reconciled(dump),
+                Parked::Probed(r) => {
+                    let mut facts = Vec::new();
+                    self.tracker.apply_probe(&r, &mut facts);
+                    self.publish(facts);
+                }
+            }
+        }
+    }
+
     fn reconciled(&mut self, dump: Dump) {
-        let now = monotonic_ns();
+        let now = dump.started_ns;
         let mut facts = Vec::new();
         for (ns, a) in &dump.alive {
             self.tracker

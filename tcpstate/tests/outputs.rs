@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, Netns, port, require_bpf};
+use common::{Daemon, Netns, free_port, http_get, port, require_bpf};
 use serde_json::Value;
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -58,13 +58,6 @@ fn records(files: &[PathBuf]) -> Vec<Value> {
         }
     }
     out
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 #[test]
@@ -181,21 +174,6 @@ fn rotation_by_rename_and_copytruncate_loses_no_record() {
     );
     assert_eq!(stopped["dropped"], 0);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    use std::io::Write as _;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    resp.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
 }
 
 #[test]

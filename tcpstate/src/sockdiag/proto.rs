@@ -134,7 +134,8 @@ impl Diag {
         let mut out = Vec::new();
         match self.request(family, ALL_STATES, id, false, &mut out) {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            // ENOENT: no such socket (the context wrapper keeps the kind, not the errno).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         }
         Ok(out.into_iter().find(|s| s.tuple == *t && s.state != 10))

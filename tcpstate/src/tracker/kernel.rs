@@ -88,6 +88,10 @@ pub enum Found {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeResult {
     pub netns: u32,
+    /// When the lookups were done (monotonic ns): what they found is
+    /// reported at that time, and applied only once every event before it
+    /// has been.
+    pub done_ns: u64,
     /// How many of `Probe::timewait`, from the oldest, are gone.
     pub timewait_gone: usize,
     pub timewait: Vec<Tuple>,
@@ -103,6 +107,14 @@ const MAX_ORPHAN_LOOKUPS: usize = 256;
 impl Tracker {
     /// Loads the start-up snapshot; returns how many sockets were tracked.
     pub fn seed(&mut self, sockets: impl IntoIterator<Item = KernelSocket>, now_ns: u64) -> u64 {
+        let sockets: Vec<KernelSocket> = sockets.into_iter().collect();
+        // A mini-socket on a listening port is a server's: its port is not
+        // ephemeral.
+        let listening: HashSet<(u32, u16)> = sockets
+            .iter()
+            .filter(|s| s.state == TcpState::Listen)
+            .map(|s| (s.netns, s.tuple.sport))
+            .collect();
         let mut out = Vec::new();
         let mut n = 0;
         for s in sockets {
@@ -111,7 +123,8 @@ impl Tracker {
             }
             if s.mini && s.state == TcpState::TimeWait {
                 let since = estimated_since(now_ns, s.expires_ms);
-                self.enter_timewait(s.netns, &s.tuple, since, true, &mut out);
+                let active = !listening.contains(&(s.netns, s.tuple.sport));
+                self.enter_timewait(s.netns, &s.tuple, since, true, active, &mut out);
                 n += 1;
                 continue;
             }
@@ -246,7 +259,8 @@ impl Tracker {
                 && !self.orphans.contains_key(&(netns, *t))
             {
                 let since = estimated_since(now_ns, expires);
-                self.enter_timewait(netns, t, since, true, out);
+                let active = !self.listeners.contains_key(&(netns, t.sport));
+                self.enter_timewait(netns, t, since, true, active, out);
             }
         }
         removed
@@ -307,7 +321,8 @@ impl Tracker {
     }
 
     /// Applies what a sweep's lookups found.
-    pub fn apply_probe(&mut self, r: &ProbeResult, now_ns: u64, out: &mut Vec<Fact>) {
+    pub fn apply_probe(&mut self, r: &ProbeResult, out: &mut Vec<Fact>) {
+        let now_ns = r.done_ns;
         if r.netns_gone {
             self.netns_gone(r.netns, now_ns, out);
             return;
@@ -320,9 +335,23 @@ impl Tracker {
         }
     }
 
-    /// Sets a namespace's port range and `tcp_tw_reuse`.
-    pub fn set_netns_info(&mut self, netns: u32, info: NetnsInfo) {
+    /// Sets a namespace's port range and `tcp_tw_reuse`, and counts its
+    /// TIME_WAIT mini-sockets again under them.
+    pub fn set_netns_info(
+        &mut self,
+        netns: u32,
+        info: NetnsInfo,
+        now_ns: u64,
+        out: &mut Vec<Fact>,
+    ) {
         self.pressure.set_info(netns, info);
+        let tuples: Vec<Tuple> = self
+            .timewait
+            .iter()
+            .filter(|s| s.netns == netns)
+            .map(|s| s.tuple)
+            .collect();
+        self.pressure.recount(netns, &tuples, now_ns, out);
     }
 
     /// The host's settings, used until a namespace's own are known.

@@ -46,17 +46,20 @@ impl Tracker {
         }
     }
 
-    /// Starts tracking a TIME_WAIT mini-socket.
+    /// Starts tracking a TIME_WAIT mini-socket. `active`: its connection
+    /// was opened by connect(), so its port counts towards
+    /// `time_wait_pressure`.
     pub(super) fn enter_timewait(
         &mut self,
         netns: u32,
         tuple: &Tuple,
         since_ns: u64,
         estimated: bool,
+        active: bool,
         out: &mut Vec<Fact>,
     ) {
         let fresh = self.timewait.get(netns, tuple).is_none();
-        if self.timewait.insert(netns, tuple, since_ns, estimated) && fresh {
+        if self.timewait.insert(netns, tuple, since_ns, estimated) && fresh && active {
             self.pressure.add(netns, tuple, since_ns, out);
         }
     }
@@ -128,7 +131,8 @@ impl Tracker {
                 Resolution::LeftState,
             ));
         }
-        self.enter_timewait(netns, tuple, ts_ns, false, out);
+        let active = e.has(flag::ACTIVE);
+        self.enter_timewait(netns, tuple, ts_ns, false, active, out);
         true
     }
 
@@ -171,27 +175,27 @@ impl Tracker {
         true
     }
 
-    /// What one socket's transition says about mini-sockets:
-    /// - the local peer sent its FIN (CLOSE_WAIT -> LAST_ACK): our
-    ///   FIN_WAIT2 mini-socket at the other end enters TIME_WAIT;
-    /// - a new connection took a tuple (its connect or its handshake
-    ///   completed): a TIME_WAIT mini-socket on it was reused
-    ///   (`tcp_tw_reuse`, or a SYN the mini-socket accepted).
-    pub(super) fn after_move(&mut self, t: &Transition, netns: u32, out: &mut Vec<Fact>) {
-        if self.orphans.is_empty() && self.timewait.is_empty() {
+    /// A new connection took a tuple (its connect or its handshake
+    /// completed): a TIME_WAIT mini-socket on it was reused (`tcp_tw_reuse`,
+    /// or a SYN the mini-socket accepted). It ended first.
+    pub(super) fn before_move(&mut self, t: &Transition, netns: u32, out: &mut Vec<Fact>) {
+        if self.timewait.is_empty() || t.tuple.sport == 0 {
             return;
         }
-        match (t.old, t.new) {
-            (TcpState::CloseWait, TcpState::LastAck) => {
-                let peer = t.tuple.reversed();
-                self.orphan_to_timewait(netns, &peer, t.ts_ns, Via::Peer, out);
-            }
+        if matches!(
+            (t.old, t.new),
             (TcpState::SynSent, _) | (TcpState::Listen, TcpState::SynRecv)
-                if t.tuple.sport != 0 =>
-            {
-                self.end_timewait(netns, &t.tuple, t.ts_ns, Via::Reuse, out);
-            }
-            _ => {}
+        ) {
+            self.end_timewait(netns, &t.tuple, t.ts_ns, Via::Reuse, out);
+        }
+    }
+
+    /// The local peer sent its FIN (CLOSE_WAIT -> LAST_ACK): our FIN_WAIT2
+    /// mini-socket at the other end got it and entered TIME_WAIT.
+    pub(super) fn after_move(&mut self, t: &Transition, netns: u32, out: &mut Vec<Fact>) {
+        if !self.orphans.is_empty() && (t.old, t.new) == (TcpState::CloseWait, TcpState::LastAck) {
+            let peer = t.tuple.reversed();
+            self.orphan_to_timewait(netns, &peer, t.ts_ns, Via::Peer, out);
         }
     }
 

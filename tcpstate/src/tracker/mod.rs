@@ -228,6 +228,7 @@ impl Tracker {
             return applied;
         }
         let new = reported_state(t);
+        self.before_move(t, netns, out);
         self.report(out, t, netns, new, prev_ns);
         if e.has(flag::ANOMALY_OPEN) {
             self.resolve(out, t.sk, &e, t.ts_ns, Resolution::LeftState);
@@ -238,7 +239,8 @@ impl Tracker {
             }
             TcpState::TimeWait => {
                 self.forget(t.sk);
-                self.enter_timewait(netns, &tuple_of(t, &e), t.ts_ns, false, out);
+                let active = e.has(flag::ACTIVE);
+                self.enter_timewait(netns, &tuple_of(t, &e), t.ts_ns, false, active, out);
             }
             _ => self.advance(t, netns),
         }
@@ -261,10 +263,15 @@ impl Tracker {
                 netns: t.netns,
             };
         }
+        self.before_move(t, t.netns, out);
         self.report(out, t, t.netns, new, None);
         match new {
             TcpState::Close => {}
-            TcpState::TimeWait => self.enter_timewait(t.netns, &t.tuple, t.ts_ns, false, out),
+            TcpState::TimeWait => {
+                // Unknown socket: a listener's port is not ephemeral.
+                let active = !self.listeners.contains_key(&(t.netns, t.tuple.sport));
+                self.enter_timewait(t.netns, &t.tuple, t.ts_ns, false, active, out);
+            }
             _ => self.create(t),
         }
         self.after_move(t, t.netns, out);

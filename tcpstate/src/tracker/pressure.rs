@@ -146,6 +146,49 @@ impl PressureRule {
         }
     }
 
+    /// Counts a namespace's destinations again from its TIME_WAIT
+    /// mini-sockets (its settings changed): raises and resolves as the new
+    /// counts say.
+    pub fn recount(&mut self, netns: u32, tuples: &[Tuple], now_ns: u64, out: &mut Vec<Fact>) {
+        let raised: HashMap<Dest, u64> = self
+            .counts
+            .iter()
+            .filter(|(d, _)| d.netns == netns)
+            .filter_map(|(d, c)| Some((*d, c.raised?)))
+            .collect();
+        self.counts.retain(|d, _| d.netns != netns);
+        let info = self.info(netns);
+        let limit = self.limit(&info);
+        for t in tuples {
+            if t.sport < info.ports.0 || t.sport > info.ports.1 {
+                continue;
+            }
+            let dest = Self::dest(netns, t);
+            if self.counts.len() >= MAX_DESTINATIONS && !self.counts.contains_key(&dest) {
+                self.untracked += 1;
+                continue;
+            }
+            self.counts.entry(dest).or_default().n += 1;
+        }
+        for (dest, since) in &raised {
+            let c = self.counts.entry(*dest).or_default();
+            if limit.is_some_and(|l| (c.n as f64) >= l) {
+                c.raised = Some(*since);
+            } else {
+                let mut a = anomaly(dest, c, &info, now_ns);
+                a.since_ns = *since;
+                out.push(Fact::Resolved(a, Resolution::Relieved));
+            }
+        }
+        for (dest, c) in self.counts.iter_mut().filter(|(d, _)| d.netns == netns) {
+            if c.raised.is_none() && limit.is_some_and(|l| c.n as f64 > l) {
+                c.raised = Some(now_ns);
+                out.push(Fact::Raised(anomaly(dest, c, &info, now_ns)));
+            }
+        }
+        self.counts.retain(|_, c| c.n > 0 || c.raised.is_some());
+    }
+
     pub fn open(&self) -> u64 {
         self.counts.values().filter(|c| c.raised.is_some()).count() as u64
     }

@@ -33,6 +33,9 @@ pub mod flag {
     /// process holds it, `owner` is the last one that did, and it has no
     /// kernel address we know (keyed by a synthetic key).
     pub const ORPHAN: u8 = 8;
+    /// Opened by connect() (CLOSE -> SYN_SENT): its local port came from the
+    /// ephemeral range, which `time_wait_pressure` watches.
+    pub const ACTIVE: u8 = 16;
 }
 
 const NO_OWNER: u32 = u32::MAX;

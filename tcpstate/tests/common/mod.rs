@@ -200,3 +200,64 @@ pub fn pairs_of<'a>(ts: &[&'a Value], sk: &Value) -> Vec<(&'a str, &'a str)> {
 pub fn port(base: u16) -> u16 {
     base + (std::process::id() % 500) as u16
 }
+
+/// A free port on the host's loopback (for --metrics-addr).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// GET a page from the daemon's HTTP endpoint; the body.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    resp.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// Sockets per state as `ss -tan` shows them in a namespace, in the daemon's state names.
+pub fn ss_counts(ns: &Netns) -> std::collections::BTreeMap<String, u64> {
+    let out = ns
+        .command("ss")
+        .args(["-tan"])
+        .output()
+        .unwrap_or_else(|e| panic!("ss: {e}"));
+    assert!(out.status.success(), "ss failed: {out:?}");
+    let mut counts = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+        let Some(state) = line.split_whitespace().next() else {
+            continue;
+        };
+        let name = match state {
+            "ESTAB" => "ESTABLISHED".to_owned(),
+            "UNCONN" => "CLOSE".to_owned(),
+            "FIN-WAIT-1" => "FIN_WAIT1".to_owned(),
+            "FIN-WAIT-2" => "FIN_WAIT2".to_owned(),
+            other => other.replace('-', "_"),
+        };
+        *counts.entry(name).or_default() += 1;
+    }
+    counts
+}
+
+/// The daemon's per-state counts from /status.
+pub fn status_counts(port: u16) -> std::collections::BTreeMap<String, u64> {
+    let body = http_get(port, "/status");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["sockets"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no sockets in {v}"))
+        .iter()
+        .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+        .collect()
+}

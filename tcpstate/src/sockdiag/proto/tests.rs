@@ -275,3 +275,28 @@ fn dump_in_other_netns() {
     assert_eq!(all_netns().get(&(ino as u32)), Some(&path));
     drop(listener);
 }
+
+#[test]
+fn exact_lookup_finds_a_time_wait_mini_socket_and_nothing_else() {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let lport = listener.local_addr().expect("addr").port();
+    let client = TcpStream::connect((Ipv4Addr::LOCALHOST, lport)).expect("connect");
+    let cport = client.local_addr().expect("addr").port();
+    let (server, _) = listener.accept().expect("accept");
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let t = crate::socket::Tuple::new(lo, cport, lo, lport);
+    let mut diag = Diag::open().expect("open");
+    let est = diag.lookup(&t).expect("lookup").expect("established");
+    assert_eq!((est.state, est.is_timewait()), (ESTABLISHED, false));
+    // The client closes first, then the server: the client's end is a TIME_WAIT mini-socket.
+    drop(client);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(server);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let tw = diag.lookup(&t).expect("lookup").expect("time wait");
+    assert_eq!((tw.state, tw.is_timewait()), (6, true));
+    assert!(tw.expires_ms > 50_000 && tw.expires_ms <= 60_000, "{tw:?}");
+    // A tuple nobody has is None, even with a listener on its local port.
+    let none = crate::socket::Tuple::new(lo, lport, lo, 9);
+    assert_eq!(diag.lookup(&none).expect("lookup"), None);
+}

@@ -1,0 +1,480 @@
+//! The whole close, as `ss -tan` shows it: orphaned FIN_WAIT2 and TIME_WAIT mini-sockets, the
+//! CLOSING path, resets, reuse, and `time_wait_pressure`, on real traffic in test-made
+//! namespaces, checked against `ss` itself.
+
+mod common;
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use common::{
+    Daemon, Netns, free_port, http_get, port, require_bpf, ss_counts, status_counts, transitions,
+};
+use serde_json::Value;
+use socket2::{Domain, Socket, Type};
+
+/// A client bound to `local` (SO_REUSEADDR, so it may take a port a TIME_WAIT holds), connected
+/// to `server`.
+fn client_from(local: SocketAddr, server: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&local.into())?;
+    s.connect(&server.into())?;
+    Ok(s.into())
+}
+
+fn listener(port: u16) -> TcpListener {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.set_reuse_address(true).expect("reuseaddr");
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .expect("bind");
+    s.listen(128).expect("listen");
+    s.into()
+}
+
+fn linger_zero(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and option buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER");
+}
+
+fn pairs(ts: &[&Value], port: u16) -> Vec<(String, String, String)> {
+    ts.iter()
+        .filter(|t| t["sport"] == port)
+        .map(|t| {
+            (
+                t["old"].as_str().unwrap_or("?").to_owned(),
+                t["new"].as_str().unwrap_or("?").to_owned(),
+                t["via"].as_str().unwrap_or("event").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn p(old: &str, new: &str, via: &str) -> (String, String, String) {
+    (old.to_owned(), new.to_owned(), via.to_owned())
+}
+
+/// Polls until `f` holds or `limit` passes.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+#[test]
+fn orphan_fin_wait2_lasts_until_the_peer_closes_then_time_wait_ends_by_reuse() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let sp = port(25000);
+    let cp = port(26000);
+    let daemon = Daemon::start(&["--port", &sp.to_string()]);
+    let server_addr = SocketAddr::from(([127, 0, 0, 1], sp));
+    let local = SocketAddr::from(([127, 0, 0, 1], cp));
+    let held = ns.run(move || {
+        let l = listener(sp);
+        let c = client_from(local, server_addr).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        // The client closes first; the server holds CLOSE_WAIT 1.5 s.
+        drop(c);
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(s);
+        std::thread::sleep(Duration::from_millis(200));
+        l
+    });
+    let ss = ss_counts(&ns);
+    assert_eq!(ss.get("TIME_WAIT"), Some(&1), "ss: {ss:?}");
+    // TIME_WAIT ends early when a new connection takes its tuple (tcp_tw_reuse, loopback);
+    // the kernel lets it only a second after the last segment.
+    std::thread::sleep(Duration::from_millis(1100));
+    let again = ns.run(move || client_from(local, server_addr).expect("reuse the TIME_WAIT port"));
+    std::thread::sleep(Duration::from_millis(200));
+    let records = daemon.stop();
+    drop((again, held));
+    let ts = transitions(&records, ns.inode);
+    let mut client = pairs(&ts, cp);
+    client.retain(|(old, _, _)| old != "CLOSE");
+    assert_eq!(
+        client[..6],
+        [
+            p("SYN_SENT", "ESTABLISHED", "event"),
+            p("ESTABLISHED", "FIN_WAIT1", "event"),
+            p("FIN_WAIT1", "FIN_WAIT2", "event"),
+            p("FIN_WAIT2", "TIME_WAIT", "peer"),
+            p("TIME_WAIT", "CLOSE", "reuse"),
+            p("SYN_SENT", "ESTABLISHED", "event"),
+        ],
+        "{ts:#?}"
+    );
+    let fw2 = ts
+        .iter()
+        .find(|t| t["sport"] == cp && t["old"] == "FIN_WAIT2")
+        .and_then(|t| t["prev_state_ms"].as_f64())
+        .expect("FIN_WAIT2 timed");
+    assert!(
+        (1300.0..1700.0).contains(&fw2),
+        "ss showed FIN-WAIT-2 for the server's 1.5 s; we said {fw2} ms"
+    );
+    let tw = ts
+        .iter()
+        .find(|t| t["sport"] == cp && t["old"] == "TIME_WAIT")
+        .and_then(|t| t["prev_state_ms"].as_f64())
+        .expect("TIME_WAIT timed");
+    assert!((1100.0..2500.0).contains(&tw), "TIME_WAIT lasted {tw} ms");
+}
+
+/// Every kind of socket at once, half of them from before the daemon: its counts are `ss`'s.
+#[test]
+fn counts_equal_ss_for_every_kind_of_socket() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let sp = port(27000);
+    let mix = move |l: &TcpListener| -> Vec<TcpStream> {
+        let addr = l.local_addr().expect("addr");
+        let mut keep = Vec::new();
+        let pair = || {
+            let c = TcpStream::connect(addr).expect("connect");
+            let (s, _) = l.accept().expect("accept");
+            (c, s)
+        };
+        // Two established connections.
+        for _ in 0..2 {
+            let (c, s) = pair();
+            keep.extend([c, s]);
+        }
+        // Two clients closed, servers holding CLOSE_WAIT: orphaned FIN_WAIT2 mini-sockets.
+        for _ in 0..2 {
+            let (c, s) = pair();
+            drop(c);
+            keep.push(s);
+        }
+        // One half-closed client: a full socket in FIN_WAIT2.
+        let (c, s) = pair();
+        c.shutdown(Shutdown::Write).expect("shutdown");
+        keep.extend([c, s]);
+        // Two connections closed client first: TIME_WAIT.
+        for _ in 0..2 {
+            let (c, s) = pair();
+            drop(c);
+            std::thread::sleep(Duration::from_millis(20));
+            drop(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        keep
+    };
+    let (l, before) = ns.run(move || {
+        let l = listener(sp);
+        let before = mix(&l);
+        (l, before)
+    });
+    let mport = free_port();
+    let path = format!("/run/netns/{}", ns.name);
+    let daemon = Daemon::start(&[
+        "--netns",
+        &path,
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let (l, after) = ns.run(move || {
+        let after = mix(&l);
+        (l, after)
+    });
+    // A quiet moment: nothing changes from here.
+    let mut ours = Default::default();
+    let mut theirs = Default::default();
+    let same = eventually(Duration::from_secs(5), || {
+        ours = status_counts(mport);
+        theirs = ss_counts(&ns);
+        ours == theirs
+    });
+    assert!(same, "tcpstate {ours:?} vs ss {theirs:?}");
+    for (state, n) in [
+        ("ESTABLISHED", 8),
+        ("CLOSE_WAIT", 6),
+        ("FIN_WAIT2", 6),
+        ("TIME_WAIT", 4),
+        ("LISTEN", 1),
+    ] {
+        assert_eq!(ours.get(state), Some(&n), "{state}: {ours:?}");
+    }
+    // The metrics say the same.
+    let metrics = http_get(mport, "/metrics");
+    assert!(
+        metrics.contains("tcpstate_sockets{state=\"TIME_WAIT\"} 4"),
+        "{metrics}"
+    );
+    drop((l, before, after));
+    daemon.stop();
+}
+
+/// The CLOSING path: each end sends its FIN before it gets the other's. The client's FIN waits
+/// behind data the server does not read yet, so the server's FIN reaches the client in
+/// FIN_WAIT1.
+#[test]
+fn simultaneous_close_goes_through_closing_to_time_wait() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let sp = port(28000);
+    let daemon = Daemon::start(&["--port", &sp.to_string()]);
+    let cport = ns.run(move || {
+        let l = listener(sp);
+        let mut c = TcpStream::connect(("127.0.0.1", sp)).expect("connect");
+        let (mut s, _) = l.accept().expect("accept");
+        let cport = c.local_addr().expect("addr").port();
+        c.set_nonblocking(true).expect("nonblocking");
+        let chunk = [7u8; 65536];
+        loop {
+            match c.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        c.shutdown(Shutdown::Write)
+            .expect("client FIN, queued behind data");
+        s.shutdown(Shutdown::Write).expect("server FIN");
+        std::thread::sleep(Duration::from_millis(100));
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut sink = Vec::new();
+        s.read_to_end(&mut sink).expect("drain");
+        std::thread::sleep(Duration::from_millis(200));
+        cport
+    });
+    let ss = ss_counts(&ns);
+    let records = daemon.stop();
+    let ts = transitions(&records, ns.inode);
+    let closing: Vec<_> = pairs(&ts, cport).into_iter().skip(1).collect();
+    assert_eq!(
+        closing,
+        [
+            p("ESTABLISHED", "FIN_WAIT1", "event"),
+            p("FIN_WAIT1", "CLOSING", "event"),
+            p("CLOSING", "TIME_WAIT", "event"),
+        ],
+        "{ts:#?}"
+    );
+    let server: Vec<_> = pairs(&ts, sp)
+        .into_iter()
+        .filter(|(o, _, _)| o != "CLOSE" && o != "LISTEN" && o != "SYN_RECV")
+        .collect();
+    assert_eq!(
+        server,
+        [
+            p("ESTABLISHED", "FIN_WAIT1", "event"),
+            p("FIN_WAIT1", "FIN_WAIT2", "event"),
+            p("FIN_WAIT2", "TIME_WAIT", "event"),
+        ],
+        "{ts:#?}"
+    );
+    assert_eq!(ss.get("TIME_WAIT"), Some(&2), "ss: {ss:?}");
+}
+
+/// An RST ends FIN_WAIT2 for good, for a half-closed full socket and for an orphan's
+/// mini-socket alike: CLOSE, no TIME_WAIT, and `ss` shows nothing left.
+#[test]
+fn reset_in_fin_wait2_closes_without_time_wait() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let sp = port(29000);
+    let mport = free_port();
+    let path = format!("/run/netns/{}", ns.name);
+    let daemon = Daemon::start(&[
+        "--netns",
+        &path,
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let (half, orphan) = ns.run(move || {
+        let l = listener(sp);
+        // Half-closed, its application still holding it.
+        let c = TcpStream::connect(("127.0.0.1", sp)).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        c.shutdown(Shutdown::Write).expect("shutdown");
+        // Orphaned: closed by its application.
+        let c2 = TcpStream::connect(("127.0.0.1", sp)).expect("connect");
+        let (s2, _) = l.accept().expect("accept");
+        let orphan = c2.local_addr().expect("addr").port();
+        drop(c2);
+        std::thread::sleep(Duration::from_millis(100));
+        let half = c.local_addr().expect("addr").port();
+        for s in [s, s2] {
+            linger_zero(&s);
+            drop(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        drop((c, l));
+        (half, orphan)
+    });
+    // The orphan's end no event shows: the sweep finds it within a second.
+    let gone = eventually(Duration::from_secs(3), || {
+        let c = status_counts(mport);
+        !c.contains_key("FIN_WAIT2") && !c.contains_key("TIME_WAIT")
+    });
+    let ss = ss_counts(&ns);
+    let records = daemon.stop();
+    let ts = transitions(&records, ns.inode);
+    assert!(
+        gone,
+        "tcpstate still counts FIN_WAIT2 or TIME_WAIT; ss: {ss:?} {ts:#?}"
+    );
+    assert!(
+        !ss.contains_key("FIN_WAIT2") && !ss.contains_key("TIME_WAIT"),
+        "{ss:?}"
+    );
+    let ts = transitions(&records, ns.inode);
+    assert_eq!(
+        pairs(&ts, half).last(),
+        Some(&p("FIN_WAIT2", "CLOSE", "event")),
+        "{ts:#?}"
+    );
+    assert_eq!(
+        pairs(&ts, orphan).last(),
+        Some(&p("FIN_WAIT2", "CLOSE", "sock_diag")),
+        "{ts:#?}"
+    );
+    assert!(
+        !ts.iter().any(|t| t["new"] == "TIME_WAIT"),
+        "no TIME_WAIT after a reset: {ts:#?}"
+    );
+}
+
+#[test]
+fn orphan_fin_wait2_anomaly_names_who_closed_it() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let sp = port(30000);
+    let mut daemon = Daemon::start(&["--port", &sp.to_string(), "--threshold", "fin_wait2=1s"]);
+    let server = ns.run(move || {
+        let l = listener(sp);
+        let c = TcpStream::connect(("127.0.0.1", sp)).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        drop(c);
+        (l, s)
+    });
+    let raised = daemon
+        .wait_for(Duration::from_secs(5), |r| r["type"] == "anomaly")
+        .expect("a fin_wait2 anomaly");
+    drop(server);
+    let resolved = daemon.wait_for(Duration::from_secs(5), |r| r["type"] == "anomaly_resolved");
+    daemon.stop();
+    assert_eq!(raised["kind"], "fin_wait2", "{raised}");
+    assert_eq!(
+        (&raised["pid"], &raised["owner_source"]),
+        (&Value::Null, &"none".into()),
+        "nobody holds an orphan: {raised}"
+    );
+    assert_eq!(
+        raised["last_owner"]["pid"],
+        std::process::id(),
+        "the process that closed it: {raised}"
+    );
+    let age = raised["age_ms"].as_f64().expect("age");
+    assert!((1000.0..1600.0).contains(&age), "{raised}");
+    let resolved = resolved.expect("resolved when the peer closed");
+    assert_eq!(resolved["resolution"], "left_state", "{resolved}");
+}
+
+#[test]
+fn time_wait_pressure_is_raised_and_relieved() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let st = ns
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.ip_local_port_range=40000 40009"])
+        .status()
+        .expect("sysctl");
+    assert!(st.success());
+    let sp = port(31000);
+    let mport = free_port();
+    let mut daemon = Daemon::start(&[
+        "--port",
+        &sp.to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let server = SocketAddr::from(([127, 0, 0, 1], sp));
+    let l = ns.run(move || {
+        let l = listener(sp);
+        for cp in 40000..40006 {
+            let c = client_from(SocketAddr::from(([127, 0, 0, 1], cp)), server).expect("connect");
+            let (s, _) = l.accept().expect("accept");
+            drop(c);
+            std::thread::sleep(Duration::from_millis(10));
+            drop(s);
+        }
+        l
+    });
+    let raised = daemon
+        .wait_for(Duration::from_secs(5), |r| {
+            r["type"] == "anomaly" && r["kind"] == "time_wait_pressure"
+        })
+        .expect("6 of 10 ports in TIME_WAIT to one destination");
+    assert_eq!(
+        (&raised["count"], &raised["port_range"], &raised["dport"]),
+        (&6.into(), &10.into(), &sp.into()),
+        "{raised}"
+    );
+    assert!(raised["tw_reuse"].is_u64(), "{raised}");
+    let metrics = http_get(mport, "/metrics");
+    assert!(
+        metrics.contains("tcpstate_time_wait_pressure_ratio 0.6"),
+        "{metrics}"
+    );
+    // Two new connections take over two TIME_WAIT ports: 4 of 10 left.
+    std::thread::sleep(Duration::from_millis(1100));
+    let kept = ns.run(move || {
+        (40000..40002)
+            .map(|cp| {
+                let c = client_from(SocketAddr::from(([127, 0, 0, 1], cp)), server)
+                    .expect("reuse a TIME_WAIT port");
+                let (s, _) = l.accept().expect("accept");
+                (c, s)
+            })
+            .collect::<Vec<_>>()
+    });
+    let relieved = daemon.wait_for(Duration::from_secs(5), |r| {
+        r["type"] == "anomaly_resolved" && r["kind"] == "time_wait_pressure"
+    });
+    daemon.stop();
+    drop(kept);
+    let relieved = relieved.expect("resolved below the threshold");
+    assert_eq!(
+        (&relieved["resolution"], &relieved["count"]),
+        (&"below_threshold".into(), &4.into()),
+        "{relieved}"
+    );
+}
