@@ -6,7 +6,7 @@
 //! by asking the kernel (sock_diag), and each is reported with how it was
 //! observed (`Via`).
 
-use super::{Fact, Moved, Resolution, Tracker, Via, table::flag};
+use super::{Fact, Moved, Resolution, Tracker, Via, table::flag, timewait::Insert};
 use crate::{decode::Transition, socket::Tuple, state::TcpState};
 
 impl Tracker {
@@ -58,8 +58,8 @@ impl Tracker {
         active: bool,
         out: &mut Vec<Fact>,
     ) {
-        let fresh = self.timewait.get(netns, tuple).is_none();
-        if self.timewait.insert(netns, tuple, since_ns, estimated) && fresh && active {
+        let new = self.timewait.insert(netns, tuple, since_ns, estimated) == Insert::New;
+        if new && active {
             self.pressure.add(netns, tuple, since_ns, out);
         }
     }

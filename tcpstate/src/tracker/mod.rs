@@ -207,12 +207,12 @@ impl Tracker {
 
     /// Applies one transition.
     pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Fact>) -> Applied {
-        let known = self.table.contains(t.sk) || self.adopt_seeded(t);
-        if !known {
-            return self.on_unknown(t, out);
-        }
-        let Some(e) = self.table.get(t.sk).copied() else {
-            return self.on_unknown(t, out);
+        let e = match self.table.get(t.sk) {
+            Some(e) => *e,
+            None => match self.adopt_seeded(t).then(|| self.table.get(t.sk).copied()) {
+                Some(Some(e)) => e,
+                _ => return self.on_unknown(t, out),
+            },
         };
         let netns = if e.netns == 0 { t.netns } else { e.netns };
         let seen = e.state == t.old && e.has(flag::ENTRY_SEEN);
@@ -242,7 +242,7 @@ impl Tracker {
                 let active = e.has(flag::ACTIVE);
                 self.enter_timewait(netns, &tuple_of(t, &e), t.ts_ns, false, active, out);
             }
-            _ => self.advance(t, netns),
+            _ => self.advance(t, netns, &e),
         }
         self.after_move(t, netns, out);
         applied
@@ -310,11 +310,8 @@ impl Tracker {
         }));
     }
 
-    /// Moves a tracked full socket into `t.new`.
-    fn advance(&mut self, t: &Transition, netns: u32) {
-        let Some(e) = self.table.get(t.sk).copied() else {
-            return;
-        };
+    /// Moves a tracked full socket (`e`, as it was) into `t.new`.
+    fn advance(&mut self, t: &Transition, netns: u32, e: &Entry) {
         let owner = attribute(&mut self.comms, &self.listeners, t, netns, e.owner());
         let epoch = self.epoch();
         let updated = self.table.update(t.sk, |e| {
@@ -331,10 +328,12 @@ impl Tracker {
             e.tuple.dport = t.tuple.dport;
             *e = e.with_owner(owner);
         });
-        if let (Some(e), Some(o)) = (updated, owner) {
-            self.register_listener(t, &e, o);
+        if let Some(e) = updated {
+            if let Some(o) = owner {
+                self.register_listener(t, &e, o);
+            }
+            self.schedule(t.sk, &e);
         }
-        self.enter_deadline(t.sk);
     }
 
     /// A socket born under our eyes: start tracking it, unless full.
@@ -353,7 +352,7 @@ impl Tracker {
         if let Some(o) = owner {
             self.register_listener(t, &e, o);
         }
-        self.enter_deadline(t.sk);
+        self.schedule(t.sk, &e);
     }
 
     fn register_listener(&mut self, t: &Transition, e: &Entry, o: OwnerRef) {
@@ -369,7 +368,13 @@ impl Tracker {
 
     /// Schedules the anomaly check for the state entry `key` is in now.
     fn enter_deadline(&mut self, key: u64) {
-        let Some(e) = self.table.get(key) else { return };
+        if let Some(e) = self.table.get(key).copied() {
+            self.schedule(key, &e);
+        }
+    }
+
+    /// Schedules the anomaly check for entry `e` (at `key`).
+    fn schedule(&mut self, key: u64, e: &Entry) {
         if let Some(d) = self.cfg.thresholds.get(e.state) {
             self.deadlines.push(Deadline {
                 at_ns: e.since_ns.saturating_add(saturating_ns(d)),

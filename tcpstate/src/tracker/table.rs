@@ -172,15 +172,15 @@ impl Table {
     /// Changes an entry through `f`, keeping every count right. Returns the
     /// entry as it is afterwards.
     pub fn update(&mut self, key: u64, f: impl FnOnce(&mut Entry)) -> Option<Entry> {
-        let mut e = *self.map.get(&key)?;
-        let before = e;
-        f(&mut e);
-        if e != before {
+        let e = self.map.get_mut(&key)?;
+        let before = *e;
+        f(e);
+        let after = *e;
+        if after != before {
             self.account(&before, false);
-            self.account(&e, true);
-            self.map.insert(key, e);
+            self.account(&after, true);
         }
-        Some(e)
+        Some(after)
     }
 
     /// Moves an entry to another key (a snapshot socket learning its kernel
