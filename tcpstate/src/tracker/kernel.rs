@@ -35,16 +35,20 @@ pub struct KernelSocket {
     pub owner: Option<(u32, Comm)>,
 }
 
-/// What a reconciliation dump says is alive in one network namespace.
+type Seeded = foldhash::quality::RandomState;
+
+/// What a reconciliation dump says is alive in one network namespace. The
+/// sets hold every socket of a busy host (hundreds of thousands of
+/// TIME_WAIT), keyed by tuples peers choose: a seeded fast hasher.
 #[derive(Debug, Default)]
 pub struct Alive {
     /// Full sockets.
-    pub tuples: HashSet<Tuple>,
+    pub tuples: HashSet<Tuple, Seeded>,
     /// SYN_SENT sockets by remote end: the tracepoint shows local port 0
     /// when a connect starts, so those entries match on the remote only.
-    pub connecting: HashSet<([u8; 16], u16)>,
+    pub connecting: HashSet<([u8; 16], u16), Seeded>,
     /// Mini-sockets and their substate.
-    pub minis: HashMap<Tuple, (TcpState, u32)>,
+    pub minis: HashMap<Tuple, (TcpState, u32), Seeded>,
     /// Request sockets (SYN_RECV mini-sockets).
     pub requests: u64,
 }

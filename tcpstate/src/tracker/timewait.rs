@@ -212,7 +212,12 @@ pub enum Insert {
 }
 
 /// One hash of the key whatever happens.
-fn put<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u64, Hasher>, k: K, stamp: u64, full: bool) -> Insert {
+fn put<K: std::hash::Hash + Eq>(
+    m: &mut HashMap<K, u64, Hasher>,
+    k: K,
+    stamp: u64,
+    full: bool,
+) -> Insert {
     use std::collections::hash_map::Entry;
     match m.entry(k) {
         Entry::Occupied(mut o) => {
@@ -251,7 +256,10 @@ mod tests {
         assert_eq!(tw.insert(7, &tuple("10.0.0.1", 1), 5, false), Insert::New);
         assert_eq!(tw.insert(7, &tuple("fd00::1", 2), 6, true), Insert::New);
         assert_eq!(tw.insert(7, &tuple("10.0.0.1", 3), 7, false), Insert::Full);
-        assert_eq!(tw.insert(7, &tuple("10.0.0.1", 1), 8, false), Insert::Replaced);
+        assert_eq!(
+            tw.insert(7, &tuple("10.0.0.1", 1), 8, false),
+            Insert::Replaced
+        );
         assert_eq!((tw.len(), tw.refused()), (2, 1));
         let s = tw.get(7, &tuple("fd00::1", 2)).expect("v6");
         assert_eq!((s.since_ns, s.estimated), (6, true));

@@ -46,6 +46,10 @@ const MAX_ERRORS_PER_THREAD: u64 = 1_000;
 pub struct Churn<'a> {
     netns: &'a Netns,
     targets: Vec<SocketAddr>,
+    /// IPv4 client addresses to rotate through (the TIME_WAIT run: more
+    /// distinct 4-tuples than one address's 64k ports); empty = the kernel's
+    /// choice.
+    sources: Vec<Ipv4Addr>,
     probe: SocketAddr,
     threads: usize,
     stop: Arc<AtomicBool>,
@@ -86,6 +90,7 @@ impl<'a> Churn<'a> {
         let mut churn = Self {
             netns,
             targets: Vec::new(),
+            sources: Vec::new(),
             probe,
             threads,
             stop: Arc::new(AtomicBool::new(false)),
@@ -109,6 +114,12 @@ impl<'a> Churn<'a> {
                 .join(" and ")
         );
         Ok(churn)
+    }
+
+    /// Clients of IPv4 targets bind to these addresses in turn.
+    pub fn with_sources(mut self, sources: Vec<Ipv4Addr>) -> Self {
+        self.sources = sources;
+        self
     }
 
     fn spawn_server(&mut self, listener: TcpListener, echo: bool) {
@@ -160,8 +171,14 @@ impl<'a> Churn<'a> {
         let mut turn = idx;
         while out.conns < MAX_CONNS_PER_THREAD && Instant::now() < deadline && !interrupted() {
             let addr = self.targets[turn % self.targets.len()];
+            let source = match addr {
+                SocketAddr::V4(_) if !self.sources.is_empty() => {
+                    Some(self.sources[(turn / self.targets.len()) % self.sources.len()])
+                }
+                _ => None,
+            };
             turn += 1;
-            match echo(addr) {
+            match echo(addr, source) {
                 Ok(()) => out.conns += 1,
                 Err(err) => {
                     out.errors += 1;
@@ -285,8 +302,32 @@ fn echo_back(mut stream: TcpStream) -> io::Result<()> {
 }
 
 /// Client side; returns after the server's FIN (see the module docs).
-fn echo(addr: SocketAddr) -> io::Result<()> {
-    let mut stream = TcpStream::connect(addr)?;
+fn echo(addr: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<()> {
+    let mut stream = match source {
+        None => TcpStream::connect(addr)?,
+        Some(ip) => {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            // Port 0 with IP_BIND_ADDRESS_NO_PORT: the port is chosen at
+            // connect() for the full 4-tuple, as without bind().
+            let one: libc::c_int = 1;
+            // SAFETY: a valid socket and option buffer.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&raw const one).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            s.bind(&SocketAddr::new(IpAddr::V4(ip), 0).into())?;
+            s.connect(&addr.into())?;
+            s.into()
+        }
+    };
     stream.write_all(&[1])?;
     let mut byte = [0u8; 1];
     stream.read_exact(&mut byte)?;

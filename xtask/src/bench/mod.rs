@@ -18,6 +18,7 @@ mod netns;
 mod procstat;
 mod report;
 mod sysctl;
+mod timewait;
 mod tracer;
 
 use std::fs;
@@ -59,6 +60,13 @@ pub struct BenchArgs {
     /// Skip the memory run.
     #[arg(long)]
     skip_memory: bool,
+    /// Skip the TIME_WAIT run (hundreds of thousands of TIME_WAIT sockets, this build
+    /// against --baseline).
+    #[arg(long)]
+    skip_timewait: bool,
+    /// The previous release, as a git revision, built for the TIME_WAIT run's comparison.
+    #[arg(long, default_value = "v0.1.0")]
+    baseline: String,
     /// Where bench.md and bench.json go [default: <target dir>/bench].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -98,7 +106,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let tools = {
         // setup and build report on stdout; stdout is for the results here.
         let _redirect = StdoutToStderr::new()?;
-        prepare_tools()?
+        let mut tools = prepare_tools()?;
+        if !args.skip_timewait {
+            tools.baseline = build_baseline(&args.baseline)
+                .map_err(|e| eprintln!("bench: no previous-release row: {e:#}"))
+                .ok();
+        }
+        tools
     };
     let out = match &args.out {
         Some(out) => out.clone(),
@@ -186,6 +200,20 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         )?)
     };
 
+    interrupt::check()?;
+    let timewait = if args.skip_timewait {
+        None
+    } else {
+        Some(timewait::run(
+            &tools,
+            tools.baseline.is_some().then_some(args.baseline.as_str()),
+            &work.path,
+            usize::from(args.threads),
+            args.duration,
+            args.rounds,
+        )?)
+    };
+
     let report = Report {
         header: Header {
             date: clock::now_utc_string(),
@@ -203,6 +231,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         notes: notes(&tools, &results, server_errors),
         tracers: results,
         memory,
+        timewait,
     };
     let markdown = report::markdown(&report);
     let json = serde_json::to_string_pretty(&report).context("cannot serialise the report")?;
@@ -237,8 +266,60 @@ fn prepare_tools() -> Result<Tools> {
         tcpstates,
         stdbuf,
         bpftrace,
+        baseline: None,
         tcpstates_reports_lost,
     })
+}
+
+/// Builds tcpstate at git revision `rev` (in a worktree of its own, kept under the target
+/// directory so a second bench reuses it) and returns its binary.
+fn build_baseline(rev: &str) -> Result<PathBuf> {
+    let root = crate::cmd::workspace_root();
+    let commit = crate::cmd::capture(std::process::Command::new("git").current_dir(root).args([
+        "rev-parse",
+        "--verify",
+        &format!("{rev}^{{commit}}"),
+    ]))
+    .with_context(|| format!("{rev} is not a revision of this repository"))?;
+    let commit = commit.trim().to_owned();
+    let dir = crate::target_dir()?.join("bench-baseline").join(&commit);
+    let binary = dir.join("tcpstate");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    let src = dir.join("src");
+    let _ = fs::remove_dir_all(&src);
+    let _ = crate::cmd::capture(
+        std::process::Command::new("git")
+            .current_dir(root)
+            .args(["worktree", "prune"]),
+    );
+    crate::cmd::capture(std::process::Command::new("git").current_dir(root).args([
+        "worktree",
+        "add",
+        "--detach",
+        &src.to_string_lossy(),
+        &commit,
+    ]))?;
+    eprintln!(
+        "bench: building the previous release ({rev}, {commit}) in {}",
+        src.display()
+    );
+    let mut cargo = crate::cmd::stable_cargo();
+    cargo
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .args(["build", "--release", "--package", "tcpstate"]);
+    crate::cmd::run(&mut cargo).context("building the previous release failed")?;
+    fs::copy(dir.join("target/release/tcpstate"), &binary)
+        .context("cannot copy the previous release's binary")?;
+    let _ = crate::cmd::capture(std::process::Command::new("git").current_dir(root).args([
+        "worktree",
+        "remove",
+        "--force",
+        &src.to_string_lossy(),
+    ]));
+    Ok(binary)
 }
 
 /// A peer the bench compares against: installed with apt when absent, or
@@ -254,7 +335,7 @@ fn optional_apt_tool(binary: &str, package: &str) -> Option<PathBuf> {
 }
 
 /// One tracer, one round: start it, churn, sample, stop it.
-fn measure(
+pub(super) fn measure(
     tracer: Tracer,
     round: u32,
     tools: &Tools,
@@ -284,6 +365,12 @@ fn measure(
     let peak_rss_kib = procstat::status_kib(pid, "VmHWM:")?;
     let bpf = bpfstats::totals(&bpfstats::snapshot(&tools.bpftool)?, &ids).since(bpf_before);
     let log = running.log.clone();
+    let timewait = matches!(
+        tracer,
+        Tracer::TcpstateTimewait | Tracer::TcpstateTimewaitReconcile
+    )
+    .then(|| timewait::scrape_timewait(tracer::TIMEWAIT_METRICS_PORT))
+    .flatten();
     let stopped = running.stop(tools)?;
     // At --log-rate 0 the log grows by tens of MB per second.
     let _ = fs::remove_file(&log);
@@ -297,7 +384,12 @@ fn measure(
     sample.events_per_s = Some(events as f64 / load.elapsed.as_secs_f64());
     sample.bpf_recursion_misses = Some(bpf.recursion_misses);
     sample.cpu_s = Some(cpu);
+    sample.cpu_pct = Some(cpu * 100.0 / load.elapsed.as_secs_f64().max(1e-9));
     sample.cpu_us_per_event = per_event(cpu * 1e6);
+    if let Some((bytes, tracked)) = timewait {
+        sample.timewait_bytes = Some(bytes);
+        sample.timewait_tracked = Some(tracked);
+    }
     sample.peak_rss_kib = Some(peak_rss_kib);
     if let Some(record) = &stopped.record {
         let get = |key: &str| record.get(key).and_then(serde_json::Value::as_u64);

@@ -19,7 +19,12 @@ pub struct Netns {
 impl Netns {
     /// `ip netns add tcpstate-bench-<pid>` and `ip -n … link set lo up`.
     pub fn create() -> Result<Self> {
-        let name = format!("tcpstate-bench-{}", std::process::id());
+        Self::create_named("bench")
+    }
+
+    /// `ip netns add tcpstate-<what>-<pid>`, lo up.
+    pub fn create_named(what: &str) -> Result<Self> {
+        let name = format!("tcpstate-{what}-{}", std::process::id());
         eprintln!("bench: creating network namespace {name}");
         capture(Command::new("ip").args(["netns", "add", &name]))?;
         // From here on Drop deletes it, also when the next step fails.

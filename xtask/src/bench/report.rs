@@ -5,12 +5,14 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::memory::MemoryResult;
+use super::timewait::TimewaitResult;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub header: Header,
     pub tracers: Vec<TracerResult>,
     pub memory: Option<MemoryResult>,
+    pub timewait: Option<TimewaitResult>,
     pub notes: Vec<String>,
 }
 
@@ -56,6 +58,15 @@ pub struct Sample {
     pub latency_p99_ms: Option<f64>,
     /// CPU used by the bench's own log-tail thread during the run.
     pub log_tail_cpu_s: Option<f64>,
+    /// TIME_WAIT run: mini-sockets in the namespace when the sample started
+    /// (/proc/net/sockstat `tw`).
+    pub timewait_present: Option<u64>,
+    /// TIME_WAIT run, this build: its TIME_WAIT table's heap bytes and
+    /// entries (from /metrics just before stopping).
+    pub timewait_bytes: Option<f64>,
+    pub timewait_tracked: Option<f64>,
+    /// Daemon CPU over the sample, in % of one core.
+    pub cpu_pct: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -76,6 +87,9 @@ pub struct Summary {
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
     pub latency_samples: Option<usize>,
+    pub timewait_present: Option<f64>,
+    pub bytes_per_timewait: Option<f64>,
+    pub cpu_pct: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,6 +161,12 @@ impl TracerResult {
             latency_p50_ms: median(r.iter().map(|s| s.latency_p50_ms)),
             latency_p99_ms: median(r.iter().map(|s| s.latency_p99_ms)),
             latency_samples: sum(r.iter().map(|s| s.latency_samples)),
+            timewait_present: median(r.iter().map(|s| s.timewait_present.map(|n| n as f64))),
+            bytes_per_timewait: median(r.iter().map(|s| {
+                let (b, n) = (s.timewait_bytes?, s.timewait_tracked?);
+                (n > 0.0).then(|| b / n)
+            })),
+            cpu_pct: median(r.iter().map(|s| s.cpu_pct)),
         };
     }
 }
@@ -260,5 +280,60 @@ pub fn markdown(report: &Report) -> String {
             mem.table_bytes_per_socket, mem.rss_bytes_per_socket
         );
     }
+    if let Some(tw) = &report.timewait {
+        timewait_markdown(&mut md, tw);
+    }
     md
+}
+
+fn timewait_markdown(md: &mut String, tw: &TimewaitResult) {
+    let _ = writeln!(md, "\n## TIME_WAIT run\n");
+    let _ = writeln!(
+        md,
+        "The churn with IPv4 clients on 127.0.0.1-8 in a namespace with \
+         `tcp_max_tw_buckets` 2,000,000, warmed up untraced so hundreds of thousands of \
+         TIME_WAIT sockets are present; every connection leaves one more (new TIME_WAIT/s = \
+         conn/s). The default rows run with default flags; the `--reconcile-interval 2s` rows \
+         also dump every socket in the namespace (TIME_WAIT included) every 2 s while the \
+         churn runs, which must not cost ring drops. All tcpstate rows serve /metrics. \
+         Previous release: {}.\n",
+        tw.baseline.as_deref().unwrap_or("not built")
+    );
+    md.push_str(
+        "| tracer | conn/s = new TIME_WAIT/s | vs untraced | paired | TIME_WAIT present \
+         | daemon CPU % of a core | daemon CPU µs/event | ring drops | bytes per TIME_WAIT |\n",
+    );
+    md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    let percent =
+        |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |r| format!("{:.1} %", r * 100.0));
+    for t in &tw.rows {
+        let m = &t.median;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            t.label,
+            num(m.conns_per_s, 0),
+            percent(m.ratio_to_untraced),
+            percent(m.paired_ratio),
+            num(m.timewait_present, 0),
+            num(m.cpu_pct, 1),
+            num(m.cpu_us_per_event, 2),
+            count(m.dropped),
+            num(m.bytes_per_timewait, 0),
+        );
+    }
+    let paired = |slug: &str| {
+        tw.rows
+            .iter()
+            .find(|r| r.name == slug)
+            .and_then(|r| r.median.paired_ratio)
+    };
+    if let (Some(now), Some(before)) = (paired("tcpstate-timewait"), paired("tcpstate-baseline")) {
+        let _ = writeln!(
+            md,
+            "\nThis build against the previous release, default flags, paired churn ratio: \
+             {:+.1} points.",
+            (now - before) * 100.0
+        );
+    }
 }

@@ -29,7 +29,18 @@ pub enum Tracer {
     Tcpstates,
     /// The cheapest thing a tracer of this tracepoint can do: count.
     Bpftrace,
+    /// The TIME_WAIT run: this build, default flags, metrics on.
+    TcpstateTimewait,
+    /// The same flags on the previous release's build (`--baseline`).
+    TcpstateBaseline,
+    /// The TIME_WAIT run with a reconciliation (a dump of every socket)
+    /// every 2 s: this build, then the previous release.
+    TcpstateTimewaitReconcile,
+    TcpstateBaselineReconcile,
 }
+
+/// Where the TIME_WAIT run's tcpstate serves /metrics (in the host namespace).
+pub const TIMEWAIT_METRICS_PORT: u16 = 19464;
 
 impl Tracer {
     /// In the order each round runs them.
@@ -50,6 +61,12 @@ impl Tracer {
             Self::TcpstateAnomalies => "tcpstate --log-transitions=false",
             Self::Tcpstates => "libbpf-tools tcpstates",
             Self::Bpftrace => "bpftrace count() one-liner (reference)",
+            Self::TcpstateTimewait => "tcpstate (this build)",
+            Self::TcpstateBaseline => "tcpstate (previous release)",
+            Self::TcpstateTimewaitReconcile => "tcpstate --reconcile-interval 2s (this build)",
+            Self::TcpstateBaselineReconcile => {
+                "tcpstate --reconcile-interval 2s (previous release)"
+            }
         }
     }
 
@@ -62,13 +79,31 @@ impl Tracer {
             Self::TcpstateAnomalies => "tcpstate-anomalies-only",
             Self::Tcpstates => "tcpstates",
             Self::Bpftrace => "bpftrace-count",
+            Self::TcpstateTimewait => "tcpstate-timewait",
+            Self::TcpstateBaseline => "tcpstate-baseline",
+            Self::TcpstateTimewaitReconcile => "tcpstate-timewait-reconcile",
+            Self::TcpstateBaselineReconcile => "tcpstate-baseline-reconcile",
         }
     }
 
     pub fn is_tcpstate(self) -> bool {
         matches!(
             self,
-            Self::TcpstateDefault | Self::TcpstateFullLog | Self::TcpstateAnomalies
+            Self::TcpstateDefault
+                | Self::TcpstateFullLog
+                | Self::TcpstateAnomalies
+                | Self::TcpstateTimewait
+                | Self::TcpstateBaseline
+                | Self::TcpstateTimewaitReconcile
+                | Self::TcpstateBaselineReconcile
+        )
+    }
+
+    /// Runs the previous release's binary.
+    pub fn is_baseline(self) -> bool {
+        matches!(
+            self,
+            Self::TcpstateBaseline | Self::TcpstateBaselineReconcile
         )
     }
 
@@ -98,7 +133,12 @@ impl Tracer {
                 cmd
             }
             _ => {
-                let mut cmd = Command::new(&tools.tcpstate);
+                let binary = if self.is_baseline() {
+                    tools.baseline.as_ref()?
+                } else {
+                    &tools.tcpstate
+                };
+                let mut cmd = Command::new(binary);
                 let log: OsString = log.into();
                 cmd.args(["run".into(), "--quiet".into(), "--log-file".into(), log]);
                 cmd
@@ -110,6 +150,14 @@ impl Tracer {
             }
             Self::TcpstateAnomalies => {
                 cmd.arg("--log-transitions=false");
+            }
+            Self::TcpstateTimewait | Self::TcpstateBaseline => {
+                let addr = format!("127.0.0.1:{TIMEWAIT_METRICS_PORT}");
+                cmd.args(["--metrics-addr", &addr]);
+            }
+            Self::TcpstateTimewaitReconcile | Self::TcpstateBaselineReconcile => {
+                let addr = format!("127.0.0.1:{TIMEWAIT_METRICS_PORT}");
+                cmd.args(["--reconcile-interval", "2s", "--metrics-addr", &addr]);
             }
             _ => {}
         }
@@ -129,6 +177,8 @@ pub struct Tools {
     pub stdbuf: Option<PathBuf>,
     /// None when bpftrace could not be installed.
     pub bpftrace: Option<PathBuf>,
+    /// The previous release's tcpstate (`--baseline`), when it was built.
+    pub baseline: Option<PathBuf>,
     /// Its binary has libbpf-tools' "lost %llu events on CPU" warning, so
     /// silence on stderr means nothing was lost.
     pub tcpstates_reports_lost: bool,
