@@ -193,6 +193,8 @@ fn reconcile(ns: &mut Namespaces, namespaces: &[u32]) -> Reply {
     let mut gone = Vec::new();
     for &netns in namespaces {
         if ns.path(netns).is_none() {
+            // Our netlink socket there would keep a deleted namespace alive.
+            ns.forget(netns);
             gone.push(netns);
             continue;
         }
@@ -241,6 +243,7 @@ fn probe(ns: &mut Namespaces, p: &Probe) -> ProbeResult {
         netns_gone: false,
     };
     if ns.path(p.netns).is_none() {
+        ns.forget(p.netns);
         r.netns_gone = true;
         r.done_ns = monotonic_ns();
         return r;

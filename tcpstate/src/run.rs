@@ -111,8 +111,10 @@ struct Daemon {
     /// Every event before this is applied.
     watermark_ns: u64,
     started: Instant,
-    /// Kernel loss counters at the last report, and when a new loss was last seen.
+    /// Kernel loss counters at the last report; as last checked for a new
+    /// loss, and when one was last seen.
     reported: KernelCounters,
+    loss_seen: KernelCounters,
     loss_at_ns: Option<u64>,
     warned_full: bool,
 }
@@ -165,6 +167,7 @@ impl Daemon {
             watermark_ns: 0,
             started: Instant::now(),
             reported: KernelCounters::default(),
+            loss_seen: KernelCounters::default(),
             loss_at_ns: None,
             warned_full: false,
             args,
@@ -328,22 +331,21 @@ impl Daemon {
         if facts.is_empty() {
             return;
         }
-        if facts.len() == 1
-            && let Some(Fact::Moved(m)) = facts.first()
-        {
-            let rec =
-                Record::Transition(crate::record::TransitionRecord::from_moved(m, self.clock));
-            self.sinks.emit(&rec, now);
-            facts.clear();
-            return;
+        let mut rest = Vec::new();
+        for f in facts.drain(..) {
+            match f {
+                Fact::Moved(m) => {
+                    let clock = self.clock;
+                    self.sinks.transition(now, || {
+                        Record::Transition(crate::record::TransitionRecord::from_moved(&m, clock))
+                    });
+                }
+                other => rest.push(other),
+            }
         }
-        let all = std::mem::take(facts);
-        let (moved, rest): (Vec<Fact>, Vec<Fact>) =
-            all.into_iter().partition(|f| matches!(f, Fact::Moved(_)));
-        for f in &moved {
-            self.sinks.emit(&Record::from_fact(f, self.clock), now);
+        if !rest.is_empty() {
+            self.publish(rest);
         }
-        self.publish(rest);
     }
 
     /// Queues anomaly facts behind their owner checks and writes what is ready.
@@ -351,11 +353,18 @@ impl Daemon {
         if facts.is_empty() {
             return;
         }
-        let (moved, rest): (Vec<Fact>, Vec<Fact>) =
-            facts.into_iter().partition(|f| matches!(f, Fact::Moved(_)));
         let now = Instant::now();
-        for f in &moved {
-            self.sinks.emit(&Record::from_fact(f, self.clock), now);
+        let mut rest = Vec::with_capacity(facts.len());
+        for f in facts {
+            match f {
+                Fact::Moved(m) => {
+                    let clock = self.clock;
+                    self.sinks.transition(now, || {
+                        Record::Transition(crate::record::TransitionRecord::from_moved(&m, clock))
+                    });
+                }
+                other => rest.push(other),
+            }
         }
         if let Some(job) = self.verifier.push(rest) {
             self.workers.submit(job);
@@ -378,9 +387,8 @@ impl Daemon {
     fn on_tick(&mut self) {
         let now = monotonic_ns();
         let k = self.probe.counters();
-        if k.ringbuf_full > self.reported.ringbuf_full
-            || k.recursion_misses > self.reported.recursion_misses
-        {
+        if k != self.loss_seen {
+            self.loss_seen = k;
             // Events were lost: the table may hold ghosts. No anomaly until a
             // reconciliation, which starts now rather than at its interval.
             if self.loss_at_ns.is_none() {

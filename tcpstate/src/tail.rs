@@ -9,17 +9,29 @@
 //!   path afresh at offset 0). A last line without its newline is held back
 //!   until the newline arrives.
 //! - Lines that are not records are reported on stderr with their line
-//!   number and skipped.
+//!   number and skipped; so is a last line without its newline that is not
+//!   a record, once the file is done.
+//! - `-` (standard input), a pipe or another file that cannot seek is read
+//!   as a stream: `-n` keeps the last N records in memory, `-f` reads until
+//!   the writer closes. A path that stops naming a regular file while
+//!   following (a FIFO put in its place) is not opened: it cannot hang us.
 
 use std::{
+    collections::VecDeque,
     fs::File,
     io::{self, IsTerminal as _, Write as _},
-    os::unix::fs::{FileExt as _, MetadataExt as _},
+    os::unix::fs::{FileExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::Path,
     time::{Duration, Instant},
 };
 
-use crate::{cli::TailArgs, output::text, record::Record, socket::Comm, state::TcpState};
+use crate::{
+    cli::TailArgs,
+    output::{escape::escape, text},
+    record::Record,
+    socket::Comm,
+    state::TcpState,
+};
 
 /// How often `-f` looks for growth, truncation and rotation.
 const POLL: Duration = Duration::from_millis(200);
@@ -44,6 +56,17 @@ pub fn tail(args: TailArgs) -> anyhow::Result<()> {
 fn run(args: &TailArgs) -> anyhow::Result<()> {
     let path = args.path.as_path();
     let mut out = Out::new(args);
+    if path.as_os_str() == "-" {
+        out.header();
+        return stream(io::stdin().lock(), &mut out, args.lines);
+    }
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        // A pipe, a FIFO, /dev/stdin: no seeking, no rotation to follow.
+        let file = File::open(path)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {}", out.name, io_msg(&e)))?;
+        out.header();
+        return stream(file, &mut out, args.lines);
+    }
     let mut first = match Source::open(path) {
         Ok(src) => Some(src),
         Err(e) if args.follow && e.kind() == io::ErrorKind::NotFound => {
@@ -144,6 +167,51 @@ fn follow(path: &Path, out: &mut Out, mut cur: Option<Source>) -> anyhow::Result
     }
 }
 
+/// Reads a stream to its end: every record, or with `-n` the last N that pass the filters.
+fn stream(mut input: impl io::Read, out: &mut Out, last: Option<usize>) -> anyhow::Result<()> {
+    let mut lines = Lines::new(MAX_LINE);
+    let mut kept: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut number = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    let mut take = |line: Line<'_>, out: &mut Out, number: u64| match (line, last) {
+        (Line::Text(raw), Some(n)) if out.wants(raw) => {
+            kept.push_back(raw.to_vec());
+            if kept.len() > n {
+                kept.pop_front();
+            }
+        }
+        (Line::Text(raw), Some(_)) if Out::parse(raw).is_ok() || raw.trim_ascii().is_empty() => {}
+        (line, _) => {
+            let _ = out.line(line, || Ok(number));
+        }
+    };
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(out.read_error(&e)),
+        };
+        lines.push(&buf[..n], |line| {
+            number += 1;
+            take(line, out, number);
+            Ok::<(), io::Error>(())
+        })?;
+        if last.is_none() {
+            out.flush()?;
+        }
+    }
+    if let Some(rest) = lines.take_partial() {
+        take(Line::Text(&rest), out, number + 1);
+    }
+    for raw in kept {
+        if let Ok(rec) = Out::parse(&raw) {
+            out.record(&rec, &raw);
+        }
+    }
+    out.flush()
+}
+
 /// Whether `path` still names the file with this (dev, inode).
 fn names(path: &Path, id: (u64, u64)) -> bool {
     std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id)
@@ -165,9 +233,10 @@ fn io_msg(e: &io::Error) -> String {
     }
 }
 
-/// One line on stderr; a closed stderr is not worth dying for.
+/// One line on stderr, safe for a terminal (it may quote a path or a corrupt line); a closed
+/// stderr is not worth dying for.
 fn note(msg: &str) {
-    let _ = writeln!(io::stderr(), "tcpstate: tail: {msg}");
+    let _ = writeln!(io::stderr(), "tcpstate: tail: {}", escape(msg));
 }
 
 /// What `--port`, `--state`, `--anomalies`, `--pid` and `--comm` ask for;
@@ -466,9 +535,22 @@ struct Source {
 }
 
 impl Source {
+    /// Opens a regular file. Anything else (a FIFO put in the log's place) is refused without
+    /// blocking: opening a FIFO would wait for a writer forever.
     fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
         let m = file.metadata()?;
+        if !m.file_type().is_file() {
+            let what = if m.file_type().is_fifo() {
+                "a FIFO"
+            } else {
+                "not a regular file"
+            };
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, what));
+        }
         Ok(Self {
             file,
             id: (m.dev(), m.ino()),
@@ -516,10 +598,13 @@ impl Source {
         }
     }
 
-    /// The file is done: print its unfinished last line if it is a record.
+    /// The file is done: print its unfinished last line if it is a record, and say so if it is
+    /// not.
     fn finish(&mut self, out: &mut Out) {
         if let Some(rest) = self.lines.take_partial() {
-            out.fragment(&rest);
+            self.count.seen += 1;
+            let Self { file, count, .. } = self;
+            let _ = out.line(Line::Text(&rest), || count.number(file));
         }
     }
 }
@@ -578,15 +663,6 @@ impl Out {
         let n = number()?;
         note(&format!("{}:{n}: not a tcpstate record ({why})", self.name));
         Ok(())
-    }
-
-    /// An unfinished last line that will stay unfinished: printed if it is
-    /// a whole record, else dropped quietly (most likely a write caught
-    /// half-way).
-    fn fragment(&mut self, raw: &[u8]) {
-        if let Ok(rec) = Self::parse(raw) {
-            self.record(&rec, raw);
-        }
     }
 
     fn record(&mut self, rec: &Record, raw: &[u8]) {

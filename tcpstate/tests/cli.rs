@@ -105,3 +105,26 @@ fn status_without_a_daemon_says_so() {
     assert_eq!(code, 1);
     one_clear_line(&err, "no tcpstate daemon answering on 127.0.0.1:1");
 }
+
+#[test]
+fn netns_must_be_a_network_namespace() {
+    for (arg, mentions) in [
+        ("/etc/passwd", "not a network namespace"),
+        ("0", "not a network namespace inode"),
+        ("/nonexistent/ns", "/nonexistent/ns"),
+    ] {
+        let (code, _, err) = tcpstate(&["run", "--netns", arg]);
+        assert_eq!(code, 2, "{arg}: {err}");
+        one_clear_line(&err, mentions);
+    }
+}
+
+#[test]
+fn a_threshold_that_would_wrap_is_refused() {
+    let (code, _, err) = tcpstate(&["run", "--threshold", "close_wait=18446744075s 709551616ns"]);
+    assert_eq!(code, 2, "{err}");
+    one_clear_line(&err, "ten years");
+    let (code, _, err) = tcpstate(&["run", "--threshold", "time_wait_pressure=7"]);
+    assert_eq!(code, 2, "{err}");
+    one_clear_line(&err, "fraction");
+}

@@ -244,3 +244,126 @@ fn follow_survives_rename_rotation_and_truncation() {
     assert_eq!(collect(11).len(), 10, "nothing printed twice");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn reads_standard_input_and_pipes_with_last_n() {
+    let lines: Vec<String> = (0..5)
+        .map(|i| transition(i, 8000 + i as u16, "SYN_SENT", "ESTABLISHED", 7, "curl"))
+        .collect();
+    let input = lines.join("\n") + "\n";
+    for path in ["-", "/dev/stdin"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+            .args(["tail", path, "-n", "2", "--json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tail");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("feed");
+        let out = child.wait_with_output().expect("tail");
+        assert!(out.status.success(), "{path}: {out:?}");
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            got.lines().collect::<Vec<_>>(),
+            [lines[3].as_str(), lines[4].as_str()],
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn a_last_line_without_newline_is_printed_or_reported() {
+    let dir = tmpdir("partial");
+    let log = dir.join("t.jsonl");
+    let done = transition(1, 8001, "SYN_SENT", "ESTABLISHED", 7, "curl");
+    std::fs::write(&log, format!("{done}\n{done}")).expect("write");
+    let (code, out, err) = tail(&[log.to_str().expect("utf8"), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 2, "the unterminated record too: {out}");
+    std::fs::write(&log, format!("{done}\n{{\"type\":\"transi")).expect("write");
+    let (code, out, err) = tail(&[log.to_str().expect("utf8"), "--json"]);
+    assert_eq!((code, out.lines().count()), (0, 1), "{out}");
+    assert!(err.contains(":2: not a tcpstate record"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn follow_does_not_hang_on_a_fifo_put_in_the_logs_place() {
+    let dir = tmpdir("fifo");
+    let log = dir.join("t.jsonl");
+    write(
+        &log,
+        &[transition(1, 8001, "SYN_SENT", "ESTABLISHED", 7, "curl")],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["tail", "-f", "--json", log.to_str().expect("utf8")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tail");
+    let (tx, rx) = mpsc::channel();
+    for pipe in [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let first = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the first record");
+    assert!(first.contains("8001"), "{first}");
+    // Rotated away, and a FIFO put in its place: opening it would wait for a writer forever.
+    std::fs::rename(&log, dir.join("old")).expect("rename");
+    let c = std::ffi::CString::new(log.to_str().expect("utf8")).expect("cstr");
+    // SAFETY: a valid path string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let said = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a note about the FIFO");
+    assert!(said.contains("FIFO"), "{said}");
+    // Replaced by a log again: tail was not stuck, it reads it.
+    std::fs::remove_file(&log).expect("rm fifo");
+    write(
+        &log,
+        &[transition(2, 8002, "SYN_SENT", "ESTABLISHED", 7, "curl")],
+    );
+    let next = rx.recv_timeout(Duration::from_secs(5));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(next.expect("the new log's record").contains("8002"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn control_characters_in_names_are_escaped() {
+    let dir = tmpdir("escape");
+    let log = dir.join("t.jsonl");
+    // A comm with ESC, BEL and a newline, as JSON carries it exactly.
+    write(
+        &log,
+        &[transition(
+            1,
+            8001,
+            "SYN_SENT",
+            "ESTABLISHED",
+            7,
+            "\\u001b[31mEVIL\\u0007\\n",
+        )],
+    );
+    let (code, out, err) = tail(&[log.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.bytes().any(|b| b == 0x1b || b == 0x07), "{out:?}");
+    assert!(out.contains("\\e[31mEVIL\\x07\\n"), "{out}");
+    assert_eq!(out.lines().count(), 2, "header and one line: {out}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -3,8 +3,6 @@
 
 use std::env;
 use std::ffi::OsString;
-use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -49,28 +47,15 @@ pub fn prepend_cargo_bin_to_path() -> Result<()> {
     Ok(())
 }
 
-/// Full path of `name` found on PATH, like `command -v`.
+/// The executable `name` on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
-    let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| {
-            fs::metadata(candidate)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+    which::which(name).ok()
 }
 
-/// Effective uid of this process (from /proc, to avoid a libc dependency).
+/// Effective uid of this process.
 pub fn euid() -> Result<u32> {
-    let status =
-        fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
-    // "Uid:\t<real>\t<effective>\t<saved>\t<fs>"
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .and_then(|euid| euid.parse().ok())
-        .context("no parsable Uid: line in /proc/self/status")
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    Ok(unsafe { libc::geteuid() })
 }
 
 /// A `cargo` command for the stable (workspace) toolchain, run from the

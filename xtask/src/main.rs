@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -57,6 +58,15 @@ enum Task {
     /// Build, then write the man page and shell completions (generated from
     /// tcpstate's own clap definition) to <target>/dist.
     Dist,
+    /// Set up, then run the fuzz targets (cargo-fuzz, nightly) from the
+    /// checked-in corpus: every target, or the one named.
+    Fuzz {
+        /// One of: log_line, event, sock_diag, btf, cli_values.
+        target: Option<String>,
+        /// How long each target runs.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        time: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +78,9 @@ fn main() -> ExitCode {
         Task::Test { no_lint, args } => test::test(no_lint, &args),
         Task::Bench(args) => bench::bench(&args),
         Task::Dist => dist(),
+        Task::Fuzz { target, time } => {
+            setup::setup().and_then(|()| fuzz::fuzz(target.as_deref(), time))
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -71,8 +71,8 @@ fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or_default().trim()
 }
 
-/// Makes `toolchain` usable under the name `nightly`, which is what tcpstate/build.rs
-/// (`Toolchain::default()` in tcpstate/build.rs) runs.
+/// Makes `toolchain` usable under the name `nightly`, which is what tcpstate/build.rs runs
+/// (`rustup run nightly cargo build` for the eBPF crate).
 ///
 /// `rustup toolchain link nightly <sysroot>` would be the obvious way, but
 /// rustup refuses it ("invalid custom toolchain name 'nightly'": release
@@ -299,8 +299,9 @@ pub fn ensure_apt_package(bin: &str, package: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Step 6: tracefs mounted, so tests can look at tracepoints. tcpstate
-/// mounts it itself when missing, so failing here is only a warning.
+/// Step 6: tracefs mounted, for the benchmark's peers (libbpf-tools `tcpstates`, bpftrace),
+/// which attach classic tracepoints. tcpstate itself needs none (a BTF tracepoint), so failing
+/// here is only a warning.
 fn ensure_tracefs() {
     const WHAT: &str = "tracefs";
     if Path::new(TRACEFS).join("events").is_dir() {

@@ -8,6 +8,9 @@ use anyhow::{Context as _, Result};
 use crate::cmd::{NIGHTLY, probe, run, rustup_run, show, stable_cargo, workspace_root};
 use crate::setup::{ensure_nightly_component, setup};
 
+/// Each fuzz target's run in `cargo xtask test`.
+const FUZZ_SMOKE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     setup()?;
 
@@ -77,7 +80,10 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         .args(cargo_test_args);
     steps.push(("cargo test", cargo_test));
 
-    let total = steps.len();
+    // The whole suite (what CI runs) ends with the fuzz smoke; a narrowed
+    // run (`--no-lint`, or test arguments) leaves it out.
+    let fuzz_smoke = !no_lint && cargo_test_args.is_empty();
+    let total = steps.len() + usize::from(fuzz_smoke);
     for (index, (name, mut cmd)) in steps.into_iter().enumerate() {
         println!(
             "\n==> xtask test [{}/{total}] {name}: {}",
@@ -85,6 +91,15 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
             show(&cmd)
         );
         run(&mut cmd).with_context(|| format!("test step '{name}' failed"))?;
+    }
+    // The fuzz targets, briefly, from the checked-in corpus: a parser that
+    // regressed on a known input fails here.
+    if fuzz_smoke {
+        println!(
+            "\n==> xtask test [{total}/{total}] fuzz smoke: every target for {}s",
+            FUZZ_SMOKE.as_secs()
+        );
+        crate::fuzz::fuzz(None, FUZZ_SMOKE).context("test step 'fuzz smoke' failed")?;
     }
     println!("\nxtask: all {total} test steps passed");
     Ok(())

@@ -140,18 +140,30 @@ impl LogFile {
     }
 
     pub fn emit(&mut self, rec: &Record, now: Instant) {
-        if let Record::Transition(_) = rec {
-            if !self.opts.transitions {
-                return;
-            }
-            if let Some(rate) = &mut self.rate
-                && !rate.admit(now)
-            {
-                self.suppressed += 1;
-                self.suppressed_total += 1;
-                return;
-            }
+        if matches!(rec, Record::Transition(_)) && !self.admit_transition(now) {
+            return;
         }
+        self.write(rec);
+    }
+
+    /// Whether the next transition record is to be written (counted as
+    /// suppressed when not): asked before the record is even built.
+    pub fn admit_transition(&mut self, now: Instant) -> bool {
+        if !self.opts.transitions {
+            return false;
+        }
+        if let Some(rate) = &mut self.rate
+            && !rate.admit(now)
+        {
+            self.suppressed += 1;
+            self.suppressed_total += 1;
+            return false;
+        }
+        true
+    }
+
+    /// Appends a record the caller already admitted.
+    pub fn write(&mut self, rec: &Record) {
         self.json.write(&mut self.buf, rec);
         self.buffered += 1;
     }

@@ -24,7 +24,7 @@ use self::logfile::LogFile;
 use crate::{cli::Format, record::Record};
 
 /// Bytes queued for the stdout writer at most; past it records are dropped.
-const STDOUT_QUEUE_BYTES: usize = 16 << 20;
+const STDOUT_QUEUE_BYTES: usize = 4 << 20;
 
 /// Stdout through a writer thread: records are serialised into one buffer per batch and handed
 /// over, so a terminal, pipe or FIFO whose reader stops blocks only that thread.
@@ -170,6 +170,23 @@ impl Sinks {
         }
         if let Some(log) = &mut self.log {
             log.emit(rec, now);
+        }
+    }
+
+    /// A transition record, built only when some sink takes it: under a flood
+    /// the log's rate limit drops most, and building them showed in the
+    /// profile.
+    pub fn transition(&mut self, now: Instant, make: impl FnOnce() -> Record) {
+        let log = self.log.as_mut().is_some_and(|l| l.admit_transition(now));
+        if !log && self.stdout.is_none() {
+            return;
+        }
+        let rec = make();
+        if let Some(out) = &mut self.stdout {
+            out.emit(&rec);
+        }
+        if log && let Some(l) = &mut self.log {
+            l.write(&rec);
         }
     }
 

@@ -8,6 +8,10 @@
 
 use std::collections::HashMap;
 
+/// Destinations are partly chosen by peers: a seeded hasher, cheaper than
+/// SipHash (this runs for every TIME_WAIT that ends).
+type Seeded = foldhash::quality::RandomState;
+
 use super::facts::{Anomaly, Fact, Kind, Owner, Pressure, Resolution};
 use crate::{
     socket::{Family, Tuple},
@@ -61,7 +65,7 @@ pub struct PressureRule {
     fraction: Option<f64>,
     info: HashMap<u32, NetnsInfo>,
     default: NetnsInfo,
-    counts: HashMap<Dest, Count>,
+    counts: HashMap<Dest, Count, Seeded>,
     untracked: u64,
 }
 
@@ -71,7 +75,7 @@ impl PressureRule {
             fraction,
             info: HashMap::new(),
             default: NetnsInfo::DEFAULT,
-            counts: HashMap::new(),
+            counts: HashMap::default(),
             untracked: 0,
         }
     }
@@ -128,6 +132,9 @@ impl PressureRule {
     }
 
     pub fn remove(&mut self, netns: u32, t: &Tuple, ts_ns: u64, out: &mut Vec<Fact>) {
+        if self.counts.is_empty() {
+            return;
+        }
         let info = self.info(netns);
         let dest = Self::dest(netns, t);
         let limit = self.limit(&info);
@@ -150,7 +157,7 @@ impl PressureRule {
     /// mini-sockets (its settings changed): raises and resolves as the new
     /// counts say.
     pub fn recount(&mut self, netns: u32, tuples: &[Tuple], now_ns: u64, out: &mut Vec<Fact>) {
-        let raised: HashMap<Dest, u64> = self
+        let raised: Vec<(Dest, u64)> = self
             .counts
             .iter()
             .filter(|(d, _)| d.netns == netns)

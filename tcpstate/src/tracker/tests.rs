@@ -601,3 +601,154 @@ fn snapshot_sockets_are_adopted_without_the_namespace_only_when_unambiguous() {
     assert_eq!(t.on_transition(&e, &mut out).netns, 8);
     assert_eq!(t.tracked(), 2);
 }
+
+mod model {
+    //! Model-based: random interleavings of births, transitions, closes and
+    //! address reuse. Whatever happens, an anomaly is raised only for a
+    //! state with a threshold, never before it, for a socket really in that
+    //! state since then; and every count the table keeps equals a recount.
+
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A transition of the socket at address slot `slot`.
+        Move {
+            slot: u8,
+            new: TcpState,
+            ending: u8,
+            dt_ms: u16,
+        },
+        /// Time passes and deadlines are checked.
+        Expire { dt_ms: u16 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..6, 0usize..12, 0u8..3, 0u16..3000).prop_map(|(slot, st, ending, dt_ms)| {
+                Op::Move {
+                    slot,
+                    new: TcpState::ALL[st],
+                    ending,
+                    dt_ms,
+                }
+            }),
+            1 => (0u16..20_000).prop_map(|dt_ms| Op::Expire { dt_ms }),
+        ]
+    }
+
+    fn thresholds() -> Thresholds {
+        let mut th = Thresholds::none();
+        th.set(CloseWait, Some(Duration::from_secs(2)));
+        th.set(FinWait2, Some(Duration::from_secs(5)));
+        th.set(FinWait1, Some(Duration::from_secs(3)));
+        th.set(SynSent, Some(Duration::from_secs(1)));
+        th
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn no_anomaly_before_its_threshold_or_for_a_state_without_one(
+            ops in proptest::collection::vec(op(), 1..200)
+        ) {
+            let th = thresholds();
+            let mut t = Tracker::new(Config {
+                capacity: 4,
+                timewait_capacity: 4,
+                thresholds: th.clone(),
+                leak_threshold: 1,
+                pressure: Some(0.5),
+            });
+            // What the kernel would say each address holds now: (state, since).
+            let mut model: HashMap<u64, (TcpState, u64)> = HashMap::new();
+            let mut now = 1_000 * S;
+            let mut facts = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Move { slot, new, ending, dt_ms } => {
+                        now += u64::from(dt_ms) * MS;
+                        let sk = 0xffff_0000_0000_0000 + u64::from(slot) * 0x100;
+                        let old = model.get(&sk).map_or(Close, |m| m.0);
+                        if old == new {
+                            continue;
+                        }
+                        let mut e = ev(sk, now, old, new, 1000 + u16::from(slot), 80, 1, "p");
+                        e.ending = match ending {
+                            0 => Ending::Closed { errno: 0 },
+                            1 => Ending::TimeWait,
+                            _ => Ending::FinWait2,
+                        };
+                        t.on_transition(&e, &mut facts);
+                        if new == Close {
+                            model.remove(&sk);
+                        } else {
+                            model.insert(sk, (new, now));
+                        }
+                    }
+                    Op::Expire { dt_ms } => {
+                        now += u64::from(dt_ms) * MS;
+                        facts.clear();
+                        t.expire(now, &mut facts);
+                        for f in &facts {
+                            let Fact::Raised(a) = f else { continue };
+                            let Kind::Lingering(st) = a.kind else { continue };
+                            let limit = th.get(st);
+                            prop_assert!(limit.is_some(), "anomaly for {st} without a threshold");
+                            let age = a.ts_ns - a.since_ns;
+                            prop_assert!(
+                                age >= u64::try_from(limit.map_or(0, |d| d.as_nanos())).unwrap_or(u64::MAX),
+                                "{st} raised at {age} ns"
+                            );
+                            if a.sk != 0 {
+                                let m = model.get(&a.sk);
+                                prop_assert_eq!(m.map(|m| m.0), Some(st), "not in that state now");
+                                prop_assert!(m.is_some_and(|m| m.1 <= a.since_ns));
+                            }
+                        }
+                    }
+                }
+                prop_assert_eq!(t.table.counts(), t.table.recount());
+            }
+        }
+    }
+
+    #[test]
+    fn counts_survive_thousands_of_random_operations() {
+        // The same walk, long and unchecked but for the recount at its end.
+        let mut t = tracker(64);
+        let mut state: HashMap<u64, TcpState> = HashMap::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut facts = Vec::new();
+        for i in 0..20_000u64 {
+            let sk = 0xffff_0000_0000_0000 + (next() % 80) * 0x40;
+            let new = TcpState::ALL[(next() % 12) as usize];
+            let old = state.get(&sk).copied().unwrap_or(Close);
+            if old == new {
+                continue;
+            }
+            let e = ev(sk, i * MS, old, new, (next() % 50) as u16 + 1, 80, 1, "x");
+            t.on_transition(&e, &mut facts);
+            if new == Close {
+                state.remove(&sk);
+            } else {
+                state.insert(sk, new);
+            }
+            if i % 97 == 0 {
+                t.expire(i * MS, &mut facts);
+            }
+            facts.clear();
+        }
+        assert_eq!(t.table.counts(), t.table.recount());
+    }
+}

@@ -184,14 +184,25 @@ impl TimeWaitTable {
     }
 
     /// Mini-sockets whose 2MSL has run out by `now_ns`, oldest first: the
-    /// ones to check with the kernel. A scan (about a millisecond per 500k
-    /// entries), once per sweep, never per event.
+    /// ones to check with the kernel. A scan of the raw entries (no
+    /// conversion unless due), once per sweep, never per event.
     pub fn due(&self, now_ns: u64) -> Vec<TimeWaitSocket> {
+        let limit = now_ns.saturating_sub(TIMEWAIT_LEN_NS);
+        let is_due = |stamp: u64| stamp & !ESTIMATED <= limit;
         let mut v: Vec<TimeWaitSocket> = self
+            .v4
             .iter()
-            .filter(|s| s.since_ns.saturating_add(TIMEWAIT_LEN_NS) <= now_ns)
+            .filter(|&(_, &s)| is_due(s))
+            .map(|(k, &s)| {
+                let (n, t) = k.tuple();
+                socket(n, t, s)
+            })
+            .chain(self.v6.iter().filter(|&(_, &s)| is_due(s)).map(|(k, &s)| {
+                let (n, t) = k.tuple();
+                socket(n, t, s)
+            }))
             .collect();
-        v.sort_by_key(|s| (s.netns, s.since_ns));
+        v.sort_unstable_by_key(|s| (s.netns, s.since_ns));
         v
     }
 

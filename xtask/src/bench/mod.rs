@@ -64,6 +64,12 @@ pub struct BenchArgs {
     /// against --baseline).
     #[arg(long)]
     skip_timewait: bool,
+    /// Skip the main comparison (untraced, tcpstate, tcpstates, bpftrace).
+    #[arg(long)]
+    skip_main: bool,
+    /// Extra arguments for this build's tcpstate in every row (experiments).
+    #[arg(long, allow_hyphen_values = true, value_name = "ARGS")]
+    tcpstate_args: Option<String>,
     /// The previous release, as a git revision, built for the TIME_WAIT run's comparison.
     #[arg(long, default_value = "v0.1.0")]
     baseline: String,
@@ -107,6 +113,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         // setup and build report on stdout; stdout is for the results here.
         let _redirect = StdoutToStderr::new()?;
         let mut tools = prepare_tools()?;
+        tools.extra_args = args
+            .tcpstate_args
+            .as_deref()
+            .map(|a| a.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
         if !args.skip_timewait {
             tools.baseline = build_baseline(&args.baseline)
                 .map_err(|e| eprintln!("bench: no previous-release row: {e:#}"))
@@ -149,7 +160,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             median: Summary::default(),
         })
         .collect();
-    for round in 1..=args.rounds {
+    let main_rounds = if args.skip_main { 0 } else { args.rounds };
+    for round in 1..=main_rounds {
         for (tracer, result) in Tracer::ALL.iter().zip(&mut results) {
             if result.skipped.is_some() {
                 continue;
@@ -255,10 +267,7 @@ fn prepare_tools() -> Result<Tools> {
         eprintln!("bench: stdbuf (coreutils) not found; running tcpstates without -oL");
     }
     let tcpstates_reports_lost = tcpstates.as_ref().is_some_and(|path| {
-        fs::read(path).is_ok_and(|bin| {
-            bin.windows(b"lost %llu events".len())
-                .any(|w| w == b"lost %llu events")
-        })
+        fs::read(path).is_ok_and(|bin| memchr::memmem::find(&bin, b"lost %llu events").is_some())
     });
     Ok(Tools {
         tcpstate,
@@ -267,6 +276,7 @@ fn prepare_tools() -> Result<Tools> {
         stdbuf,
         bpftrace,
         baseline: None,
+        extra_args: Vec::new(),
         tcpstates_reports_lost,
     })
 }

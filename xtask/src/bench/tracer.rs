@@ -141,6 +141,9 @@ impl Tracer {
                 let mut cmd = Command::new(binary);
                 let log: OsString = log.into();
                 cmd.args(["run".into(), "--quiet".into(), "--log-file".into(), log]);
+                if !self.is_baseline() {
+                    cmd.args(&tools.extra_args);
+                }
                 cmd
             }
         };
@@ -179,6 +182,8 @@ pub struct Tools {
     pub bpftrace: Option<PathBuf>,
     /// The previous release's tcpstate (`--baseline`), when it was built.
     pub baseline: Option<PathBuf>,
+    /// `--tcpstate-args`: more arguments for this build's rows.
+    pub extra_args: Vec<String>,
     /// Its binary has libbpf-tools' "lost %llu events on CPU" warning, so
     /// silence on stderr means nothing was lost.
     pub tcpstates_reports_lost: bool,
