@@ -113,7 +113,7 @@ pub fn parse_override(s: &str) -> Result<Threshold, String> {
     }
     if d > MAX_THRESHOLD {
         return Err(format!(
-            "a threshold of {dur} is longer than ten years (use off to disable)"
+            "a threshold of {dur:?} is longer than ten years (use off to disable)"
         ));
     }
     Ok(Threshold::State(st, Some(d)))

@@ -2,6 +2,14 @@
 //! of transitions over a channel; this loop applies them to the tracker and writes what it
 //! concludes. Everything that waits on the kernel's socket table or /proc runs on the
 //! `kernel_table` workers and comes back as a message, so nothing here blocks for long.
+//!
+//! - `mod.rs`: the loop, the event path and the outputs;
+//! - `kernel.rs`: the workers' answers (reconciliation, the sweep, owner checks, settings) and
+//!   lost events;
+//! - `setup.rs`: what the command line turns into.
+
+mod kernel;
+mod setup;
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +17,6 @@ use anyhow::{Context as _, bail};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
-    time::MissedTickBehavior,
 };
 
 use crate::{
@@ -19,18 +26,18 @@ use crate::{
     collector::{Batch, Collector},
     kernel_table::{Dump, Job, Reply, Workers},
     output::{
-        Sinks, Stdout,
+        Sinks,
         http::{self, Page, Request},
-        logfile::{LogFile, LogOptions},
         metrics::{self, Counters},
         summary::summary,
     },
     program::{self, Admits as _, KernelCounters, LoadOptions, Probe},
     record::{Record, Started, Stopped},
-    status::Report,
-    tracker::{Config, Fact, Tracker, thresholds::Thresholds},
+    tracker::{Fact, Tracker},
     verify::Verifier,
 };
+
+use self::kernel::InFlight;
 
 /// How often mini-sockets are checked with the kernel: the accuracy of a TIME_WAIT or an
 /// orphaned FIN_WAIT2's end when no event says it.
@@ -69,31 +76,6 @@ struct Tally {
     since_reconcile: u64,
 }
 
-enum Parked {
-    Reconciled(Dump),
-    Probed(crate::tracker::ProbeResult),
-}
-
-impl Parked {
-    fn at_ns(&self) -> u64 {
-        match self {
-            Parked::Reconciled(d) => d.started_ns,
-            Parked::Probed(p) => p.done_ns,
-        }
-    }
-}
-
-/// Jobs out with the workers, so none is queued twice.
-#[derive(Default)]
-struct InFlight {
-    reconcile: bool,
-    probes: usize,
-    settings: std::collections::HashSet<u32>,
-    /// Answers about the kernel's table that came before the events up to
-    /// them were applied: they wait, so nothing is judged on stale events.
-    parked: std::collections::VecDeque<Parked>,
-}
-
 struct Daemon {
     args: RunArgs,
     probe: Probe,
@@ -122,18 +104,7 @@ struct Daemon {
 impl Daemon {
     async fn start(args: RunArgs) -> anyhow::Result<Self> {
         let offsets = btf::kernel_offsets()?;
-        let filters = tcpstate_common::Filters {
-            port: args.port.unwrap_or(0),
-            lport: args.lport.unwrap_or(0),
-            rport: args.rport.unwrap_or(0),
-            family: if args.ipv4 {
-                tcpstate_common::AF_INET
-            } else if args.ipv6 {
-                tcpstate_common::AF_INET6
-            } else {
-                0
-            },
-        };
+        let filters = setup::filters(&args);
         let mut probe = program::load(&LoadOptions {
             ring_bytes: args.ring_size,
             filters,
@@ -152,8 +123,8 @@ impl Daemon {
             Some(addr) => Some(http::start(addr).await?),
         };
         Ok(Self {
-            tracker: Tracker::new(tracker_config(&args)),
-            sinks: sinks(&args)?,
+            tracker: Tracker::new(setup::tracker_config(&args)),
+            sinks: setup::sinks(&args)?,
             http,
             probe,
             collector,
@@ -194,14 +165,14 @@ impl Daemon {
         if !self.sinks.flush(Instant::now()) {
             return Ok(());
         }
-        notify_systemd();
+        setup::notify_systemd();
 
-        let mut tick = interval(TICK);
-        let mut sweep = interval(SWEEP);
-        let mut stats = interval(self.args.stats_interval);
-        let mut leaks = interval(self.args.leak_interval);
+        let mut tick = setup::interval(TICK);
+        let mut sweep = setup::interval(SWEEP);
+        let mut stats = setup::interval(self.args.stats_interval);
+        let mut leaks = setup::interval(self.args.leak_interval);
         let reconcile_every = self.args.reconcile_interval;
-        let mut reconcile = interval(if reconcile_every.is_zero() {
+        let mut reconcile = setup::interval(if reconcile_every.is_zero() {
             Duration::from_secs(86_400 * 365)
         } else {
             reconcile_every
@@ -223,7 +194,7 @@ impl Daemon {
                     self.publish(facts);
                 }
                 _ = reconcile.tick(), if !reconcile_every.is_zero() => self.start_reconcile(),
-                Some((page, reply)) = next_request(&mut self.http) => self.page(page, reply),
+                Some((page, reply)) = setup::next_request(&mut self.http) => self.page(page, reply),
                 _ = sigusr1.recv() => eprintln!("{}", summary(&self.tracker)),
                 _ = sighup.recv() => self.reopen_log(),
                 _ = sigint.recv() => self.collector.stop(),
@@ -251,7 +222,7 @@ impl Daemon {
         loop {
             match self.replies.recv().await {
                 Some(Reply::Seeded { sockets, host }) => {
-                    let f = self.filters();
+                    let f = setup::filters(&self.args);
                     let only = self.args.netns;
                     let sockets = sockets
                         .into_iter()
@@ -269,21 +240,6 @@ impl Daemon {
                 Some(other) => self.on_reply(other),
                 None => return 0,
             }
-        }
-    }
-
-    fn filters(&self) -> tcpstate_common::Filters {
-        tcpstate_common::Filters {
-            port: self.args.port.unwrap_or(0),
-            lport: self.args.lport.unwrap_or(0),
-            rport: self.args.rport.unwrap_or(0),
-            family: if self.args.ipv4 {
-                tcpstate_common::AF_INET
-            } else if self.args.ipv6 {
-                tcpstate_common::AF_INET6
-            } else {
-                0
-            },
         }
     }
 
@@ -402,159 +358,6 @@ impl Daemon {
         self.publish(facts);
     }
 
-    /// Checks mini-sockets with the kernel, and re-reads its table when things went quiet.
-    fn sweep(&mut self) {
-        let now = monotonic_ns();
-        if self.jobs.probes == 0 {
-            for p in self.tracker.probes(now) {
-                if self.workers.submit(Job::Probe(p)) {
-                    self.jobs.probes += 1;
-                }
-            }
-        }
-        for netns in self.tracker.netns_without_info() {
-            if self.jobs.settings.insert(netns) {
-                self.workers.submit(Job::Settings { netns });
-            }
-        }
-        // A quiet moment after activity: one full re-read makes the counts exact (TIME_WAIT
-        // killed early by an RST, request sockets), at no cost while traffic flows.
-        if self.tally.since_sweep == 0 && self.tally.since_reconcile > 0 {
-            self.start_reconcile();
-        }
-        self.tally.since_sweep = 0;
-    }
-
-    fn start_reconcile(&mut self) {
-        if self.jobs.reconcile {
-            return;
-        }
-        let mut namespaces: Vec<u32> = self.tracker.namespaces().into_iter().collect();
-        namespaces.sort_unstable();
-        if self.workers.submit(Job::Reconcile { namespaces }) {
-            self.jobs.reconcile = true;
-            self.tally.since_reconcile = 0;
-        }
-    }
-
-    fn on_reply(&mut self, reply: Reply) {
-        match reply {
-            // Every event from before a dump or lookup must be applied first, so a socket
-            // whose CLOSE is merely queued is not taken for a ghost, and a transition the
-            // events show is not reported as found by sock_diag.
-            Reply::Reconciled(dump) => {
-                self.jobs.reconcile = false;
-                self.jobs.parked.push_back(Parked::Reconciled(dump));
-                self.unpark();
-            }
-            Reply::Probed(r) => {
-                self.jobs.probes = self.jobs.probes.saturating_sub(1);
-                self.jobs.parked.push_back(Parked::Probed(r));
-                self.unpark();
-            }
-            Reply::Owners {
-                ticket,
-                holders,
-                unreadable,
-            } => self.owners_checked(ticket, &holders, unreadable),
-            Reply::Settings { netns, info } => {
-                self.jobs.settings.remove(&netns);
-                if let Some(info) = info {
-                    if netns == 0 {
-                        self.tracker.set_default_netns_info(info);
-                    } else {
-                        let mut facts = Vec::new();
-                        self.tracker
-                            .set_netns_info(netns, info, monotonic_ns(), &mut facts);
-                        self.publish(facts);
-                    }
-                }
-            }
-            Reply::Seeded { .. } => {}
-        }
-    }
-
-    /// Applies the parked answers whose events are all in.
-    fn unpark(&mut self) {
-        while let Some(p) = self
-            .jobs
-            .parked
-            .pop_front_if(|p| p.at_ns() <= self.watermark_ns)
-        {
-            match p {
-                Parked::Reconciled(dump) => self.reconciled(dump),
-                Parked::Probed(r) => {
-                    let mut facts = Vec::new();
-                    self.tracker.apply_probe(&r, &mut facts);
-                    self.publish(facts);
-                }
-            }
-        }
-    }
-
-    fn reconciled(&mut self, dump: Dump) {
-        let now = dump.started_ns;
-        let mut facts = Vec::new();
-        for (ns, a) in &dump.alive {
-            self.tracker
-                .reconcile(*ns, a, dump.started_ns, now, &mut facts);
-        }
-        for ns in dump.gone {
-            self.tracker.netns_gone(ns, now, &mut facts);
-        }
-        if self.tracker.is_incomplete() {
-            if self.loss_at_ns.is_some_and(|t| t < dump.started_ns) {
-                self.tracker.set_incomplete(false);
-                self.loss_at_ns = None;
-            } else {
-                // Lost again while it ran: once more.
-                self.start_reconcile();
-            }
-        }
-        self.publish(facts);
-    }
-
-    fn owners_checked(
-        &mut self,
-        ticket: u64,
-        holders: &[crate::kernel_table::Holder],
-        unreadable: u32,
-    ) {
-        if unreadable > 0 {
-            crate::warn(format_args!(
-                "owner check could not read the fds of {unreadable} processes (raise LimitNOFILE?); those owners are shown as attributed, not verified"
-            ));
-        }
-        if let Some((open, reply)) = self.verifier.answer(ticket, holders) {
-            let report = Report::build(
-                &self.tracker,
-                self.counters(),
-                &open,
-                self.clock,
-                self.started.elapsed().as_secs_f64(),
-            );
-            let _ = reply.send(serde_json::to_string(&report).unwrap_or_default());
-        }
-        self.release();
-    }
-
-    fn report_losses(&mut self) {
-        let k = self.probe.counters();
-        let (full, rec) = (
-            k.ringbuf_full - self.reported.ringbuf_full.min(k.ringbuf_full),
-            k.recursion_misses - self.reported.recursion_misses.min(k.recursion_misses),
-        );
-        if full > 0 || rec > 0 {
-            crate::warn(format_args!(
-                "lost {full} events (ring buffer full; raise --ring-size) and {rec} to recursion in the last {}; totals {} and {}",
-                humantime::format_duration(self.args.stats_interval),
-                k.ringbuf_full,
-                k.recursion_misses
-            ));
-        }
-        self.reported = k;
-    }
-
     fn counters(&self) -> Counters {
         let k = self.probe.counters();
         Counters {
@@ -620,82 +423,4 @@ impl Daemon {
         self.collector.join();
         eprintln!("{}", summary(&self.tracker));
     }
-}
-
-fn tracker_config(args: &RunArgs) -> Config {
-    use crate::tracker::thresholds::Threshold;
-    let mut thresholds = Thresholds::defaults(Thresholds::host_fin_timeout());
-    let mut pressure = Some(0.5);
-    for t in &args.thresholds {
-        match *t {
-            Threshold::State(st, d) => thresholds.set(st, d),
-            Threshold::Pressure(p) => pressure = p,
-        }
-    }
-    Config {
-        capacity: usize::try_from(args.max_sockets).unwrap_or(usize::MAX),
-        timewait_capacity: usize::try_from(args.max_timewait).unwrap_or(usize::MAX),
-        thresholds,
-        leak_threshold: args.leak_threshold,
-        pressure,
-    }
-}
-
-fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
-    let stdout = if args.quiet {
-        None
-    } else {
-        Some(Stdout::new(args.format).context("cannot start the stdout writer")?)
-    };
-    let log = match &args.log_file {
-        None => None,
-        Some(path) => {
-            use std::io::IsTerminal as _;
-            let rate = match args.log_rate {
-                Some(0) => None,
-                Some(n) => Some(n),
-                None if std::io::stdout().is_terminal() => None,
-                None => Some(10_000),
-            };
-            Some(LogFile::open(LogOptions {
-                path: path.clone(),
-                rate,
-                transitions: args.log_transitions,
-                max_size: args.log_max_size,
-                keep: args.log_keep,
-            })?)
-        }
-    };
-    Ok(Sinks::new(stdout, log, args.stats_interval))
-}
-
-async fn next_request(rx: &mut Option<mpsc::Receiver<Request>>) -> Option<Request> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// `Type=notify`: tell systemd we are attached and seeded.
-fn notify_systemd() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let _ = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt as _;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
-    } else {
-        sock.send_to(b"READY=1", std::path::Path::new(&path))
-    };
-}
-
-fn interval(period: Duration) -> tokio::time::Interval {
-    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    i.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    i
 }

@@ -1,0 +1,185 @@
+//! The kernel-table workers' answers, applied in order with the events: reconciliation, the
+//! mini-socket sweep, owner checks and namespace settings; and what a lost event changes.
+
+use super::{Daemon, Dump, Job, Reply};
+use crate::{clock::monotonic_ns, status::Report};
+
+pub(super) enum Parked {
+    Reconciled(Dump),
+    Probed(crate::tracker::ProbeResult),
+}
+
+impl Parked {
+    fn at_ns(&self) -> u64 {
+        match self {
+            Parked::Reconciled(d) => d.started_ns,
+            Parked::Probed(p) => p.done_ns,
+        }
+    }
+}
+
+/// Jobs out with the workers, so none is queued twice.
+#[derive(Default)]
+pub(super) struct InFlight {
+    pub(super) reconcile: bool,
+    pub(super) probes: usize,
+    pub(super) settings: std::collections::HashSet<u32>,
+    /// Answers about the kernel's table that came before the events up to
+    /// them were applied: they wait, so nothing is judged on stale events.
+    pub(super) parked: std::collections::VecDeque<Parked>,
+}
+
+impl Daemon {
+    /// Checks mini-sockets with the kernel, and re-reads its table when things went quiet.
+    pub(super) fn sweep(&mut self) {
+        let now = monotonic_ns();
+        if self.jobs.probes == 0 {
+            for p in self.tracker.probes(now) {
+                if self.workers.submit(Job::Probe(p)) {
+                    self.jobs.probes += 1;
+                }
+            }
+        }
+        for netns in self.tracker.netns_without_info() {
+            if self.jobs.settings.insert(netns) {
+                self.workers.submit(Job::Settings { netns });
+            }
+        }
+        // A quiet moment after activity: one full re-read makes the counts exact (TIME_WAIT
+        // killed early by an RST, request sockets), at no cost while traffic flows.
+        if self.tally.since_sweep == 0 && self.tally.since_reconcile > 0 {
+            self.start_reconcile();
+        }
+        self.tally.since_sweep = 0;
+    }
+
+    pub(super) fn start_reconcile(&mut self) {
+        if self.jobs.reconcile {
+            return;
+        }
+        let mut namespaces: Vec<u32> = self.tracker.namespaces().into_iter().collect();
+        namespaces.sort_unstable();
+        if self.workers.submit(Job::Reconcile { namespaces }) {
+            self.jobs.reconcile = true;
+            self.tally.since_reconcile = 0;
+        }
+    }
+
+    pub(super) fn on_reply(&mut self, reply: Reply) {
+        match reply {
+            // Every event from before a dump or lookup must be applied first, so a socket
+            // whose CLOSE is merely queued is not taken for a ghost, and a transition the
+            // events show is not reported as found by sock_diag.
+            Reply::Reconciled(dump) => {
+                self.jobs.reconcile = false;
+                self.jobs.parked.push_back(Parked::Reconciled(dump));
+                self.unpark();
+            }
+            Reply::Probed(r) => {
+                self.jobs.probes = self.jobs.probes.saturating_sub(1);
+                self.jobs.parked.push_back(Parked::Probed(r));
+                self.unpark();
+            }
+            Reply::Owners {
+                ticket,
+                holders,
+                unreadable,
+            } => self.owners_checked(ticket, &holders, unreadable),
+            Reply::Settings { netns, info } => {
+                self.jobs.settings.remove(&netns);
+                if let Some(info) = info {
+                    if netns == 0 {
+                        self.tracker.set_default_netns_info(info);
+                    } else {
+                        let mut facts = Vec::new();
+                        self.tracker
+                            .set_netns_info(netns, info, monotonic_ns(), &mut facts);
+                        self.publish(facts);
+                    }
+                }
+            }
+            Reply::Seeded { .. } => {}
+        }
+    }
+
+    /// Applies the parked answers whose events are all in.
+    pub(super) fn unpark(&mut self) {
+        while let Some(p) = self
+            .jobs
+            .parked
+            .pop_front_if(|p| p.at_ns() <= self.watermark_ns)
+        {
+            match p {
+                Parked::Reconciled(dump) => self.reconciled(dump),
+                Parked::Probed(r) => {
+                    let mut facts = Vec::new();
+                    self.tracker.apply_probe(&r, &mut facts);
+                    self.publish(facts);
+                }
+            }
+        }
+    }
+
+    pub(super) fn reconciled(&mut self, dump: Dump) {
+        let now = dump.started_ns;
+        let mut facts = Vec::new();
+        for (ns, a) in &dump.alive {
+            self.tracker
+                .reconcile(*ns, a, dump.started_ns, now, &mut facts);
+        }
+        for ns in dump.gone {
+            self.tracker.netns_gone(ns, now, &mut facts);
+        }
+        if self.tracker.is_incomplete() {
+            if self.loss_at_ns.is_some_and(|t| t < dump.started_ns) {
+                self.tracker.set_incomplete(false);
+                self.loss_at_ns = None;
+            } else {
+                // Lost again while it ran: once more.
+                self.start_reconcile();
+            }
+        }
+        self.publish(facts);
+    }
+
+    pub(super) fn owners_checked(
+        &mut self,
+        ticket: u64,
+        holders: &[crate::kernel_table::Holder],
+        unreadable: u32,
+    ) {
+        if unreadable > 0 {
+            crate::warn(format_args!(
+                "owner check could not read the fds of {unreadable} processes (raise LimitNOFILE?); those owners are shown as attributed, not verified"
+            ));
+        }
+        if let Some((open, reply)) = self.verifier.answer(ticket, holders) {
+            let report = Report::build(
+                &self.tracker,
+                self.counters(),
+                &open,
+                self.clock,
+                self.started.elapsed().as_secs_f64(),
+            );
+            let _ = reply.send(serde_json::to_string(&report).unwrap_or_default());
+        }
+        self.release();
+    }
+
+    pub(super) fn report_losses(&mut self) {
+        let k = self.probe.counters();
+        let (full, rec) = (
+            k.ringbuf_full - self.reported.ringbuf_full.min(k.ringbuf_full),
+            k.recursion_misses - self.reported.recursion_misses.min(k.recursion_misses),
+        );
+        if full > 0 || rec > 0 {
+            crate::warn(format_args!(
+                "lost {full} events (ring buffer full; raise --ring-size) and {rec} to recursion in the last {}; totals {} and {}",
+                humantime::format_duration(self.args.stats_interval),
+                k.ringbuf_full,
+                k.recursion_misses
+            ));
+        }
+        self.reported = k;
+    }
+}

@@ -1,0 +1,111 @@
+//! What the command line turns into: the tracker's configuration, the sinks, the kernel
+//! filters; and the small pieces of process plumbing (systemd notification, timers).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::{sync::mpsc, time::MissedTickBehavior};
+
+use crate::{
+    cli::RunArgs,
+    output::{
+        Sinks, Stdout,
+        http::Request,
+        logfile::{LogFile, LogOptions},
+    },
+    tracker::{Config, thresholds::Thresholds},
+};
+
+/// The kernel filters the flags ask for.
+pub(super) fn filters(args: &RunArgs) -> tcpstate_common::Filters {
+    tcpstate_common::Filters {
+        port: args.port.unwrap_or(0),
+        lport: args.lport.unwrap_or(0),
+        rport: args.rport.unwrap_or(0),
+        family: if args.ipv4 {
+            tcpstate_common::AF_INET
+        } else if args.ipv6 {
+            tcpstate_common::AF_INET6
+        } else {
+            0
+        },
+    }
+}
+
+pub(super) fn tracker_config(args: &RunArgs) -> Config {
+    use crate::tracker::thresholds::Threshold;
+    let mut thresholds = Thresholds::defaults(Thresholds::host_fin_timeout());
+    let mut pressure = Some(0.5);
+    for t in &args.thresholds {
+        match *t {
+            Threshold::State(st, d) => thresholds.set(st, d),
+            Threshold::Pressure(p) => pressure = p,
+        }
+    }
+    Config {
+        capacity: usize::try_from(args.max_sockets).unwrap_or(usize::MAX),
+        timewait_capacity: usize::try_from(args.max_timewait).unwrap_or(usize::MAX),
+        thresholds,
+        leak_threshold: args.leak_threshold,
+        pressure,
+    }
+}
+
+pub(super) fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
+    let stdout = if args.quiet {
+        None
+    } else {
+        Some(Stdout::new(args.format).context("cannot start the stdout writer")?)
+    };
+    let log = match &args.log_file {
+        None => None,
+        Some(path) => {
+            use std::io::IsTerminal as _;
+            let rate = match args.log_rate {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None if std::io::stdout().is_terminal() => None,
+                None => Some(10_000),
+            };
+            Some(LogFile::open(LogOptions {
+                path: path.clone(),
+                rate,
+                transitions: args.log_transitions,
+                max_size: args.log_max_size,
+                keep: args.log_keep,
+            })?)
+        }
+    };
+    Ok(Sinks::new(stdout, log, args.stats_interval))
+}
+
+pub(super) async fn next_request(rx: &mut Option<mpsc::Receiver<Request>>) -> Option<Request> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `Type=notify`: tell systemd we are attached and seeded.
+pub(super) fn notify_systemd() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let _ = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
+    } else {
+        sock.send_to(b"READY=1", std::path::Path::new(&path))
+    };
+}
+
+pub(super) fn interval(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    i
+}
