@@ -292,7 +292,7 @@ impl Tracker {
 
     /// The lookups a sweep at `now_ns` should make: TIME_WAIT mini-sockets
     /// past their 2MSL and FIN_WAIT2 mini-sockets, per namespace.
-    pub fn probes(&self, now_ns: u64) -> Vec<Probe> {
+    pub fn probes(&mut self, now_ns: u64) -> Vec<Probe> {
         let mut by_ns: HashMap<u32, Probe> = HashMap::new();
         for s in self.timewait.due(now_ns) {
             by_ns

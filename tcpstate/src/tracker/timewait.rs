@@ -116,6 +116,9 @@ pub struct TimeWaitTable {
     v6: HashMap<V6, u64, Hasher>,
     capacity: usize,
     refused: u64,
+    /// No entry entered TIME_WAIT before this: a sweep skips the scan until
+    /// it can find one due. Lowered on insert, raised by each scan.
+    oldest: u64,
 }
 
 impl TimeWaitTable {
@@ -125,6 +128,7 @@ impl TimeWaitTable {
             v6: HashMap::default(),
             capacity,
             refused: 0,
+            oldest: u64::MAX,
         }
     }
 
@@ -151,6 +155,8 @@ impl TimeWaitTable {
         };
         if r == Insert::Full {
             self.refused += 1;
+        } else {
+            self.oldest = self.oldest.min(since_ns);
         }
         r
     }
@@ -186,8 +192,13 @@ impl TimeWaitTable {
     /// Mini-sockets whose 2MSL has run out by `now_ns`, oldest first: the
     /// ones to check with the kernel. A scan of the raw entries (no
     /// conversion unless due), once per sweep, never per event.
-    pub fn due(&self, now_ns: u64) -> Vec<TimeWaitSocket> {
+    pub fn due(&mut self, now_ns: u64) -> Vec<TimeWaitSocket> {
         let limit = now_ns.saturating_sub(TIMEWAIT_LEN_NS);
+        if self.oldest > limit {
+            return Vec::new();
+        }
+        let stamps = self.v4.values().chain(self.v6.values());
+        self.oldest = stamps.map(|s| s & !ESTIMATED).min().unwrap_or(u64::MAX);
         let is_due = |stamp: u64| stamp & !ESTIMATED <= limit;
         let mut v: Vec<TimeWaitSocket> = self
             .v4

@@ -35,7 +35,7 @@ mod tests {
         );
         assert_eq!(
             parse_rfc3339_utc_ns("2026-11-23T23:19:56.547190164Z"),
-            Some(1_795_951_196_547_190_164)
+            Some(1_795_475_996_547_190_164)
         );
         assert_eq!(parse_rfc3339_utc_ns("yesterday"), None);
         assert!(now_utc_string().ends_with(" UTC"));

@@ -290,8 +290,8 @@ fn timewait_markdown(md: &mut String, tw: &TimewaitResult) {
     let _ = writeln!(md, "\n## TIME_WAIT run\n");
     let _ = writeln!(
         md,
-        "The churn with IPv4 clients on 127.0.0.1-8 in a namespace with \
-         `tcp_max_tw_buckets` 2,000,000, warmed up untraced so hundreds of thousands of \
+        "The churn with IPv4 clients on 127.0.0.1-16 in a namespace with \
+         `tcp_max_tw_buckets` 2,000,000, warmed up untraced so half a million \
          TIME_WAIT sockets are present; every connection leaves one more (new TIME_WAIT/s = \
          conn/s). The default rows run with default flags; the `--reconcile-interval 2s` rows \
          also dump every socket in the namespace (TIME_WAIT included) every 2 s while the \

@@ -1,6 +1,6 @@
 //! The TIME_WAIT run: the churn in a namespace whose timewait table may hold two million
-//! mini-sockets, with IPv4 clients on eight loopback addresses so that hundreds of thousands
-//! of distinct 4-tuples sit in TIME_WAIT (the server closes first, so each connection leaves
+//! mini-sockets, with IPv4 clients on sixteen loopback addresses so that half a million
+//! distinct 4-tuples sit in TIME_WAIT (the server closes first, so each connection leaves
 //! one). tcpstate (this build) and the previous release, with the same flags, interleaved with
 //! untraced rounds: with default flags (the cost of following TIME_WAIT), and reconciling every
 //! 2 s, a dump of every socket in the namespace while the churn runs (the rings must not drop
@@ -19,7 +19,7 @@ use super::report::{Sample, TracerResult};
 use super::tracer::{Tools, Tracer};
 
 /// Untraced churn before the first round, so the namespace holds its TIME_WAIT load.
-const WARM_UP: Duration = Duration::from_secs(20);
+const WARM_UP: Duration = Duration::from_secs(30);
 
 #[derive(Debug, serde::Serialize)]
 pub struct TimewaitResult {
@@ -39,7 +39,7 @@ pub fn run(
     let netns = Netns::create_named("bench-tw")?;
     netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
     netns.sysctl("net.ipv4.tcp_max_tw_buckets", "2000000")?;
-    let sources: Vec<Ipv4Addr> = (1..=8).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let sources: Vec<Ipv4Addr> = (1..=16).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
     let churn = Churn::start(&netns, threads)?.with_sources(sources);
     eprintln!("bench: TIME_WAIT run: warming up for {WARM_UP:?}");
     churn.run(WARM_UP)?;
