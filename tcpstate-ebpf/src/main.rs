@@ -106,23 +106,9 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let sk = tp as *const u8;
-    // SAFETY (all `field` calls): offsets resolved from this kernel's BTF.
-    let family: u16 = unsafe { field(sk, cfg!(off.family), 0) };
-    let filter_family = cfg!(filters.family);
-    if filter_family != 0 && family != filter_family {
+    let Some((family, sport, dport)) = ports_if_wanted(sk) else {
         return 0;
-    }
-    let sport = u16::from_be(unsafe { field(sk, cfg!(off.sport), 0) });
-    let dport = u16::from_be(unsafe { field(sk, cfg!(off.dport), 0) });
-    let port = cfg!(filters.port);
-    let lport = cfg!(filters.lport);
-    let rport = cfg!(filters.rport);
-    if (port != 0 && sport != port && dport != port)
-        || (lport != 0 && sport != lport)
-        || (rport != 0 && dport != rport)
-    {
-        return 0;
-    }
+    };
 
     // SAFETY: no preconditions; the program cannot migrate while it runs.
     let cpu = unsafe { generated::bpf_get_smp_processor_id() };
@@ -150,22 +136,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     };
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
-    let (s0, s1, d0, d1): (u64, u64, u64, u64) = if family == AF_INET6 {
-        let s = cfg!(off.saddr6);
-        let d = cfg!(off.daddr6);
-        unsafe {
-            (
-                field(sk, s, 0),
-                field(sk, s, 8),
-                field(sk, d, 0),
-                field(sk, d, 8),
-            )
-        }
-    } else {
-        let s: u32 = unsafe { field(sk, cfg!(off.saddr), 0) };
-        let d: u32 = unsafe { field(sk, cfg!(off.daddr), 0) };
-        (u64::from(s), 0, u64::from(d), 0)
-    };
+    // SAFETY: a BTF socket pointer and this kernel's offsets.
+    let (s0, s1, d0, d1) = unsafe { addresses(sk, family) };
     // SAFETY: a BTF task pointer to the current task, always valid.
     let task = unsafe { generated::bpf_get_current_task_btf() } as *const u8;
     // SAFETY: `ev` is a free 80-byte slot of this CPU's ring (head - tail
@@ -180,21 +152,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         daddr.write(d0);
         daddr.add(1).write(d1);
         (*ev).pid = field(task, cfg!(off.tgid), 0);
-        // A socket's namespace never changes, and `ns.inum` shares a cache
-        // line with the namespace's refcount, which every socket creation
-        // bumps: the load misses and cost ~50 ns/event. Read it only when
-        // a socket is born (CLOSE -> SYN_SENT/LISTEN, LISTEN -> SYN_RECV);
-        // userspace remembers it per socket.
-        (*ev).netns = if oldstate == TCP_CLOSE || oldstate == TCP_LISTEN {
-            let net: u64 = field(sk, cfg!(off.net), 0);
-            if net == 0 {
-                0
-            } else {
-                field(net as *const u8, cfg!(off.net_inum), 0)
-            }
-        } else {
-            0
-        };
+        (*ev).netns = netns_at_birth(sk, oldstate);
         (*ev).sport = sport;
         (*ev).dport = dport;
         (*ev).family = family as u8;
@@ -219,6 +177,69 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         let _ = DOORBELL.output::<u32>(&cpu, u64::from(BPF_RB_FORCE_WAKEUP));
     }
     0
+}
+
+/// The socket's family and ports, unless a kernel filter leaves it out.
+#[inline(always)]
+fn ports_if_wanted(sk: *const u8) -> Option<(u16, u16, u16)> {
+    // SAFETY (all `field` calls): offsets resolved from this kernel's BTF.
+    let family: u16 = unsafe { field(sk, cfg!(off.family), 0) };
+    let filter_family = cfg!(filters.family);
+    if filter_family != 0 && family != filter_family {
+        return None;
+    }
+    let sport = u16::from_be(unsafe { field(sk, cfg!(off.sport), 0) });
+    let dport = u16::from_be(unsafe { field(sk, cfg!(off.dport), 0) });
+    let port = cfg!(filters.port);
+    let lport = cfg!(filters.lport);
+    let rport = cfg!(filters.rport);
+    if (port != 0 && sport != port && dport != port)
+        || (lport != 0 && sport != lport)
+        || (rport != 0 && dport != rport)
+    {
+        return None;
+    }
+    Some((family, sport, dport))
+}
+
+/// Local and remote address as two u64 halves each (IPv4 in the first 4 bytes).
+#[inline(always)]
+unsafe fn addresses(sk: *const u8, family: u16) -> (u64, u64, u64, u64) {
+    // SAFETY (all `field` calls): offsets resolved from this kernel's BTF.
+    if family == AF_INET6 {
+        let s = cfg!(off.saddr6);
+        let d = cfg!(off.daddr6);
+        unsafe {
+            (
+                field(sk, s, 0),
+                field(sk, s, 8),
+                field(sk, d, 0),
+                field(sk, d, 8),
+            )
+        }
+    } else {
+        let s: u32 = unsafe { field(sk, cfg!(off.saddr), 0) };
+        let d: u32 = unsafe { field(sk, cfg!(off.daddr), 0) };
+        (u64::from(s), 0, u64::from(d), 0)
+    }
+}
+
+/// The socket's network namespace inode, on the events that create a socket (CLOSE ->
+/// SYN_SENT/LISTEN, LISTEN -> SYN_RECV); 0 on the others. A socket's namespace never changes,
+/// and `ns.inum` shares a cache line with the namespace's refcount, which every socket creation
+/// bumps: the load misses and cost ~50 ns/event. Userspace remembers it per socket.
+#[inline(always)]
+fn netns_at_birth(sk: *const u8, oldstate: i32) -> u32 {
+    if oldstate != TCP_CLOSE && oldstate != TCP_LISTEN {
+        return 0;
+    }
+    // SAFETY (all `field` calls): offsets resolved from this kernel's BTF.
+    let net: u64 = unsafe { field(sk, cfg!(off.net), 0) };
+    if net == 0 {
+        0
+    } else {
+        unsafe { field(net as *const u8, cfg!(off.net_inum), 0) }
+    }
 }
 
 /// How a full socket going to CLOSE ended (`tcpstate_common::close`).

@@ -62,103 +62,84 @@ pub struct KernelCounters {
     pub recursion_misses: u64,
 }
 
-pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
+/// Why the program could not be loaded and attached: one line each, with the cause kept.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this kernel has no BPF ring buffer (needs Linux 5.8 or later)")]
+    NoRingBuf,
+    #[error("{what}: {source}{}", hint(*.needs_root))]
+    Kernel {
+        what: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// The kernel said EPERM or EACCES.
+        needs_root: bool,
+    },
+    #[error(
+        "this kernel has no inet_sock_set_state tracepoint in its BTF ({0}); tcpstate needs Linux 5.12 or later"
+    )]
+    NoTracepoint(aya::programs::ProgramError),
+    /// The verifier's log is hundreds of lines: `why` is its last ones, on one line.
+    #[error("the kernel rejected the program: {why}{}", hint(*.needs_root))]
+    Rejected { why: String, needs_root: bool },
+    #[error("the eBPF object is broken: {0}")]
+    Object(String),
+    #[error(transparent)]
+    Ring(#[from] ring::RingError),
+}
+
+fn hint(needs_root: bool) -> &'static str {
+    if needs_root {
+        ": tcpstate needs root (CAP_BPF and CAP_PERFMON)"
+    } else {
+        ""
+    }
+}
+
+/// Whether an error (or one it was caused by) is the kernel's EPERM or EACCES: matched on the
+/// errno, not on a message.
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn kernel<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> LoadError {
+    move |e| LoadError::Kernel {
+        what,
+        needs_root: refused(&e),
+        source: Box::new(e),
+    }
+}
+
+/// Ring geometry for the byte budget on this machine.
+struct Geometry {
+    cpus: usize,
+    bits: u32,
+}
+
+pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
     match aya::sys::is_map_supported(aya::maps::MapType::RingBuf) {
         Ok(true) => {}
-        Ok(false) => {
-            return Err("this kernel has no BPF ring buffer (needs Linux 5.8 or later)".into());
-        }
-        Err(e) => return Err(permission_hint(&format!("cannot probe BPF support: {e}"))),
+        Ok(false) => return Err(LoadError::NoRingBuf),
+        Err(e) => return Err(kernel("cannot probe BPF support")(e)),
     }
-    let cpus =
-        aya::util::nr_cpus().map_err(|(what, e)| format!("cannot count CPUs ({what}): {e}"))?;
-    let bits = ring::slot_bits(opts.ring_bytes, cpus);
-    let slots = 1u64 << bits;
-    // Wake userspace at a sixteenth full: a few hundred wake-ups a second
-    // at full churn instead of one per event, with room left to catch up.
-    let wake_at = (slots / 16).max(1);
-    let ring_entries = u32::try_from(cpus << bits)
-        .map_err(|_| format!("{cpus} CPUs x {slots} slots do not fit one map"))?;
-    let cpus_u32 = u32::try_from(cpus).map_err(|_| format!("{cpus} CPUs"))?;
-    let mut ebpf = EbpfLoader::new()
-        // The program has no CO-RE relocations (its offsets are globals),
-        // so the loader need not parse the kernel's BTF a second time.
-        .btf(None)
-        .map_max_entries(map::RING, ring_entries)
-        .map_max_entries(map::POS, cpus_u32)
-        .override_global(
-            CONFIG,
-            &Config {
-                wake_at,
-                slot_bits: bits,
-                filters: opts.filters,
-                off: opts.offsets,
-            },
-            true,
-        )
-        .load(OBJECT)
-        .map_err(|e| permission_hint(&format!("cannot load the eBPF object: {e}")))?;
-    let prog: &mut BtfTracePoint = ebpf
-        .program_mut(PROGRAM)
-        .ok_or_else(|| format!("program {PROGRAM} missing from the object"))?
-        .try_into()
-        .map_err(|e| format!("program {PROGRAM} is not a BTF tracepoint: {e}"))?;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| {
-        format!(
-            "cannot parse the kernel's BTF {}: {e}",
-            crate::btf::VMLINUX_BTF
-        )
-    })?;
-    prog.load(PROGRAM, &btf).map_err(|e| {
-        if matches!(e, aya::programs::ProgramError::Btf(_)) {
-            return format!(
-                "this kernel has no inet_sock_set_state tracepoint in its BTF ({e}); \
-                 tcpstate needs Linux 5.12 or later"
-            );
-        }
-        // The verifier log is hundreds of lines; its last ones say why.
-        let full = format!("{e:#}");
-        let why: Vec<&str> = full
-            .lines()
-            .rev()
-            .filter(|l| !l.trim().is_empty())
-            .take(4)
-            .collect();
-        let why: Vec<&str> = why.into_iter().rev().collect();
-        permission_hint(&format!(
-            "the kernel rejected the program: {}",
-            why.join(" | ")
-        ))
-    })?;
-    prog.attach()
-        .map_err(|e| format!("cannot attach to tp_btf/inet_sock_set_state: {e}"))?;
-    let prog_fd = prog
-        .fd()
-        .map_err(|e| format!("cannot get the program fd: {e}"))?
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| format!("cannot duplicate the program fd: {e}"))?;
-    let mut take = |name: &str| {
-        ebpf.take_map(name)
-            .ok_or_else(|| format!("map {name} missing from the object"))
-    };
-    let data = |m: aya::maps::Map, name: &str| match m {
-        aya::maps::Map::Array(d) => Ok(d),
-        _ => Err(format!("map {name} is not an array")),
-    };
-    let rings = EventRings::new(
-        data(take(map::RING)?, map::RING)?,
-        data(take(map::POS)?, map::POS)?,
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| kernel("cannot count CPUs")(e))?;
+    let geo = Geometry {
         cpus,
-        bits,
-    )?;
-    let doorbell = RingBuf::try_from(take(map::DOORBELL)?)
-        .map_err(|e| format!("map {}: {e}", map::DOORBELL))?;
-    let stats = PerCpuArray::try_from(
-        ebpf.take_map(map::STATS)
-            .ok_or_else(|| format!("map {} missing", map::STATS))?,
-    )
-    .map_err(|e| format!("map {}: {e}", map::STATS))?;
+        bits: ring::slot_bits(opts.ring_bytes, cpus),
+    };
+    let mut ebpf = load_object(opts, &geo)?;
+    let prog_fd = attach(&mut ebpf)?;
+    let (rings, doorbell, stats) = take_maps(&mut ebpf, &geo)?;
     Ok(Probe {
         _ebpf: ebpf,
         ring_bytes: rings.bytes(),
@@ -169,12 +150,99 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, String> {
     })
 }
 
-fn permission_hint(msg: &str) -> String {
-    if msg.contains("Operation not permitted") || msg.contains("Permission denied") {
-        format!("{msg}: tcpstate needs root (CAP_BPF and CAP_PERFMON)")
-    } else {
-        msg.to_owned()
-    }
+/// The object with its maps sized and `CONFIG` set.
+fn load_object(opts: &LoadOptions, geo: &Geometry) -> Result<Ebpf, LoadError> {
+    let slots = 1u64 << geo.bits;
+    // Wake userspace at a sixteenth full: a few hundred wake-ups a second
+    // at full churn instead of one per event, with room left to catch up.
+    let wake_at = (slots / 16).max(1);
+    let too_many = |_| {
+        LoadError::Object(format!(
+            "{} CPUs x {slots} slots do not fit one map",
+            geo.cpus
+        ))
+    };
+    let ring_entries = u32::try_from(geo.cpus << geo.bits).map_err(too_many)?;
+    let cpus = u32::try_from(geo.cpus).map_err(too_many)?;
+    EbpfLoader::new()
+        // The program has no CO-RE relocations (its offsets are in CONFIG),
+        // so the loader need not parse the kernel's BTF a second time.
+        .btf(None)
+        .map_max_entries(map::RING, ring_entries)
+        .map_max_entries(map::POS, cpus)
+        .override_global(
+            CONFIG,
+            &Config {
+                wake_at,
+                slot_bits: geo.bits,
+                filters: opts.filters,
+                off: opts.offsets,
+            },
+            true,
+        )
+        .load(OBJECT)
+        .map_err(kernel("cannot load the eBPF object"))
+}
+
+/// Verifies, loads and attaches the program; returns its fd (for its counters).
+fn attach(ebpf: &mut Ebpf) -> Result<std::os::fd::OwnedFd, LoadError> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(PROGRAM)
+        .ok_or_else(|| LoadError::Object(format!("program {PROGRAM} missing")))?
+        .try_into()
+        .map_err(|e| {
+            LoadError::Object(format!("program {PROGRAM} is not a BTF tracepoint: {e}"))
+        })?;
+    let btf = aya::Btf::from_sys_fs().map_err(kernel("cannot parse the kernel's BTF"))?;
+    prog.load(PROGRAM, &btf).map_err(|e| {
+        if matches!(e, aya::programs::ProgramError::Btf(_)) {
+            return LoadError::NoTracepoint(e);
+        }
+        let needs_root = refused(&e);
+        let full = format!("{e:#}");
+        let mut why: Vec<&str> = full
+            .lines()
+            .rev()
+            .filter(|l| !l.trim().is_empty())
+            .take(4)
+            .collect();
+        why.reverse();
+        LoadError::Rejected {
+            why: why.join(" | "),
+            needs_root,
+        }
+    })?;
+    prog.attach()
+        .map_err(kernel("cannot attach to tp_btf/inet_sock_set_state"))?;
+    prog.fd()
+        .map_err(kernel("cannot get the program fd"))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(kernel("cannot duplicate the program fd"))
+}
+
+type Maps = (EventRings, RingBuf<MapData>, PerCpuArray<MapData, u64>);
+
+fn take_maps(ebpf: &mut Ebpf, geo: &Geometry) -> Result<Maps, LoadError> {
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| LoadError::Object(format!("map {name} missing")))
+    };
+    let array = |m: aya::maps::Map, name: &str| match m {
+        aya::maps::Map::Array(d) => Ok(d),
+        _ => Err(LoadError::Object(format!("map {name} is not an array"))),
+    };
+    let rings = EventRings::new(
+        array(take(map::RING)?, map::RING)?,
+        array(take(map::POS)?, map::POS)?,
+        geo.cpus,
+        geo.bits,
+    )?;
+    let doorbell = RingBuf::try_from(take(map::DOORBELL)?)
+        .map_err(|e| LoadError::Object(format!("map {}: {e}", map::DOORBELL)))?;
+    let stats = PerCpuArray::try_from(take(map::STATS)?)
+        .map_err(|e| LoadError::Object(format!("map {}: {e}", map::STATS)))?;
+    Ok((rings, doorbell, stats))
 }
 
 impl Probe {

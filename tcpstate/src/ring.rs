@@ -20,6 +20,11 @@ pub fn slot_bits(ring_bytes: u32, cpus: usize) -> u32 {
     per_cpu.max(64).ilog2().min(24)
 }
 
+/// The event rings could not be mapped.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot mmap the event ring: {0}")]
+pub struct RingError(#[source] std::io::Error);
+
 /// One shared mapping of a BPF array map.
 struct Mapping {
     ptr: NonNull<u8>,
@@ -27,7 +32,7 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn new(map: &MapData, len: usize, writable: bool) -> Result<Self, String> {
+    fn new(map: &MapData, len: usize, writable: bool) -> Result<Self, RingError> {
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -38,14 +43,11 @@ impl Mapping {
         // checks `len` against the map's size.
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
         if ptr == libc::MAP_FAILED {
-            return Err(format!(
-                "cannot mmap the event ring: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(RingError(std::io::Error::last_os_error()));
         }
         NonNull::new(ptr.cast())
             .map(|ptr| Mapping { ptr, len })
-            .ok_or_else(|| "mmap returned NULL".to_owned())
+            .ok_or_else(|| RingError(std::io::Error::other("mmap returned NULL")))
     }
 }
 
@@ -77,7 +79,7 @@ pub struct EventRings {
 
 impl EventRings {
     /// Maps `ring` (`cpus << bits` events) and `pos` (`cpus` positions).
-    pub fn new(ring: MapData, pos: MapData, cpus: usize, bits: u32) -> Result<Self, String> {
+    pub fn new(ring: MapData, pos: MapData, cpus: usize, bits: u32) -> Result<Self, RingError> {
         let ring_map = Mapping::new(
             &ring,
             page_round((cpus << bits) * size_of::<Event>()),

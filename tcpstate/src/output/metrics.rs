@@ -168,8 +168,9 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt:
     ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
-impl Collector for Snapshot {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+impl Snapshot {
+    /// The per-label families: sockets, transitions, durations, anomalies.
+    fn families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let mut m = e.encode_descriptor(
             "tcpstate_sockets",
             "Sockets in each TCP state now, as ss -tan counts them (TIME_WAIT and orphaned FIN_WAIT2 mini-sockets, SYN_RECV request sockets included)",
@@ -218,127 +219,129 @@ impl Collector for Snapshot {
         for &(kind, n) in &self.anomalies_open {
             ConstGauge::new(n).encode(m.encode_family(&[("kind", kind)])?)?;
         }
+        Ok(())
+    }
+
+    /// Unlabelled counters: (name, help, value).
+    fn counters(&self) -> [(&'static str, &'static str, u64); 14] {
         let c = &self.counters;
-        counter(
-            &mut e,
-            "tcpstate_failed_connects",
-            "Connects that went SYN_SENT -> CLOSE",
-            self.failed_connects,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_resets",
-            "Connections aborted: ESTABLISHED or CLOSE_WAIT -> CLOSE",
-            self.resets,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_leaks_suspected",
-            "Leak rule firings",
-            self.leaks,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_reconciled",
-            "Sockets removed because the kernel no longer had them (an event was lost)",
-            self.reconciled,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_events",
-            "Events received from the kernel",
-            c.events,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_events_dropped",
-            "Events lost because the ring buffer was full",
-            c.dropped,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_recursion_misses",
-            "Events the kernel skipped because the program was already running on that CPU",
-            c.recursion_misses,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_events_undecodable",
-            "Events received that could not be decoded",
-            c.undecodable,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_log_suppressed",
-            "Transition records the log rate limit dropped",
-            c.log_suppressed,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_log_dropped",
-            "Records the log could not write (disk full, unwritable path): counted, not kept",
-            c.log_dropped,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_stdout_dropped",
-            "Records dropped because stdout's reader did not keep up",
-            c.stdout_dropped,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_table_refused",
-            "Sockets not tracked because the table was full (counted once, at birth)",
-            self.refused,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_timewait_refused",
-            "TIME_WAIT mini-sockets not tracked because their table was full (--max-timewait)",
-            self.timewait_refused,
-        )?;
-        counter(
-            &mut e,
-            "tcpstate_time_wait_pressure",
-            "time_wait_pressure anomalies raised: one destination's TIME_WAIT sockets held more than the threshold's share of the ephemeral port range",
-            self.pressure_raised,
-        )?;
-        gauge(
-            &mut e,
-            "tcpstate_time_wait_pressure_open",
-            "Destinations under time_wait_pressure now",
-            self.pressure_open as i64,
-        )?;
+        [
+            (
+                "tcpstate_failed_connects",
+                "Connects that went SYN_SENT -> CLOSE",
+                self.failed_connects,
+            ),
+            (
+                "tcpstate_resets",
+                "Connections aborted: ESTABLISHED or CLOSE_WAIT -> CLOSE",
+                self.resets,
+            ),
+            ("tcpstate_leaks_suspected", "Leak rule firings", self.leaks),
+            (
+                "tcpstate_reconciled",
+                "Sockets removed because the kernel no longer had them (an event was lost)",
+                self.reconciled,
+            ),
+            (
+                "tcpstate_events",
+                "Events received from the kernel",
+                c.events,
+            ),
+            (
+                "tcpstate_events_dropped",
+                "Events lost because the ring buffer was full",
+                c.dropped,
+            ),
+            (
+                "tcpstate_recursion_misses",
+                "Events the kernel skipped because the program was already running on that CPU",
+                c.recursion_misses,
+            ),
+            (
+                "tcpstate_events_undecodable",
+                "Events received that could not be decoded",
+                c.undecodable,
+            ),
+            (
+                "tcpstate_log_suppressed",
+                "Transition records the log rate limit dropped",
+                c.log_suppressed,
+            ),
+            (
+                "tcpstate_log_dropped",
+                "Records the log could not write (disk full, unwritable path): counted, not kept",
+                c.log_dropped,
+            ),
+            (
+                "tcpstate_stdout_dropped",
+                "Records dropped because stdout's reader did not keep up",
+                c.stdout_dropped,
+            ),
+            (
+                "tcpstate_table_refused",
+                "Sockets not tracked because the table was full (counted once, at birth)",
+                self.refused,
+            ),
+            (
+                "tcpstate_timewait_refused",
+                "TIME_WAIT mini-sockets not tracked because their table was full (--max-timewait)",
+                self.timewait_refused,
+            ),
+            (
+                "tcpstate_time_wait_pressure",
+                "time_wait_pressure anomalies raised: one destination's TIME_WAIT sockets held more than the threshold's share of the ephemeral port range",
+                self.pressure_raised,
+            ),
+        ]
+    }
+
+    /// Unlabelled gauges: (name, help, value).
+    fn gauges(&self) -> [(&'static str, &'static str, i64); 5] {
+        [
+            (
+                "tcpstate_time_wait_pressure_open",
+                "Destinations under time_wait_pressure now",
+                self.pressure_open as i64,
+            ),
+            (
+                "tcpstate_timewait_bytes",
+                "Heap bytes held by the TIME_WAIT table",
+                self.timewait_bytes as i64,
+            ),
+            (
+                "tcpstate_tracked_sockets",
+                "Sockets in the table",
+                self.tracked as i64,
+            ),
+            (
+                "tcpstate_table_bytes",
+                "Heap bytes held by the socket tables and the deadlines",
+                self.table_bytes as i64,
+            ),
+            (
+                "tcpstate_table_capacity",
+                "Most sockets the table holds (--max-sockets)",
+                self.capacity as i64,
+            ),
+        ]
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        self.families(&mut e)?;
+        for (name, help, v) in self.counters() {
+            counter(&mut e, name, help, v)?;
+        }
+        for (name, help, v) in self.gauges() {
+            gauge(&mut e, name, help, v)?;
+        }
         ConstGauge::new(self.pressure_worst).encode(e.encode_descriptor(
             "tcpstate_time_wait_pressure_ratio",
             "The fullest destination's TIME_WAIT sockets over its ephemeral port range size",
             None,
             MetricType::Gauge,
         )?)?;
-        gauge(
-            &mut e,
-            "tcpstate_timewait_bytes",
-            "Heap bytes held by the TIME_WAIT table",
-            self.timewait_bytes as i64,
-        )?;
-        gauge(
-            &mut e,
-            "tcpstate_tracked_sockets",
-            "Sockets in the table",
-            self.tracked as i64,
-        )?;
-        gauge(
-            &mut e,
-            "tcpstate_table_bytes",
-            "Heap bytes held by the socket tables and the deadlines",
-            self.table_bytes as i64,
-        )?;
-        gauge(
-            &mut e,
-            "tcpstate_table_capacity",
-            "Most sockets the table holds (--max-sockets)",
-            self.capacity as i64,
-        )?;
         Ok(())
     }
 }

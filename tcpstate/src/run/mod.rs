@@ -109,8 +109,7 @@ impl Daemon {
             ring_bytes: args.ring_size,
             filters,
             offsets,
-        })
-        .map_err(anyhow::Error::msg)?;
+        })?;
         let rings = probe.rings.take().context("event rings already taken")?;
         let doorbell = probe.doorbell.take().context("doorbell already taken")?;
         let (tx, batches) = mpsc::channel(64);
