@@ -14,57 +14,7 @@ const FUZZ_SMOKE: std::time::Duration = std::time::Duration::from_secs(10);
 pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     setup()?;
 
-    let mut steps: Vec<(&str, Command)> = Vec::new();
-    if !no_lint {
-        if probe(stable_cargo().args(["fmt", "--version"])).is_some() {
-            let mut fmt = stable_cargo();
-            fmt.args(["fmt", "--all", "--check"]);
-            steps.push(("rustfmt", fmt));
-        } else {
-            println!("xtask: rustfmt is not installed; skipping the format check");
-        }
-
-        let mut clippy = stable_cargo();
-        clippy.args([
-            "clippy",
-            "--workspace",
-            "--exclude",
-            "tcpstate-ebpf",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]);
-        steps.push(("clippy (host crates)", clippy));
-
-        // The eBPF crate only compiles for bpfel-unknown-none with nightly and
-        // build-std, so it gets its own clippy run, the way tcpstate/build.rs builds it
-        // (`rustup run nightly`, which also works when RUSTUP_TOOLCHAIN is set).
-        // A nightly installed by `setup` has the minimal profile: add clippy.
-        ensure_nightly_component("clippy")?;
-        let mut ebpf_clippy = rustup_run(NIGHTLY, "cargo");
-        ebpf_clippy
-            .current_dir(workspace_root().join("tcpstate-ebpf"))
-            // The cfg tcpstate/build.rs sets, so the lint sees the code
-            // that ships for this machine.
-            .env(
-                "CARGO_ENCODED_RUSTFLAGS",
-                format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
-            )
-            .args([
-                "clippy",
-                "--package",
-                "tcpstate-ebpf",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--",
-                "-D",
-                "warnings",
-            ]);
-        steps.push(("clippy (eBPF crate)", ebpf_clippy));
-    }
+    let mut steps: Vec<(&str, Command)> = if no_lint { Vec::new() } else { lints()? };
 
     // --release so the integration tests' CARGO_BIN_EXE_tcpstate is the same
     // target/release/tcpstate that `cargo xtask build` produces.
@@ -103,4 +53,58 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     }
     println!("\nxtask: all {total} test steps passed");
     Ok(())
+}
+
+/// fmt and clippy (the host crates, then the eBPF crate on its own).
+fn lints() -> Result<Vec<(&'static str, Command)>> {
+    let mut steps: Vec<(&str, Command)> = Vec::new();
+    if probe(stable_cargo().args(["fmt", "--version"])).is_some() {
+        let mut fmt = stable_cargo();
+        fmt.args(["fmt", "--all", "--check"]);
+        steps.push(("rustfmt", fmt));
+    } else {
+        println!("xtask: rustfmt is not installed; skipping the format check");
+    }
+
+    let mut clippy = stable_cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "tcpstate-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    steps.push(("clippy (host crates)", clippy));
+
+    // The eBPF crate only compiles for bpfel-unknown-none with nightly and
+    // build-std, so it gets its own clippy run, the way tcpstate/build.rs builds it
+    // (`rustup run nightly`, which also works when RUSTUP_TOOLCHAIN is set).
+    // A nightly installed by `setup` has the minimal profile: add clippy.
+    ensure_nightly_component("clippy")?;
+    let mut ebpf_clippy = rustup_run(NIGHTLY, "cargo");
+    ebpf_clippy
+        .current_dir(workspace_root().join("tcpstate-ebpf"))
+        // The cfg tcpstate/build.rs sets, so the lint sees the code
+        // that ships for this machine.
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        )
+        .args([
+            "clippy",
+            "--package",
+            "tcpstate-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+    steps.push(("clippy (eBPF crate)", ebpf_clippy));
+    Ok(steps)
 }

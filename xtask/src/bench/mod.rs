@@ -112,18 +112,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let tools = {
         // setup and build report on stdout; stdout is for the results here.
         let _redirect = StdoutToStderr::new()?;
-        let mut tools = prepare_tools()?;
-        tools.extra_args = args
-            .tcpstate_args
-            .as_deref()
-            .map(|a| a.split_whitespace().map(str::to_owned).collect())
-            .unwrap_or_default();
-        if !args.skip_timewait {
-            tools.baseline = build_baseline(&args.baseline)
-                .map_err(|e| eprintln!("bench: no previous-release row: {e:#}"))
-                .ok();
-        }
-        tools
+        tools_for(args)?
     };
     let out = match &args.out {
         Some(out) => out.clone(),
@@ -136,66 +125,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
     let churn = Churn::start(&netns, usize::from(args.threads))?;
 
-    let mut results: Vec<TracerResult> = Tracer::ALL
-        .iter()
-        .map(|&t| TracerResult {
-            name: t.slug(),
-            label: t.label(),
-            command: t
-                .command(&tools, Path::new("<tmp>/tcpstate.jsonl"))
-                .map(|c| match t {
-                    Tracer::Tcpstates | Tracer::Bpftrace => format!("{} > /dev/null", show(&c)),
-                    _ => show(&c),
-                }),
-            skipped: match t {
-                Tracer::Tcpstates if tools.tcpstates.is_none() => {
-                    Some("libbpf-tools is not installed".to_owned())
-                }
-                Tracer::Bpftrace if tools.bpftrace.is_none() => {
-                    Some("bpftrace is not installed".to_owned())
-                }
-                _ => None,
-            },
-            rounds: Vec::new(),
-            median: Summary::default(),
-        })
-        .collect();
-    let main_rounds = if args.skip_main { 0 } else { args.rounds };
-    for round in 1..=main_rounds {
-        for (tracer, result) in Tracer::ALL.iter().zip(&mut results) {
-            if result.skipped.is_some() {
-                continue;
-            }
-            eprintln!(
-                "bench: round {round}/{}: {} for {:?}",
-                args.rounds,
-                tracer.label(),
-                args.duration
-            );
-            interrupt::check()?;
-            let sample = measure(*tracer, round, &tools, &work.path, &churn, args.duration)
-                .with_context(|| format!("round {round}, {}", tracer.label()))?;
-            eprintln!(
-                "bench: round {round}/{}: {}: {:.0} conn/s{}{}",
-                args.rounds,
-                tracer.label(),
-                sample.conns_per_s,
-                sample
-                    .bpf_ns_per_event
-                    .map(|ns| format!(", {ns:.0} BPF ns/event"))
-                    .unwrap_or_default(),
-                sample
-                    .cpu_us_per_event
-                    .map(|us| format!(", {us:.2} daemon CPU µs/event"))
-                    .unwrap_or_default(),
-            );
-            result.rounds.push(sample);
-        }
-    }
-    let untraced = results[0].rounds.clone();
-    for result in &mut results {
-        result.summarize(&untraced);
-    }
+    let results = main_rounds(args, &tools, &work.path, &churn)?;
     let server_errors = churn.server_errors();
     let ipv6 = churn.ipv6();
     drop(churn);
@@ -255,6 +185,92 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     print!("{markdown}");
     io::stdout().flush().context("cannot write to stdout")?;
     Ok(())
+}
+
+/// The tracers this run compares, built and installed as needed.
+fn tools_for(args: &BenchArgs) -> Result<Tools> {
+    let mut tools = prepare_tools()?;
+    tools.extra_args = args
+        .tcpstate_args
+        .as_deref()
+        .map(|a| a.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    if !args.skip_timewait {
+        tools.baseline = build_baseline(&args.baseline)
+            .map_err(|e| eprintln!("bench: no previous-release row: {e:#}"))
+            .ok();
+    }
+    Ok(tools)
+}
+
+/// The main comparison: every tracer once per round, interleaved; medians over rounds.
+fn main_rounds(
+    args: &BenchArgs,
+    tools: &Tools,
+    dir: &Path,
+    churn: &Churn,
+) -> Result<Vec<TracerResult>> {
+    let mut results: Vec<TracerResult> = Tracer::ALL
+        .iter()
+        .map(|&t| TracerResult {
+            name: t.slug(),
+            label: t.label(),
+            command: t
+                .command(tools, Path::new("<tmp>/tcpstate.jsonl"))
+                .map(|c| match t {
+                    Tracer::Tcpstates | Tracer::Bpftrace => format!("{} > /dev/null", show(&c)),
+                    _ => show(&c),
+                }),
+            skipped: match t {
+                Tracer::Tcpstates if tools.tcpstates.is_none() => {
+                    Some("libbpf-tools is not installed".to_owned())
+                }
+                Tracer::Bpftrace if tools.bpftrace.is_none() => {
+                    Some("bpftrace is not installed".to_owned())
+                }
+                _ => None,
+            },
+            rounds: Vec::new(),
+            median: Summary::default(),
+        })
+        .collect();
+    let main_rounds = if args.skip_main { 0 } else { args.rounds };
+    for round in 1..=main_rounds {
+        for (tracer, result) in Tracer::ALL.iter().zip(&mut results) {
+            if result.skipped.is_some() {
+                continue;
+            }
+            eprintln!(
+                "bench: round {round}/{}: {} for {:?}",
+                args.rounds,
+                tracer.label(),
+                args.duration
+            );
+            interrupt::check()?;
+            let sample = measure(*tracer, round, tools, dir, churn, args.duration)
+                .with_context(|| format!("round {round}, {}", tracer.label()))?;
+            eprintln!(
+                "bench: round {round}/{}: {}: {:.0} conn/s{}{}",
+                args.rounds,
+                tracer.label(),
+                sample.conns_per_s,
+                sample
+                    .bpf_ns_per_event
+                    .map(|ns| format!(", {ns:.0} BPF ns/event"))
+                    .unwrap_or_default(),
+                sample
+                    .cpu_us_per_event
+                    .map(|us| format!(", {us:.2} daemon CPU µs/event"))
+                    .unwrap_or_default(),
+            );
+            result.rounds.push(sample);
+        }
+    }
+    let untraced = results[0].rounds.clone();
+    for result in &mut results {
+        result.summarize(&untraced);
+    }
+    Ok(results)
 }
 
 fn prepare_tools() -> Result<Tools> {

@@ -244,46 +244,50 @@ pub fn markdown(report: &Report) -> String {
         }
     }
     if let Some(mem) = &report.memory {
-        let _ = writeln!(md, "\n## Memory\n");
-        let _ = writeln!(
-            md,
-            "`{}` with {} sockets held open ({} loopback connections; both ends \
-             ESTABLISHED and tracked; held by {} thread(s) at RLIMIT_NOFILE {}). \
-             \"tracked\" settled {:.1} s after the last connect; ring drops {}.\n",
-            mem.command,
-            mem.sockets_opened,
-            mem.connections,
-            mem.holder_threads,
-            mem.fd_limit,
-            mem.settle_s,
-            mem.dropped
-        );
-        md.push_str("| | tracked | table_bytes | VmRSS MiB |\n|---|--:|--:|--:|\n");
-        let mib = |kib: u64| kib as f64 / 1024.0;
-        let _ = writeln!(
-            md,
-            "| before | {} | {} | {:.1} |",
-            mem.tracked_before,
-            mem.table_bytes_before,
-            mib(mem.rss_kib_before)
-        );
-        let _ = writeln!(
-            md,
-            "| after | {} | {} | {:.1} |",
-            mem.tracked_after,
-            mem.table_bytes_after,
-            mib(mem.rss_kib_after)
-        );
-        let _ = writeln!(
-            md,
-            "| per tracked socket | | {:.0} B | {:.0} B |",
-            mem.table_bytes_per_socket, mem.rss_bytes_per_socket
-        );
+        memory_markdown(&mut md, mem);
     }
     if let Some(tw) = &report.timewait {
         timewait_markdown(&mut md, tw);
     }
     md
+}
+
+fn memory_markdown(md: &mut String, mem: &MemoryResult) {
+    let _ = writeln!(md, "\n## Memory\n");
+    let _ = writeln!(
+        md,
+        "`{}` with {} sockets held open ({} loopback connections; both ends \
+         ESTABLISHED and tracked; held by {} thread(s) at RLIMIT_NOFILE {}). \
+         \"tracked\" settled {:.1} s after the last connect; ring drops {}.\n",
+        mem.command,
+        mem.sockets_opened,
+        mem.connections,
+        mem.holder_threads,
+        mem.fd_limit,
+        mem.settle_s,
+        mem.dropped
+    );
+    md.push_str("| | tracked | table_bytes | VmRSS MiB |\n|---|--:|--:|--:|\n");
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let _ = writeln!(
+        md,
+        "| before | {} | {} | {:.1} |",
+        mem.tracked_before,
+        mem.table_bytes_before,
+        mib(mem.rss_kib_before)
+    );
+    let _ = writeln!(
+        md,
+        "| after | {} | {} | {:.1} |",
+        mem.tracked_after,
+        mem.table_bytes_after,
+        mib(mem.rss_kib_after)
+    );
+    let _ = writeln!(
+        md,
+        "| per tracked socket | | {:.0} B | {:.0} B |",
+        mem.table_bytes_per_socket, mem.rss_bytes_per_socket
+    );
 }
 
 fn timewait_markdown(md: &mut String, tw: &TimewaitResult) {
