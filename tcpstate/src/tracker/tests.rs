@@ -8,7 +8,7 @@ use crate::{
     clock::WallClock,
     decode::Ending,
     record::{OwnerSource, Record},
-    socket::{Comm, Family},
+    socket::Comm,
     state::TcpState::*,
 };
 
@@ -31,33 +31,44 @@ fn tracker(capacity: usize) -> Tracker {
     })
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one positional line per event keeps the scenarios readable"
-)]
-fn ev(
-    sk: u64,
-    ts: u64,
-    old: TcpState,
-    new: TcpState,
-    sport: u16,
-    dport: u16,
-    pid: u32,
-    comm: &str,
-) -> Transition {
+/// A transition, built in steps that name what they set:
+/// `at(SK, ts).go(Established, CloseWait).ports(8080, 5000).by(42, "server")`.
+/// Loopback IPv4 in namespace 7 unless a step says otherwise.
+fn at(sk: u64, ts: u64) -> Transition {
     let lo: IpAddr = "127.0.0.1".parse().expect("addr");
-    let mut tuple = Tuple::new(lo, sport, lo, dport);
-    tuple.family = Family::V4;
     Transition {
         ts_ns: ts,
         sk,
-        tuple,
-        old,
-        new,
+        tuple: Tuple::new(lo, 0, lo, 0),
+        old: Close,
+        new: Close,
         ending: Ending::Closed { errno: 0 },
-        pid,
-        comm: Comm::new(comm),
+        pid: 0,
+        comm: Comm::default(),
         netns: 7,
+    }
+}
+
+trait Step {
+    fn go(self, old: TcpState, new: TcpState) -> Transition;
+    fn ports(self, sport: u16, dport: u16) -> Transition;
+    fn by(self, pid: u32, comm: &str) -> Transition;
+}
+
+impl Step for Transition {
+    fn go(mut self, old: TcpState, new: TcpState) -> Transition {
+        (self.old, self.new) = (old, new);
+        self
+    }
+
+    fn ports(mut self, sport: u16, dport: u16) -> Transition {
+        (self.tuple.sport, self.tuple.dport) = (sport, dport);
+        self
+    }
+
+    fn by(mut self, pid: u32, comm: &str) -> Transition {
+        (self.pid, self.comm) = (pid, Comm::new(comm));
+        self
     }
 }
 
@@ -124,47 +135,26 @@ fn times_each_state_and_forgets_closed_sockets() {
     let (prev, out) = run(
         &mut t,
         &[
-            ev(CLIENT_SK, S, Close, SynSent, 0, 80, 10, "curl"),
-            ev(
-                CLIENT_SK,
-                S + 3 * MS,
-                SynSent,
-                Established,
-                5000,
-                80,
-                0,
-                "swapper/0",
-            ),
-            ev(
-                CLIENT_SK,
-                2 * S,
-                Established,
-                FinWait1,
-                5000,
-                80,
-                10,
-                "curl",
-            ),
-            ev(
-                CLIENT_SK,
-                2 * S + MS,
-                FinWait1,
-                FinWait2,
-                5000,
-                80,
-                0,
-                "swapper/0",
-            ),
-            ev(
-                CLIENT_SK,
-                2 * S + 2 * MS,
-                FinWait2,
-                Close,
-                5000,
-                80,
-                0,
-                "swapper/0",
-            ),
+            at(CLIENT_SK, S)
+                .go(Close, SynSent)
+                .ports(0, 80)
+                .by(10, "curl"),
+            at(CLIENT_SK, S + 3 * MS)
+                .go(SynSent, Established)
+                .ports(5000, 80)
+                .by(0, "swapper/0"),
+            at(CLIENT_SK, 2 * S)
+                .go(Established, FinWait1)
+                .ports(5000, 80)
+                .by(10, "curl"),
+            at(CLIENT_SK, 2 * S + MS)
+                .go(FinWait1, FinWait2)
+                .ports(5000, 80)
+                .by(0, "swapper/0"),
+            at(CLIENT_SK, 2 * S + 2 * MS)
+                .go(FinWait2, Close)
+                .ports(5000, 80)
+                .by(0, "swapper/0"),
         ],
     );
     assert!(out.is_empty());
@@ -188,20 +178,23 @@ fn close_wait_anomaly_fires_at_threshold_once_and_resolves_with_age() {
     run(
         &mut t,
         &[
-            ev(LISTEN_SK, 0, Close, Listen, 8080, 0, 42, "server"),
+            at(LISTEN_SK, 0)
+                .go(Close, Listen)
+                .ports(8080, 0)
+                .by(42, "server"),
             // Accept and peer close run in softirq / the client's context.
-            ev(SERVER_SK, S, Listen, SynRecv, 8080, 5000, 10, "client"),
-            ev(SERVER_SK, S, SynRecv, Established, 8080, 5000, 10, "client"),
-            ev(
-                SERVER_SK,
-                3 * S,
-                Established,
-                CloseWait,
-                8080,
-                5000,
-                0,
-                "swapper/1",
-            ),
+            at(SERVER_SK, S)
+                .go(Listen, SynRecv)
+                .ports(8080, 5000)
+                .by(10, "client"),
+            at(SERVER_SK, S)
+                .go(SynRecv, Established)
+                .ports(8080, 5000)
+                .by(10, "client"),
+            at(SERVER_SK, 3 * S)
+                .go(Established, CloseWait)
+                .ports(8080, 5000)
+                .by(0, "swapper/1"),
         ],
     );
     let mut out = Vec::new();
@@ -229,16 +222,10 @@ fn close_wait_anomaly_fires_at_threshold_once_and_resolves_with_age() {
 
     let (_, out) = run(
         &mut t,
-        &[ev(
-            SERVER_SK,
-            10 * S,
-            CloseWait,
-            LastAck,
-            8080,
-            5000,
-            42,
-            "server",
-        )],
+        &[at(SERVER_SK, 10 * S)
+            .go(CloseWait, LastAck)
+            .ports(8080, 5000)
+            .by(42, "server")],
     );
     let Record::AnomalyResolved(r) = &out[0] else {
         panic!("expected a resolution, got {out:?}");
@@ -257,11 +244,23 @@ fn leaving_before_the_threshold_raises_nothing() {
     run(
         &mut t,
         &[
-            ev(SERVER_SK, 0, SynRecv, Established, 8080, 5000, 1, "x"),
-            ev(SERVER_SK, S, Established, CloseWait, 8080, 5000, 1, "x"),
-            ev(SERVER_SK, 2 * S, CloseWait, LastAck, 8080, 5000, 1, "x"),
+            at(SERVER_SK, 0)
+                .go(SynRecv, Established)
+                .ports(8080, 5000)
+                .by(1, "x"),
+            at(SERVER_SK, S)
+                .go(Established, CloseWait)
+                .ports(8080, 5000)
+                .by(1, "x"),
+            at(SERVER_SK, 2 * S)
+                .go(CloseWait, LastAck)
+                .ports(8080, 5000)
+                .by(1, "x"),
             // Same address reused by a new socket entering CLOSE_WAIT later.
-            ev(SERVER_SK, 2 * S + 1, LastAck, Close, 8080, 5000, 1, "x"),
+            at(SERVER_SK, 2 * S + 1)
+                .go(LastAck, Close)
+                .ports(8080, 5000)
+                .by(1, "x"),
         ],
     );
     let mut out = Vec::new();
@@ -275,28 +274,22 @@ fn client_owner_comes_from_connect_not_softirq() {
     run(
         &mut t,
         &[
-            ev(CLIENT_SK, 0, Close, SynSent, 0, 80, 99, "client"),
-            ev(
-                CLIENT_SK,
-                MS,
-                SynSent,
-                Established,
-                5000,
-                80,
-                0,
-                "swapper/0",
-            ),
-            ev(CLIENT_SK, S, Established, FinWait1, 5000, 80, 99, "client"),
-            ev(
-                CLIENT_SK,
-                S + MS,
-                FinWait1,
-                FinWait2,
-                5000,
-                80,
-                0,
-                "ksoftirqd/1",
-            ),
+            at(CLIENT_SK, 0)
+                .go(Close, SynSent)
+                .ports(0, 80)
+                .by(99, "client"),
+            at(CLIENT_SK, MS)
+                .go(SynSent, Established)
+                .ports(5000, 80)
+                .by(0, "swapper/0"),
+            at(CLIENT_SK, S)
+                .go(Established, FinWait1)
+                .ports(5000, 80)
+                .by(99, "client"),
+            at(CLIENT_SK, S + MS)
+                .go(FinWait1, FinWait2)
+                .ports(5000, 80)
+                .by(0, "ksoftirqd/1"),
         ],
     );
     let mut out = Vec::new();
@@ -315,16 +308,10 @@ fn unknown_owner_is_said_to_be_unknown() {
     let mut t = tracker(100);
     run(
         &mut t,
-        &[ev(
-            SERVER_SK,
-            0,
-            Established,
-            CloseWait,
-            1,
-            2,
-            0,
-            "swapper/0",
-        )],
+        &[at(SERVER_SK, 0)
+            .go(Established, CloseWait)
+            .ports(1, 2)
+            .by(0, "swapper/0")],
     );
     let mut out = Vec::new();
     expire(&mut t, 2 * S, &mut out);
@@ -364,16 +351,10 @@ fn seeded_sockets_age_from_start_and_adopt_their_address() {
 
     let (prev, out) = run(
         &mut t,
-        &[ev(
-            SERVER_SK,
-            13 * S,
-            CloseWait,
-            LastAck,
-            8080,
-            5000,
-            42,
-            "server",
-        )],
+        &[at(SERVER_SK, 13 * S)
+            .go(CloseWait, LastAck)
+            .ports(8080, 5000)
+            .by(42, "server")],
     );
     assert_eq!(prev[0], None, "entry into CLOSE_WAIT was not seen");
     let Record::AnomalyResolved(r) = &out[0] else {
@@ -383,16 +364,10 @@ fn seeded_sockets_age_from_start_and_adopt_their_address() {
     assert_eq!(t.tracked(), 1, "adopted under its kernel address");
     run(
         &mut t,
-        &[ev(
-            SERVER_SK,
-            14 * S,
-            LastAck,
-            Close,
-            8080,
-            5000,
-            0,
-            "swapper/0",
-        )],
+        &[at(SERVER_SK, 14 * S)
+            .go(LastAck, Close)
+            .ports(8080, 5000)
+            .by(0, "swapper/0")],
     );
     assert_eq!(t.tracked(), 0);
 }
@@ -403,12 +378,21 @@ fn reconciliation_removes_sockets_whose_close_was_lost() {
     run(
         &mut t,
         &[
-            ev(SERVER_SK, 0, SynRecv, Established, 8080, 5000, 1, "x"),
-            ev(SERVER_SK, S, Established, CloseWait, 8080, 5000, 1, "x"),
+            at(SERVER_SK, 0)
+                .go(SynRecv, Established)
+                .ports(8080, 5000)
+                .by(1, "x"),
+            at(SERVER_SK, S)
+                .go(Established, CloseWait)
+                .ports(8080, 5000)
+                .by(1, "x"),
             // Its CLOSE is lost. This one is alive:
-            ev(CLIENT_SK, 0, SynSent, Established, 5001, 80, 1, "x"),
+            at(CLIENT_SK, 0)
+                .go(SynSent, Established)
+                .ports(5001, 80)
+                .by(1, "x"),
             // And this one still connecting, with local port 0 in the event:
-            ev(LISTEN_SK, 0, Close, SynSent, 0, 443, 1, "x"),
+            at(LISTEN_SK, 0).go(Close, SynSent).ports(0, 443).by(1, "x"),
         ],
     );
     let mut out = Vec::new();
@@ -440,7 +424,10 @@ fn sockets_changed_during_the_dump_are_not_judged() {
     let mut t = tracker(100);
     run(
         &mut t,
-        &[ev(SERVER_SK, 10 * S, SynRecv, Established, 1, 2, 1, "x")],
+        &[at(SERVER_SK, 10 * S)
+            .go(SynRecv, Established)
+            .ports(1, 2)
+            .by(1, "x")],
     );
     let mut out = Vec::new();
     assert_eq!(
@@ -454,7 +441,12 @@ fn sockets_changed_during_the_dump_are_not_judged() {
 fn table_is_bounded_and_counts_refusals() {
     let mut t = tracker(3);
     let events: Vec<_> = (0..10)
-        .map(|i| ev(0xffff_0000_0001_0000 + i, i, Close, SynSent, 0, 80, 1, "x"))
+        .map(|i| {
+            at(0xffff_0000_0001_0000 + i, i)
+                .go(Close, SynSent)
+                .ports(0, 80)
+                .by(1, "x")
+        })
         .collect();
     run(&mut t, &events);
     assert_eq!((t.tracked(), t.refused()), (3, 7));
@@ -471,10 +463,16 @@ fn failed_connects_and_resets_are_counted_per_endpoint() {
     run(
         &mut t,
         &[
-            ev(CLIENT_SK, 0, Close, SynSent, 0, 81, 1, "x"),
-            ev(CLIENT_SK, 1, SynSent, Close, 0, 81, 0, "x"),
-            ev(SERVER_SK, 0, SynRecv, Established, 80, 5000, 1, "x"),
-            ev(SERVER_SK, 1, Established, Close, 80, 5000, 0, "x"),
+            at(CLIENT_SK, 0).go(Close, SynSent).ports(0, 81).by(1, "x"),
+            at(CLIENT_SK, 1).go(SynSent, Close).ports(0, 81).by(0, "x"),
+            at(SERVER_SK, 0)
+                .go(SynRecv, Established)
+                .ports(80, 5000)
+                .by(1, "x"),
+            at(SERVER_SK, 1)
+                .go(Established, Close)
+                .ports(80, 5000)
+                .by(0, "x"),
         ],
     );
     assert_eq!((t.stats().failed_connects, t.stats().resets), (1, 1));
@@ -489,7 +487,10 @@ fn leak_rule_names_the_growing_owner() {
     let mut t = tracker(100);
     run(
         &mut t,
-        &[ev(LISTEN_SK, 0, Close, Listen, 8080, 0, 42, "server")],
+        &[at(LISTEN_SK, 0)
+            .go(Close, Listen)
+            .ports(8080, 0)
+            .by(42, "server")],
     );
     let mut out = Vec::new();
     let accept_and_strand = |t: &mut Tracker, i: u64| {
@@ -497,18 +498,18 @@ fn leak_rule_names_the_growing_owner() {
         run(
             t,
             &[
-                ev(sk, i, Listen, SynRecv, 8080, 6000 + i as u16, 0, "c"),
-                ev(sk, i, SynRecv, Established, 8080, 6000 + i as u16, 0, "c"),
-                ev(
-                    sk,
-                    i + 1,
-                    Established,
-                    CloseWait,
-                    8080,
-                    6000 + i as u16,
-                    0,
-                    "c",
-                ),
+                at(sk, i)
+                    .go(Listen, SynRecv)
+                    .ports(8080, 6000 + i as u16)
+                    .by(0, "c"),
+                at(sk, i)
+                    .go(SynRecv, Established)
+                    .ports(8080, 6000 + i as u16)
+                    .by(0, "c"),
+                at(sk, i + 1)
+                    .go(Established, CloseWait)
+                    .ports(8080, 6000 + i as u16)
+                    .by(0, "c"),
             ],
         );
     };
@@ -538,9 +539,15 @@ fn deadline_heap_stays_bounded_under_churn() {
         run(
             &mut t,
             &[
-                ev(sk, i * 10, Established, CloseWait, 1, 2, 1, "x"),
-                ev(sk, i * 10 + 1, CloseWait, LastAck, 1, 2, 1, "x"),
-                ev(sk, i * 10 + 2, LastAck, Close, 1, 2, 1, "x"),
+                at(sk, i * 10)
+                    .go(Established, CloseWait)
+                    .ports(1, 2)
+                    .by(1, "x"),
+                at(sk, i * 10 + 1)
+                    .go(CloseWait, LastAck)
+                    .ports(1, 2)
+                    .by(1, "x"),
+                at(sk, i * 10 + 2).go(LastAck, Close).ports(1, 2).by(1, "x"),
             ],
         );
         if i % 1000 == 0 {
@@ -564,16 +571,22 @@ fn seed_close_wait(t: &mut Tracker, netns: u32, now: u64) {
 fn namespace_is_remembered_from_birth() {
     let mut t = tracker(100);
     let mut out = Vec::new();
-    let born = ev(CLIENT_SK, 0, Close, SynSent, 0, 80, 1, "x");
+    let born = at(CLIENT_SK, 0).go(Close, SynSent).ports(0, 80).by(1, "x");
     assert_eq!(t.on_transition(&born, &mut out).netns, 7);
-    let mut later = ev(CLIENT_SK, 1, SynSent, Established, 5000, 80, 0, "x");
+    let mut later = at(CLIENT_SK, 1)
+        .go(SynSent, Established)
+        .ports(5000, 80)
+        .by(0, "x");
     later.netns = 0;
     assert_eq!(t.on_transition(&later, &mut out).netns, 7);
 }
 
 #[test]
 fn snapshot_sockets_are_adopted_without_the_namespace_only_when_unambiguous() {
-    let mut e = ev(SERVER_SK, S, CloseWait, LastAck, 8080, 5000, 1, "x");
+    let mut e = at(SERVER_SK, S)
+        .go(CloseWait, LastAck)
+        .ports(8080, 5000)
+        .by(1, "x");
     e.netns = 0;
     let mut out = Vec::new();
 
@@ -677,7 +690,7 @@ mod model {
                         if old == new {
                             continue;
                         }
-                        let mut e = ev(sk, now, old, new, 1000 + u16::from(slot), 80, 1, "p");
+                        let mut e = at(sk, now).go(old, new).ports(1000 + u16::from(slot), 80).by(1, "p");
                         e.ending = match ending {
                             0 => Ending::Closed { errno: 0 },
                             1 => Ending::TimeWait,
@@ -737,7 +750,10 @@ mod model {
             if old == new {
                 continue;
             }
-            let e = ev(sk, i * MS, old, new, (next() % 50) as u16 + 1, 80, 1, "x");
+            let e = at(sk, i * MS)
+                .go(old, new)
+                .ports((next() % 50) as u16 + 1, 80)
+                .by(1, "x");
             t.on_transition(&e, &mut facts);
             if new == Close {
                 state.remove(&sk);
