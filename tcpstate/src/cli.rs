@@ -151,6 +151,11 @@ pub struct RunArgs {
     /// How often to check the table against the kernel's socket list (0 = never).
     #[arg(long, default_value = "30s", value_parser = duration_or_zero)]
     pub reconcile_interval: Duration,
+    /// Every Nth reconciliation also re-reads TIME_WAIT sockets (the others read full sockets
+    /// and orphaned FIN_WAIT2 ones: cheap whatever TIME_WAIT load the host has). After a lost
+    /// event and at a quiet moment, every reconciliation does.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub full_reconcile_every: u64,
     /// Do not load the kernel's existing sockets at start-up.
     #[arg(long)]
     pub no_seed: bool,

@@ -24,8 +24,13 @@ use crate::{
 pub enum Job {
     /// Every socket in every namespace (or one), with fd holders: start-up.
     Seed { only: Option<u32> },
-    /// Dumps of these namespaces, all states: reconciliation.
-    Reconcile { namespaces: Vec<u32> },
+    /// Dumps of these namespaces: reconciliation. Without `timewait`, TIME_WAIT mini-sockets
+    /// are left out of the dump (the kernel skips them by state before formatting anything):
+    /// on a busy client host they are most of the sockets.
+    Reconcile {
+        namespaces: Vec<u32>,
+        timewait: bool,
+    },
     /// Exact lookups of mini-sockets: the sweep.
     Probe(Probe),
     /// Who holds each socket's fd now.
@@ -115,7 +120,10 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
         };
         let reply = match job {
             Job::Seed { only } => seed(&mut ns, only),
-            Job::Reconcile { namespaces } => reconcile(&mut ns, &namespaces),
+            Job::Reconcile {
+                namespaces,
+                timewait,
+            } => reconcile(&mut ns, &namespaces, timewait),
             Job::Probe(p) => Reply::Probed(probe(&mut ns, &p)),
             Job::Owners { ticket, sockets } => owners(&mut ns, ticket, &sockets),
             Job::Settings { netns } => Reply::Settings {
@@ -187,7 +195,12 @@ fn seed(ns: &mut Namespaces, only: Option<u32>) -> Reply {
     Reply::Seeded { sockets, host }
 }
 
-fn reconcile(ns: &mut Namespaces, namespaces: &[u32]) -> Reply {
+fn reconcile(ns: &mut Namespaces, namespaces: &[u32], timewait: bool) -> Reply {
+    let states = if timewait {
+        ALL_STATES
+    } else {
+        ALL_STATES & !(1 << 6)
+    };
     let started_ns = monotonic_ns();
     let mut alive = Vec::new();
     let mut gone = Vec::new();
@@ -198,10 +211,13 @@ fn reconcile(ns: &mut Namespaces, namespaces: &[u32]) -> Reply {
             gone.push(netns);
             continue;
         }
-        let Some(socks) = dump(ns, netns, ALL_STATES) else {
+        let Some(socks) = dump(ns, netns, states) else {
             continue;
         };
-        let mut a = Alive::default();
+        let mut a = Alive {
+            timewait,
+            ..Alive::default()
+        };
         for s in &socks {
             if let Some(k) = kernel_socket(netns, s) {
                 a.insert(&k);

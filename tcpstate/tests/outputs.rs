@@ -315,3 +315,148 @@ fn metrics_pass_promtool_and_prometheus_sees_close_wait_and_status_shows_it() {
     drop(daemon.stop());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// One raw HTTP exchange: what was sent, everything read back until the server closes or
+/// goes quiet.
+fn exchange(port: u16, request: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    s.write_all(request).expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got
+}
+
+fn status_line(resp: &[u8]) -> String {
+    String::from_utf8_lossy(resp)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn http_serves_head_keep_alive_gzip_and_refuses_the_rest() {
+    if !require_bpf() {
+        return;
+    }
+    let mport = free_port();
+    let daemon = Daemon::start(&[
+        "--no-seed",
+        "--port",
+        "1",
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let head = exchange(
+        mport,
+        b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let text = String::from_utf8_lossy(&head);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "no body after HEAD: {text}");
+    let post = exchange(
+        mport,
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(status_line(&post).contains("405"), "{}", status_line(&post));
+    assert!(
+        String::from_utf8_lossy(&post)
+            .to_ascii_lowercase()
+            .contains("allow: get, head")
+    );
+    let nope = exchange(
+        mport,
+        b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status_line(&nope).contains("404"));
+    // Bare LF line ends are answered too.
+    let lf = exchange(
+        mport,
+        b"GET /metrics HTTP/1.1\nHost: x\nConnection: close\n\n",
+    );
+    assert!(status_line(&lf).contains("200"), "{}", status_line(&lf));
+    // Two requests on one connection.
+    let two = exchange(
+        mport,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&two)
+            .matches("HTTP/1.1 200")
+            .count(),
+        2
+    );
+    // gzip when asked, and it is the page.
+    let z = exchange(
+        mport,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+    );
+    let split = z.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    assert!(
+        String::from_utf8_lossy(&z[..split])
+            .to_ascii_lowercase()
+            .contains("content-encoding: gzip")
+    );
+    let mut plain = String::new();
+    flate2::read::GzDecoder::new(&z[split..])
+        .read_to_string(&mut plain)
+        .expect("gunzip");
+    assert!(plain.contains("tcpstate_events_total"), "{plain}");
+    daemon.stop();
+}
+
+/// Ten thousand connections that never send a byte cost a small task each and no buffer: a
+/// real scrape still answers within a second.
+#[test]
+fn ten_thousand_idle_connections_leave_a_scrape_answering() {
+    if !require_bpf() {
+        return;
+    }
+    let mport = free_port();
+    let daemon = Daemon::start(&[
+        "--no-seed",
+        "--port",
+        "1",
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let rss = |pid: i32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    // Warm the page path once, so its buffers are not counted as the idle clients' cost.
+    let _ = http_get(mport, "/metrics");
+    let before = rss(daemon.pid());
+    let idle: Vec<TcpStream> = (0..10_000)
+        .map(|_| TcpStream::connect(("127.0.0.1", mport)).expect("idle connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    let page = http_get(mport, "/metrics");
+    let took = asked.elapsed();
+    let after = rss(daemon.pid());
+    drop(idle);
+    daemon.stop();
+    assert!(page.contains("tcpstate_events_total"), "{page}");
+    assert!(took < Duration::from_secs(1), "the scrape took {took:?}");
+    assert!(
+        after < before + 5 * 1024,
+        "10,000 idle clients cost {} KiB",
+        after.saturating_sub(before)
+    );
+}

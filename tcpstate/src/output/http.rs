@@ -1,14 +1,24 @@
-//! The local HTTP endpoint: `/metrics` (Prometheus) and `/status` (JSON). Requests are answered
-//! by the daemon loop, which owns the tracker, over a channel: no locks, and a scrape sees one
-//! consistent moment. Every connection is bounded in number, time and size, so clients that
-//! connect and never read (or never write) cost a slot, not memory.
+//! The local HTTP endpoint: `/metrics` (Prometheus) and `/status` (JSON), served by hyper
+//! (HTTP/1.1: keep-alive, HEAD, gzip when asked). Pages are made by the daemon loop, which
+//! owns the tracker, over a channel: no locks, and a scrape sees one consistent moment.
+//!
+//! Every connection is bounded: one that has sent nothing costs a small task (no buffer) and
+//! is closed after the head timeout; at most 64 are served at once (more are closed at
+//! once); a request head is at most 16 KiB and must arrive in 5 s; a connection lives at most
+//! 60 s, which also frees the slot of a client that never reads its answer.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request as HttpRequest, Response, StatusCode, body::Incoming, header,
+    server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc, oneshot},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,12 +32,12 @@ pub type Request = (Page, Reply);
 
 /// Connections served at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 64;
-/// Time a client gets to send its request head.
+/// Time a client gets to send its request head (and to start one at all).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time a client gets to take the answer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection lives, answers taken or not.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// Longest request head read.
-const MAX_HEAD: usize = 8192;
+const MAX_HEAD: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on --metrics-addr {addr}: {source}")]
@@ -38,9 +48,7 @@ pub struct BindError {
 
 /// Binds and starts serving; requests arrive on the returned channel.
 pub async fn start(addr: SocketAddr) -> Result<mpsc::Receiver<Request>, BindError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| BindError { addr, source })?;
+    let listener = listen(addr).map_err(|source| BindError { addr, source })?;
     if !addr.ip().is_loopback() {
         crate::warn(format_args!(
             "--metrics-addr {addr} is not a loopback address: /status shows process names and addresses to anyone who can reach it"
@@ -49,6 +57,19 @@ pub async fn start(addr: SocketAddr) -> Result<mpsc::Receiver<Request>, BindErro
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(serve(listener, tx));
     Ok(rx)
+}
+
+/// A listener with a long backlog: a burst of clients waits in the kernel's queue instead of
+/// having its SYNs dropped.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 async fn serve(listener: TcpListener, tx: mpsc::Sender<Request>) {
@@ -67,113 +88,104 @@ async fn serve(listener: TcpListener, tx: mpsc::Sender<Request>) {
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            // Full: refuse fast rather than queue.
-            drop(stream);
-            continue;
-        };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let _ = answer(stream, tx).await;
-            drop(slot);
-        });
+        tokio::spawn(admit(stream, Arc::clone(&slots), tx.clone()));
     }
 }
 
-/// The end of a request head: a blank line, with or without CR.
-fn head_end(buf: &[u8]) -> bool {
-    buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
+/// Waits (with a one-byte buffer) for the client to say something, then serves it if a slot
+/// is free. `peek`, not `readable()`: readiness can be reported before any byte is there.
+async fn admit(stream: TcpStream, slots: Arc<Semaphore>, tx: mpsc::Sender<Request>) {
+    let mut first = [0u8; 1];
+    if !matches!(
+        tokio::time::timeout(HEAD_TIMEOUT, stream.peek(&mut first)).await,
+        Ok(Ok(1))
+    ) {
+        return;
+    }
+    let Ok(slot) = slots.try_acquire_owned() else {
+        // Full: refuse fast rather than queue.
+        return;
+    };
+    // A task of its own: idle clients above keep only this small future.
+    tokio::spawn(connection(stream, slot, tx));
 }
 
-async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; MAX_HEAD];
-    let mut len = 0;
-    let read = async {
-        while len < buf.len() && !head_end(&buf[..len]) {
-            let n = stream.read(&mut buf[len..]).await.ok()?;
-            if n == 0 {
-                break;
-            }
-            len += n;
-        }
-        Some(())
-    };
-    tokio::time::timeout(HEAD_TIMEOUT, read).await.ok()??;
-    buf.truncate(len);
-    Some(buf)
+async fn connection(stream: TcpStream, _slot: OwnedSemaphorePermit, tx: mpsc::Sender<Request>) {
+    let service = service_fn(move |req| answer(req, tx.clone()));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
 }
 
-async fn answer(mut stream: TcpStream, tx: mpsc::Sender<Request>) -> std::io::Result<()> {
-    let Some(head) = read_head(&mut stream).await else {
-        return Ok(());
-    };
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_ascii_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let page = match path {
-        "/metrics" => Some(Page::Metrics),
-        "/status" => Some(Page::Status),
-        _ => None,
-    };
-    let head_only = method == "HEAD";
-    let (status, ctype, body, allow) = match (method, page) {
-        ("GET" | "HEAD", Some(page)) => {
-            let (otx, orx) = oneshot::channel();
-            if tx.send((page, otx)).await.is_err() {
-                return Ok(());
-            }
-            let body = orx.await.unwrap_or_default();
-            let ctype = match page {
-                Page::Metrics => "text/plain; version=0.0.4; charset=utf-8",
-                Page::Status => "application/json",
-            };
-            ("200 OK", ctype, body, false)
-        }
-        (_, Some(_)) => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "use GET or HEAD\n".to_owned(),
-            true,
-        ),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics or /status\n".to_owned(),
-            false,
-        ),
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
     );
-    if allow {
-        out.push_str("Allow: GET, HEAD\r\n");
-    }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    if !head_only {
-        bytes.extend_from_slice(body.as_bytes());
-    }
-    let write = async {
-        stream.write_all(&bytes).await?;
-        stream.shutdown().await
-    };
-    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        Ok(r) => r,
-        Err(_) => Ok(()),
-    }
+    r
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Whether the client takes gzip (Prometheus asks for it).
+fn wants_gzip(req: &HttpRequest<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| {
+            let mut parts = e.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| matches!(p.trim(), "q=0" | "q=0.0" | "q=0.00" | "q=0.000"));
+            name.eq_ignore_ascii_case("gzip") && !refused
+        })
+}
 
-    #[test]
-    fn heads_end_with_a_blank_line_either_way() {
-        assert!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
-        assert!(head_end(b"GET / HTTP/1.0\n\n"));
-        assert!(!head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+fn gzip(body: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(body).ok()?;
+    enc.finish().ok()
+}
+
+async fn answer(
+    req: HttpRequest<Incoming>,
+    tx: mpsc::Sender<Request>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let page = match req.uri().path() {
+        "/metrics" => Page::Metrics,
+        "/status" => Page::Status,
+        _ => return Ok(plain(StatusCode::NOT_FOUND, "try /metrics or /status\n")),
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "use GET or HEAD\n");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return Ok(r);
     }
+    let (otx, orx) = oneshot::channel();
+    if tx.send((page, otx)).await.is_err() {
+        return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"));
+    }
+    let body = orx.await.unwrap_or_default().into_bytes();
+    let ctype = match page {
+        Page::Metrics => "text/plain; version=0.0.4; charset=utf-8",
+        Page::Status => "application/json",
+    };
+    let mut r = Response::builder()
+        .header(header::CONTENT_TYPE, ctype)
+        .header(header::VARY, "Accept-Encoding");
+    let body = match wants_gzip(&req).then(|| gzip(&body)).flatten() {
+        Some(z) => {
+            r = r.header(header::CONTENT_ENCODING, "gzip");
+            z
+        }
+        None => body,
+    };
+    Ok(r.body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "\n")))
 }

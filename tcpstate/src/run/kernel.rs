@@ -22,6 +22,8 @@ impl Parked {
 #[derive(Default)]
 pub(super) struct InFlight {
     pub(super) reconcile: bool,
+    /// Reconciliations started, for `--full-reconcile-every`.
+    pub(super) reconciles: u64,
     pub(super) probes: usize,
     pub(super) settings: std::collections::HashSet<u32>,
     /// Answers about the kernel's table that came before the events up to
@@ -48,18 +50,30 @@ impl Daemon {
         // A quiet moment after activity: one full re-read makes the counts exact (TIME_WAIT
         // killed early by an RST, request sockets), at no cost while traffic flows.
         if self.tally.since_sweep == 0 && self.tally.since_reconcile > 0 {
-            self.start_reconcile();
+            self.start_reconcile(true);
         }
         self.tally.since_sweep = 0;
     }
 
-    pub(super) fn start_reconcile(&mut self) {
+    /// Starts a reconciliation. `full`: TIME_WAIT mini-sockets too (after a loss, at a quiet
+    /// moment, and every `--full-reconcile-every`th time); the others dump full sockets and
+    /// FIN_WAIT2 mini-sockets only, which costs little whatever TIME_WAIT load the host has.
+    pub(super) fn start_reconcile(&mut self, full: bool) {
         if self.jobs.reconcile {
             return;
         }
         let mut namespaces: Vec<u32> = self.tracker.namespaces().into_iter().collect();
         namespaces.sort_unstable();
-        if self.workers.submit(Job::Reconcile { namespaces }) {
+        self.jobs.reconciles += 1;
+        let timewait = full
+            || self
+                .jobs
+                .reconciles
+                .is_multiple_of(self.args.full_reconcile_every.max(1));
+        if self.workers.submit(Job::Reconcile {
+            namespaces,
+            timewait,
+        }) {
             self.jobs.reconcile = true;
             self.tally.since_reconcile = 0;
         }
@@ -136,7 +150,7 @@ impl Daemon {
                 self.loss_at_ns = None;
             } else {
                 // Lost again while it ran: once more.
-                self.start_reconcile();
+                self.start_reconcile(true);
             }
         }
         self.publish(facts);

@@ -50,6 +50,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("tcpstate run needs root (it loads a BPF program): try sudo tcpstate run");
     }
+    setup::raise_fd_limit();
     if let Some(ns) = args.netns
         && !crate::sockdiag::netns::all_netns().contains_key(&ns)
         && crate::sockdiag::current_netns().ok() != Some(ns)
@@ -192,7 +193,7 @@ impl Daemon {
                     self.tracker.check_leaks(monotonic_ns(), &mut facts);
                     self.publish(facts);
                 }
-                _ = reconcile.tick(), if !reconcile_every.is_zero() => self.start_reconcile(),
+                _ = reconcile.tick(), if !reconcile_every.is_zero() => self.start_reconcile(false),
                 Some((page, reply)) = setup::next_request(&mut self.http) => self.page(page, reply),
                 _ = sigusr1.recv() => eprintln!("{}", summary(&self.tracker)),
                 _ = sighup.recv() => self.reopen_log(),
@@ -348,7 +349,7 @@ impl Daemon {
             // reconciliation, which starts now rather than at its interval.
             if self.loss_at_ns.is_none() {
                 self.tracker.set_incomplete(true);
-                self.start_reconcile();
+                self.start_reconcile(true);
             }
             self.loss_at_ns = Some(now);
         }

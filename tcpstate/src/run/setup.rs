@@ -109,3 +109,20 @@ pub(super) fn interval(period: Duration) -> tokio::time::Interval {
     i.set_missed_tick_behavior(MissedTickBehavior::Delay);
     i
 }
+
+/// Raises the soft limit on open files to the hard one: the endpoint may hold thousands of
+/// idle clients, and each namespace's sock_diag socket is a descriptor too. Failure is not
+/// fatal (the accept loop backs off and the owner check says when it cannot look).
+pub(super) fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -51,6 +51,8 @@ pub struct Alive {
     pub minis: HashMap<Tuple, (TcpState, u32), Seeded>,
     /// Request sockets (SYN_RECV mini-sockets).
     pub requests: u64,
+    /// The dump included TIME_WAIT mini-sockets (else they are not judged).
+    pub timewait: bool,
 }
 
 impl Alive {
@@ -231,6 +233,11 @@ impl Tracker {
         now_ns: u64,
         out: &mut Vec<Fact>,
     ) -> u64 {
+        if !alive.timewait {
+            // A dump without TIME_WAIT cannot tell an orphan that went on to TIME_WAIT from
+            // one that is gone: the sweep's exact lookups judge those.
+            return 0;
+        }
         let mut removed = 0;
         let orphans: Vec<(Tuple, u64)> = self
             .orphans

@@ -19,7 +19,7 @@ use super::report::{Sample, TracerResult};
 use super::tracer::{Tools, Tracer};
 
 /// Untraced churn before the first round, so the namespace holds its TIME_WAIT load.
-const WARM_UP: Duration = Duration::from_secs(30);
+const WARM_UP: Duration = Duration::from_secs(45);
 
 #[derive(Debug, serde::Serialize)]
 pub struct TimewaitResult {

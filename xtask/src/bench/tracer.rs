@@ -161,6 +161,10 @@ impl Tracer {
             Self::TcpstateTimewaitReconcile | Self::TcpstateBaselineReconcile => {
                 let addr = format!("127.0.0.1:{TIMEWAIT_METRICS_PORT}");
                 cmd.args(["--reconcile-interval", "2s", "--metrics-addr", &addr]);
+                if self == Self::TcpstateTimewaitReconcile {
+                    // Every one of them a full dump, TIME_WAIT included.
+                    cmd.args(["--full-reconcile-every", "1"]);
+                }
             }
             _ => {}
         }
