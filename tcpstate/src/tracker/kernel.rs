@@ -356,10 +356,11 @@ impl Tracker {
         out: &mut Vec<Fact>,
     ) {
         self.pressure.set_info(netns, info);
+        // A server's TIME_WAIT sockets hold its listening port, not an ephemeral one.
         let tuples: Vec<Tuple> = self
             .timewait
             .iter()
-            .filter(|s| s.netns == netns)
+            .filter(|s| s.netns == netns && !self.listeners.contains_key(&(netns, s.tuple.sport)))
             .map(|s| s.tuple)
             .collect();
         self.pressure.recount(netns, &tuples, now_ns, out);
@@ -371,15 +372,10 @@ impl Tracker {
     }
 
     /// Namespaces with TIME_WAIT mini-sockets whose settings are unknown.
-    pub fn netns_without_info(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self
-            .timewait
-            .iter()
-            .map(|s| s.netns)
-            .filter(|&n| n != 0 && !self.pressure.knows(n))
-            .collect::<HashSet<u32>>()
-            .into_iter()
-            .collect();
+    pub fn netns_without_info(&mut self) -> Vec<u32> {
+        let pressure = &self.pressure;
+        self.unknown_netns.retain(|&n| !pressure.knows(n));
+        let mut v: Vec<u32> = self.unknown_netns.iter().copied().collect();
         v.sort_unstable();
         v
     }

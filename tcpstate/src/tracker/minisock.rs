@@ -60,6 +60,9 @@ impl Tracker {
     ) {
         let new = self.timewait.insert(netns, tuple, since_ns, estimated) == Insert::New;
         if new && active {
+            if netns != 0 && !self.pressure.knows(netns) {
+                self.unknown_netns.insert(netns);
+            }
             self.pressure.add(netns, tuple, since_ns, out);
         }
     }

@@ -86,7 +86,10 @@ pub struct Tracker {
     listeners: rustc_hash::FxHashMap<(u32, u16), OwnerRef>,
     /// Snapshot sockets not yet seen in an event, by tuple without the
     /// namespace (events only carry it when a socket is born).
-    seeded: HashMap<Tuple, Vec<u64>>,
+    seeded: HashMap<Tuple, Vec<u64>, foldhash::quality::RandomState>,
+    /// Namespaces whose port range and `tcp_tw_reuse` the pressure rule
+    /// wants and does not have yet.
+    unknown_netns: std::collections::HashSet<u32>,
     /// FIN_WAIT2 mini-sockets (orphans) by namespace and tuple: their
     /// (synthetic) keys in the table. Peers choose half of each tuple, so a
     /// seeded hasher (foldhash: every server that closes first passes
@@ -116,7 +119,8 @@ impl Tracker {
             deadlines: Deadlines::default(),
             next_epoch: 1,
             listeners: rustc_hash::FxHashMap::default(),
-            seeded: HashMap::new(),
+            seeded: HashMap::default(),
+            unknown_netns: std::collections::HashSet::new(),
             orphans: HashMap::default(),
             next_key: 1,
             refused: 0,
@@ -341,8 +345,14 @@ impl Tracker {
     /// A socket born under our eyes: start tracking it, unless full.
     fn create(&mut self, t: &Transition) {
         let owner = attribute(&mut self.comms, &self.listeners, t, t.netns, None);
-        let mut e =
-            Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN).with_owner(owner);
+        // Opened by connect(): its local port is an ephemeral one.
+        let active = if (t.old, t.new) == (TcpState::Close, TcpState::SynSent) {
+            flag::ACTIVE
+        } else {
+            0
+        };
+        let mut e = Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN | active)
+            .with_owner(owner);
         e.epoch = self.epoch();
         if self.table.insert(t.sk, e).is_err() {
             // Counted once per socket: only at its birth.
