@@ -19,6 +19,27 @@ pub enum Ending {
     FinWait2,
 }
 
+impl Ending {
+    /// Why a real close happened, in words, from the socket's error (`sk_err`): what a failed
+    /// connect or an abort reports. None for a clean close or a handoff.
+    pub fn reason(self) -> Option<&'static str> {
+        let Ending::Closed { errno } = self else {
+            return None;
+        };
+        Some(match i32::from(errno) {
+            0 => return None,
+            libc::ECONNREFUSED => "refused",
+            libc::ETIMEDOUT => "timed_out",
+            libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN => {
+                "unreachable"
+            }
+            libc::ECONNRESET | libc::EPIPE => "reset",
+            libc::ECONNABORTED => "aborted",
+            _ => "error",
+        })
+    }
+}
+
 /// One decoded transition. `ts_ns` stays on the kernel's monotonic clock;
 /// the outputs convert it to wall time.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -66,6 +66,10 @@ pub struct TransitionRecord {
     /// own events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// On a real close with an error (a failed connect, a reset): why. `refused`,
+    /// `timed_out`, `unreachable`, `reset`, `aborted` or `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Who the anomaly names, and how sure we are.
@@ -212,6 +216,7 @@ impl TransitionRecord {
             prev_state_ms: m.prev_ns.map(|ns| ns as f64 / 1e6),
             netns: m.netns,
             via: (m.via != crate::tracker::Via::Event).then(|| m.via.name().to_owned()),
+            reason: m.reason.map(str::to_owned),
         }
     }
 }
@@ -383,6 +388,7 @@ mod tests {
             prev_state_ms: Some(0.25),
             netns: 4026531840,
             via: None,
+            reason: None,
         }
     }
 

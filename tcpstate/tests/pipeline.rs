@@ -425,3 +425,80 @@ fn sockets_whose_ends_run_on_two_cpus_come_out_in_order() {
         "client + server per connection, and the listener"
     );
 }
+
+/// A failed connect says why: refused (an RST from a closed port), timed out (SYNs nobody
+/// answers), from the socket's error as the program read it at SYN_SENT -> CLOSE.
+#[test]
+fn failed_connects_say_why() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(["-n", &ns.name])
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    // A subnet where nobody answers ARP: SYNs go nowhere.
+    ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ip(&["addr", "add", "10.98.0.1/24", "dev", "v0"]);
+    ip(&["link", "set", "v0", "up"]);
+    ip(&["link", "set", "v1", "up"]);
+    let st = ns
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.tcp_syn_retries=1"])
+        .status()
+        .expect("sysctl");
+    assert!(st.success());
+    let p = port(22500);
+    let mport = common::free_port();
+    let daemon = Daemon::start(&[
+        "--rport",
+        &p.to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let errs = ns.run(move || {
+        let refused = TcpStream::connect(("127.0.0.1", p)).expect_err("nobody listens");
+        let timed_out = TcpStream::connect(("10.98.0.77", p)).expect_err("nobody answers");
+        (refused.kind(), timed_out.kind())
+    });
+    assert_eq!(
+        errs,
+        (
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::TimedOut
+        )
+    );
+    // The last event takes up to a drain period to be applied.
+    std::thread::sleep(Duration::from_millis(300));
+    let metrics = common::http_get(mport, "/metrics");
+    let records = daemon.stop();
+    let ts = transitions(&records, ns.inode);
+    let failed: Vec<_> = ts
+        .iter()
+        .filter(|t| t["old"] == "SYN_SENT" && t["new"] == "CLOSE")
+        .map(|t| {
+            (
+                t["daddr"].as_str().unwrap_or(""),
+                t["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [("127.0.0.1", "refused"), ("10.98.0.77", "timed_out")],
+        "{ts:#?}"
+    );
+    for reason in ["refused", "timed_out"] {
+        assert!(
+            metrics.contains(&format!(
+                "tcpstate_failed_connects_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+}

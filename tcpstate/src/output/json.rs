@@ -66,6 +66,10 @@ impl JsonWriter {
             buf.extend_from_slice(b",\"via\":");
             let _ = serde_json::to_writer(&mut *buf, via);
         }
+        if let Some(reason) = &t.reason {
+            buf.extend_from_slice(b",\"reason\":");
+            let _ = serde_json::to_writer(&mut *buf, reason);
+        }
         buf.push(b'}');
     }
 
@@ -183,6 +187,7 @@ mod tests {
                         prev_state_ms: prev,
                         netns: u32::MAX - i as u32,
                         via: i.is_multiple_of(3).then(|| "sock_diag".to_owned()),
+                        reason: i.is_multiple_of(4).then(|| "refused".to_owned()),
                     };
                     let rec = Record::Transition(t);
                     let mut buf = Vec::new();

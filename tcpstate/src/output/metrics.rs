@@ -38,7 +38,7 @@ struct Snapshot {
     durations: Vec<StateHistogram>,
     anomalies_raised: Vec<(&'static str, u64)>,
     anomalies_open: Vec<(&'static str, i64)>,
-    failed_connects: u64,
+    failed_connects: Vec<(&'static str, u64)>,
     resets: u64,
     leaks: u64,
     reconciled: u64,
@@ -95,7 +95,7 @@ pub fn render(tracker: &Tracker, counters: Counters) -> String {
             .iter()
             .map(|&s| (s.kind(), tracker.anomalies_open(s) as i64))
             .collect(),
-        failed_connects: agg.failed_connects,
+        failed_connects: agg.connect_failures.iter().map(|(&r, &n)| (r, n)).collect(),
         resets: agg.resets,
         leaks: agg.leaks_suspected,
         reconciled: agg.reconciled,
@@ -219,18 +219,22 @@ impl Snapshot {
         for &(kind, n) in &self.anomalies_open {
             ConstGauge::new(n).encode(m.encode_family(&[("kind", kind)])?)?;
         }
+        let mut m = e.encode_descriptor(
+            "tcpstate_failed_connects",
+            "Connects that went SYN_SENT -> CLOSE, by reason (refused, timed_out, unreachable, reset, aborted, error; closed: no error, the socket was closed first)",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(reason, n) in &self.failed_connects {
+            ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
+        }
         Ok(())
     }
 
     /// Unlabelled counters: (name, help, value).
-    fn counters(&self) -> [(&'static str, &'static str, u64); 14] {
+    fn counters(&self) -> [(&'static str, &'static str, u64); 13] {
         let c = &self.counters;
         [
-            (
-                "tcpstate_failed_connects",
-                "Connects that went SYN_SENT -> CLOSE",
-                self.failed_connects,
-            ),
             (
                 "tcpstate_resets",
                 "Connections aborted: ESTABLISHED or CLOSE_WAIT -> CLOSE",

@@ -115,6 +115,9 @@ fn write_transition(out: &mut String, t: &TransitionRecord) {
         t.new.name(),
         ms
     );
+    if let Some(reason) = &t.reason {
+        let _ = write!(out, " ({})", escape(reason));
+    }
 }
 
 fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
@@ -204,6 +207,7 @@ mod tests {
             prev_state_ms: Some(0.25),
             netns: 0,
             via: None,
+            reason: None,
         }
     }
 

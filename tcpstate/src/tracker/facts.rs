@@ -71,6 +71,9 @@ pub struct Moved {
     /// The task on the CPU, for kernel events.
     pub task: Option<Task>,
     pub via: Via,
+    /// For a real close with an error: why (`refused`, `timed_out`, `unreachable`, `reset`,
+    /// `aborted`, `error`).
+    pub reason: Option<&'static str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

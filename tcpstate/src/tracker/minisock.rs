@@ -93,6 +93,7 @@ impl Tracker {
             prev_ns,
             task: None,
             via,
+            reason: None,
         }));
         true
     }
@@ -127,6 +128,7 @@ impl Tracker {
             prev_ns,
             task: None,
             via,
+            reason: None,
         }));
         if e.has(flag::ANOMALY_OPEN) {
             out.push(Fact::Resolved(
@@ -171,6 +173,7 @@ impl Tracker {
             prev_ns,
             task: None,
             via,
+            reason: None,
         }));
         if e.has(flag::ANOMALY_OPEN) {
             out.push(Fact::Resolved(self.anomaly(key, &e, ts_ns), why));

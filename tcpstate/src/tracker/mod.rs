@@ -313,6 +313,11 @@ impl Tracker {
                 comm: t.comm,
             }),
             via: Via::Event,
+            reason: if new == TcpState::Close {
+                t.ending.reason()
+            } else {
+                None
+            },
         }));
     }
 

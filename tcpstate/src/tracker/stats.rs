@@ -29,9 +29,9 @@ pub struct Stats {
     pub other_endpoints: EndpointCounts,
     pub anomalies_raised: [u64; N],
     pub pressure_raised: u64,
-    /// Failed connects by the socket's error (ECONNREFUSED, ETIMEDOUT, ...;
-    /// 0 when none was pending).
-    pub connect_errors: HashMap<u8, u64>,
+    /// Failed connects by reason (`refused`, `timed_out`, `unreachable`,
+    /// ..., `closed` when the socket had no error: closed before it connected).
+    pub connect_failures: std::collections::BTreeMap<&'static str, u64>,
     pub leaks_suspected: u64,
     pub reconciled: u64,
 }
@@ -66,7 +66,7 @@ impl Stats {
             other_endpoints: EndpointCounts::default(),
             anomalies_raised: [0; N],
             pressure_raised: 0,
-            connect_errors: HashMap::new(),
+            connect_failures: std::collections::BTreeMap::new(),
             leaks_suspected: 0,
             reconciled: 0,
         }
@@ -86,9 +86,8 @@ impl Stats {
         match old {
             TcpState::SynSent => {
                 self.failed_connect(t.daddr(), t.dport);
-                if let Ending::Closed { errno } = ending {
-                    *self.connect_errors.entry(errno).or_default() += 1;
-                }
+                let reason = ending.reason().unwrap_or("closed");
+                *self.connect_failures.entry(reason).or_default() += 1;
             }
             TcpState::Established | TcpState::CloseWait => self.reset(t.daddr(), t.dport),
             _ => {}
