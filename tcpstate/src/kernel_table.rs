@@ -4,7 +4,7 @@
 //! draining of the rings.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, mpsc},
 };
 
@@ -49,6 +49,14 @@ pub enum Holder {
     Process { pid: u32, comm: Comm },
     /// The kernel has it and no process holds it.
     Nobody,
+    /// No process ever accepted it: it waits in the accept queue of a listener held by
+    /// `listener` (None: nobody holds the listener's fd either), which has `queue` of
+    /// `backlog` connections waiting.
+    AcceptQueue {
+        listener: Option<(u32, Comm)>,
+        queue: u32,
+        backlog: u32,
+    },
     /// Could not tell (gone, namespace unreachable, /proc unreadable).
     Unknown,
 }
@@ -284,33 +292,123 @@ fn probe(ns: &mut Namespaces, p: &Probe) -> ProbeResult {
     r
 }
 
-fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
-    let inodes: Vec<Option<u32>> = sockets
+/// What an owner check found in the kernel's table.
+enum Looked {
+    /// Could not tell.
+    Unknown,
+    /// The socket, by inode (0: it has no file).
+    Socket(u32),
+    /// Never accepted: it waits in this listener's accept queue.
+    Queued(Listener),
+}
+
+#[derive(Clone, Copy)]
+struct Listener {
+    inode: u32,
+    queue: u32,
+    backlog: u32,
+}
+
+/// A socket no file refers to, in a state only `close()` leaves (ESTABLISHED, CLOSE_WAIT): no
+/// process ever accepted it, so it still sits in its listener's accept queue. (An
+/// application's `close()` moves a socket to FIN_WAIT1 or LAST_ACK, never leaves it in one of
+/// these. SYN_RECV without a file is a request socket, not yet queued.)
+fn unaccepted(s: &DiagSocket) -> bool {
+    s.inode == 0
+        && !s.is_timewait()
+        && matches!(
+            TcpState::from_kernel(s.state),
+            Some(TcpState::Established | TcpState::CloseWait)
+        )
+}
+
+/// The listener a passive socket came from: its local port, and its address or a wildcard
+/// (an exact address wins, as in the kernel's own lookup). Of several SO_REUSEPORT listeners
+/// the first is taken: sock_diag does not say which one queued it.
+fn listener_of(listeners: &[DiagSocket], t: &Tuple) -> Option<Listener> {
+    listeners
         .iter()
-        .map(|(netns, t)| {
-            let diag = ns.diag(*netns).ok()??;
-            diag.lookup(t).ok()?.map(|s| s.inode)
+        .filter(|l| l.tuple.sport == t.sport)
+        .filter_map(|l| {
+            let addr = l.tuple.saddr();
+            let score = if addr == t.saddr() {
+                2
+            } else if addr.is_unspecified() {
+                1
+            } else {
+                return None;
+            };
+            Some((score, l))
         })
-        .collect();
-    let wanted: HashSet<u32> = inodes
-        .iter()
+        .max_by_key(|(score, _)| *score)
+        .map(|(_, l)| Listener {
+            inode: l.inode,
+            queue: l.rqueue,
+            backlog: l.wqueue,
+        })
+}
+
+/// One socket's lookup; `listeners` caches each namespace's LISTEN dump for the job.
+fn look(
+    ns: &mut Namespaces,
+    listeners: &mut HashMap<u32, Vec<DiagSocket>>,
+    netns: u32,
+    t: &Tuple,
+) -> Looked {
+    let Some(s) = ns
+        .diag(netns)
+        .ok()
         .flatten()
-        .copied()
+        .and_then(|d| d.lookup(t).ok().flatten())
+    else {
+        return Looked::Unknown;
+    };
+    if !unaccepted(&s) {
+        return Looked::Socket(s.inode);
+    }
+    let ls = listeners
+        .entry(netns)
+        .or_insert_with(|| dump(ns, netns, 1 << TcpState::Listen as u32).unwrap_or_default());
+    listener_of(ls, &s.tuple).map_or(Looked::Socket(0), Looked::Queued)
+}
+
+fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
+    let mut listeners = HashMap::new();
+    let looked: Vec<Looked> = sockets
+        .iter()
+        .map(|(netns, t)| look(ns, &mut listeners, *netns, t))
+        .collect();
+    let wanted: HashSet<u32> = looked
+        .iter()
+        .filter_map(|l| match l {
+            Looked::Socket(i) => Some(*i),
+            Looked::Queued(l) => Some(l.inode),
+            Looked::Unknown => None,
+        })
         .filter(|&i| i != 0)
         .collect();
     let found = procfs::holders(&wanted);
-    let holders = inodes
+    let holder_of = |inode: u32| {
+        found
+            .by_inode
+            .get(&inode)
+            .and_then(|h| h.first())
+            .map(|h| (h.pid, Comm::from_bytes(&h.comm)))
+    };
+    let holders = looked
         .iter()
-        .map(|inode| match inode {
-            None => Holder::Unknown,
-            Some(i) => match found.by_inode.get(i).and_then(|h| h.first()) {
-                Some(h) => Holder::Process {
-                    pid: h.pid,
-                    comm: Comm::from_bytes(&h.comm),
-                },
+        .map(|l| match *l {
+            Looked::Unknown => Holder::Unknown,
+            Looked::Socket(i) => match holder_of(i) {
+                Some((pid, comm)) => Holder::Process { pid, comm },
                 // Orphaned, unless part of /proc could not be read.
                 None if found.unreadable == 0 => Holder::Nobody,
                 None => Holder::Unknown,
+            },
+            Looked::Queued(l) => Holder::AcceptQueue {
+                listener: holder_of(l.inode),
+                queue: l.queue,
+                backlog: l.backlog,
             },
         })
         .collect();
@@ -337,4 +435,76 @@ fn settings(ns: &mut Namespaces, netns: u32) -> Option<NetnsInfo> {
         ports: (lo.min(hi), hi.max(lo)),
         tw_reuse,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(addr: &str, port: u16, inode: u32) -> DiagSocket {
+        let any = if addr.contains(':') { "::" } else { "0.0.0.0" };
+        DiagSocket {
+            state: TcpState::Listen as u8,
+            tuple: Tuple::new(
+                addr.parse().expect("addr"),
+                port,
+                any.parse().expect("any"),
+                0,
+            ),
+            timer: 0,
+            expires_ms: 0,
+            rqueue: 1,
+            wqueue: 4,
+            inode,
+            uid: 0,
+        }
+    }
+
+    fn child(addr: &str, port: u16) -> Tuple {
+        Tuple::new(
+            addr.parse().expect("addr"),
+            port,
+            addr.parse().expect("addr"),
+            40000,
+        )
+    }
+
+    #[test]
+    fn the_listener_is_found_by_port_with_an_exact_address_first() {
+        let ls = [
+            listener("0.0.0.0", 80, 1),
+            listener("10.0.0.1", 80, 2),
+            listener("10.0.0.1", 81, 3),
+        ];
+        let inode = |t: &Tuple| listener_of(&ls, t).map(|l| l.inode);
+        assert_eq!(inode(&child("10.0.0.1", 80)), Some(2));
+        assert_eq!(inode(&child("10.0.0.2", 80)), Some(1), "the wildcard");
+        assert_eq!(inode(&child("10.0.0.2", 81)), None, "bound elsewhere");
+        assert_eq!(inode(&child("10.0.0.1", 82)), None);
+        let v6 = [listener("::", 443, 9)];
+        assert_eq!(
+            listener_of(&v6, &child("::ffff:10.0.0.1", 443)).map(|l| (l.inode, l.queue, l.backlog)),
+            Some((9, 1, 4)),
+            "a dual-stack listener's v4-mapped child"
+        );
+    }
+
+    #[test]
+    fn only_a_fileless_socket_in_a_state_close_would_leave_is_unaccepted() {
+        let mut s = listener("127.0.0.1", 80, 0);
+        for (st, want) in [
+            (TcpState::Established, true),
+            (TcpState::CloseWait, true),
+            (TcpState::SynRecv, false),
+            (TcpState::FinWait1, false),
+            (TcpState::LastAck, false),
+            (TcpState::Listen, false),
+        ] {
+            s.state = st as u8;
+            assert_eq!(unaccepted(&s), want, "{st:?}");
+        }
+        s.state = TcpState::CloseWait as u8;
+        s.inode = 7;
+        assert!(!unaccepted(&s), "held by a file");
+    }
 }

@@ -81,8 +81,20 @@ pub enum OwnerSource {
     /// The process attributed from process-context transitions; the fd
     /// lookup could not run (for example, another network namespace gone).
     Attributed,
+    /// No process ever accepted it: `pid` and `comm` hold its listener,
+    /// and `accept_queue` says how full that listener's queue is.
+    AcceptQueue,
     /// No process holds it (orphan) and none was ever attributed.
     None,
+}
+
+/// A listener's accept queue, from sock_diag.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptQueue {
+    /// Connections waiting for `accept()`.
+    pub queue: u32,
+    /// The listener's backlog.
+    pub backlog: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +132,9 @@ pub struct AnomalyRecord {
     pub owner_source: OwnerSource,
     /// Set when no process holds the socket: who held it last.
     pub last_owner: Option<Owner>,
+    /// For a socket nobody accepted: its listener's queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_queue: Option<AcceptQueue>,
     /// For `anomaly_resolved`: why it ended (`left_state`, `reconciled`,
     /// `netns_gone`, `below_threshold`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -235,7 +250,17 @@ impl AnomalyRecord {
                     comm: t.comm,
                 }),
             ),
+            Blame::AcceptQueue { listener, .. } => (
+                listener.map(|t| t.pid),
+                listener.map(|t| t.comm),
+                OwnerSource::AcceptQueue,
+                None,
+            ),
             Blame::Unknown => (None, None, OwnerSource::None, None),
+        };
+        let accept_queue = match a.owner {
+            Blame::AcceptQueue { queue, backlog, .. } => Some(AcceptQueue { queue, backlog }),
+            _ => None,
         };
         let p = a.pressure;
         Self {
@@ -255,6 +280,7 @@ impl AnomalyRecord {
             comm,
             owner_source,
             last_owner,
+            accept_queue,
             resolution: resolution.map(|r| r.name().to_owned()),
             count: p.map(|p| p.count),
             port_range: p.map(|p| p.range),

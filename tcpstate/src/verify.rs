@@ -39,6 +39,7 @@ pub fn checked(owner: Owner, h: &Holder) -> Owner {
     let last = match owner {
         Owner::Attributed(t) | Owner::Verified(t) => Some(t),
         Owner::Orphan { last } => last,
+        Owner::AcceptQueue { listener, .. } => listener,
         Owner::Unknown => None,
     };
     match h {
@@ -47,6 +48,15 @@ pub fn checked(owner: Owner, h: &Holder) -> Owner {
             comm: *comm,
         }),
         Holder::Nobody => Owner::Orphan { last },
+        Holder::AcceptQueue {
+            listener,
+            queue,
+            backlog,
+        } => Owner::AcceptQueue {
+            listener: listener.map(|(pid, comm)| Task { pid, comm }),
+            queue: *queue,
+            backlog: *backlog,
+        },
         Holder::Unknown => owner,
     }
 }

@@ -173,3 +173,69 @@ fn close_wait_from_before_start_is_found_by_the_snapshot() {
     assert_eq!(resolved["kind"], "close_wait");
     drop(daemon.stop());
 }
+
+/// A listener with this backlog that never calls accept(), in the namespace.
+fn never_accepting_listener(ns: &Netns, p: u16, backlog: i32) -> TcpListener {
+    ns.run(move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], p)).into())
+            .expect("bind");
+        s.listen(backlog).expect("listen");
+        s.into()
+    })
+}
+
+#[test]
+fn a_socket_nobody_accepted_is_blamed_on_its_listener() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(27000);
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=1s"]);
+    let listener = never_accepting_listener(&ns, p, 4);
+    // Two clients connect and close: the kernel completes both handshakes, the peers' FINs
+    // put both server sockets in CLOSE_WAIT, and no process ever holds them.
+    let clients: Vec<u16> = ns.run(move || {
+        (0..2)
+            .map(|_| {
+                let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+                c.local_addr().expect("addr").port()
+            })
+            .collect()
+    });
+    let mut raised = Vec::new();
+    while raised.len() < 2 {
+        let a = daemon
+            .wait_for(Duration::from_secs(5), |r| {
+                r["type"] == "anomaly" && r["netns"] == ns.inode && r["kind"] == "close_wait"
+            })
+            .expect("CLOSE_WAIT anomaly for each unaccepted socket");
+        raised.push(a);
+    }
+    for a in &raised {
+        assert_eq!(a["owner_source"], "accept_queue", "{a}");
+        assert_eq!(a["pid"], std::process::id(), "{a}");
+        assert_eq!(a["comm"], our_comm(), "{a}");
+        assert_eq!(a["accept_queue"]["queue"], 2, "{a}");
+        assert_eq!(a["accept_queue"]["backlog"], 4, "{a}");
+        assert_eq!(a["sport"], p, "{a}");
+        assert!(a["last_owner"].is_null(), "{a}");
+        assert!(
+            clients.contains(&(a["dport"].as_u64().expect("dport") as u16)),
+            "{a}"
+        );
+    }
+    // Accepting and closing them ends the anomalies the way any close does.
+    for _ in 0..2 {
+        let (s, _) = listener.accept().expect("accept");
+        drop(s);
+    }
+    let records = daemon.stop();
+    let resolved = records
+        .iter()
+        .filter(|r| r["type"] == "anomaly_resolved" && r["resolution"] == "left_state")
+        .count();
+    assert_eq!(resolved, 2, "{records:?}");
+}

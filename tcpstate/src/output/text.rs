@@ -122,6 +122,20 @@ fn write_transition(out: &mut String, t: &TransitionRecord) {
 
 fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
     let owner = match (a.pid, a.comm, a.owner_source) {
+        (pid, comm, OwnerSource::AcceptQueue) => {
+            let holder = match (pid, comm) {
+                (Some(pid), Some(comm)) => format!("pid {pid} ({})", escape(&comm.as_str())),
+                _ => "nobody".to_owned(),
+            };
+            let queue = a
+                .accept_queue
+                .map(|q| format!(", {} of {} waiting", q.queue, q.backlog))
+                .unwrap_or_default();
+            format!(
+                "never accepted: in the accept queue of port {}, listener held by {holder}{queue}",
+                a.sport
+            )
+        }
         (Some(pid), Some(comm), OwnerSource::Fd) => {
             format!("held by pid {pid} ({})", escape(&comm.as_str()))
         }
@@ -248,6 +262,7 @@ mod tests {
                 pid: 9,
                 comm: Comm::new("server"),
             }),
+            accept_queue: None,
             resolution: None,
             count: None,
             port_range: None,

@@ -33,6 +33,7 @@ fn anomaly() -> AnomalyRecord {
         comm: Some(Comm::new("server")),
         owner_source: OwnerSource::Fd,
         last_owner: None,
+        accept_queue: None,
         resolution: None,
         count: None,
         port_range: None,

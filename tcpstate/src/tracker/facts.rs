@@ -19,10 +19,18 @@ pub struct Task {
 pub enum Owner {
     /// A process holding the socket's fd right now (checked in /proc).
     Verified(Task),
-    /// Nobody holds it: its application closed it (or never accepted
-    /// it). `last` is who held it last, when known.
+    /// Nobody holds it: its application closed it. `last` is who held it
+    /// last, when known.
     Orphan {
         last: Option<Task>,
+    },
+    /// Nobody ever accepted it: it waits in the accept queue of a listener
+    /// held by `listener`, the process that must `accept()` it, with
+    /// `queue` of `backlog` connections waiting.
+    AcceptQueue {
+        listener: Option<Task>,
+        queue: u32,
+        backlog: u32,
     },
     /// Inferred from process-context transitions, not (yet) checked.
     Attributed(Task),
