@@ -16,7 +16,7 @@ use crate::{
     sockdiag::{ALL_STATES, DiagSocket, Namespaces},
     socket::{Comm, Tuple},
     state::TcpState,
-    tracker::{Alive, Found, KernelSocket, NetnsInfo, Probe, ProbeResult},
+    tracker::{AcceptQueue, Alive, Found, KernelSocket, Listening, NetnsInfo, Probe, ProbeResult},
 };
 
 /// What a worker can be asked.
@@ -40,6 +40,8 @@ pub enum Job {
     },
     /// A namespace's port range and `tcp_tw_reuse`.
     Settings { netns: u32 },
+    /// The listeners of these namespaces and their accept queues.
+    Listeners { namespaces: Vec<u32> },
 }
 
 /// The answer to one socket's owner check.
@@ -50,12 +52,10 @@ pub enum Holder {
     /// The kernel has it and no process holds it.
     Nobody,
     /// No process ever accepted it: it waits in the accept queue of a listener held by
-    /// `listener` (None: nobody holds the listener's fd either), which has `queue` of
-    /// `backlog` connections waiting.
+    /// `listener` (None: nobody holds the listener's fd either).
     AcceptQueue {
         listener: Option<(u32, Comm)>,
-        queue: u32,
-        backlog: u32,
+        queue: AcceptQueue,
     },
     /// Could not tell (gone, namespace unreachable, /proc unreadable).
     Unknown,
@@ -88,6 +88,13 @@ pub enum Reply {
     Settings {
         netns: u32,
         info: Option<NetnsInfo>,
+    },
+    Listeners {
+        /// When the first dump started (monotonic ns).
+        at_ns: u64,
+        /// The namespaces read (one that could not be read is left out, not judged empty).
+        namespaces: Vec<u32>,
+        listeners: Vec<Listening>,
     },
 }
 
@@ -138,6 +145,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
                 netns,
                 info: settings(&mut ns, netns),
             },
+            Job::Listeners { namespaces } => listeners(&mut ns, &namespaces),
         };
         if replies.send(reply).is_err() {
             return;
@@ -368,15 +376,64 @@ fn look(
     }
     let ls = listeners
         .entry(netns)
-        .or_insert_with(|| dump(ns, netns, 1 << TcpState::Listen as u32).unwrap_or_default());
+        .or_insert_with(|| dump(ns, netns, LISTEN).unwrap_or_default());
     listener_of(ls, &s.tuple).map_or(Looked::Socket(0), Looked::Queued)
+}
+
+/// A listener's own lookup (its remote end a wildcard): exact lookups never return listeners,
+/// so it is found in the namespace's LISTEN dump.
+fn look_listener(
+    ns: &mut Namespaces,
+    listeners: &mut HashMap<u32, Vec<DiagSocket>>,
+    netns: u32,
+    t: &Tuple,
+) -> Looked {
+    let ls = listeners
+        .entry(netns)
+        .or_insert_with(|| dump(ns, netns, LISTEN).unwrap_or_default());
+    ls.iter()
+        .find(|l| l.tuple == *t)
+        .map_or(Looked::Unknown, |l| Looked::Socket(l.inode))
+}
+
+const LISTEN: u32 = 1 << TcpState::Listen as u32;
+
+fn listeners(ns: &mut Namespaces, namespaces: &[u32]) -> Reply {
+    let at_ns = monotonic_ns();
+    let mut read = Vec::new();
+    let mut out = Vec::new();
+    for &netns in namespaces {
+        let Some(ls) = dump(ns, netns, LISTEN) else {
+            continue;
+        };
+        read.push(netns);
+        out.extend(ls.iter().map(|l| Listening {
+            netns,
+            tuple: l.tuple,
+            queue: AcceptQueue {
+                queue: l.rqueue,
+                backlog: l.wqueue,
+            },
+        }));
+    }
+    Reply::Listeners {
+        at_ns,
+        namespaces: read,
+        listeners: out,
+    }
 }
 
 fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
     let mut listeners = HashMap::new();
     let looked: Vec<Looked> = sockets
         .iter()
-        .map(|(netns, t)| look(ns, &mut listeners, *netns, t))
+        .map(|(netns, t)| {
+            if t.dport == 0 && t.daddr().is_unspecified() {
+                look_listener(ns, &mut listeners, *netns, t)
+            } else {
+                look(ns, &mut listeners, *netns, t)
+            }
+        })
         .collect();
     let wanted: HashSet<u32> = looked
         .iter()
@@ -407,8 +464,10 @@ fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
             },
             Looked::Queued(l) => Holder::AcceptQueue {
                 listener: holder_of(l.inode),
-                queue: l.queue,
-                backlog: l.backlog,
+                queue: AcceptQueue {
+                    queue: l.queue,
+                    backlog: l.backlog,
+                },
             },
         })
         .collect();

@@ -97,6 +97,15 @@ pub struct AcceptQueue {
     pub backlog: u32,
 }
 
+impl From<crate::tracker::AcceptQueue> for AcceptQueue {
+    fn from(q: crate::tracker::AcceptQueue) -> Self {
+        Self {
+            queue: q.queue,
+            backlog: q.backlog,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
@@ -132,7 +141,8 @@ pub struct AnomalyRecord {
     pub owner_source: OwnerSource,
     /// Set when no process holds the socket: who held it last.
     pub last_owner: Option<Owner>,
-    /// For a socket nobody accepted: its listener's queue.
+    /// For a socket nobody accepted, and for `accept_queue_full`: the
+    /// listener's queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accept_queue: Option<AcceptQueue>,
     /// For `anomaly_resolved`: why it ended (`left_state`, `reconciled`,
@@ -250,17 +260,13 @@ impl AnomalyRecord {
                     comm: t.comm,
                 }),
             ),
-            Blame::AcceptQueue { listener, .. } => (
+            Blame::AcceptQueue { listener } => (
                 listener.map(|t| t.pid),
                 listener.map(|t| t.comm),
                 OwnerSource::AcceptQueue,
                 None,
             ),
             Blame::Unknown => (None, None, OwnerSource::None, None),
-        };
-        let accept_queue = match a.owner {
-            Blame::AcceptQueue { queue, backlog, .. } => Some(AcceptQueue { queue, backlog }),
-            _ => None,
         };
         let p = a.pressure;
         Self {
@@ -280,7 +286,7 @@ impl AnomalyRecord {
             comm,
             owner_source,
             last_owner,
-            accept_queue,
+            accept_queue: a.accept_queue.map(AcceptQueue::from),
             resolution: resolution.map(|r| r.name().to_owned()),
             count: p.map(|p| p.count),
             port_range: p.map(|p| p.range),

@@ -10,6 +10,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// The address family number (`AF_INET`, `AF_INET6`).
+    pub const fn af(self) -> u16 {
+        match self {
+            Self::V4 => tcpstate_common::AF_INET,
+            Self::V6 => tcpstate_common::AF_INET6,
+        }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Self::V4 => "ipv4",

@@ -34,12 +34,20 @@ fn needs_check(a: &Anomaly) -> bool {
     a.pressure.is_none() && matches!(a.owner, Owner::Attributed(_) | Owner::Unknown)
 }
 
+/// Applies a check's answer to an anomaly.
+fn apply(a: &mut Anomaly, h: &Holder) {
+    a.owner = checked(a.owner, h);
+    if let Holder::AcceptQueue { queue, .. } = h {
+        a.accept_queue = Some(*queue);
+    }
+}
+
 /// The owner after a check.
 pub fn checked(owner: Owner, h: &Holder) -> Owner {
     let last = match owner {
         Owner::Attributed(t) | Owner::Verified(t) => Some(t),
         Owner::Orphan { last } => last,
-        Owner::AcceptQueue { listener, .. } => listener,
+        Owner::AcceptQueue { listener } => listener,
         Owner::Unknown => None,
     };
     match h {
@@ -48,14 +56,8 @@ pub fn checked(owner: Owner, h: &Holder) -> Owner {
             comm: *comm,
         }),
         Holder::Nobody => Owner::Orphan { last },
-        Holder::AcceptQueue {
-            listener,
-            queue,
-            backlog,
-        } => Owner::AcceptQueue {
+        Holder::AcceptQueue { listener, .. } => Owner::AcceptQueue {
             listener: listener.map(|(pid, comm)| Task { pid, comm }),
-            queue: *queue,
-            backlog: *backlog,
         },
         Holder::Unknown => owner,
     }
@@ -115,7 +117,7 @@ impl Verifier {
                     }
                     *t = None;
                     if let (Fact::Raised(a), Some(h)) = (f, answers.next()) {
-                        a.owner = checked(a.owner, h);
+                        apply(a, h);
                     }
                 }
                 None
@@ -123,7 +125,7 @@ impl Verifier {
             Purpose::Status(mut open, reply) => {
                 for (a, h) in open.iter_mut().zip(holders) {
                     if needs_check(a) {
-                        a.owner = checked(a.owner, h);
+                        apply(a, h);
                     }
                 }
                 Some((open, reply))
@@ -170,6 +172,7 @@ mod tests {
             tuple: Tuple::new(lo, 80, lo, 5000),
             owner,
             pressure: None,
+            accept_queue: None,
         }
     }
 

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use common::{Daemon, Netns, port, require_bpf};
+use common::{Daemon, Netns, free_port, http_get, port, require_bpf};
 use serde_json::Value;
 
 fn ts(v: &Value) -> SystemTime {
@@ -238,4 +238,75 @@ fn a_socket_nobody_accepted_is_blamed_on_its_listener() {
         .filter(|r| r["type"] == "anomaly_resolved" && r["resolution"] == "left_state")
         .count();
     assert_eq!(resolved, 2, "{records:?}");
+}
+
+#[test]
+fn a_full_accept_queue_names_its_listener_and_holder() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(28000);
+    let mport = free_port();
+    let mut daemon = Daemon::start(&[
+        "--port",
+        &p.to_string(),
+        "--threshold",
+        "accept_queue_full=1s",
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let listener = never_accepting_listener(&ns, p, 2);
+    // A backlog of 2 takes 3 connections (the kernel refuses once the queue is over it); the
+    // SYNs of the rest are dropped, so their connects time out.
+    let clients: Vec<TcpStream> = ns.run(move || {
+        (0..5)
+            .filter_map(|_| {
+                TcpStream::connect_timeout(
+                    &std::net::SocketAddr::from(([127, 0, 0, 1], p)),
+                    Duration::from_millis(300),
+                )
+                .ok()
+            })
+            .collect()
+    });
+    assert_eq!(clients.len(), 3, "the queue took backlog + 1");
+    let a = daemon
+        .wait_for(Duration::from_secs(6), |r| {
+            r["type"] == "anomaly" && r["kind"] == "accept_queue_full"
+        })
+        .expect("accept_queue_full raised");
+    assert_eq!(a["state"], "LISTEN", "{a}");
+    assert_eq!(
+        (&a["saddr"], &a["sport"]),
+        (&"127.0.0.1".into(), &p.into()),
+        "{a}"
+    );
+    assert_eq!(a["dport"], 0, "{a}");
+    assert_eq!(a["netns"], ns.inode, "{a}");
+    assert_eq!(a["owner_source"], "fd", "{a}");
+    assert_eq!(a["pid"], std::process::id(), "{a}");
+    assert_eq!(a["comm"], our_comm(), "{a}");
+    assert_eq!(a["accept_queue"]["queue"], 3, "{a}");
+    assert_eq!(a["accept_queue"]["backlog"], 2, "{a}");
+    let age = a["age_ms"].as_f64().expect("age");
+    assert!((1000.0..3000.0).contains(&age), "full for {age} ms");
+    let metrics = http_get(mport, "/metrics");
+    assert!(
+        metrics.contains("tcpstate_accept_queue_full_total 1\n")
+            && metrics.contains("tcpstate_accept_queue_full_open 1\n"),
+        "{metrics}"
+    );
+
+    let accepted: Vec<TcpStream> = (0..3)
+        .map(|_| listener.accept().expect("accept").0)
+        .collect();
+    let resolved = daemon
+        .wait_for(Duration::from_secs(5), |r| {
+            r["type"] == "anomaly_resolved" && r["kind"] == "accept_queue_full"
+        })
+        .expect("resolved once drained");
+    assert_eq!(resolved["resolution"], "below_threshold", "{resolved}");
+    drop((accepted, clients));
+    drop(daemon.stop());
 }

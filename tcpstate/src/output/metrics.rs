@@ -50,6 +50,8 @@ struct Snapshot {
     timewait_bytes: u64,
     pressure_raised: u64,
     pressure_open: u64,
+    backlog_raised: u64,
+    backlog_open: u64,
     pressure_worst: f64,
     counters: Counters,
 }
@@ -105,8 +107,10 @@ pub fn render(tracker: &Tracker, counters: Counters) -> String {
         timewait_refused: tracker.timewait_refused(),
         table_bytes: tracker.bytes() as u64,
         timewait_bytes: tracker.timewait_bytes() as u64,
-        pressure_raised: agg.pressure_raised,
+        pressure_raised: tracker.pressure_raised(),
         pressure_open: tracker.pressure_open(),
+        backlog_raised: tracker.backlog_raised(),
+        backlog_open: tracker.backlog_open(),
         pressure_worst: tracker.pressure_worst(),
         counters,
     };
@@ -232,7 +236,7 @@ impl Snapshot {
     }
 
     /// Unlabelled counters: (name, help, value).
-    fn counters(&self) -> [(&'static str, &'static str, u64); 13] {
+    fn counters(&self) -> [(&'static str, &'static str, u64); 14] {
         let c = &self.counters;
         [
             (
@@ -296,12 +300,22 @@ impl Snapshot {
                 "time_wait_pressure anomalies raised: one destination's TIME_WAIT sockets held more than the threshold's share of the ephemeral port range",
                 self.pressure_raised,
             ),
+            (
+                "tcpstate_accept_queue_full",
+                "accept_queue_full anomalies raised: a listener's accept queue stayed at its backlog past the threshold",
+                self.backlog_raised,
+            ),
         ]
     }
 
     /// Unlabelled gauges: (name, help, value).
-    fn gauges(&self) -> [(&'static str, &'static str, i64); 5] {
+    fn gauges(&self) -> [(&'static str, &'static str, i64); 6] {
         [
+            (
+                "tcpstate_accept_queue_full_open",
+                "Listeners whose accept queue is at its backlog past the threshold now",
+                self.backlog_open as i64,
+            ),
             (
                 "tcpstate_time_wait_pressure_open",
                 "Destinations under time_wait_pressure now",

@@ -156,19 +156,33 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
         },
     };
     let at_least = if a.age_is_lower_bound { ">=" } else { "" };
+    let queue_full = a.kind == "accept_queue_full";
+    let what = if a.count.is_some() {
+        "TW_PRESSURE"
+    } else if queue_full {
+        "QUEUE_FULL"
+    } else {
+        a.state.name()
+    };
     let _ = write!(
         out,
-        "{} {label} {:<11} {at_least}{:.1}s {} -> {} {owner}",
+        "{} {label} {what:<11} {at_least}{:.1}s {} -> ",
         clock(a.ts),
-        if a.count.is_some() {
-            "TW_PRESSURE"
-        } else {
-            a.state.name()
-        },
         a.age_ms / 1000.0,
         endpoint(a.saddr, a.sport),
-        endpoint(a.daddr, a.dport),
     );
+    if queue_full {
+        let _ = write!(out, "(listening) {owner}");
+        if let Some(q) = a.accept_queue {
+            let _ = write!(
+                out,
+                ": {} of a backlog of {} waiting for accept(), new handshakes are dropped",
+                q.queue, q.backlog
+            );
+        }
+    } else {
+        let _ = write!(out, "{} {owner}", endpoint(a.daddr, a.dport));
+    }
     if let (Some(n), Some(range)) = (a.count, a.port_range) {
         let _ = write!(
             out,

@@ -26,6 +26,9 @@ pub(super) struct InFlight {
     pub(super) reconciles: u64,
     pub(super) probes: usize,
     pub(super) settings: std::collections::HashSet<u32>,
+    pub(super) listeners: bool,
+    /// Sweeps since the last poll of listeners.
+    pub(super) since_listeners: u32,
     /// Answers about the kernel's table that came before the events up to
     /// them were applied: they wait, so nothing is judged on stale events.
     pub(super) parked: std::collections::VecDeque<Parked>,
@@ -42,6 +45,7 @@ impl Daemon {
                 }
             }
         }
+        self.poll_listeners();
         for netns in self.tracker.netns_without_info() {
             if self.jobs.settings.insert(netns) {
                 self.workers.submit(Job::Settings { netns });
@@ -53,6 +57,22 @@ impl Daemon {
             self.start_reconcile(true);
         }
         self.tally.since_sweep = 0;
+    }
+
+    /// Asks for the accept queues of the listeners in the namespaces we track, every other
+    /// sweep (a LISTEN-only dump walks the kernel's listening hash, not its sockets).
+    fn poll_listeners(&mut self) {
+        self.jobs.since_listeners += 1;
+        if !self.tracker.watches_backlogs() || self.jobs.listeners || self.jobs.since_listeners < 2
+        {
+            return;
+        }
+        let mut namespaces: Vec<u32> = self.tracker.namespaces().into_iter().collect();
+        namespaces.sort_unstable();
+        if self.workers.submit(Job::Listeners { namespaces }) {
+            self.jobs.listeners = true;
+            self.jobs.since_listeners = 0;
+        }
     }
 
     /// Starts a reconciliation. `full`: TIME_WAIT mini-sockets too (after a loss, at a quiet
@@ -111,6 +131,24 @@ impl Daemon {
                         self.publish(facts);
                     }
                 }
+            }
+            Reply::Listeners {
+                at_ns,
+                namespaces,
+                mut listeners,
+            } => {
+                self.jobs.listeners = false;
+                let f = super::setup::filters(&self.args);
+                listeners.retain(|l| {
+                    (f.port == 0 || f.port == l.tuple.sport)
+                        && (f.lport == 0 || f.lport == l.tuple.sport)
+                        && f.rport == 0
+                        && (f.family == 0 || f.family == l.tuple.family.af())
+                });
+                let mut facts = Vec::new();
+                self.tracker
+                    .listeners_polled(at_ns, &namespaces, &listeners, &mut facts);
+                self.publish(facts);
             }
             Reply::Seeded { .. } => {}
         }

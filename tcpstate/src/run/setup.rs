@@ -36,10 +36,12 @@ pub(super) fn tracker_config(args: &RunArgs) -> Config {
     use crate::tracker::thresholds::Threshold;
     let mut thresholds = Thresholds::defaults(Thresholds::host_fin_timeout());
     let mut pressure = Some(0.5);
+    let mut accept_queue_full = Some(Duration::from_secs(5));
     for t in &args.thresholds {
         match *t {
             Threshold::State(st, d) => thresholds.set(st, d),
             Threshold::Pressure(p) => pressure = p,
+            Threshold::AcceptQueue(d) => accept_queue_full = d,
         }
     }
     Config {
@@ -48,6 +50,7 @@ pub(super) fn tracker_config(args: &RunArgs) -> Config {
         thresholds,
         leak_threshold: args.leak_threshold,
         pressure,
+        accept_queue_full,
     }
 }
 

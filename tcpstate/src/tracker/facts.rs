@@ -25,12 +25,9 @@ pub enum Owner {
         last: Option<Task>,
     },
     /// Nobody ever accepted it: it waits in the accept queue of a listener
-    /// held by `listener`, the process that must `accept()` it, with
-    /// `queue` of `backlog` connections waiting.
+    /// held by `listener`, the process that must `accept()` it.
     AcceptQueue {
         listener: Option<Task>,
-        queue: u32,
-        backlog: u32,
     },
     /// Inferred from process-context transitions, not (yet) checked.
     Attributed(Task),
@@ -90,6 +87,8 @@ pub enum Kind {
     Lingering(TcpState),
     /// Sockets to one destination hold too much of the ephemeral port range.
     TimeWaitPressure,
+    /// A listener's accept queue stayed at its backlog past the threshold.
+    AcceptQueueFull,
 }
 
 impl Kind {
@@ -97,6 +96,7 @@ impl Kind {
         match self {
             Self::Lingering(st) => st.kind(),
             Self::TimeWaitPressure => "time_wait_pressure",
+            Self::AcceptQueueFull => "accept_queue_full",
         }
     }
 }
@@ -110,6 +110,15 @@ pub struct Pressure {
     pub range: u32,
     /// `net.ipv4.tcp_tw_reuse` in the namespace.
     pub tw_reuse: u8,
+}
+
+/// A listener's accept queue, from sock_diag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptQueue {
+    /// Connections waiting for `accept()`.
+    pub queue: u32,
+    /// The listener's backlog.
+    pub backlog: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -129,6 +138,9 @@ pub struct Anomaly {
     pub tuple: Tuple,
     pub owner: Owner,
     pub pressure: Option<Pressure>,
+    /// The accept queue of the listener concerned: the socket's own, for
+    /// one nobody accepted; the listener's, for `accept_queue_full`.
+    pub accept_queue: Option<AcceptQueue>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

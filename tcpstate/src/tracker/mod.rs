@@ -11,9 +11,10 @@
 //! - `minisock.rs`: the second half of the close, after `tcp_time_wait()`;
 //! - `kernel.rs`: seeding, reconciliation and sock_diag answers;
 //! - `table.rs`, `timewait.rs`: the two tables and their counts;
-//! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`: the rules;
+//! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`, `backlog.rs`: the rules;
 //! - `stats.rs`: counters for the life of the daemon.
 
+pub mod backlog;
 pub mod deadlines;
 pub mod facts;
 mod kernel;
@@ -28,6 +29,7 @@ pub mod timewait;
 use std::collections::HashMap;
 
 use self::{
+    backlog::BacklogRule,
     deadlines::{Deadline, Deadlines},
     pressure::PressureRule,
     stats::Stats,
@@ -36,7 +38,8 @@ use self::{
     timewait::TimeWaitTable,
 };
 pub use self::{
-    facts::{Anomaly, Fact, Kind, Leak, Moved, Owner, Resolution, Task, Via},
+    backlog::Listening,
+    facts::{AcceptQueue, Anomaly, Fact, Kind, Leak, Moved, Owner, Resolution, Task, Via},
     kernel::{Alive, Found, KernelSocket, Probe, ProbeResult},
     pressure::NetnsInfo,
 };
@@ -58,6 +61,9 @@ pub struct Config {
     /// `time_wait_pressure`: the fraction of the ephemeral port range one
     /// destination may hold (None: off).
     pub pressure: Option<f64>,
+    /// `accept_queue_full`: how long a listener's queue may stay at its
+    /// backlog (None: off).
+    pub accept_queue_full: Option<std::time::Duration>,
 }
 
 /// What applying one transition told us.
@@ -96,6 +102,7 @@ pub struct Tracker {
     /// through here, and SipHash showed in the profile).
     orphans: HashMap<(u32, Tuple), u64, foldhash::quality::RandomState>,
     next_key: u64,
+    backlog: BacklogRule,
     pressure: PressureRule,
     /// Request sockets per namespace, from the last dump.
     requests: HashMap<u32, u64>,
@@ -113,6 +120,7 @@ impl Tracker {
             table: Table::new(cfg.capacity),
             timewait: TimeWaitTable::new(cfg.timewait_capacity),
             pressure: PressureRule::new(cfg.pressure),
+            backlog: BacklogRule::new(cfg.accept_queue_full),
             requests: HashMap::new(),
             cfg,
             comms: Comms::default(),
@@ -184,6 +192,34 @@ impl Tracker {
 
     pub fn pressure_open(&self) -> u64 {
         self.pressure.open()
+    }
+
+    pub fn pressure_raised(&self) -> u64 {
+        self.pressure.raised_total()
+    }
+
+    /// Whether listeners' queues are to be polled.
+    pub fn watches_backlogs(&self) -> bool {
+        self.backlog.enabled()
+    }
+
+    /// A poll of listeners' accept queues in `namespaces`, taken at `at_ns`.
+    pub fn listeners_polled(
+        &mut self,
+        at_ns: u64,
+        namespaces: &[u32],
+        listeners: &[Listening],
+        out: &mut Vec<Fact>,
+    ) {
+        self.backlog.observe(at_ns, namespaces, listeners, out);
+    }
+
+    pub fn backlog_open(&self) -> u64 {
+        self.backlog.open()
+    }
+
+    pub fn backlog_raised(&self) -> u64 {
+        self.backlog.raised_total()
     }
 
     /// The worst destination's share of its ephemeral port range.
@@ -469,7 +505,7 @@ impl Tracker {
                 continue;
             }
             self.table.update(d.key, |e| e.flags |= flag::ANOMALY_OPEN);
-            self.stats.raised(Kind::Lingering(e.state));
+            self.stats.raised(e.state);
             out.push(Fact::Raised(self.anomaly(d.key, &e, now_ns)));
         }
         if self.deadlines.needs_rebuild(self.table.len()) {
@@ -530,6 +566,7 @@ impl Tracker {
             .map(|(key, e)| self.anomaly(key, e, now_ns))
             .collect();
         v.extend(self.pressure.open_anomalies(now_ns));
+        v.extend(self.backlog.open_anomalies(now_ns));
         v.sort_by_key(|a| a.since_ns);
         v
     }
@@ -570,6 +607,7 @@ impl Tracker {
             tuple: e.tuple,
             owner,
             pressure: None,
+            accept_queue: None,
         }
     }
 }

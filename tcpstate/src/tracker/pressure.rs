@@ -67,6 +67,7 @@ pub struct PressureRule {
     default: NetnsInfo,
     counts: HashMap<Dest, Count, Seeded>,
     untracked: u64,
+    raised_total: u64,
 }
 
 impl PressureRule {
@@ -77,6 +78,7 @@ impl PressureRule {
             default: NetnsInfo::DEFAULT,
             counts: HashMap::default(),
             untracked: 0,
+            raised_total: 0,
         }
     }
 
@@ -127,6 +129,7 @@ impl PressureRule {
         if c.raised.is_none() && limit.is_some_and(|l| c.n as f64 > l) {
             c.raised = Some(ts_ns);
             let c = *c;
+            self.raised_total += 1;
             out.push(Fact::Raised(anomaly(&dest, &c, &info, ts_ns)));
         }
     }
@@ -190,10 +193,15 @@ impl PressureRule {
         for (dest, c) in self.counts.iter_mut().filter(|(d, _)| d.netns == netns) {
             if c.raised.is_none() && limit.is_some_and(|l| c.n as f64 > l) {
                 c.raised = Some(now_ns);
+                self.raised_total += 1;
                 out.push(Fact::Raised(anomaly(dest, c, &info, now_ns)));
             }
         }
         self.counts.retain(|_, c| c.n > 0 || c.raised.is_some());
+    }
+
+    pub fn raised_total(&self) -> u64 {
+        self.raised_total
     }
 
     pub fn open(&self) -> u64 {
@@ -242,6 +250,7 @@ fn anomaly(d: &Dest, c: &Count, info: &NetnsInfo, ts_ns: u64) -> Anomaly {
             range: info.range(),
             tw_reuse: info.tw_reuse,
         }),
+        accept_queue: None,
     }
 }
 

@@ -7,7 +7,6 @@ use std::{collections::HashMap, net::IpAddr};
 
 use hdrhistogram::Histogram;
 
-use super::facts::Kind;
 use crate::{decode::Ending, socket::Tuple, state::TcpState};
 
 const N: usize = TcpState::COUNT;
@@ -28,7 +27,6 @@ pub struct Stats {
     pub by_endpoint: HashMap<(IpAddr, u16), EndpointCounts>,
     pub other_endpoints: EndpointCounts,
     pub anomalies_raised: [u64; N],
-    pub pressure_raised: u64,
     /// Failed connects by reason (`refused`, `timed_out`, `unreachable`,
     /// ..., `closed` when the socket had no error: closed before it connected).
     pub connect_failures: std::collections::BTreeMap<&'static str, u64>,
@@ -65,7 +63,6 @@ impl Stats {
             by_endpoint: HashMap::new(),
             other_endpoints: EndpointCounts::default(),
             anomalies_raised: [0; N],
-            pressure_raised: 0,
             connect_failures: std::collections::BTreeMap::new(),
             leaks_suspected: 0,
             reconciled: 0,
@@ -94,11 +91,9 @@ impl Stats {
         }
     }
 
-    pub fn raised(&mut self, kind: Kind) {
-        match kind {
-            Kind::Lingering(st) => self.anomalies_raised[st as usize] += 1,
-            Kind::TimeWaitPressure => self.pressure_raised += 1,
-        }
+    /// A lingering socket's anomaly (the other rules count their own).
+    pub fn raised(&mut self, st: TcpState) {
+        self.anomalies_raised[st as usize] += 1;
     }
 
     pub fn leak(&mut self) {

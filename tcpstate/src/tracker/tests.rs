@@ -28,6 +28,7 @@ fn tracker(capacity: usize) -> Tracker {
         thresholds: th,
         leak_threshold: 2,
         pressure: Some(0.5),
+        accept_queue_full: None,
     })
 }
 
@@ -676,6 +677,7 @@ mod model {
                 thresholds: th.clone(),
                 leak_threshold: 1,
                 pressure: Some(0.5),
+                accept_queue_full: None,
             });
             // What the kernel would say each address holds now: (state, since).
             let mut model: HashMap<u64, (TcpState, u64)> = HashMap::new();

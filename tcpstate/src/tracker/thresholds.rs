@@ -64,14 +64,16 @@ pub enum Threshold {
     State(TcpState, Option<Duration>),
     /// `time_wait_pressure`: the share of the port range (None: off).
     Pressure(Option<f64>),
+    /// `accept_queue_full`: how long a listener's queue may stay at its backlog (None: off).
+    AcceptQueue(Option<Duration>),
 }
 
 /// Longest threshold accepted: beyond it a typo, not a policy (and a nanosecond count near
 /// u64::MAX would wrap into "now").
 const MAX_THRESHOLD: Duration = Duration::from_secs(10 * 365 * 86_400);
 
-/// Parses `STATE=DURATION` (`close_wait=2s`, `FIN_WAIT2=5m`, `syn_sent=off`) and
-/// `time_wait_pressure=FRACTION|off`.
+/// Parses `STATE=DURATION` (`close_wait=2s`, `FIN_WAIT2=5m`, `syn_sent=off`),
+/// `time_wait_pressure=FRACTION|off` and `accept_queue_full=DURATION|off`.
 pub fn parse_override(s: &str) -> Result<Threshold, String> {
     let (state, dur) = s
         .split_once('=')
@@ -88,6 +90,9 @@ pub fn parse_override(s: &str) -> Result<Threshold, String> {
             )),
         };
     }
+    if state.trim().eq_ignore_ascii_case("accept_queue_full") {
+        return duration(dur).map(Threshold::AcceptQueue);
+    }
     let st = TcpState::parse(state).ok_or_else(|| format!("unknown TCP state {state:?}"))?;
     if matches!(
         st,
@@ -103,9 +108,14 @@ pub fn parse_override(s: &str) -> Result<Threshold, String> {
             ),
         });
     }
+    duration(dur).map(|d| Threshold::State(st, d))
+}
+
+/// A threshold's duration: None for `off`.
+fn duration(dur: &str) -> Result<Option<Duration>, String> {
     let dur = dur.trim();
     if dur == "off" || dur == "none" {
-        return Ok(Threshold::State(st, None));
+        return Ok(None);
     }
     let d = humantime::parse_duration(dur).map_err(|e| format!("bad duration {dur:?}: {e}"))?;
     if d.is_zero() {
@@ -116,7 +126,7 @@ pub fn parse_override(s: &str) -> Result<Threshold, String> {
             "a threshold of {dur:?} is longer than ten years (use off to disable)"
         ));
     }
-    Ok(Threshold::State(st, Some(d)))
+    Ok(Some(d))
 }
 
 #[cfg(test)]
@@ -150,6 +160,14 @@ mod tests {
         assert_eq!(
             parse_override("time_wait_pressure=off"),
             Ok(Threshold::Pressure(None))
+        );
+        assert_eq!(
+            parse_override("accept_queue_full=3s"),
+            Ok(Threshold::AcceptQueue(Some(Duration::from_secs(3))))
+        );
+        assert_eq!(
+            parse_override("Accept_Queue_Full=off"),
+            Ok(Threshold::AcceptQueue(None))
         );
         assert!(parse_override("time_wait_pressure=2").is_err());
         assert!(parse_override("time_wait_pressure=0").is_err());
