@@ -67,8 +67,7 @@ impl Daemon {
         {
             return;
         }
-        let mut namespaces: Vec<u32> = self.tracker.namespaces().into_iter().collect();
-        namespaces.sort_unstable();
+        let namespaces = self.tracker.listener_namespaces();
         if self.workers.submit(Job::Listeners { namespaces }) {
             self.jobs.listeners = true;
             self.jobs.since_listeners = 0;

@@ -162,6 +162,16 @@ impl Tracker {
         n
     }
 
+    /// Namespaces the full-socket table holds sockets in (0, unknown, excluded): where
+    /// listeners can be. Not the TIME_WAIT table, which can be half a million entries.
+    pub fn listener_namespaces(&self) -> Vec<u32> {
+        let mut v: HashSet<u32> = self.table.iter().map(|(_, e)| e.netns).collect();
+        v.remove(&0);
+        let mut v: Vec<u32> = v.into_iter().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Namespaces the tables hold sockets in (0, unknown, excluded).
     pub fn namespaces(&self) -> HashSet<u32> {
         let mut v: HashSet<u32> = self.table.iter().map(|(_, e)| e.netns).collect();
