@@ -14,7 +14,7 @@ use crate::{
     clock::monotonic_ns,
     procfs,
     sockdiag::{ALL_STATES, DiagSocket, Namespaces},
-    socket::{Comm, Tuple},
+    socket::{Comm, Tuple, Vitals},
     state::TcpState,
     tracker::{AcceptQueue, Alive, Found, KernelSocket, Listening, NetnsInfo, Probe, ProbeResult},
 };
@@ -82,6 +82,8 @@ pub enum Reply {
     Owners {
         ticket: u64,
         holders: Vec<Holder>,
+        /// Each socket's vital signs, when the kernel had them.
+        vitals: Vec<Option<Vitals>>,
         /// Processes whose fds could not be read (EMFILE, ...).
         unreadable: u32,
     },
@@ -356,21 +358,24 @@ fn listener_of(listeners: &[DiagSocket], t: &Tuple) -> Option<Listener> {
         })
 }
 
-/// One socket's lookup; `listeners` caches each namespace's LISTEN dump for the job.
+/// One socket's lookup, with its vital signs; `listeners` caches each namespace's LISTEN dump
+/// for the job.
 fn look(
     ns: &mut Namespaces,
     listeners: &mut HashMap<u32, Vec<DiagSocket>>,
     netns: u32,
     t: &Tuple,
+    vitals: &mut Option<Vitals>,
 ) -> Looked {
-    let Some(s) = ns
+    let Some((s, v)) = ns
         .diag(netns)
         .ok()
         .flatten()
-        .and_then(|d| d.lookup(t).ok().flatten())
+        .and_then(|d| d.lookup_vitals(t).ok().flatten())
     else {
         return Looked::Unknown;
     };
+    *vitals = v;
     if !unaccepted(&s) {
         return Looked::Socket(s.inode);
     }
@@ -425,13 +430,15 @@ fn listeners(ns: &mut Namespaces, namespaces: &[u32]) -> Reply {
 
 fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
     let mut listeners = HashMap::new();
+    let mut vitals = vec![None; sockets.len()];
     let looked: Vec<Looked> = sockets
         .iter()
-        .map(|(netns, t)| {
+        .zip(vitals.iter_mut())
+        .map(|((netns, t), v)| {
             if t.dport == 0 && t.daddr().is_unspecified() {
                 look_listener(ns, &mut listeners, *netns, t)
             } else {
-                look(ns, &mut listeners, *netns, t)
+                look(ns, &mut listeners, *netns, t, v)
             }
         })
         .collect();
@@ -474,6 +481,7 @@ fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
     Reply::Owners {
         ticket,
         holders,
+        vitals,
         unreadable: found.unreadable,
     }
 }

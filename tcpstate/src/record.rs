@@ -97,6 +97,42 @@ pub struct AcceptQueue {
     pub backlog: u32,
 }
 
+/// A socket's vital signs when its anomaly was raised: what `ss -tio` shows.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Vitals {
+    pub recv_q: u32,
+    pub send_q: u32,
+    /// `none`, `retransmit`, `keepalive`, `timewait` or `probe` (zero window).
+    pub timer: String,
+    pub timer_ms: u32,
+    pub retransmits: u8,
+    pub probes: u8,
+    pub backoff: u8,
+    pub total_retrans: u32,
+    /// The peer's receive window: 0 stops our data and our FIN.
+    pub snd_wnd: u32,
+    pub last_data_recv_ms: u32,
+    pub last_data_sent_ms: u32,
+}
+
+impl From<crate::socket::Vitals> for Vitals {
+    fn from(v: crate::socket::Vitals) -> Self {
+        Self {
+            recv_q: v.recv_q,
+            send_q: v.send_q,
+            timer: v.timer.name().to_owned(),
+            timer_ms: v.timer_ms,
+            retransmits: v.retransmits,
+            probes: v.probes,
+            backoff: v.backoff,
+            total_retrans: v.total_retrans,
+            snd_wnd: v.snd_wnd,
+            last_data_recv_ms: v.last_data_recv_ms,
+            last_data_sent_ms: v.last_data_sent_ms,
+        }
+    }
+}
+
 impl From<crate::tracker::AcceptQueue> for AcceptQueue {
     fn from(q: crate::tracker::AcceptQueue) -> Self {
         Self {
@@ -145,6 +181,9 @@ pub struct AnomalyRecord {
     /// listener's queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accept_queue: Option<AcceptQueue>,
+    /// The socket's queues, timer and `tcp_info` when the anomaly was raised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vitals: Option<Vitals>,
     /// For `anomaly_resolved`: why it ended (`left_state`, `reconciled`,
     /// `netns_gone`, `below_threshold`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,6 +326,7 @@ impl AnomalyRecord {
             owner_source,
             last_owner,
             accept_queue: a.accept_queue.map(AcceptQueue::from),
+            vitals: a.vitals.map(Vitals::from),
             resolution: resolution.map(|r| r.name().to_owned()),
             count: p.map(|p| p.count),
             port_range: p.map(|p| p.range),

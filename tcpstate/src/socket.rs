@@ -161,3 +161,63 @@ mod tests {
         assert_eq!(Comm(raw).bytes(), &[0xff]);
     }
 }
+
+/// The timer pending on a socket (`idiag_timer`, the `timer:` column of `ss -o`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timer {
+    None,
+    /// Retransmission (or loss probe): data or a FIN not acknowledged.
+    Retransmit,
+    Keepalive,
+    TimeWait,
+    /// Zero window probe: the peer advertises no room.
+    Probe,
+}
+
+impl Timer {
+    pub fn from_kernel(t: u8) -> Self {
+        match t {
+            1 => Self::Retransmit,
+            2 => Self::Keepalive,
+            3 => Self::TimeWait,
+            4 => Self::Probe,
+            _ => Self::None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Retransmit => "retransmit",
+            Self::Keepalive => "keepalive",
+            Self::TimeWait => "timewait",
+            Self::Probe => "probe",
+        }
+    }
+}
+
+/// What `ss -tio` shows of a socket: its queues, its pending timer and the parts of
+/// `tcp_info` that say why it is stuck. Read with one exact sock_diag lookup when its anomaly
+/// is raised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vitals {
+    /// Bytes received and not read by the application.
+    pub recv_q: u32,
+    /// Bytes sent and not acknowledged (or not yet sent).
+    pub send_q: u32,
+    pub timer: Timer,
+    /// Time left on the timer.
+    pub timer_ms: u32,
+    /// Consecutive retransmissions of the same segment (`tcpi_retransmits`).
+    pub retransmits: u8,
+    /// Unanswered zero-window or keepalive probes (`tcpi_probes`).
+    pub probes: u8,
+    /// Exponential backoff of the retransmission timer (`tcpi_backoff`).
+    pub backoff: u8,
+    /// Retransmitted segments over the socket's life.
+    pub total_retrans: u32,
+    /// The peer's advertised receive window, scaled: 0 stops our data and our FIN.
+    pub snd_wnd: u32,
+    pub last_data_recv_ms: u32,
+    pub last_data_sent_ms: u32,
+}

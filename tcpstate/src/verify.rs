@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::{
     kernel_table::{Holder, Job},
-    socket::Tuple,
+    socket::{Tuple, Vitals},
     tracker::{Anomaly, Fact, Owner, Task},
 };
 
@@ -35,8 +35,9 @@ fn needs_check(a: &Anomaly) -> bool {
 }
 
 /// Applies a check's answer to an anomaly.
-fn apply(a: &mut Anomaly, h: &Holder) {
+fn apply(a: &mut Anomaly, h: &Holder, v: Option<Vitals>) {
     a.owner = checked(a.owner, h);
+    a.vitals = v.or(a.vitals);
     if let Holder::AcceptQueue { queue, .. } = h {
         a.accept_queue = Some(*queue);
     }
@@ -107,25 +108,27 @@ impl Verifier {
         &mut self,
         ticket: u64,
         holders: &[Holder],
+        vitals: &[Option<Vitals>],
     ) -> Option<(Vec<Anomaly>, crate::output::http::Reply)> {
+        let vital = |i: usize| vitals.get(i).copied().flatten();
         match self.tickets.remove(&ticket)? {
             Purpose::Facts => {
-                let mut answers = holders.iter();
+                let mut answers = holders.iter().enumerate();
                 for (f, t) in self.queue.iter_mut() {
                     if *t != Some(ticket) {
                         continue;
                     }
                     *t = None;
-                    if let (Fact::Raised(a), Some(h)) = (f, answers.next()) {
-                        apply(a, h);
+                    if let (Fact::Raised(a), Some((i, h))) = (f, answers.next()) {
+                        apply(a, h, vital(i));
                     }
                 }
                 None
             }
             Purpose::Status(mut open, reply) => {
-                for (a, h) in open.iter_mut().zip(holders) {
+                for (i, (a, h)) in open.iter_mut().zip(holders).enumerate() {
                     if needs_check(a) {
-                        apply(a, h);
+                        apply(a, h, vital(i));
                     }
                 }
                 Some((open, reply))
@@ -173,6 +176,7 @@ mod tests {
             owner,
             pressure: None,
             accept_queue: None,
+            vitals: None,
         }
     }
 
@@ -197,7 +201,7 @@ mod tests {
             0,
             "the resolution waits behind the raise"
         );
-        v.answer(ticket, &[Holder::Nobody]);
+        v.answer(ticket, &[Holder::Nobody], &[]);
         let out: Vec<Fact> = v.ready().collect();
         let Fact::Raised(a) = &out[0] else {
             panic!("{out:?}");

@@ -310,3 +310,47 @@ fn a_full_accept_queue_names_its_listener_and_holder() {
     drop((accepted, clients));
     drop(daemon.stop());
 }
+
+#[test]
+fn a_fin_wait1_stuck_behind_a_zero_window_says_so() {
+    use std::io::Write as _;
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(29000);
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "fin_wait1=1s"]);
+    // A server that never reads, with a small receive buffer: the client's data fills it, the
+    // window closes, and the client's FIN waits behind its unsent data.
+    let (server, client, client_port) = ns.run(move || {
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        l.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        l.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], p)).into())
+            .expect("bind");
+        l.listen(8).expect("listen");
+        let l: TcpListener = l.into();
+        let mut c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        c.set_nonblocking(true).expect("nonblocking");
+        let chunk = [0u8; 16384];
+        while c.write(&chunk).is_ok() {}
+        c.shutdown(Shutdown::Write).expect("shutdown");
+        let port = c.local_addr().expect("addr").port();
+        (s, c, port)
+    });
+    let a = daemon
+        .wait_for(Duration::from_secs(6), |r| {
+            r["type"] == "anomaly" && r["kind"] == "fin_wait1"
+        })
+        .expect("FIN_WAIT1 anomaly");
+    assert_eq!(a["sport"], client_port, "{a}");
+    assert_eq!(a["owner_source"], "fd", "{a}");
+    let v = &a["vitals"];
+    assert_eq!(v["snd_wnd"], 0, "the server's window is closed: {a}");
+    assert!(v["send_q"].as_u64().expect("send_q") > 0, "{a}");
+    assert_eq!(v["recv_q"], 0, "{a}");
+    assert_eq!(v["timer"], "probe", "a zero-window probe is pending: {a}");
+    drop((server, client));
+    drop(daemon.stop());
+}

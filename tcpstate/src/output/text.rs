@@ -4,7 +4,10 @@
 use std::{fmt::Write as _, net::IpAddr, time::SystemTime};
 
 use super::escape::escape;
-use crate::record::{AnomalyRecord, OwnerSource, Record, TransitionRecord};
+use crate::{
+    record::{AnomalyRecord, OwnerSource, Record, TransitionRecord, Vitals},
+    state::TcpState,
+};
 
 pub const HEADER: &str = "TIME(UTC)       PID     COMM             LADDR:LPORT                RADDR:RPORT                OLD          -> NEW          MS";
 
@@ -190,9 +193,48 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
             a.tw_reuse.unwrap_or(0)
         );
     }
+    if let Some(v) = &a.vitals {
+        for w in vital_signs(a.state, v) {
+            let _ = write!(out, "; {w}");
+        }
+    }
     if let Some(why) = &a.resolution {
         let _ = write!(out, " ({})", escape(why));
     }
+}
+
+/// A socket's vital signs in words: what keeps it in its state.
+fn vital_signs(state: TcpState, v: &Vitals) -> Vec<String> {
+    let mut w = Vec::new();
+    let sending = matches!(
+        state,
+        TcpState::FinWait1 | TcpState::LastAck | TcpState::Closing
+    );
+    if v.snd_wnd == 0 && (v.send_q > 0 || sending) {
+        w.push(format!(
+            "the peer's receive window is 0 ({} unanswered probes): it is not reading",
+            v.probes
+        ));
+    }
+    if v.recv_q > 0 {
+        w.push(format!(
+            "{} unread bytes in Recv-Q: the application is not reading",
+            v.recv_q
+        ));
+    }
+    if v.send_q > 0 {
+        w.push(format!("{} bytes in Send-Q not acknowledged", v.send_q));
+    }
+    if v.retransmits > 0 {
+        w.push(format!(
+            "{} retransmissions of the same segment (backoff {})",
+            v.retransmits, v.backoff
+        ));
+    }
+    if v.timer != "none" {
+        w.push(format!("{} timer in {} ms", escape(&v.timer), v.timer_ms));
+    }
+    w
 }
 
 /// `HH:MM:SS.micros` of the UTC RFC 3339 stamp.
@@ -214,9 +256,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        record::Owner,
+        record::{AcceptQueue, Owner},
         socket::{Comm, Family},
-        state::TcpState,
     };
 
     fn transition() -> TransitionRecord {
@@ -277,6 +318,7 @@ mod tests {
                 comm: Comm::new("server"),
             }),
             accept_queue: None,
+            vitals: None,
             resolution: None,
             count: None,
             port_range: None,
@@ -300,6 +342,56 @@ mod tests {
         write_record(&mut s, &Record::Anomaly(a), true);
         assert!(
             s.starts_with(RED) && s.contains("held by pid 9 (server)"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn vital_signs_and_queues_are_put_in_words() {
+        let mut a = anomaly();
+        a.state = TcpState::FinWait1;
+        a.vitals = Some(Vitals {
+            recv_q: 0,
+            send_q: 4096,
+            timer: "probe".into(),
+            timer_ms: 1200,
+            retransmits: 0,
+            probes: 3,
+            backoff: 2,
+            total_retrans: 0,
+            snd_wnd: 0,
+            last_data_recv_ms: 0,
+            last_data_sent_ms: 0,
+        });
+        let mut s = String::new();
+        write_record(&mut s, &Record::Anomaly(a), false);
+        assert!(
+            s.contains("; the peer's receive window is 0 (3 unanswered probes): it is not reading; 4096 bytes in Send-Q not acknowledged; probe timer in 1200 ms"),
+            "{s}"
+        );
+
+        let mut q = anomaly();
+        q.owner_source = OwnerSource::AcceptQueue;
+        q.last_owner = None;
+        q.pid = Some(812);
+        q.comm = Some(Comm::new("server"));
+        q.accept_queue = Some(AcceptQueue {
+            queue: 2,
+            backlog: 4,
+        });
+        s.clear();
+        write_record(&mut s, &Record::Anomaly(q.clone()), false);
+        assert!(
+            s.contains("never accepted: in the accept queue of port 8080, listener held by pid 812 (server), 2 of 4 waiting"),
+            "{s}"
+        );
+        q.kind = "accept_queue_full".into();
+        q.state = TcpState::Listen;
+        q.owner_source = OwnerSource::Fd;
+        s.clear();
+        write_record(&mut s, &Record::Anomaly(q), false);
+        assert!(
+            s.contains("QUEUE_FULL  >=61.5s 10.0.0.1:8080 -> (listening) held by pid 812 (server): 2 of a backlog of 4 waiting for accept()"),
             "{s}"
         );
     }

@@ -116,8 +116,9 @@ impl Daemon {
             Reply::Owners {
                 ticket,
                 holders,
+                vitals,
                 unreadable,
-            } => self.owners_checked(ticket, &holders, unreadable),
+            } => self.owners_checked(ticket, &holders, &vitals, unreadable),
             Reply::Settings { netns, info } => {
                 self.jobs.settings.remove(&netns);
                 if let Some(info) = info {
@@ -197,6 +198,7 @@ impl Daemon {
         &mut self,
         ticket: u64,
         holders: &[crate::kernel_table::Holder],
+        vitals: &[Option<crate::socket::Vitals>],
         unreadable: u32,
     ) {
         if unreadable > 0 {
@@ -204,7 +206,7 @@ impl Daemon {
                 "owner check could not read the fds of {unreadable} processes (raise LimitNOFILE?); those owners are shown as attributed, not verified"
             ));
         }
-        if let Some((open, reply)) = self.verifier.answer(ticket, holders) {
+        if let Some((open, reply)) = self.verifier.answer(ticket, holders, vitals) {
             let report = Report::build(
                 &self.tracker,
                 self.counters(),

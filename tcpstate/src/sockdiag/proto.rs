@@ -11,11 +11,14 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SOCK_DIAG_BY_FAMILY, SockDiagMessage,
     constants::IPPROTO_TCP,
-    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
+    inet::{
+        ExtensionFlags, InetRequest, InetResponse, InetResponseHeader, SocketId, StateFlags,
+        nlas::Nla,
+    },
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::socket::{Family, Tuple};
+use crate::socket::{Family, Timer, Tuple, Vitals};
 
 /// One socket as the kernel's `inet_diag` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +112,7 @@ impl Diag {
             } else {
                 SocketId::new_v4()
             };
-            self.request(family, states, id, true, &mut out)?;
+            self.request(family, states, id, ExtensionFlags::empty(), true, &mut out)?;
         }
         Ok(out)
     }
@@ -118,6 +121,27 @@ impl Diag {
     /// socket, a timewait mini-socket or a request socket. A listener the kernel falls back to
     /// for an unknown tuple is not it.
     pub fn lookup(&mut self, t: &Tuple) -> io::Result<Option<DiagSocket>> {
+        let mut out: Vec<DiagSocket> = Vec::new();
+        self.lookup_into(t, ExtensionFlags::empty(), &mut out)?;
+        Ok(out.into_iter().find(|s| s.tuple == *t && s.state != 10))
+    }
+
+    /// [`lookup`](Self::lookup), with the socket's vital signs (`INET_DIAG_INFO`) when the
+    /// kernel gives them.
+    pub fn lookup_vitals(&mut self, t: &Tuple) -> io::Result<Option<(DiagSocket, Option<Vitals>)>> {
+        let mut out: Vec<(DiagSocket, Option<Vitals>)> = Vec::new();
+        self.lookup_into(t, ExtensionFlags::INFO, &mut out)?;
+        Ok(out
+            .into_iter()
+            .find(|(s, _)| s.tuple == *t && s.state != 10))
+    }
+
+    fn lookup_into<S: Sink>(
+        &mut self,
+        t: &Tuple,
+        extensions: ExtensionFlags,
+        out: &mut S,
+    ) -> io::Result<()> {
         let family = match t.family {
             Family::V4 => libc::AF_INET as u8,
             Family::V6 => libc::AF_INET6 as u8,
@@ -131,23 +155,21 @@ impl Diag {
             // INET_DIAG_NOCOOKIE: any socket with this tuple.
             cookie: [0xff; 8],
         };
-        let mut out = Vec::new();
-        match self.request(family, ALL_STATES, id, false, &mut out) {
-            Ok(()) => {}
+        match self.request(family, ALL_STATES, id, extensions, false, out) {
             // ENOENT: no such socket (the context wrapper keeps the kind, not the errno).
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
         }
-        Ok(out.into_iter().find(|s| s.tuple == *t && s.state != 10))
     }
 
-    fn request(
+    fn request<S: Sink>(
         &mut self,
         family: u8,
         states: u32,
         socket_id: SocketId,
+        extensions: ExtensionFlags,
         dump: bool,
-        out: &mut Vec<DiagSocket>,
+        out: &mut S,
     ) -> io::Result<()> {
         let fam = family_name(family);
         self.seq = self.seq.wrapping_add(1);
@@ -160,7 +182,7 @@ impl Diag {
             SockDiagMessage::InetRequest(InetRequest {
                 family,
                 protocol: IPPROTO_TCP,
-                extensions: ExtensionFlags::empty(),
+                extensions,
                 states: StateFlags::from_bits_retain(states),
                 socket_id,
             })
@@ -197,22 +219,73 @@ impl Diag {
                 ));
             }
             // An exact lookup is answered by one message and no NLMSG_DONE.
-            let before = out.len();
+            let before = out.count();
             let done = parse_datagram(&self.buf[..n], seq, fam, out)?;
-            if done || (!dump && out.len() > before) {
+            if done || (!dump && out.count() > before) {
                 return Ok(());
             }
         }
     }
 }
 
+/// Where parsed sockets go: a plain list, or one that also reads each socket's vital signs
+/// from the attributes after its header.
+pub trait Sink {
+    fn put(&mut self, s: DiagSocket, payload: &[u8]);
+    fn count(&self) -> usize;
+}
+
+impl Sink for Vec<DiagSocket> {
+    fn put(&mut self, s: DiagSocket, _: &[u8]) {
+        self.push(s);
+    }
+
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Sink for Vec<(DiagSocket, Option<Vitals>)> {
+    fn put(&mut self, s: DiagSocket, payload: &[u8]) {
+        let v = vitals(&s, payload);
+        self.push((s, v));
+    }
+
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
+/// The vital signs in an answer that asked for `INET_DIAG_INFO`. None when the kernel sent no
+/// `tcp_info` (a listener, a mini-socket) or one shorter than the crate's (an old kernel).
+fn vitals(s: &DiagSocket, payload: &[u8]) -> Option<Vitals> {
+    let r = InetResponse::parse(payload).ok()?;
+    let info = r.nlas.iter().find_map(|n| match n {
+        Nla::TcpInfo(i) => Some(i),
+        _ => None,
+    })?;
+    Some(Vitals {
+        recv_q: s.rqueue,
+        send_q: s.wqueue,
+        timer: Timer::from_kernel(s.timer),
+        timer_ms: s.expires_ms,
+        retransmits: info.retransmits,
+        probes: info.probes,
+        backoff: info.backoff,
+        total_retrans: info.total_retrans,
+        snd_wnd: info.snd_wnd,
+        last_data_recv_ms: info.last_data_recv,
+        last_data_sent_ms: info.last_data_sent,
+    })
+}
+
 /// Parses the netlink messages of one datagram, appending sockets to `out`. Returns true once
 /// `NLMSG_DONE` (or an ACK) for `seq` is seen.
-pub fn parse_datagram(
+pub fn parse_datagram<S: Sink>(
     mut data: &[u8],
     seq: u32,
     fam: &str,
-    out: &mut Vec<DiagSocket>,
+    out: &mut S,
 ) -> io::Result<bool> {
     while !data.is_empty() {
         let msg = NetlinkBuffer::new_checked(data)
@@ -254,7 +327,7 @@ pub fn parse_datagram(
                 NLMSG_OVERRUN => {
                     return Err(invalid(format!("sock_diag: netlink overrun ({fam})")));
                 }
-                SOCK_DIAG_BY_FAMILY => out.push(parse_socket(payload, fam)?),
+                SOCK_DIAG_BY_FAMILY => out.put(parse_socket(payload, fam)?, payload),
                 other => {
                     return Err(invalid(format!(
                         "sock_diag: unexpected netlink message type {other} ({fam})"

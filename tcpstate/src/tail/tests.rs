@@ -34,6 +34,7 @@ fn anomaly() -> AnomalyRecord {
         owner_source: OwnerSource::Fd,
         last_owner: None,
         accept_queue: None,
+        vitals: None,
         resolution: None,
         count: None,
         port_range: None,

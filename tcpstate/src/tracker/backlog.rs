@@ -131,6 +131,7 @@ fn anomaly((netns, tuple): (u32, Tuple), f: &Full, ts_ns: u64) -> Anomaly {
         owner: Owner::Unknown,
         pressure: None,
         accept_queue: Some(f.queue),
+        vitals: None,
     }
 }
 

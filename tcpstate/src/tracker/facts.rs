@@ -3,7 +3,7 @@
 //! tracker knows nothing of wall clocks or formats.
 
 use crate::{
-    socket::{Comm, Tuple},
+    socket::{Comm, Tuple, Vitals},
     state::TcpState,
 };
 
@@ -141,6 +141,8 @@ pub struct Anomaly {
     /// The accept queue of the listener concerned: the socket's own, for
     /// one nobody accepted; the listener's, for `accept_queue_full`.
     pub accept_queue: Option<AcceptQueue>,
+    /// The socket's queues, timer and `tcp_info` when it was raised.
+    pub vitals: Option<Vitals>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

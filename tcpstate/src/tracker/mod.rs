@@ -608,6 +608,7 @@ impl Tracker {
             owner,
             pressure: None,
             accept_queue: None,
+            vitals: None,
         }
     }
 }

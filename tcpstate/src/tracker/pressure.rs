@@ -251,6 +251,7 @@ fn anomaly(d: &Dest, c: &Count, info: &NetnsInfo, ts_ns: u64) -> Anomaly {
             tw_reuse: info.tw_reuse,
         }),
         accept_queue: None,
+        vitals: None,
     }
 }
 

@@ -81,7 +81,7 @@ fn parses_multipart_datagrams() {
         7,
         &diag_msg(10, 6, v6, 80, v6, 40000, 0),
     ));
-    let mut out = Vec::new();
+    let mut out: Vec<DiagSocket> = Vec::new();
     assert!(!parse_datagram(&dgram, 7, "test", &mut out).expect("parse"));
     let ten = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     assert_eq!(
@@ -120,7 +120,7 @@ fn parses_multipart_datagrams() {
 
 #[test]
 fn netlink_errors_become_io_errors() {
-    let mut out = Vec::new();
+    let mut out: Vec<DiagSocket> = Vec::new();
     let mut payload = (-libc::EPERM).to_ne_bytes().to_vec();
     payload.extend_from_slice(&[0; 16]); // the echoed request header
     let e = parse_datagram(&nlmsg(NLMSG_ERROR, 3, &payload), 3, "AF_INET", &mut out).unwrap_err();
