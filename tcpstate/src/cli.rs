@@ -28,6 +28,8 @@ pub enum Command {
     Tail(TailArgs),
     /// Ask the running daemon what is stuck right now.
     Status(StatusArgs),
+    /// Destroy stuck sockets, as `ss -K` does (needs root). Run it with --dry-run first.
+    Kill(KillArgs),
     /// Write shell completions or the man page (used by `cargo xtask dist`).
     #[command(hide = true)]
     Generate(GenerateArgs),
@@ -86,6 +88,39 @@ pub struct StatusArgs {
     /// Print the daemon's JSON as it is.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KillArgs {
+    /// The state of the sockets to destroy (close_wait, fin_wait2, syn_sent, ...).
+    #[arg(long, value_parser = state)]
+    pub state: TcpState,
+    /// Only sockets in that state for at least this long (e.g. 10m). Only the running daemon
+    /// knows how long, so it is asked (see --addr).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub older_than: Option<std::time::Duration>,
+    /// Only sockets with this local or remote port.
+    #[arg(long, value_parser = nonzero_port)]
+    pub port: Option<u16>,
+    /// Only sockets with this local port.
+    #[arg(long, value_parser = nonzero_port)]
+    pub lport: Option<u16>,
+    /// Only sockets with this remote port.
+    #[arg(long, value_parser = nonzero_port)]
+    pub rport: Option<u16>,
+    /// Only sockets whose fd this process holds.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Print exactly what would be destroyed, and destroy nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Where the daemon serves /sockets (its --metrics-addr).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub addr: std::net::SocketAddr,
+    /// Log to write a `killed` record to for each socket destroyed (default: the daemon's
+    /// --log-file).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<std::path::PathBuf>,
 }
 
 fn state(s: &str) -> Result<TcpState, String> {

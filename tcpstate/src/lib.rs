@@ -14,6 +14,7 @@ pub mod clock;
 pub mod collector;
 pub mod decode;
 pub mod kernel_table;
+pub mod kill;
 pub mod output;
 pub mod procfs;
 pub mod program;

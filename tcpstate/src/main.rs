@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Command::Run(args) => tcpstate::run::run(args),
         Command::Tail(args) => tcpstate::tail::tail(args),
         Command::Status(args) => tcpstate::status::status(args),
+        Command::Kill(args) => tcpstate::kill::kill(args),
         Command::Generate(args) => generate(args.what),
     };
     match result {

@@ -24,6 +24,41 @@ pub enum Record {
     LeakSuspected(LeakRecord),
     Suppressed(Suppressed),
     Stopped(Stopped),
+    Killed(KilledRecord),
+}
+
+/// Written by `tcpstate kill` for each socket it destroyed: which, and who asked.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct KilledRecord {
+    #[serde(with = "ts")]
+    pub ts: SystemTime,
+    #[serde(with = "state")]
+    pub state: TcpState,
+    #[serde(with = "family")]
+    pub family: Family,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub netns: u32,
+    /// How long it had been in `state`, from the daemon (null: not asked or not known).
+    pub age_ms: Option<f64>,
+    /// The process holding it, if any.
+    pub pid: Option<u32>,
+    #[serde(with = "opt_comm")]
+    pub comm: Option<Comm>,
+    pub by: Actor,
+}
+
+/// Who ran `tcpstate kill`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    pub uid: u32,
+    /// The audit login uid (`/proc/self/loginuid`): the person behind sudo or su.
+    pub login_uid: Option<u32>,
+    /// `$SUDO_USER`, when run through sudo.
+    pub sudo_user: Option<String>,
+    pub pid: u32,
 }
 
 /// Written once the tracepoint is attached: scripts start their traffic on it.

@@ -20,6 +20,50 @@ use crate::{
     tracker::{Anomaly, Tracker},
 };
 
+/// `/sockets?state=STATE`: the tracked sockets in one state and how long each has been in
+/// it (what `tcpstate kill --older-than` needs), and where the daemon logs.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SocketList {
+    pub log_file: Option<std::path::PathBuf>,
+    pub sockets: Vec<AgedSocket>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct AgedSocket {
+    pub netns: u32,
+    pub saddr: std::net::IpAddr,
+    pub sport: u16,
+    pub daddr: std::net::IpAddr,
+    pub dport: u16,
+    pub age_ms: f64,
+    /// The socket predates the daemon: it is at least this old.
+    pub age_is_lower_bound: bool,
+}
+
+impl SocketList {
+    pub fn build(
+        tracker: &Tracker,
+        st: crate::state::TcpState,
+        now_ns: u64,
+        log_file: Option<std::path::PathBuf>,
+    ) -> Self {
+        let sockets = tracker
+            .sockets_in(st)
+            .into_iter()
+            .map(|(netns, t, since, lower)| AgedSocket {
+                netns,
+                saddr: t.saddr(),
+                sport: t.sport,
+                daddr: t.daddr(),
+                dport: t.dport,
+                age_ms: now_ns.saturating_sub(since) as f64 / 1e6,
+                age_is_lower_bound: lower,
+            })
+            .collect();
+        Self { log_file, sockets }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct TopOwner {
     pub pid: u32,
@@ -161,7 +205,7 @@ impl Report {
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let body = fetch(args.addr).with_context(|| {
+    let body = fetch(args.addr, "/status").with_context(|| {
         format!(
             "no tcpstate daemon answering on {} (is it running with --metrics-addr {}?)",
             args.addr, args.addr
@@ -181,12 +225,13 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
 /// it the other end is not a tcpstate daemon.
 const MAX_RESPONSE: u64 = 256 << 20;
 
-fn fetch(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+/// GET `path` from the daemon; the body of a 200 answer.
+pub fn fetch(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
     let mut resp = String::new();
     let n = (&mut s).take(MAX_RESPONSE + 1).read_to_string(&mut resp)?;

@@ -25,6 +25,8 @@ use tokio::{
 pub enum Page {
     Metrics,
     Status,
+    /// `/sockets?state=close_wait`: the tracked sockets in one state, with their ages.
+    Sockets(crate::state::TcpState),
 }
 
 pub type Reply = oneshot::Sender<String>;
@@ -159,6 +161,20 @@ async fn answer(
     let page = match req.uri().path() {
         "/metrics" => Page::Metrics,
         "/status" => Page::Status,
+        "/sockets" => match req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("state="))
+            .and_then(crate::state::TcpState::parse)
+        {
+            Some(st) => Page::Sockets(st),
+            None => {
+                return Ok(plain(
+                    StatusCode::BAD_REQUEST,
+                    "try /sockets?state=close_wait\n",
+                ));
+            }
+        },
         _ => return Ok(plain(StatusCode::NOT_FOUND, "try /metrics or /status\n")),
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -174,7 +190,7 @@ async fn answer(
     let body = orx.await.unwrap_or_default().into_bytes();
     let ctype = match page {
         Page::Metrics => "text/plain; version=0.0.4; charset=utf-8",
-        Page::Status => "application/json",
+        Page::Status | Page::Sockets(_) => "application/json",
     };
     let mut r = Response::builder()
         .header(header::CONTENT_TYPE, ctype)

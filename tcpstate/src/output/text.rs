@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::IpAddr, time::SystemTime};
 
 use super::escape::escape;
 use crate::{
-    record::{AnomalyRecord, OwnerSource, Record, TransitionRecord, Vitals},
+    record::{AnomalyRecord, KilledRecord, OwnerSource, Record, TransitionRecord, Vitals},
     state::TcpState,
 };
 
@@ -59,6 +59,11 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
                 clock(s.ts),
                 s.transitions
             );
+            paint(out, RESET);
+        }
+        Record::Killed(k) => {
+            paint(out, YELLOW);
+            write_killed(out, k);
             paint(out, RESET);
         }
         Record::Started(s) => {
@@ -201,6 +206,30 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
     if let Some(why) = &a.resolution {
         let _ = write!(out, " ({})", escape(why));
     }
+}
+
+fn write_killed(out: &mut String, k: &KilledRecord) {
+    let age = k
+        .age_ms
+        .map(|ms| format!(" after {:.1}s", ms / 1000.0))
+        .unwrap_or_default();
+    let holder = match (k.pid, k.comm) {
+        (Some(pid), Some(comm)) => format!("held by pid {pid} ({})", escape(&comm.as_str())),
+        _ => "held by no process".to_owned(),
+    };
+    let by = match (&k.by.sudo_user, k.by.login_uid) {
+        (Some(u), _) => format!("uid {} (sudo by {})", k.by.uid, escape(u)),
+        (None, Some(l)) if l != k.by.uid => format!("uid {} (login uid {l})", k.by.uid),
+        _ => format!("uid {}", k.by.uid),
+    };
+    let _ = write!(
+        out,
+        "{} KILLED   {:<11} {} -> {}{age} {holder}; destroyed by {by}",
+        clock(k.ts),
+        k.state.name(),
+        endpoint(k.saddr, k.sport),
+        endpoint(k.daddr, k.dport),
+    );
 }
 
 /// A socket's vital signs in words: what keeps it in its state.

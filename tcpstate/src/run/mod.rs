@@ -381,6 +381,15 @@ impl Daemon {
                 let job = self.verifier.status(open, reply);
                 self.workers.submit(job);
             }
+            Page::Sockets(st) => {
+                let list = crate::status::SocketList::build(
+                    &self.tracker,
+                    st,
+                    monotonic_ns(),
+                    self.args.log_file.clone(),
+                );
+                let _ = reply.send(serde_json::to_string(&list).unwrap_or_default());
+            }
         }
     }
 

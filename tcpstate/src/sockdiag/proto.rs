@@ -5,11 +5,11 @@
 use std::io;
 
 use netlink_packet_core::{
-    DoneBuffer, ErrorBuffer, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP,
-    NLMSG_OVERRUN, NetlinkBuffer, NetlinkHeader, NetlinkMessage, Parseable,
+    DoneBuffer, ErrorBuffer, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NLMSG_NOOP, NLMSG_OVERRUN, NetlinkBuffer, NetlinkHeader, NetlinkMessage, Parseable,
 };
 use netlink_packet_sock_diag::{
-    SOCK_DIAG_BY_FAMILY, SockDiagMessage,
+    SOCK_DESTROY, SOCK_DIAG_BY_FAMILY, SockDiagMessage,
     constants::IPPROTO_TCP,
     inet::{
         ExtensionFlags, InetRequest, InetResponse, InetResponseHeader, SocketId, StateFlags,
@@ -112,7 +112,14 @@ impl Diag {
             } else {
                 SocketId::new_v4()
             };
-            self.request(family, states, id, ExtensionFlags::empty(), true, &mut out)?;
+            self.request(
+                family,
+                states,
+                id,
+                ExtensionFlags::empty(),
+                Mode::Dump,
+                &mut out,
+            )?;
         }
         Ok(out)
     }
@@ -136,26 +143,29 @@ impl Diag {
             .find(|(s, _)| s.tuple == *t && s.state != 10))
     }
 
+    /// Destroys the socket with exactly this tuple (`SOCK_DESTROY`, as `ss -K` does): the
+    /// kernel aborts it, its peer gets an RST and its holder ECONNABORTED. Needs
+    /// CAP_NET_ADMIN in the namespace and a kernel built with `CONFIG_INET_DIAG_DESTROY`.
+    pub fn destroy(&mut self, t: &Tuple) -> io::Result<()> {
+        let mut out: Vec<DiagSocket> = Vec::new();
+        self.request(
+            family_of(t),
+            ALL_STATES,
+            socket_id(t),
+            ExtensionFlags::empty(),
+            Mode::Destroy,
+            &mut out,
+        )
+    }
+
     fn lookup_into<S: Sink>(
         &mut self,
         t: &Tuple,
         extensions: ExtensionFlags,
         out: &mut S,
     ) -> io::Result<()> {
-        let family = match t.family {
-            Family::V4 => libc::AF_INET as u8,
-            Family::V6 => libc::AF_INET6 as u8,
-        };
-        let id = SocketId {
-            source_port: t.sport,
-            destination_port: t.dport,
-            source_address: t.saddr(),
-            destination_address: t.daddr(),
-            interface_id: 0,
-            // INET_DIAG_NOCOOKIE: any socket with this tuple.
-            cookie: [0xff; 8],
-        };
-        match self.request(family, ALL_STATES, id, extensions, false, out) {
+        let (family, id) = (family_of(t), socket_id(t));
+        match self.request(family, ALL_STATES, id, extensions, Mode::Lookup, out) {
             // ENOENT: no such socket (the context wrapper keeps the kind, not the errno).
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
@@ -168,14 +178,20 @@ impl Diag {
         states: u32,
         socket_id: SocketId,
         extensions: ExtensionFlags,
-        dump: bool,
+        mode: Mode,
         out: &mut S,
     ) -> io::Result<()> {
         let fam = family_name(family);
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
+        let dump = mode == Mode::Dump;
         let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        header.flags = NLM_F_REQUEST
+            | match mode {
+                Mode::Dump => NLM_F_DUMP,
+                Mode::Lookup => 0,
+                Mode::Destroy => NLM_F_ACK,
+            };
         header.sequence_number = seq;
         let mut request = NetlinkMessage::new(
             header,
@@ -191,6 +207,11 @@ impl Diag {
         request.finalize();
         let mut req = vec![0u8; request.buffer_len()];
         request.serialize(&mut req);
+        if mode == Mode::Destroy {
+            // The same inet_diag_req_v2, sent as SOCK_DESTROY (the crate names the message
+            // type after the payload): nlmsg_type follows the 4-byte length.
+            req[4..6].copy_from_slice(&SOCK_DESTROY.to_ne_bytes());
+        }
         let sent = self
             .socket
             .send(&req, 0)
@@ -226,6 +247,34 @@ impl Diag {
             }
         }
     }
+}
+
+fn family_of(t: &Tuple) -> u8 {
+    match t.family {
+        Family::V4 => libc::AF_INET as u8,
+        Family::V6 => libc::AF_INET6 as u8,
+    }
+}
+
+/// The request's socket id for exactly this tuple.
+fn socket_id(t: &Tuple) -> SocketId {
+    SocketId {
+        source_port: t.sport,
+        destination_port: t.dport,
+        source_address: t.saddr(),
+        destination_address: t.daddr(),
+        interface_id: 0,
+        // INET_DIAG_NOCOOKIE: any socket with this tuple.
+        cookie: [0xff; 8],
+    }
+}
+
+/// What a request asks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Dump,
+    Lookup,
+    Destroy,
 }
 
 /// Where parsed sockets go: a plain list, or one that also reads each socket's vital signs

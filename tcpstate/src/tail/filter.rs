@@ -58,6 +58,13 @@ pub fn matches(rec: &Record, f: &Filter) -> bool {
             )
         }
         Record::LeakSuspected(l) => (true, None, [Some(l.state), None], Some(l.pid), Some(l.comm)),
+        Record::Killed(k) => (
+            false,
+            Some([k.sport, k.dport]),
+            [Some(k.state), None],
+            k.pid,
+            k.comm,
+        ),
         Record::Started(_) | Record::Stopped(_) | Record::Suppressed(_) => return f.is_empty(),
     };
     (!f.anomalies || anomaly)

@@ -198,6 +198,22 @@ impl Tracker {
         self.pressure.raised_total()
     }
 
+    /// The sockets in `st`: (netns, tuple, since, whether `since` is a lower bound).
+    pub fn sockets_in(&self, st: TcpState) -> Vec<(u32, Tuple, u64, bool)> {
+        if st == TcpState::TimeWait {
+            return self
+                .timewait
+                .iter()
+                .map(|s| (s.netns, s.tuple, s.since_ns, s.estimated))
+                .collect();
+        }
+        self.table
+            .iter()
+            .filter(|(_, e)| e.state == st)
+            .map(|(_, e)| (e.netns, e.tuple, e.since_ns, e.has(flag::SEEDED)))
+            .collect()
+    }
+
     /// Whether listeners' queues are to be polled.
     pub fn watches_backlogs(&self) -> bool {
         self.backlog.enabled()
