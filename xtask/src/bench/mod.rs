@@ -70,8 +70,10 @@ pub struct BenchArgs {
     /// Extra arguments for this build's tcpstate in every row (experiments).
     #[arg(long, allow_hyphen_values = true, value_name = "ARGS")]
     tcpstate_args: Option<String>,
-    /// The previous release, as a git revision, built for the TIME_WAIT run's comparison.
-    #[arg(long, default_value = "v0.1.0")]
+    /// The previous release, as a git revision, built for the TIME_WAIT run's comparison
+    /// (default: the commit before the close-path work, tagged v0.1.0 where tags are kept; a
+    /// clone of main alone has no tags).
+    #[arg(long, default_value = "490564cdf81a499c4de4e5a6f63fe16852db261f")]
     baseline: String,
     /// Where bench.md and bench.json go [default: <target dir>/bench].
     #[arg(long)]
