@@ -64,6 +64,21 @@ pub mod close {
     pub const MAX_ERRNO: u8 = 0xfd;
 }
 
+/// Values of [`Event::newstate`] above every TCP state: not a transition but
+/// something that happened to the socket, from the retransmit and reset
+/// hooks (ring buffer `SIGNALS`); `oldstate` is the socket's state then.
+pub mod signal {
+    /// `tcp_retransmit_skb`: a segment sent again.
+    pub const RETRANSMIT: u8 = 0x40;
+    /// `tcp_retransmit_synack`: a listener's SYN-ACK sent again (the
+    /// tuple is the request's; `skaddr` the listener).
+    pub const SYNACK_RETRANSMIT: u8 = 0x41;
+    /// `tcp_send_reset`, from a full socket.
+    pub const RESET_SENT: u8 = 0x42;
+    /// `tcp_receive_reset`.
+    pub const RESET_RECEIVED: u8 = 0x43;
+}
+
 /// One CPU's producer and consumer positions in its event ring (map
 /// `POS`, mmapped by userspace). Positions count events and never wrap in
 /// practice (u64). Each sits alone on a 64-byte cache line so the
@@ -88,7 +103,12 @@ pub const AF_INET6: u16 = 10;
 pub mod stat {
     /// Events lost because this CPU's event ring was full.
     pub const RINGBUF_FULL: u32 = 0;
-    pub const COUNT: u32 = 1;
+    /// Retransmit and reset events lost because `SIGNALS` was full.
+    pub const SIGNALS_FULL: u32 = 1;
+    /// Resets sent with no full socket to name (a SYN to a closed port, a
+    /// timewait or request socket answering): counted, not reported.
+    pub const RESET_NO_SOCKET: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Kernel filters: an event passes when every non-zero field matches.
@@ -134,6 +154,13 @@ pub struct Offsets {
     /// Bit numbers of `SOCK_DEAD` and `SOCK_DONE` in `enum sock_flags`.
     pub flag_dead: u32,
     pub flag_done: u32,
+    /// In `struct sock_common` (first in `struct sock` and in `struct
+    /// request_sock`): `skc_state`, and the local port in host order
+    /// (`skc_num`) and IPv4 address (`skc_rcv_saddr`), the only ones a
+    /// request socket has.
+    pub state: u32,
+    pub num: u32,
+    pub rcv_saddr: u32,
 }
 
 /// Everything the program is loaded with: the read-only global `CONFIG`,
@@ -148,6 +175,9 @@ pub struct Config {
     pub slot_bits: u32,
     pub filters: Filters,
     pub off: Offsets,
+    /// Explicit tail padding: the struct is copied into the object as bytes, and every byte
+    /// of a Pod must be initialised.
+    pub pad: u32,
 }
 
 impl Config {
@@ -179,12 +209,16 @@ impl Config {
             comm: 0,
             flag_dead: 0,
             flag_done: 0,
+            state: 0,
+            num: 0,
+            rcv_saddr: 0,
         },
+        pad: 0,
     };
 }
 
 // No implicit padding (Pod): 8 + 4 + 8 + 17 * 4 = 88.
-const _: () = assert!(core::mem::size_of::<Config>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 104);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers only, no padding (size assertion above).
@@ -202,7 +236,16 @@ pub mod map {
     /// A small BPF ring buffer used only to wake userspace.
     pub const DOORBELL: &str = "DOORBELL";
     pub const STATS: &str = "STATS";
+    /// A BPF ring buffer of retransmit and reset events ([`super::signal`]):
+    /// rare next to transitions, and written from several hooks, which may
+    /// nest on a CPU (the per-CPU rings assume one writer that does not).
+    pub const SIGNALS: &str = "SIGNALS";
 }
 
 /// Program name in the object file.
 pub const PROGRAM: &str = "inet_sock_set_state";
+
+/// The retransmit hooks' programs, each named after its tracepoint.
+pub const RETRANSMIT_HOOKS: [&str; 2] = ["tcp_retransmit_skb", "tcp_retransmit_synack"];
+/// The reset hooks' programs, each named after its tracepoint.
+pub const RESET_HOOKS: [&str; 2] = ["tcp_send_reset", "tcp_receive_reset"];

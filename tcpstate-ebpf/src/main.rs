@@ -32,13 +32,13 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     Global,
-    bindings::{BPF_F_MMAPABLE, BPF_RB_FORCE_WAKEUP},
+    bindings::{BPF_F_MMAPABLE, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, generated},
     macros::{btf_tracepoint, map},
     maps::{Array, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
-use tcpstate_common::{AF_INET6, Config, Event, Positions, close, stat};
+use tcpstate_common::{AF_INET6, Config, Event, Positions, close, signal, stat};
 
 /// Userspace sizes both arrays at load: CPUs << slot_bits slots, and one
 /// `Positions` per CPU.
@@ -51,6 +51,11 @@ static DOORBELL: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+/// Retransmit and reset events: a BPF ring buffer, whose reserve is safe when one hook
+/// interrupts another on a CPU (the per-CPU rings are not). Userspace drains it with the
+/// rings, on their doorbell and timer, so a retransmit storm wakes nobody.
+#[map]
+static SIGNALS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 const TCP_FIN_WAIT2: i32 = 5;
 const TCP_CLOSE: i32 = 7;
@@ -137,7 +142,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
     // SAFETY: a BTF socket pointer and this kernel's offsets.
-    let (s0, s1, d0, d1) = unsafe { addresses(sk, family) };
+    let (s0, s1, d0, d1) = unsafe { addresses(sk, family, cfg!(off.saddr)) };
     // SAFETY: a BTF task pointer to the current task, always valid.
     let task = unsafe { generated::bpf_get_current_task_btf() } as *const u8;
     // SAFETY: `ev` is a free 80-byte slot of this CPU's ring (head - tail
@@ -179,6 +184,131 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    signal_from(ctx.arg(0), signal::RETRANSMIT);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    // NULL for a reset answering no socket (a SYN to a closed port), or a timewait or request
+    // socket: counted, not reported.
+    if !signal_from(ctx.arg(0), signal::RESET_SENT) {
+        count(stat::RESET_NO_SOCKET);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    signal_from(ctx.arg(0), signal::RESET_RECEIVED);
+    0
+}
+
+/// A listener's SYN-ACK sent again: the connection is the request socket (`struct
+/// request_sock` starts with the same `sock_common`), whose only local port is `skc_num`.
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
+    let listener: *const u8 = ctx.arg(0);
+    let req: *const u8 = ctx.arg(1);
+    if req.is_null() {
+        return 0;
+    }
+    // SAFETY (all `field` calls): a BTF request socket pointer and sock_common offsets.
+    let family: u16 = unsafe { field(req, cfg!(off.family), 0) };
+    let sport: u16 = unsafe { field(req, cfg!(off.num), 0) };
+    let dport = u16::from_be(unsafe { field(req, cfg!(off.dport), 0) });
+    if !wanted(family, sport, dport) {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe {
+        write_signal(
+            req,
+            listener as u64,
+            (family, sport, dport),
+            3, // TCP_SYN_RECV: the connection's state while its SYN-ACK is unanswered
+            signal::SYNACK_RETRANSMIT,
+            cfg!(off.rcv_saddr),
+        )
+    };
+    0
+}
+
+/// Reports `what` about a full TCP socket; false when `sk` is none (NULL, a timewait or
+/// request socket).
+#[inline(always)]
+fn signal_from(sk: *mut c_void, what: u8) -> bool {
+    // Some hooks pass NULL (a reset for no socket); the helper wants a checked pointer.
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: the helper accepts NULL and any socket pointer and checks them.
+    let tp = unsafe { generated::bpf_skc_to_tcp_sock(sk) };
+    if tp.is_null() {
+        return false;
+    }
+    let sk = tp as *const u8;
+    let Some(ports) = ports_if_wanted(sk) else {
+        return true;
+    };
+    // SAFETY (all `field` calls): a BTF socket pointer and this kernel's offsets.
+    let state: u8 = unsafe { field(sk, cfg!(off.state), 0) };
+    unsafe { write_signal(sk, sk as u64, ports, state, what, cfg!(off.saddr)) };
+    true
+}
+
+/// One signal event into `SIGNALS`; a full buffer is counted. `saddr4` is where `sk` keeps
+/// its IPv4 local address (a request socket has no `inet_sock`).
+///
+/// # Safety
+/// `sk` is a BTF-typed pointer whose `sock_common` fields the offsets describe.
+#[inline(always)]
+unsafe fn write_signal(
+    sk: *const u8,
+    skaddr: u64,
+    (family, sport, dport): (u16, u16, u16),
+    state: u8,
+    what: u8,
+    saddr4: u32,
+) {
+    let Some(mut slot) = SIGNALS.reserve::<Event>(0) else {
+        count(stat::SIGNALS_FULL);
+        return;
+    };
+    let ev = slot.as_mut_ptr();
+    // SAFETY: a BTF pointer and this kernel's offsets.
+    let (s0, s1, d0, d1) = unsafe { addresses(sk, family, saddr4) };
+    // SAFETY: a BTF task pointer to the current task, always valid.
+    let task = unsafe { generated::bpf_get_current_task_btf() } as *const u8;
+    // SAFETY: `ev` is the reserved, Event-sized record.
+    unsafe {
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).skaddr = skaddr;
+        let saddr = (&raw mut (*ev).saddr).cast::<u64>();
+        saddr.write(s0);
+        saddr.add(1).write(s1);
+        let daddr = (&raw mut (*ev).daddr).cast::<u64>();
+        daddr.write(d0);
+        daddr.add(1).write(d1);
+        (*ev).pid = field(task, cfg!(off.tgid), 0);
+        (*ev).netns = 0;
+        (*ev).sport = sport;
+        (*ev).dport = dport;
+        (*ev).family = family as u8;
+        (*ev).close = 0;
+        (*ev).oldstate = state;
+        (*ev).newstate = what;
+        let comm = (&raw mut (*ev).comm).cast::<u64>();
+        let c = cfg!(off.comm);
+        comm.write(field(task, c, 0));
+        comm.add(1).write(field(task, c, 8));
+    }
+    // Userspace drains it with the rings; no wake-up per event.
+    slot.submit(u64::from(BPF_RB_NO_WAKEUP));
+}
+
 /// The socket's family and ports, unless a kernel filter leaves it out.
 #[inline(always)]
 fn ports_if_wanted(sk: *const u8) -> Option<(u16, u16, u16)> {
@@ -190,6 +320,16 @@ fn ports_if_wanted(sk: *const u8) -> Option<(u16, u16, u16)> {
     }
     let sport = u16::from_be(unsafe { field(sk, cfg!(off.sport), 0) });
     let dport = u16::from_be(unsafe { field(sk, cfg!(off.dport), 0) });
+    wanted(family, sport, dport).then_some((family, sport, dport))
+}
+
+/// Whether the kernel filters let a socket with this family and ports through.
+#[inline(always)]
+fn wanted(family: u16, sport: u16, dport: u16) -> bool {
+    let filter_family = cfg!(filters.family);
+    if filter_family != 0 && family != filter_family {
+        return false;
+    }
     let port = cfg!(filters.port);
     let lport = cfg!(filters.lport);
     let rport = cfg!(filters.rport);
@@ -197,14 +337,15 @@ fn ports_if_wanted(sk: *const u8) -> Option<(u16, u16, u16)> {
         || (lport != 0 && sport != lport)
         || (rport != 0 && dport != rport)
     {
-        return None;
+        return false;
     }
-    Some((family, sport, dport))
+    true
 }
 
-/// Local and remote address as two u64 halves each (IPv4 in the first 4 bytes).
+/// Local and remote address as two u64 halves each (IPv4 in the first 4 bytes); `saddr4` is
+/// the offset of the IPv4 local address.
 #[inline(always)]
-unsafe fn addresses(sk: *const u8, family: u16) -> (u64, u64, u64, u64) {
+unsafe fn addresses(sk: *const u8, family: u16, saddr4: u32) -> (u64, u64, u64, u64) {
     // SAFETY (all `field` calls): offsets resolved from this kernel's BTF.
     if family == AF_INET6 {
         let s = cfg!(off.saddr6);
@@ -218,7 +359,7 @@ unsafe fn addresses(sk: *const u8, family: u16) -> (u64, u64, u64, u64) {
             )
         }
     } else {
-        let s: u32 = unsafe { field(sk, cfg!(off.saddr), 0) };
+        let s: u32 = unsafe { field(sk, saddr4, 0) };
         let d: u32 = unsafe { field(sk, cfg!(off.daddr), 0) };
         (u64::from(s), 0, u64::from(d), 0)
     }

@@ -210,6 +210,13 @@ pub struct RunArgs {
     /// Write transition records to the log (false: anomalies only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub log_transitions: bool,
+    /// Count retransmissions per socket and state (tcp_retransmit_skb, tcp_retransmit_synack).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub retransmits: bool,
+    /// Report resets, sent and received, with the socket's state (tcp_send_reset,
+    /// tcp_receive_reset).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub resets: bool,
     /// Rotate the log ourselves past this size (e.g. 100M); for hosts without logrotate.
     #[arg(long, value_parser = byte_size, value_name = "SIZE")]
     pub log_max_size: Option<u64>,

@@ -55,13 +55,14 @@ impl Collector {
     pub fn spawn(
         rings: EventRings,
         doorbell: RingBuf<MapData>,
+        signals: RingBuf<MapData>,
         tx: Sender<Batch>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("tcpstate-rings".into())
-            .spawn(move || collect(rings, doorbell, &tx, &flag))?;
+            .spawn(move || collect(rings, doorbell, signals, &tx, &flag))?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -89,6 +90,7 @@ impl Drop for Collector {
 fn collect(
     mut rings: EventRings,
     mut doorbell: RingBuf<MapData>,
+    mut signals: RingBuf<MapData>,
     tx: &Sender<Batch>,
     stop: &AtomicBool,
 ) {
@@ -102,6 +104,13 @@ fn collect(
             monotonic_ns().saturating_sub(HOLDBACK_NS)
         };
         rings.drain_into(&mut fresh);
+        // Retransmits and resets merge with the transitions by time.
+        while let Some(item) = signals.next() {
+            if item.len() >= size_of::<tcpstate_common::Event>() {
+                // SAFETY: length checked; Event is Pod and read unaligned.
+                fresh.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
         let ready = reorder.release(&mut fresh, cutoff);
         let mut batch = Batch {
             transitions: Vec::with_capacity(ready.len()),

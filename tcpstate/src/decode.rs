@@ -1,6 +1,6 @@
 //! Ring-buffer records -> [`Transition`].
 
-use tcpstate_common::{Event, close};
+use tcpstate_common::{Event, close, signal};
 
 use crate::{
     socket::{Comm, Family, Tuple},
@@ -40,6 +40,16 @@ impl Ending {
     }
 }
 
+/// Not a transition: what the retransmit and reset hooks saw happen to a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Retransmit,
+    /// A listener's SYN-ACK sent again; `sk` is the listener, the tuple the connection's.
+    SynackRetransmit,
+    ResetSent,
+    ResetReceived,
+}
+
 /// One decoded transition. `ts_ns` stays on the kernel's monotonic clock;
 /// the outputs convert it to wall time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +65,8 @@ pub struct Transition {
     pub comm: Comm,
     /// Only on events that create a socket (0 otherwise).
     pub netns: u32,
+    /// Set for a signal, not a transition: `old` and `new` are then both the socket's state.
+    pub signal: Option<Signal>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -86,6 +98,18 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
         daddr[4..].fill(0);
     }
     let state = |n| TcpState::from_kernel(n).ok_or(DecodeError::State(n));
+    let sig = match ev.newstate {
+        signal::RETRANSMIT => Some(Signal::Retransmit),
+        signal::SYNACK_RETRANSMIT => Some(Signal::SynackRetransmit),
+        signal::RESET_SENT => Some(Signal::ResetSent),
+        signal::RESET_RECEIVED => Some(Signal::ResetReceived),
+        _ => None,
+    };
+    let new = if sig.is_some() {
+        ev.oldstate
+    } else {
+        ev.newstate
+    };
     Ok(Transition {
         ts_ns: ev.ts_ns,
         sk: ev.skaddr,
@@ -97,7 +121,7 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
             dport: ev.dport,
         },
         old: state(ev.oldstate)?,
-        new: state(ev.newstate)?,
+        new: state(new)?,
         ending: match ev.close {
             close::TIME_WAIT => Ending::TimeWait,
             close::FIN_WAIT2 => Ending::FinWait2,
@@ -106,6 +130,7 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
         pid: ev.pid,
         comm: Comm(ev.comm),
         netns: ev.netns,
+        signal: sig,
     })
 }
 

@@ -8,7 +8,9 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use tcpstate_common::{CONFIG, Config, Filters, Offsets, PROGRAM, map, stat};
+use tcpstate_common::{
+    CONFIG, Config, Filters, Offsets, PROGRAM, RESET_HOOKS, RETRANSMIT_HOOKS, map, stat,
+};
 
 use crate::ring::{self, EventRings};
 
@@ -41,6 +43,10 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     pub filters: Filters,
     pub offsets: Offsets,
+    /// Attach the retransmit hooks (`tcp_retransmit_skb`, `tcp_retransmit_synack`).
+    pub retransmits: bool,
+    /// Attach the reset hooks (`tcp_send_reset`, `tcp_receive_reset`).
+    pub resets: bool,
 }
 
 pub struct Probe {
@@ -51,6 +57,10 @@ pub struct Probe {
     pub rings: Option<EventRings>,
     /// Readable when a CPU's ring reached its wake-up level.
     pub doorbell: Option<RingBuf<MapData>>,
+    /// Retransmit and reset events.
+    pub signals: Option<RingBuf<MapData>>,
+    /// The hooks attached, by name.
+    pub hooks: Vec<&'static str>,
     stats: PerCpuArray<MapData, u64>,
     prog_fd: std::os::fd::OwnedFd,
 }
@@ -60,6 +70,10 @@ pub struct Probe {
 pub struct KernelCounters {
     pub ringbuf_full: u64,
     pub recursion_misses: u64,
+    /// Retransmit and reset events lost to a full `SIGNALS` buffer.
+    pub signals_full: u64,
+    /// Resets sent for no full socket (a SYN to a closed port, timewait or request sockets).
+    pub resets_no_socket: u64,
 }
 
 /// Why the program could not be loaded and attached: one line each, with the cause kept.
@@ -138,13 +152,32 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
         bits: ring::slot_bits(opts.ring_bytes, cpus),
     };
     let mut ebpf = load_object(opts, &geo)?;
-    let prog_fd = attach(&mut ebpf)?;
-    let (rings, doorbell, stats) = take_maps(&mut ebpf, &geo)?;
+    let btf = aya::Btf::from_sys_fs().map_err(kernel("cannot parse the kernel's BTF"))?;
+    let prog_fd = attach(&mut ebpf, &btf)?;
+    let mut hooks = Vec::new();
+    let wanted = [
+        (opts.retransmits, RETRANSMIT_HOOKS),
+        (opts.resets, RESET_HOOKS),
+    ];
+    for name in wanted
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .flat_map(|(_, h)| h)
+    {
+        // An optional hook this kernel lacks costs its information, not the daemon.
+        match attach_hook(&mut ebpf, &btf, name) {
+            Ok(()) => hooks.push(name),
+            Err(e) => crate::warn(format_args!("not watching {name}: {e}")),
+        }
+    }
+    let (rings, doorbell, signals, stats) = take_maps(&mut ebpf, &geo)?;
     Ok(Probe {
         _ebpf: ebpf,
         ring_bytes: rings.bytes(),
         rings: Some(rings),
         doorbell: Some(doorbell),
+        signals: Some(signals),
+        hooks,
         stats,
         prog_fd,
     })
@@ -177,6 +210,7 @@ fn load_object(opts: &LoadOptions, geo: &Geometry) -> Result<Ebpf, LoadError> {
                 slot_bits: geo.bits,
                 filters: opts.filters,
                 off: opts.offsets,
+                pad: 0,
             },
             true,
         )
@@ -184,8 +218,21 @@ fn load_object(opts: &LoadOptions, geo: &Geometry) -> Result<Ebpf, LoadError> {
         .map_err(kernel("cannot load the eBPF object"))
 }
 
+/// Loads and attaches one of the optional hooks (a BTF tracepoint of the same name).
+fn attach_hook(ebpf: &mut Ebpf, btf: &aya::Btf, name: &str) -> Result<(), LoadError> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| LoadError::Object(format!("program {name} missing")))?
+        .try_into()
+        .map_err(|e| LoadError::Object(format!("program {name} is not a BTF tracepoint: {e}")))?;
+    prog.load(name, btf)
+        .map_err(kernel("the kernel refused the hook"))?;
+    prog.attach().map_err(kernel("cannot attach the hook"))?;
+    Ok(())
+}
+
 /// Verifies, loads and attaches the program; returns its fd (for its counters).
-fn attach(ebpf: &mut Ebpf) -> Result<std::os::fd::OwnedFd, LoadError> {
+fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<std::os::fd::OwnedFd, LoadError> {
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(PROGRAM)
         .ok_or_else(|| LoadError::Object(format!("program {PROGRAM} missing")))?
@@ -193,8 +240,7 @@ fn attach(ebpf: &mut Ebpf) -> Result<std::os::fd::OwnedFd, LoadError> {
         .map_err(|e| {
             LoadError::Object(format!("program {PROGRAM} is not a BTF tracepoint: {e}"))
         })?;
-    let btf = aya::Btf::from_sys_fs().map_err(kernel("cannot parse the kernel's BTF"))?;
-    prog.load(PROGRAM, &btf).map_err(|e| {
+    prog.load(PROGRAM, btf).map_err(|e| {
         if matches!(e, aya::programs::ProgramError::Btf(_)) {
             return LoadError::NoTracepoint(e);
         }
@@ -221,7 +267,12 @@ fn attach(ebpf: &mut Ebpf) -> Result<std::os::fd::OwnedFd, LoadError> {
         .map_err(kernel("cannot duplicate the program fd"))
 }
 
-type Maps = (EventRings, RingBuf<MapData>, PerCpuArray<MapData, u64>);
+type Maps = (
+    EventRings,
+    RingBuf<MapData>,
+    RingBuf<MapData>,
+    PerCpuArray<MapData, u64>,
+);
 
 fn take_maps(ebpf: &mut Ebpf, geo: &Geometry) -> Result<Maps, LoadError> {
     let mut take = |name: &str| {
@@ -240,9 +291,11 @@ fn take_maps(ebpf: &mut Ebpf, geo: &Geometry) -> Result<Maps, LoadError> {
     )?;
     let doorbell = RingBuf::try_from(take(map::DOORBELL)?)
         .map_err(|e| LoadError::Object(format!("map {}: {e}", map::DOORBELL)))?;
+    let signals = RingBuf::try_from(take(map::SIGNALS)?)
+        .map_err(|e| LoadError::Object(format!("map {}: {e}", map::SIGNALS)))?;
     let stats = PerCpuArray::try_from(take(map::STATS)?)
         .map_err(|e| LoadError::Object(format!("map {}: {e}", map::STATS)))?;
-    Ok((rings, doorbell, stats))
+    Ok((rings, doorbell, signals, stats))
 }
 
 impl Probe {
@@ -261,6 +314,8 @@ impl Probe {
         KernelCounters {
             ringbuf_full: sum(stat::RINGBUF_FULL),
             recursion_misses: info.map_or(0, |i| i.recursion_misses),
+            signals_full: sum(stat::SIGNALS_FULL),
+            resets_no_socket: sum(stat::RESET_NO_SOCKET),
         }
     }
 }

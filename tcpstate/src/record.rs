@@ -25,6 +25,7 @@ pub enum Record {
     Suppressed(Suppressed),
     Stopped(Stopped),
     Killed(KilledRecord),
+    Reset(ResetRecord),
 }
 
 /// Written by `tcpstate kill` for each socket it destroyed: which, and who asked.
@@ -105,6 +106,56 @@ pub struct TransitionRecord {
     /// `timed_out`, `unreachable`, `reset`, `aborted` or `error`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// At the socket's end (CLOSE, TIME_WAIT): the retransmissions seen over its life, when
+    /// there were any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmits: Option<u16>,
+}
+
+/// A reset on a full socket: which side sent it, in which state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ResetRecord {
+    #[serde(with = "ts")]
+    pub ts: SystemTime,
+    #[serde(with = "hex")]
+    pub sk: u64,
+    #[serde(with = "family")]
+    pub family: Family,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub netns: u32,
+    #[serde(with = "state")]
+    pub state: TcpState,
+    /// `sent` (by this host) or `received` (from the peer).
+    pub side: String,
+    /// Who held the socket, as tracked (not checked: a reset is reported at once).
+    pub pid: Option<u32>,
+    #[serde(with = "opt_comm")]
+    pub comm: Option<Comm>,
+    /// Retransmissions the socket had seen.
+    pub retransmits: u16,
+}
+
+impl ResetRecord {
+    pub fn new(r: &crate::tracker::Reset, clock: WallClock) -> Self {
+        Self {
+            ts: clock.to_system(r.ts_ns),
+            sk: r.sk,
+            family: r.tuple.family,
+            saddr: r.tuple.saddr(),
+            sport: r.tuple.sport,
+            daddr: r.tuple.daddr(),
+            dport: r.tuple.dport,
+            netns: r.netns,
+            state: r.state,
+            side: r.side.name().to_owned(),
+            pid: r.owner.map(|t| t.pid),
+            comm: r.owner.map(|t| t.comm),
+            retransmits: r.retransmits,
+        }
+    }
 }
 
 /// Who the anomaly names, and how sure we are.
@@ -294,6 +345,7 @@ impl Record {
                 Record::AnomalyResolved(AnomalyRecord::new(a, Some(*why), clock))
             }
             Fact::Leak(l) => Record::LeakSuspected(LeakRecord::new(l, clock)),
+            Fact::Reset(r) => Record::Reset(ResetRecord::new(r, clock)),
         }
     }
 }
@@ -316,6 +368,7 @@ impl TransitionRecord {
             netns: m.netns,
             via: (m.via != crate::tracker::Via::Event).then(|| m.via.name().to_owned()),
             reason: m.reason.map(str::to_owned),
+            retransmits: (m.retransmits > 0).then_some(m.retransmits),
         }
     }
 }
@@ -496,6 +549,7 @@ mod tests {
             netns: 4026531840,
             via: None,
             reason: None,
+            retransmits: None,
         }
     }
 

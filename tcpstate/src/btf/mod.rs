@@ -119,6 +119,9 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
         comm: field("task_struct", &["comm"], 16)?,
         flag_dead: flag("SOCK_DEAD")?,
         flag_done: flag("SOCK_DONE")?,
+        state: sk("skc_state", 1)?,
+        num: sk("skc_num", 2)?,
+        rcv_saddr: sk("skc_rcv_saddr", 4)?,
     })
 }
 

@@ -121,6 +121,7 @@ fn sample() -> Vec<u8> {
     );
     let ulong = b.int("long unsigned int", 8);
     let flags_union = b.composite(KIND_UNION, "", false, 8, &[("skc_flags", ulong, 0)]);
+    let vuchar = b.push("", KIND_VOLATILE, false, 0, uchar);
     let sock_common = b.composite(
         KIND_STRUCT,
         "sock_common",
@@ -129,7 +130,9 @@ fn sample() -> Vec<u8> {
         &[
             ("", addr_union, 0),
             ("skc_dport", be16, 96),
+            ("skc_num", ushort, 112),
             ("skc_family", ushort, 128),
+            ("skc_state", vuchar, 136),
             ("skc_reuse", uchar, (4 << 24) | 144),
             ("skc_flag", uchar, (1 << 24) | 158),
             ("skc_net", pn, 384),
@@ -269,6 +272,9 @@ fn synthetic_offsets() {
             comm: 2000,
             flag_dead: 0,
             flag_done: 1,
+            state: 17,
+            num: 14,
+            rcv_saddr: 4,
         }
     );
     // Lookups through an anonymous union in a kind_flag struct.

@@ -70,6 +70,10 @@ impl JsonWriter {
             buf.extend_from_slice(b",\"reason\":");
             let _ = serde_json::to_writer(&mut *buf, reason);
         }
+        if let Some(r) = t.retransmits {
+            buf.extend_from_slice(b",\"retransmits\":");
+            buf.extend_from_slice(n.format(r).as_bytes());
+        }
         buf.push(b'}');
     }
 
@@ -188,6 +192,7 @@ mod tests {
                         netns: u32::MAX - i as u32,
                         via: i.is_multiple_of(3).then(|| "sock_diag".to_owned()),
                         reason: i.is_multiple_of(4).then(|| "refused".to_owned()),
+                        retransmits: i.is_multiple_of(5).then_some(i as u16),
                     };
                     let rec = Record::Transition(t);
                     let mut buf = Vec::new();

@@ -140,7 +140,8 @@ impl LogFile {
     }
 
     pub fn emit(&mut self, rec: &Record, now: Instant) {
-        if matches!(rec, Record::Transition(_)) && !self.admit_transition(now) {
+        // Resets come at the network's pace, like transitions: the same limit.
+        if matches!(rec, Record::Transition(_) | Record::Reset(_)) && !self.admit_transition(now) {
             return;
         }
         self.write(rec);

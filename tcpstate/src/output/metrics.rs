@@ -26,6 +26,10 @@ pub struct Counters {
     pub log_suppressed: u64,
     pub log_dropped: u64,
     pub stdout_dropped: u64,
+    /// Retransmit and reset events the kernel could not queue.
+    pub signals_dropped: u64,
+    /// Resets sent for no full socket.
+    pub resets_no_socket: u64,
 }
 
 /// (state, sum in seconds, count, cumulative buckets).
@@ -39,6 +43,9 @@ struct Snapshot {
     anomalies_raised: Vec<(&'static str, u64)>,
     anomalies_open: Vec<(&'static str, i64)>,
     failed_connects: Vec<(&'static str, u64)>,
+    /// By the socket's state: retransmits, resets sent, resets received.
+    signals: [Vec<(&'static str, u64)>; 3],
+    synack_retransmits: u64,
     resets: u64,
     leaks: u64,
     reconciled: u64,
@@ -98,6 +105,16 @@ pub fn render(tracker: &Tracker, counters: Counters) -> String {
             .map(|&s| (s.kind(), tracker.anomalies_open(s) as i64))
             .collect(),
         failed_connects: agg.connect_failures.iter().map(|(&r, &n)| (r, n)).collect(),
+        signals: [&agg.retransmits, &agg.resets_sent, &agg.resets_received].map(|by_state| {
+            TcpState::ALL
+                .into_iter()
+                .filter_map(|s| {
+                    let n = by_state[s as usize];
+                    (n > 0).then_some((s.name(), n))
+                })
+                .collect()
+        }),
+        synack_retransmits: agg.synack_retransmits,
         resets: agg.resets,
         leaks: agg.leaks_suspected,
         reconciled: agg.reconciled,
@@ -232,11 +249,34 @@ impl Snapshot {
         for &(reason, n) in &self.failed_connects {
             ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
         }
+        let [retransmits, sent, received] = &self.signals;
+        for (name, help, values) in [
+            (
+                "tcpstate_retransmits",
+                "Segments retransmitted, by the socket's state (tcp_retransmit_skb)",
+                retransmits,
+            ),
+            (
+                "tcpstate_resets_sent",
+                "Resets this host sent on a full socket, by its state (tcp_send_reset)",
+                sent,
+            ),
+            (
+                "tcpstate_resets_received",
+                "Resets received by a full socket, by its state (tcp_receive_reset)",
+                received,
+            ),
+        ] {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for &(state, n) in values {
+                ConstCounter::new(n).encode(m.encode_family(&[("state", state)])?)?;
+            }
+        }
         Ok(())
     }
 
     /// Unlabelled counters: (name, help, value).
-    fn counters(&self) -> [(&'static str, &'static str, u64); 14] {
+    fn counters(&self) -> [(&'static str, &'static str, u64); 17] {
         let c = &self.counters;
         [
             (
@@ -299,6 +339,21 @@ impl Snapshot {
                 "tcpstate_time_wait_pressure",
                 "time_wait_pressure anomalies raised: one destination's TIME_WAIT sockets held more than the threshold's share of the ephemeral port range",
                 self.pressure_raised,
+            ),
+            (
+                "tcpstate_synack_retransmits",
+                "SYN-ACKs a listener sent again: clients not completing their handshake (tcp_retransmit_synack)",
+                self.synack_retransmits,
+            ),
+            (
+                "tcpstate_resets_no_socket",
+                "Resets sent for no full socket (a SYN to a closed port, a timewait or request socket)",
+                c.resets_no_socket,
+            ),
+            (
+                "tcpstate_signals_dropped",
+                "Retransmit and reset events lost because their kernel buffer was full",
+                c.signals_dropped,
             ),
             (
                 "tcpstate_accept_queue_full",

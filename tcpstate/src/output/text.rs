@@ -61,6 +61,31 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
             );
             paint(out, RESET);
         }
+        Record::Reset(r) => {
+            paint(out, YELLOW);
+            let who = match (r.pid, r.comm) {
+                (Some(pid), Some(comm)) => {
+                    format!(" held by pid {pid} ({})", escape(&comm.as_str()))
+                }
+                _ => String::new(),
+            };
+            let retrans = if r.retransmits > 0 {
+                format!(", after {} retransmissions", r.retransmits)
+            } else {
+                String::new()
+            };
+            let _ = write!(
+                out,
+                "{} RESET    {:<11} {} -> {} {} in {}{who}{retrans}",
+                clock(r.ts),
+                r.state.name(),
+                endpoint(r.saddr, r.sport),
+                endpoint(r.daddr, r.dport),
+                escape(&r.side),
+                r.state.name(),
+            );
+            paint(out, RESET);
+        }
         Record::Killed(k) => {
             paint(out, YELLOW);
             write_killed(out, k);
@@ -125,6 +150,9 @@ fn write_transition(out: &mut String, t: &TransitionRecord) {
     );
     if let Some(reason) = &t.reason {
         let _ = write!(out, " ({})", escape(reason));
+    }
+    if let Some(n) = t.retransmits {
+        let _ = write!(out, " [{n} retransmits]");
     }
 }
 
@@ -306,6 +334,7 @@ mod tests {
             netns: 0,
             via: None,
             reason: None,
+            retransmits: None,
         }
     }
 

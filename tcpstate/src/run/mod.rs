@@ -110,12 +110,15 @@ impl Daemon {
             ring_bytes: args.ring_size,
             filters,
             offsets,
+            retransmits: args.retransmits,
+            resets: args.resets,
         })?;
         let rings = probe.rings.take().context("event rings already taken")?;
         let doorbell = probe.doorbell.take().context("doorbell already taken")?;
+        let signals = probe.signals.take().context("signals already taken")?;
         let (tx, batches) = mpsc::channel(64);
         let collector =
-            Collector::spawn(rings, doorbell, tx).context("cannot start the collector")?;
+            Collector::spawn(rings, doorbell, signals, tx).context("cannot start the collector")?;
         let (rtx, replies) = mpsc::unbounded_channel();
         let workers = Workers::spawn(2, rtx).context("cannot start the kernel-table workers")?;
         let http = match args.metrics_addr {
@@ -368,6 +371,8 @@ impl Daemon {
             log_suppressed: self.sinks.log_suppressed(),
             log_dropped: self.sinks.log_dropped(),
             stdout_dropped: self.sinks.stdout_dropped(),
+            signals_dropped: k.signals_full,
+            resets_no_socket: k.resets_no_socket,
         }
     }
 

@@ -58,6 +58,13 @@ pub fn matches(rec: &Record, f: &Filter) -> bool {
             )
         }
         Record::LeakSuspected(l) => (true, None, [Some(l.state), None], Some(l.pid), Some(l.comm)),
+        Record::Reset(r) => (
+            false,
+            Some([r.sport, r.dport]),
+            [Some(r.state), None],
+            r.pid,
+            r.comm,
+        ),
         Record::Killed(k) => (
             false,
             Some([k.sport, k.dport]),

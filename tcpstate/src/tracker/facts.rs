@@ -79,6 +79,42 @@ pub struct Moved {
     /// For a real close with an error: why (`refused`, `timed_out`, `unreachable`, `reset`,
     /// `aborted`, `error`).
     pub reason: Option<&'static str>,
+    /// At the socket's end: the retransmissions the hooks saw over its life (0: none or
+    /// not watched).
+    pub retransmits: u16,
+}
+
+/// Which end sent a reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// This host sent it (the application aborted, or the kernel refused a segment).
+    Sent,
+    /// The peer sent it.
+    Received,
+}
+
+impl Side {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Received => "received",
+        }
+    }
+}
+
+/// A reset on a full socket, from the reset hooks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reset {
+    pub ts_ns: u64,
+    pub sk: u64,
+    pub netns: u32,
+    pub tuple: Tuple,
+    /// The socket's state when it happened.
+    pub state: TcpState,
+    pub side: Side,
+    /// Who held the socket, as tracked (not checked).
+    pub owner: Option<Task>,
+    pub retransmits: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,4 +221,5 @@ pub enum Fact {
     Raised(Anomaly),
     Resolved(Anomaly, Resolution),
     Leak(Leak),
+    Reset(Reset),
 }

@@ -94,6 +94,7 @@ impl Tracker {
             task: None,
             via,
             reason: None,
+            retransmits: 0,
         }));
         true
     }
@@ -129,6 +130,7 @@ impl Tracker {
             task: None,
             via,
             reason: None,
+            retransmits: 0,
         }));
         if e.has(flag::ANOMALY_OPEN) {
             out.push(Fact::Resolved(
@@ -174,6 +176,7 @@ impl Tracker {
             task: None,
             via,
             reason: None,
+            retransmits: 0,
         }));
         if e.has(flag::ANOMALY_OPEN) {
             out.push(Fact::Resolved(self.anomaly(key, &e, ts_ns), why));

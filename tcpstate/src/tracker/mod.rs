@@ -21,6 +21,7 @@ mod kernel;
 pub mod leak;
 mod minisock;
 pub mod pressure;
+mod recent;
 pub mod stats;
 pub mod table;
 pub mod thresholds;
@@ -32,6 +33,7 @@ use self::{
     backlog::BacklogRule,
     deadlines::{Deadline, Deadlines},
     pressure::PressureRule,
+    recent::{Closed, RecentCloses},
     stats::Stats,
     table::{Comms, Entry, OwnerRef, Table, flag},
     thresholds::Thresholds,
@@ -39,12 +41,14 @@ use self::{
 };
 pub use self::{
     backlog::Listening,
-    facts::{AcceptQueue, Anomaly, Fact, Kind, Leak, Moved, Owner, Resolution, Task, Via},
+    facts::{
+        AcceptQueue, Anomaly, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side, Task, Via,
+    },
     kernel::{Alive, Found, KernelSocket, Probe, ProbeResult},
     pressure::NetnsInfo,
 };
 use crate::{
-    decode::{Ending, Transition},
+    decode::{Ending, Signal, Transition},
     socket::{Comm, Tuple},
     state::TcpState,
 };
@@ -103,6 +107,8 @@ pub struct Tracker {
     orphans: HashMap<(u32, Tuple), u64, foldhash::quality::RandomState>,
     next_key: u64,
     backlog: BacklogRule,
+    /// The last closes, for the resets sent after them.
+    recent: RecentCloses,
     pressure: PressureRule,
     /// Request sockets per namespace, from the last dump.
     requests: HashMap<u32, u64>,
@@ -121,6 +127,7 @@ impl Tracker {
             timewait: TimeWaitTable::new(cfg.timewait_capacity),
             pressure: PressureRule::new(cfg.pressure),
             backlog: BacklogRule::new(cfg.accept_queue_full),
+            recent: RecentCloses::default(),
             requests: HashMap::new(),
             cfg,
             comms: Comms::default(),
@@ -263,8 +270,11 @@ impl Tracker {
         k
     }
 
-    /// Applies one transition.
+    /// Applies one transition (or a signal about a socket).
     pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Fact>) -> Applied {
+        if let Some(s) = t.signal {
+            return self.on_signal(t, s, out);
+        }
         let e = match self.table.get(t.sk) {
             Some(e) => *e,
             None => match self.adopt_seeded(t).then(|| self.table.get(t.sk).copied()) {
@@ -287,12 +297,20 @@ impl Tracker {
         }
         let new = reported_state(t);
         self.before_move(t, netns, out);
-        self.report(out, t, netns, new, prev_ns);
+        self.report(out, t, (netns, new, prev_ns), e.retrans);
         if e.has(flag::ANOMALY_OPEN) {
             self.resolve(out, t.sk, &e, t.ts_ns, Resolution::LeftState);
         }
         match new {
             TcpState::Close => {
+                let closed = Closed {
+                    state: t.old,
+                    netns,
+                    tuple: tuple_of(t, &e),
+                    owner: e.owner().map(|o| self.task(o)),
+                    retrans: e.retrans,
+                };
+                self.recent.push(t.sk, closed);
                 self.forget(t.sk);
             }
             TcpState::TimeWait => {
@@ -304,6 +322,65 @@ impl Tracker {
         }
         self.after_move(t, netns, out);
         applied
+    }
+
+    /// A retransmit or reset: counted by the socket's state (`t.new`), the retransmits on the
+    /// socket too; a reset on a full socket is reported.
+    fn on_signal(&mut self, t: &Transition, s: Signal, out: &mut Vec<Fact>) -> Applied {
+        let e = self.table.get(t.sk).copied();
+        // A reset sent by an abortive close comes after the close: the socket as it was.
+        let closed = match e {
+            None if t.new == TcpState::Close => self.recent.get(t.sk).copied(),
+            _ => None,
+        };
+        let netns = match (e, closed) {
+            (Some(e), _) if e.netns != 0 => e.netns,
+            (_, Some(c)) => c.netns,
+            _ => t.netns,
+        };
+        let state = closed.map_or(t.new, |c| c.state);
+        let st = state as usize;
+        let side = match s {
+            Signal::Retransmit => {
+                self.stats.retransmits[st] += 1;
+                self.table
+                    .update(t.sk, |e| e.retrans = e.retrans.saturating_add(1));
+                None
+            }
+            Signal::SynackRetransmit => {
+                self.stats.synack_retransmits += 1;
+                None
+            }
+            Signal::ResetSent => {
+                self.stats.resets_sent[st] += 1;
+                Some(Side::Sent)
+            }
+            Signal::ResetReceived => {
+                self.stats.resets_received[st] += 1;
+                Some(Side::Received)
+            }
+        };
+        if let Some(side) = side {
+            let (tuple, owner, retransmits) = match (e, closed) {
+                (Some(e), _) => (tuple_of(t, &e), e.owner().map(|o| self.task(o)), e.retrans),
+                (None, Some(c)) => (c.tuple, c.owner, c.retrans),
+                (None, None) => (t.tuple, None, 0),
+            };
+            out.push(Fact::Reset(Reset {
+                ts_ns: t.ts_ns,
+                sk: t.sk,
+                netns,
+                tuple,
+                state,
+                side,
+                owner,
+                retransmits,
+            }));
+        }
+        Applied {
+            prev_state_ms: None,
+            netns,
+        }
     }
 
     /// A socket we have never seen: track it unless it is closing.
@@ -322,7 +399,7 @@ impl Tracker {
             };
         }
         self.before_move(t, t.netns, out);
-        self.report(out, t, t.netns, new, None);
+        self.report(out, t, (t.netns, new, None), 0);
         match new {
             TcpState::Close => {}
             TcpState::TimeWait => {
@@ -340,13 +417,14 @@ impl Tracker {
     }
 
     /// Pushes the transition fact and counts it.
+    /// Reports `t` as a move to `new` (the state the kernel shows), timed `prev_ns` in the old
+    /// state; `retransmits` is what the socket saw, carried on its end.
     fn report(
         &mut self,
         out: &mut Vec<Fact>,
         t: &Transition,
-        netns: u32,
-        new: TcpState,
-        prev_ns: Option<u64>,
+        (netns, new, prev_ns): (u32, TcpState, Option<u64>),
+        retransmits: u16,
     ) {
         self.stats.transition(t.old, new, prev_ns);
         if new == TcpState::Close {
@@ -369,6 +447,11 @@ impl Tracker {
                 t.ending.reason()
             } else {
                 None
+            },
+            retransmits: if matches!(new, TcpState::Close | TcpState::TimeWait) {
+                retransmits
+            } else {
+                0
             },
         }));
     }

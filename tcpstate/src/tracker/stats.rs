@@ -32,6 +32,11 @@ pub struct Stats {
     pub connect_failures: std::collections::BTreeMap<&'static str, u64>,
     pub leaks_suspected: u64,
     pub reconciled: u64,
+    /// From the retransmit and reset hooks, by the socket's state.
+    pub retransmits: [u64; N],
+    pub synack_retransmits: u64,
+    pub resets_sent: [u64; N],
+    pub resets_received: [u64; N],
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -66,6 +71,10 @@ impl Stats {
             connect_failures: std::collections::BTreeMap::new(),
             leaks_suspected: 0,
             reconciled: 0,
+            retransmits: [0; N],
+            synack_retransmits: 0,
+            resets_sent: [0; N],
+            resets_received: [0; N],
         }
     }
 

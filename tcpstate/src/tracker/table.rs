@@ -57,6 +57,9 @@ pub struct Entry {
     owner_comm: u32,
     pub state: TcpState,
     pub flags: u8,
+    /// Retransmissions the hooks saw (saturating): what a close record carries, when the
+    /// kernel's own count is gone with the socket.
+    pub retrans: u16,
 }
 
 const _: () = assert!(size_of::<Entry>() == 80);
@@ -73,6 +76,7 @@ impl Entry {
             owner_comm: NO_OWNER,
             state,
             flags,
+            retrans: 0,
         }
     }
 

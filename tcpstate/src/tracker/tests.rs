@@ -47,6 +47,7 @@ fn at(sk: u64, ts: u64) -> Transition {
         pid: 0,
         comm: Comm::default(),
         netns: 7,
+        signal: None,
     }
 }
 
@@ -769,4 +770,60 @@ mod model {
         }
         assert_eq!(t.table.counts(), t.table.recount());
     }
+}
+
+fn signal(mut t: Transition, s: crate::decode::Signal) -> Transition {
+    t.signal = Some(s);
+    t
+}
+
+#[test]
+fn retransmits_ride_on_the_socket_and_a_late_reset_names_it_as_it_was() {
+    use crate::decode::Signal;
+    let mut t = tracker(16);
+    let mut out = Vec::new();
+    let sk = 0xffff_0001;
+    t.on_transition(&at(sk, 1).go(Close, SynSent).by(42, "client"), &mut out);
+    t.on_transition(
+        &at(sk, 2).go(SynSent, Established).ports(5000, 80),
+        &mut out,
+    );
+    for ts in [3, 4] {
+        let r = signal(
+            at(sk, ts).go(Established, Established).ports(5000, 80),
+            Signal::Retransmit,
+        );
+        t.on_transition(&r, &mut out);
+    }
+    out.clear();
+    // An abortive close: CLOSE first, the reset after it.
+    t.on_transition(&at(sk, 5).go(Established, Close).ports(5000, 80), &mut out);
+    let [Fact::Moved(m)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(m.retransmits, 2);
+    out.clear();
+    let rst = signal(
+        at(sk, 6).go(Close, Close).ports(5000, 80),
+        Signal::ResetSent,
+    );
+    t.on_transition(&rst, &mut out);
+    let [Fact::Reset(r)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (r.state, r.side, r.retransmits, r.netns),
+        (Established, Side::Sent, 2, 7)
+    );
+    assert_eq!(r.owner.map(|o| o.pid), Some(42));
+    let s = t.stats();
+    assert_eq!(
+        (
+            s.retransmits[Established as usize],
+            s.resets_sent[Established as usize],
+            s.resets_received.iter().sum::<u64>()
+        ),
+        (2, 1, 0)
+    );
+    assert_eq!(t.tracked(), 0, "a signal never creates a socket");
 }

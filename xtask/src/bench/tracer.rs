@@ -24,6 +24,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum Tracer {
     Untraced,
     TcpstateDefault,
+    /// Default flags without the retransmit and reset hooks.
+    TcpstateNoHooks,
     TcpstateFullLog,
     TcpstateAnomalies,
     Tcpstates,
@@ -44,9 +46,10 @@ pub const TIMEWAIT_METRICS_PORT: u16 = 19464;
 
 impl Tracer {
     /// In the order each round runs them.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Untraced,
         Self::TcpstateDefault,
+        Self::TcpstateNoHooks,
         Self::TcpstateFullLog,
         Self::TcpstateAnomalies,
         Self::Tcpstates,
@@ -57,6 +60,7 @@ impl Tracer {
         match self {
             Self::Untraced => "untraced",
             Self::TcpstateDefault => "tcpstate (default log)",
+            Self::TcpstateNoHooks => "tcpstate --retransmits=false --resets=false",
             Self::TcpstateFullLog => "tcpstate --log-rate 0",
             Self::TcpstateAnomalies => "tcpstate --log-transitions=false",
             Self::Tcpstates => "libbpf-tools tcpstates",
@@ -75,6 +79,7 @@ impl Tracer {
         match self {
             Self::Untraced => "untraced",
             Self::TcpstateDefault => "tcpstate-default",
+            Self::TcpstateNoHooks => "tcpstate-no-hooks",
             Self::TcpstateFullLog => "tcpstate-full-log",
             Self::TcpstateAnomalies => "tcpstate-anomalies-only",
             Self::Tcpstates => "tcpstates",
@@ -90,6 +95,7 @@ impl Tracer {
         matches!(
             self,
             Self::TcpstateDefault
+                | Self::TcpstateNoHooks
                 | Self::TcpstateFullLog
                 | Self::TcpstateAnomalies
                 | Self::TcpstateTimewait
@@ -153,6 +159,9 @@ impl Tracer {
             }
             Self::TcpstateAnomalies => {
                 cmd.arg("--log-transitions=false");
+            }
+            Self::TcpstateNoHooks => {
+                cmd.args(["--retransmits=false", "--resets=false"]);
             }
             Self::TcpstateTimewait | Self::TcpstateBaseline => {
                 let addr = format!("127.0.0.1:{TIMEWAIT_METRICS_PORT}");
