@@ -16,7 +16,9 @@ use crate::{
     sockdiag::{ALL_STATES, DiagSocket, Namespaces},
     socket::{Comm, Tuple, Vitals},
     state::TcpState,
-    tracker::{AcceptQueue, Alive, Found, KernelSocket, Listening, NetnsInfo, Probe, ProbeResult},
+    tracker::{
+        AcceptQueue, Alive, Found, HostTcp, KernelSocket, Listening, NetnsInfo, Probe, ProbeResult,
+    },
 };
 
 /// What a worker can be asked.
@@ -42,6 +44,8 @@ pub enum Job {
     Settings { netns: u32 },
     /// The listeners of these namespaces and their accept queues.
     Listeners { namespaces: Vec<u32> },
+    /// The host's orphan and TCP memory counts, with their limits.
+    HostTcp,
 }
 
 /// The answer to one socket's owner check.
@@ -91,6 +95,7 @@ pub enum Reply {
         netns: u32,
         info: Option<NetnsInfo>,
     },
+    HostTcp(Option<HostTcp>),
     Listeners {
         /// When the first dump started (monotonic ns).
         at_ns: u64,
@@ -148,6 +153,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
                 info: settings(&mut ns, netns),
             },
             Job::Listeners { namespaces } => listeners(&mut ns, &namespaces),
+            Job::HostTcp => Reply::HostTcp(host_tcp()),
         };
         if replies.send(reply).is_err() {
             return;
@@ -402,6 +408,18 @@ fn look_listener(
 }
 
 const LISTEN: u32 = 1 << TcpState::Listen as u32;
+
+/// Host-wide counts: `tcp_max_orphans` and `tcp_mem` exist only in the first namespace, and
+/// sockstat's orphan and memory counts are global. Read from this thread's namespace, the
+/// daemon's own (the host's, as a service).
+fn host_tcp() -> Option<HostTcp> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    HostTcp::parse(
+        &read("/proc/net/sockstat")?,
+        &read("/proc/sys/net/ipv4/tcp_max_orphans")?,
+        &read("/proc/sys/net/ipv4/tcp_mem")?,
+    )
+}
 
 fn listeners(ns: &mut Namespaces, namespaces: &[u32]) -> Reply {
     let at_ns = monotonic_ns();

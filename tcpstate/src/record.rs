@@ -183,6 +183,46 @@ pub struct AcceptQueue {
     pub backlog: u32,
 }
 
+/// The host's orphans and TCP memory against their limits, and the processes whose closing
+/// sockets are the most.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Orphans {
+    pub orphans: u64,
+    pub max_orphans: u64,
+    pub tcp_mem_pages: u64,
+    pub tcp_mem_max_pages: u64,
+    pub by_owner: Vec<OwnerCount>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnerCount {
+    pub pid: u32,
+    #[serde(with = "comm")]
+    pub comm: Comm,
+    /// Closing sockets (FIN_WAIT1, LAST_ACK, CLOSING, orphaned FIN_WAIT2) it last held.
+    pub count: u64,
+}
+
+impl From<&crate::tracker::orphans::OrphanPressure> for Orphans {
+    fn from(o: &crate::tracker::orphans::OrphanPressure) -> Self {
+        Self {
+            orphans: o.host.orphans,
+            max_orphans: o.host.max_orphans,
+            tcp_mem_pages: o.host.mem_pages,
+            tcp_mem_max_pages: o.host.mem_max_pages,
+            by_owner: o
+                .by_owner
+                .iter()
+                .map(|(t, count)| OwnerCount {
+                    pid: t.pid,
+                    comm: t.comm,
+                    count: *count,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A socket's vital signs when its anomaly was raised: what `ss -tio` shows.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Vitals {
@@ -270,6 +310,9 @@ pub struct AnomalyRecord {
     /// The socket's queues, timer and `tcp_info` when the anomaly was raised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vitals: Option<Vitals>,
+    /// For `orphan_pressure`: the host's counts and who left the closing sockets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orphans: Option<Orphans>,
     /// For `anomaly_resolved`: why it ended (`left_state`, `reconciled`,
     /// `netns_gone`, `below_threshold`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -415,6 +458,7 @@ impl AnomalyRecord {
             last_owner,
             accept_queue: a.accept_queue.map(AcceptQueue::from),
             vitals: a.vitals.map(Vitals::from),
+            orphans: a.orphans.as_ref().map(Orphans::from),
             resolution: resolution.map(|r| r.name().to_owned()),
             count: p.map(|p| p.count),
             port_range: p.map(|p| p.range),

@@ -177,6 +177,7 @@ mod tests {
             pressure: None,
             accept_queue: None,
             vitals: None,
+            orphans: None,
         }
     }
 

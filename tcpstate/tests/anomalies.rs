@@ -354,3 +354,120 @@ fn a_fin_wait1_stuck_behind_a_zero_window_says_so() {
     drop((server, client));
     drop(daemon.stop());
 }
+
+#[test]
+fn orphan_pressure_names_who_left_the_closing_sockets() {
+    use std::io::Write as _;
+    if !require_bpf() {
+        return;
+    }
+    // Client and server namespaces joined by a veth; once the server's address is gone, the
+    // client's closes are never acknowledged: orphans in FIN_WAIT1.
+    let client = Netns::new();
+    let server = Netns::new();
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&[
+        "-n",
+        &client.name,
+        "link",
+        "add",
+        "or0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "or1",
+        "netns",
+        &server.name,
+    ]);
+    ip(&[
+        "-n",
+        &client.name,
+        "addr",
+        "add",
+        "10.96.0.1/24",
+        "dev",
+        "or0",
+    ]);
+    ip(&[
+        "-n",
+        &server.name,
+        "addr",
+        "add",
+        "10.96.0.2/24",
+        "dev",
+        "or1",
+    ]);
+    ip(&["-n", &client.name, "link", "set", "or0", "up"]);
+    ip(&["-n", &server.name, "link", "set", "or1", "up"]);
+    let p = port(32000);
+    let mport = free_port();
+    // A share so small that the host is over it already: the test is about what the
+    // anomaly says, not about filling a real host's orphan table.
+    let mut daemon = Daemon::start(&[
+        "--port",
+        &p.to_string(),
+        "--threshold",
+        "orphan_pressure=0.000001",
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let listener = server.run(move || TcpListener::bind(("10.96.0.2", p)).expect("bind"));
+    let clients: Vec<TcpStream> = client.run(move || {
+        (0..20)
+            .map(|_| TcpStream::connect(("10.96.0.2", p)).expect("connect"))
+            .collect()
+    });
+    let servers: Vec<TcpStream> = (0..20)
+        .map(|_| listener.accept().expect("accept").0)
+        .collect();
+    ip(&[
+        "-n",
+        &server.name,
+        "addr",
+        "del",
+        "10.96.0.2/24",
+        "dev",
+        "or1",
+    ]);
+    let thread_comm = std::fs::read_to_string("/proc/thread-self/comm")
+        .expect("comm")
+        .trim()
+        .to_owned();
+    for mut c in clients {
+        c.write_all(b"unacknowledged").expect("queued");
+        drop(c);
+    }
+    let raised = daemon
+        .wait_for(Duration::from_secs(6), |r| {
+            r["type"] == "anomaly" && r["kind"] == "orphan_pressure"
+        })
+        .expect("orphan_pressure raised");
+    assert!(
+        raised["orphans"]["max_orphans"].as_u64().expect("limit") > 0,
+        "{raised}"
+    );
+    // A reading after the orphans exist (every 2 s), then the status page's view.
+    std::thread::sleep(Duration::from_millis(2500));
+    let status: Value = serde_json::from_str(&http_get(mport, "/status")).expect("json");
+    let open = status["open_anomalies"]
+        .as_array()
+        .and_then(|v| v.iter().find(|a| a["kind"] == "orphan_pressure"))
+        .unwrap_or_else(|| panic!("no open orphan_pressure in {status}"));
+    let o = &open["orphans"];
+    assert!(o["orphans"].as_u64().expect("orphans") >= 20, "{open}");
+    assert_eq!(
+        o["by_owner"],
+        // The closes ran on this test's thread: its name is the task's comm.
+        serde_json::json!([{"pid": std::process::id(), "comm": thread_comm, "count": 20}]),
+        "{open}"
+    );
+    drop(servers);
+    drop(daemon.stop());
+}

@@ -59,6 +59,9 @@ struct Snapshot {
     pressure_open: u64,
     backlog_raised: u64,
     backlog_open: u64,
+    orphans_raised: u64,
+    orphans_open: u64,
+    host: crate::tracker::HostTcp,
     pressure_worst: f64,
     counters: Counters,
 }
@@ -128,6 +131,9 @@ pub fn render(tracker: &Tracker, counters: Counters) -> String {
         pressure_open: tracker.pressure_open(),
         backlog_raised: tracker.backlog_raised(),
         backlog_open: tracker.backlog_open(),
+        orphans_raised: tracker.orphans_raised(),
+        orphans_open: tracker.orphans_open(),
+        host: tracker.host_tcp(),
         pressure_worst: tracker.pressure_worst(),
         counters,
     };
@@ -276,7 +282,7 @@ impl Snapshot {
     }
 
     /// Unlabelled counters: (name, help, value).
-    fn counters(&self) -> [(&'static str, &'static str, u64); 17] {
+    fn counters(&self) -> [(&'static str, &'static str, u64); 18] {
         let c = &self.counters;
         [
             (
@@ -356,6 +362,11 @@ impl Snapshot {
                 c.signals_dropped,
             ),
             (
+                "tcpstate_orphan_pressure",
+                "orphan_pressure anomalies raised: the host's orphans or TCP memory passed the threshold's share of tcp_max_orphans or tcp_mem",
+                self.orphans_raised,
+            ),
+            (
                 "tcpstate_accept_queue_full",
                 "accept_queue_full anomalies raised: a listener's accept queue stayed at its backlog past the threshold",
                 self.backlog_raised,
@@ -364,8 +375,35 @@ impl Snapshot {
     }
 
     /// Unlabelled gauges: (name, help, value).
-    fn gauges(&self) -> [(&'static str, &'static str, i64); 6] {
+    fn gauges(&self) -> [(&'static str, &'static str, i64); 11] {
+        let h = self.host;
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         [
+            (
+                "tcpstate_orphan_pressure_open",
+                "1 while the host is under orphan_pressure",
+                g(self.orphans_open),
+            ),
+            (
+                "tcpstate_host_orphans",
+                "Orphaned TCP sockets on the host (/proc/net/sockstat; 0 until read, or with orphan_pressure off)",
+                g(h.orphans),
+            ),
+            (
+                "tcpstate_host_max_orphans",
+                "net.ipv4.tcp_max_orphans",
+                g(h.max_orphans),
+            ),
+            (
+                "tcpstate_host_tcp_mem_pages",
+                "Pages of TCP memory in use on the host, against tcpstate_host_tcp_mem_max_pages (tcp_mem's hard limit)",
+                g(h.mem_pages),
+            ),
+            (
+                "tcpstate_host_tcp_mem_max_pages",
+                "The last value of net.ipv4.tcp_mem: past it TCP drops and kills",
+                g(h.mem_max_pages),
+            ),
             (
                 "tcpstate_accept_queue_full_open",
                 "Listeners whose accept queue is at its backlog past the threshold now",

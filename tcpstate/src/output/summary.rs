@@ -40,14 +40,17 @@ pub fn summary(t: &Tracker) -> String {
     for (n, a, b) in pairs {
         let _ = write!(s, "\n  {:<12} -> {:<12} {n}", a.name(), b.name());
     }
-    let raised: u64 =
-        stats.anomalies_raised.iter().sum::<u64>() + t.pressure_raised() + t.backlog_raised();
+    let raised: u64 = stats.anomalies_raised.iter().sum::<u64>()
+        + t.pressure_raised()
+        + t.backlog_raised()
+        + t.orphans_raised();
     let open: u64 = TcpState::ALL
         .into_iter()
         .map(|st| t.anomalies_open(st))
         .sum::<u64>()
         + t.pressure_open()
-        + t.backlog_open();
+        + t.backlog_open()
+        + t.orphans_open();
     let _ = write!(
         s,
         "\nfailed connects {}, resets {}, anomalies raised {raised} (open {open}), leaks suspected {}, reconciled {}",

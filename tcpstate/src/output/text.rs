@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::IpAddr, time::SystemTime};
 
 use super::escape::escape;
 use crate::{
-    record::{AnomalyRecord, KilledRecord, OwnerSource, Record, TransitionRecord, Vitals},
+    record::{AnomalyRecord, KilledRecord, Orphans, OwnerSource, Record, TransitionRecord, Vitals},
     state::TcpState,
 };
 
@@ -193,6 +193,10 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
     };
     let at_least = if a.age_is_lower_bound { ">=" } else { "" };
     let queue_full = a.kind == "accept_queue_full";
+    if let Some(o) = &a.orphans {
+        write_orphans(out, label, a, o);
+        return;
+    }
     let what = if a.count.is_some() {
         "TW_PRESSURE"
     } else if queue_full {
@@ -230,6 +234,36 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
         for w in vital_signs(a.state, v) {
             let _ = write!(out, "; {w}");
         }
+    }
+    if let Some(why) = &a.resolution {
+        let _ = write!(out, " ({})", escape(why));
+    }
+}
+
+fn write_orphans(out: &mut String, label: &str, a: &AnomalyRecord, o: &Orphans) {
+    let _ = write!(
+        out,
+        "{} {label} ORPHANS     {:.1}s host: {} orphans of {} (tcp_max_orphans), TCP memory {} of {} pages",
+        clock(a.ts),
+        a.age_ms / 1000.0,
+        o.orphans,
+        o.max_orphans,
+        o.tcp_mem_pages,
+        o.tcp_mem_max_pages,
+    );
+    for (i, c) in o.by_owner.iter().enumerate() {
+        let lead = if i == 0 {
+            "; closing sockets by last owner: "
+        } else {
+            ", "
+        };
+        let _ = write!(
+            out,
+            "{lead}pid {} ({}) {}",
+            c.pid,
+            escape(&c.comm.as_str()),
+            c.count
+        );
     }
     if let Some(why) = &a.resolution {
         let _ = write!(out, " ({})", escape(why));
@@ -377,6 +411,7 @@ mod tests {
             }),
             accept_queue: None,
             vitals: None,
+            orphans: None,
             resolution: None,
             count: None,
             port_range: None,

@@ -27,6 +27,9 @@ pub(super) struct InFlight {
     pub(super) probes: usize,
     pub(super) settings: std::collections::HashSet<u32>,
     pub(super) listeners: bool,
+    pub(super) host_tcp: bool,
+    /// Sweeps since the last reading of the host's orphan counts.
+    pub(super) since_host_tcp: u32,
     /// Sweeps since the last poll of listeners.
     pub(super) since_listeners: u32,
     /// Answers about the kernel's table that came before the events up to
@@ -46,6 +49,16 @@ impl Daemon {
             }
         }
         self.poll_listeners();
+        // Every 2 s: three small /proc reads.
+        self.jobs.since_host_tcp += 1;
+        if self.tracker.watches_orphans()
+            && !self.jobs.host_tcp
+            && self.jobs.since_host_tcp >= 4
+            && self.workers.submit(Job::HostTcp)
+        {
+            self.jobs.host_tcp = true;
+            self.jobs.since_host_tcp = 0;
+        }
         for netns in self.tracker.netns_without_info() {
             if self.jobs.settings.insert(netns) {
                 self.workers.submit(Job::Settings { netns });
@@ -149,6 +162,14 @@ impl Daemon {
                 self.tracker
                     .listeners_polled(at_ns, &namespaces, &listeners, &mut facts);
                 self.publish(facts);
+            }
+            Reply::HostTcp(host) => {
+                self.jobs.host_tcp = false;
+                if let Some(host) = host {
+                    let mut facts = Vec::new();
+                    self.tracker.host_tcp_read(monotonic_ns(), host, &mut facts);
+                    self.publish(facts);
+                }
             }
             Reply::Seeded { .. } => {}
         }

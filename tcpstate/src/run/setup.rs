@@ -37,11 +37,13 @@ pub(super) fn tracker_config(args: &RunArgs) -> Config {
     let mut thresholds = Thresholds::defaults(Thresholds::host_fin_timeout());
     let mut pressure = Some(0.5);
     let mut accept_queue_full = Some(Duration::from_secs(5));
+    let mut orphan_pressure = Some(0.5);
     for t in &args.thresholds {
         match *t {
             Threshold::State(st, d) => thresholds.set(st, d),
             Threshold::Pressure(p) => pressure = p,
             Threshold::AcceptQueue(d) => accept_queue_full = d,
+            Threshold::Orphans(f) => orphan_pressure = f,
         }
     }
     Config {
@@ -51,6 +53,7 @@ pub(super) fn tracker_config(args: &RunArgs) -> Config {
         leak_threshold: args.leak_threshold,
         pressure,
         accept_queue_full,
+        orphan_pressure,
     }
 }
 

@@ -35,6 +35,7 @@ fn anomaly() -> AnomalyRecord {
         last_owner: None,
         accept_queue: None,
         vitals: None,
+        orphans: None,
         resolution: None,
         count: None,
         port_range: None,

@@ -132,6 +132,7 @@ fn anomaly((netns, tuple): (u32, Tuple), f: &Full, ts_ns: u64) -> Anomaly {
         pressure: None,
         accept_queue: Some(f.queue),
         vitals: None,
+        orphans: None,
     }
 }
 

@@ -125,6 +125,8 @@ pub enum Kind {
     TimeWaitPressure,
     /// A listener's accept queue stayed at its backlog past the threshold.
     AcceptQueueFull,
+    /// The host's orphans or TCP memory passed a share of their limit.
+    OrphanPressure,
 }
 
 impl Kind {
@@ -133,6 +135,7 @@ impl Kind {
             Self::Lingering(st) => st.kind(),
             Self::TimeWaitPressure => "time_wait_pressure",
             Self::AcceptQueueFull => "accept_queue_full",
+            Self::OrphanPressure => "orphan_pressure",
         }
     }
 }
@@ -179,6 +182,8 @@ pub struct Anomaly {
     pub accept_queue: Option<AcceptQueue>,
     /// The socket's queues, timer and `tcp_info` when it was raised.
     pub vitals: Option<Vitals>,
+    /// For `orphan_pressure`: the host's counts, and who left the closing sockets.
+    pub orphans: Option<super::orphans::OrphanPressure>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

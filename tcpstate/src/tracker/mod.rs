@@ -20,6 +20,7 @@ pub mod facts;
 mod kernel;
 pub mod leak;
 mod minisock;
+pub mod orphans;
 pub mod pressure;
 mod recent;
 pub mod stats;
@@ -32,6 +33,7 @@ use std::collections::HashMap;
 use self::{
     backlog::BacklogRule,
     deadlines::{Deadline, Deadlines},
+    orphans::OrphanRule,
     pressure::PressureRule,
     recent::{Closed, RecentCloses},
     stats::Stats,
@@ -45,6 +47,7 @@ pub use self::{
         AcceptQueue, Anomaly, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side, Task, Via,
     },
     kernel::{Alive, Found, KernelSocket, Probe, ProbeResult},
+    orphans::HostTcp,
     pressure::NetnsInfo,
 };
 use crate::{
@@ -68,6 +71,9 @@ pub struct Config {
     /// `accept_queue_full`: how long a listener's queue may stay at its
     /// backlog (None: off).
     pub accept_queue_full: Option<std::time::Duration>,
+    /// `orphan_pressure`: the share of `tcp_max_orphans` or `tcp_mem` the host may reach
+    /// (None: off).
+    pub orphan_pressure: Option<f64>,
 }
 
 /// What applying one transition told us.
@@ -107,6 +113,7 @@ pub struct Tracker {
     orphans: HashMap<(u32, Tuple), u64, foldhash::quality::RandomState>,
     next_key: u64,
     backlog: BacklogRule,
+    orphan_rule: OrphanRule,
     /// The last closes, for the resets sent after them.
     recent: RecentCloses,
     pressure: PressureRule,
@@ -127,6 +134,7 @@ impl Tracker {
             timewait: TimeWaitTable::new(cfg.timewait_capacity),
             pressure: PressureRule::new(cfg.pressure),
             backlog: BacklogRule::new(cfg.accept_queue_full),
+            orphan_rule: OrphanRule::new(cfg.orphan_pressure),
             recent: RecentCloses::default(),
             requests: HashMap::new(),
             cfg,
@@ -235,6 +243,31 @@ impl Tracker {
         out: &mut Vec<Fact>,
     ) {
         self.backlog.observe(at_ns, namespaces, listeners, out);
+    }
+
+    /// Whether the host's orphan and TCP memory counts are to be read.
+    pub fn watches_orphans(&self) -> bool {
+        self.orphan_rule.enabled()
+    }
+
+    /// A reading of the host's orphan and TCP memory counts.
+    pub fn host_tcp_read(&mut self, now_ns: u64, host: HostTcp, out: &mut Vec<Fact>) {
+        let table = &self.table;
+        let comms = &self.comms;
+        self.orphan_rule
+            .observe(now_ns, host, || closing_by_owner(table, comms), out);
+    }
+
+    pub fn host_tcp(&self) -> HostTcp {
+        self.orphan_rule.host()
+    }
+
+    pub fn orphans_open(&self) -> u64 {
+        self.orphan_rule.open()
+    }
+
+    pub fn orphans_raised(&self) -> u64 {
+        self.orphan_rule.raised_total()
     }
 
     pub fn backlog_open(&self) -> u64 {
@@ -666,6 +699,10 @@ impl Tracker {
             .collect();
         v.extend(self.pressure.open_anomalies(now_ns));
         v.extend(self.backlog.open_anomalies(now_ns));
+        v.extend(
+            self.orphan_rule
+                .open_anomaly(now_ns, || closing_by_owner(&self.table, &self.comms)),
+        );
         v.sort_by_key(|a| a.since_ns);
         v
     }
@@ -708,6 +745,7 @@ impl Tracker {
             pressure: None,
             accept_queue: None,
             vitals: None,
+            orphans: None,
         }
     }
 }
@@ -725,6 +763,37 @@ fn reported_state(t: &Transition) -> TcpState {
 /// event lacks the local end.
 fn tuple_of(t: &Transition, e: &Entry) -> Tuple {
     if t.tuple.sport == 0 { e.tuple } else { t.tuple }
+}
+
+/// Closing sockets (FIN_WAIT1, LAST_ACK, CLOSING, orphaned FIN_WAIT2) by their last owner,
+/// the five with the most: who left the orphans. Walks the table, so only when an
+/// `orphan_pressure` anomaly is raised, resolved or shown.
+fn closing_by_owner(table: &Table, comms: &Comms) -> Vec<(Task, u64)> {
+    let mut n: HashMap<OwnerRef, u64> = HashMap::new();
+    for (_, e) in table.iter() {
+        let closing = matches!(
+            e.state,
+            TcpState::FinWait1 | TcpState::LastAck | TcpState::Closing
+        ) || (e.state == TcpState::FinWait2 && e.has(flag::ORPHAN));
+        if let (true, Some(o)) = (closing, e.owner()) {
+            *n.entry(o).or_default() += 1;
+        }
+    }
+    let mut v: Vec<(Task, u64)> = n
+        .into_iter()
+        .map(|(o, c)| {
+            (
+                Task {
+                    pid: o.pid,
+                    comm: comms.get(o.comm),
+                },
+                c,
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.pid.cmp(&b.0.pid)));
+    v.truncate(5);
+    v
 }
 
 /// A threshold as nanoseconds, saturating: `--threshold` accepts huge

@@ -252,6 +252,7 @@ fn anomaly(d: &Dest, c: &Count, info: &NetnsInfo, ts_ns: u64) -> Anomaly {
         }),
         accept_queue: None,
         vitals: None,
+        orphans: None,
     }
 }
 

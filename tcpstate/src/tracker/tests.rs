@@ -29,6 +29,7 @@ fn tracker(capacity: usize) -> Tracker {
         leak_threshold: 2,
         pressure: Some(0.5),
         accept_queue_full: None,
+        orphan_pressure: None,
     })
 }
 
@@ -679,6 +680,7 @@ mod model {
                 leak_threshold: 1,
                 pressure: Some(0.5),
                 accept_queue_full: None,
+        orphan_pressure: None,
             });
             // What the kernel would say each address holds now: (state, since).
             let mut model: HashMap<u64, (TcpState, u64)> = HashMap::new();

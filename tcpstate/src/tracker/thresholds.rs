@@ -66,6 +66,8 @@ pub enum Threshold {
     Pressure(Option<f64>),
     /// `accept_queue_full`: how long a listener's queue may stay at its backlog (None: off).
     AcceptQueue(Option<Duration>),
+    /// `orphan_pressure`: the share of `tcp_max_orphans` or `tcp_mem` (None: off).
+    Orphans(Option<f64>),
 }
 
 /// Longest threshold accepted: beyond it a typo, not a policy (and a nanosecond count near
@@ -79,16 +81,15 @@ pub fn parse_override(s: &str) -> Result<Threshold, String> {
         .split_once('=')
         .ok_or_else(|| format!("expected STATE=DURATION, got {s:?}"))?;
     if state.trim().eq_ignore_ascii_case("time_wait_pressure") {
-        let v = dur.trim();
-        if v == "off" || v == "none" {
-            return Ok(Threshold::Pressure(None));
-        }
-        return match v.parse::<f64>() {
-            Ok(f) if f > 0.0 && f <= 1.0 => Ok(Threshold::Pressure(Some(f))),
-            _ => Err(format!(
-                "time_wait_pressure wants a fraction of the port range in (0, 1] or off, got {v:?}"
-            )),
-        };
+        return fraction(dur, "time_wait_pressure wants a fraction of the port range")
+            .map(Threshold::Pressure);
+    }
+    if state.trim().eq_ignore_ascii_case("orphan_pressure") {
+        return fraction(
+            dur,
+            "orphan_pressure wants a fraction of tcp_max_orphans and tcp_mem",
+        )
+        .map(Threshold::Orphans);
     }
     if state.trim().eq_ignore_ascii_case("accept_queue_full") {
         return duration(dur).map(Threshold::AcceptQueue);
@@ -109,6 +110,18 @@ pub fn parse_override(s: &str) -> Result<Threshold, String> {
         });
     }
     duration(dur).map(|d| Threshold::State(st, d))
+}
+
+/// A share in (0, 1]: None for `off`.
+fn fraction(v: &str, what: &str) -> Result<Option<f64>, String> {
+    let v = v.trim();
+    if v == "off" || v == "none" {
+        return Ok(None);
+    }
+    match v.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(Some(f)),
+        _ => Err(format!("{what} in (0, 1] or off, got {v:?}")),
+    }
 }
 
 /// A threshold's duration: None for `off`.
@@ -161,6 +174,11 @@ mod tests {
             parse_override("time_wait_pressure=off"),
             Ok(Threshold::Pressure(None))
         );
+        assert_eq!(
+            parse_override("orphan_pressure=0.25"),
+            Ok(Threshold::Orphans(Some(0.25)))
+        );
+        assert!(parse_override("orphan_pressure=1.5").is_err());
         assert_eq!(
             parse_override("accept_queue_full=3s"),
             Ok(Threshold::AcceptQueue(Some(Duration::from_secs(3))))
