@@ -4,7 +4,7 @@
 //! draining of the rings.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex, mpsc},
 };
 
@@ -198,21 +198,12 @@ fn seed(ns: &mut Namespaces, only: Option<u32>) -> Reply {
             found.extend(socks.into_iter().map(|s| (netns, s)));
         }
     }
-    let inodes: HashSet<u32> = found
-        .iter()
-        .map(|(_, s)| s.inode)
-        .filter(|&i| i != 0)
-        .collect();
-    let holders = procfs::holders(&inodes);
+    let holders = procfs::holders_of(found.iter().map(|(_, s)| s.inode));
     let sockets = found
         .iter()
         .filter_map(|(netns, s)| {
             let mut k = kernel_socket(*netns, s)?;
-            k.owner = holders
-                .by_inode
-                .get(&s.inode)
-                .and_then(|h| h.first())
-                .map(|h| (h.pid, Comm::from_bytes(&h.comm)));
+            k.owner = holders.first(s.inode);
             Some(k)
         })
         .collect();
@@ -460,23 +451,12 @@ fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
             }
         })
         .collect();
-    let wanted: HashSet<u32> = looked
-        .iter()
-        .filter_map(|l| match l {
-            Looked::Socket(i) => Some(*i),
-            Looked::Queued(l) => Some(l.inode),
-            Looked::Unknown => None,
-        })
-        .filter(|&i| i != 0)
-        .collect();
-    let found = procfs::holders(&wanted);
-    let holder_of = |inode: u32| {
-        found
-            .by_inode
-            .get(&inode)
-            .and_then(|h| h.first())
-            .map(|h| (h.pid, Comm::from_bytes(&h.comm)))
-    };
+    let found = procfs::holders_of(looked.iter().filter_map(|l| match l {
+        Looked::Socket(i) => Some(*i),
+        Looked::Queued(l) => Some(l.inode),
+        Looked::Unknown => None,
+    }));
+    let holder_of = |inode: u32| found.first(inode);
     let holders = looked
         .iter()
         .map(|l| match *l {

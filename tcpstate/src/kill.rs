@@ -5,7 +5,7 @@
 //! prints the same list and touches nothing.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
@@ -176,23 +176,14 @@ fn targets(
                 .map(|s| (netns, s)),
         );
     }
-    let inodes: HashSet<u32> = found
-        .iter()
-        .map(|(_, s)| s.inode)
-        .filter(|&i| i != 0)
-        .collect();
-    let holders = procfs::holders(&inodes);
+    let holders = procfs::holders_of(found.iter().map(|(_, s)| s.inode));
     let min_age_ms = args.older_than.map(|d| d.as_secs_f64() * 1e3);
     Ok(found
         .into_iter()
         .map(|(netns, socket)| Target {
             netns,
             age_ms: ages.get(&(netns, socket.tuple)).copied(),
-            holder: holders
-                .by_inode
-                .get(&socket.inode)
-                .and_then(|h| h.first())
-                .map(|h| (h.pid, Comm::from_bytes(&h.comm))),
+            holder: holders.first(socket.inode),
             socket,
         })
         .filter(|t| {

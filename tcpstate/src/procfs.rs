@@ -64,6 +64,19 @@ pub struct Holders {
     pub unreadable: u32,
 }
 
+impl Holders {
+    /// The holder of `inode` the daemon names (the lowest pid): pid and comm.
+    pub fn first(&self, inode: u32) -> Option<(u32, crate::socket::Comm)> {
+        let h = self.by_inode.get(&inode)?.first()?;
+        Some((h.pid, crate::socket::Comm::from_bytes(&h.comm)))
+    }
+}
+
+/// The holders of these socket inodes (0, a socket without a file, is nobody's).
+pub fn holders_of(inodes: impl IntoIterator<Item = u32>) -> Holders {
+    holders(&inodes.into_iter().filter(|&i| i != 0).collect())
+}
+
 /// For each wanted socket inode, the processes whose fds link to it (`ss -p`'s method). Only
 /// `/proc/PID` (thread-group leaders) is read, never tasks, so threads sharing an fd table count
 /// once; a process holding several fds to one socket is listed once; holders sorted by pid.

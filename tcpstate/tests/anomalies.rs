@@ -365,47 +365,7 @@ fn orphan_pressure_names_who_left_the_closing_sockets() {
     // client's closes are never acknowledged: orphans in FIN_WAIT1.
     let client = Netns::new();
     let server = Netns::new();
-    let ip = |args: &[&str]| {
-        let st = std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .expect("ip");
-        assert!(st.success(), "ip {args:?}");
-    };
-    ip(&[
-        "-n",
-        &client.name,
-        "link",
-        "add",
-        "or0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "or1",
-        "netns",
-        &server.name,
-    ]);
-    ip(&[
-        "-n",
-        &client.name,
-        "addr",
-        "add",
-        "10.96.0.1/24",
-        "dev",
-        "or0",
-    ]);
-    ip(&[
-        "-n",
-        &server.name,
-        "addr",
-        "add",
-        "10.96.0.2/24",
-        "dev",
-        "or1",
-    ]);
-    ip(&["-n", &client.name, "link", "set", "or0", "up"]);
-    ip(&["-n", &server.name, "link", "set", "or1", "up"]);
+    common::veth_pair(&client, &server, "or", "10.96.0");
     let p = port(32000);
     let mport = free_port();
     // A share so small that the host is over it already: the test is about what the
@@ -427,7 +387,7 @@ fn orphan_pressure_names_who_left_the_closing_sockets() {
     let servers: Vec<TcpStream> = (0..20)
         .map(|_| listener.accept().expect("accept").0)
         .collect();
-    ip(&[
+    common::ip(&[
         "-n",
         &server.name,
         "addr",

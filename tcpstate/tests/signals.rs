@@ -6,7 +6,6 @@ mod common;
 use std::{
     io::Write as _,
     net::{TcpListener, TcpStream},
-    process::Command,
     time::Duration,
 };
 
@@ -94,44 +93,7 @@ fn retransmits_are_counted_per_state_and_carried_to_the_socket_end() {
     // the client's data is sent again and again.
     let client = Netns::new();
     let server = Netns::new();
-    let ip = |args: &[&str]| {
-        let st = Command::new("ip").args(args).status().expect("ip");
-        assert!(st.success(), "ip {args:?}");
-    };
-    ip(&[
-        "-n",
-        &client.name,
-        "link",
-        "add",
-        "rt0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "rt1",
-        "netns",
-        &server.name,
-    ]);
-    ip(&[
-        "-n",
-        &client.name,
-        "addr",
-        "add",
-        "10.97.0.1/24",
-        "dev",
-        "rt0",
-    ]);
-    ip(&[
-        "-n",
-        &server.name,
-        "addr",
-        "add",
-        "10.97.0.2/24",
-        "dev",
-        "rt1",
-    ]);
-    ip(&["-n", &client.name, "link", "set", "rt0", "up"]);
-    ip(&["-n", &server.name, "link", "set", "rt1", "up"]);
+    common::veth_pair(&client, &server, "rt", "10.97.0");
     let p = port(31600);
     let mport = free_port();
     let daemon = Daemon::start(&[
@@ -146,7 +108,7 @@ fn retransmits_are_counted_per_state_and_carried_to_the_socket_end() {
     let cport = c.local_addr().expect("addr").port();
     // Its address goes: the client's segments still arrive (the neighbour is known) and are
     // dropped there, unanswered.
-    ip(&[
+    common::ip(&[
         "-n",
         &server.name,
         "addr",

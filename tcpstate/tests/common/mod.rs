@@ -89,6 +89,42 @@ impl Drop for Netns {
     }
 }
 
+/// `ip ARGS`, which must succeed.
+pub fn ip(args: &[&str]) {
+    let mut argv = vec!["ip"];
+    argv.extend_from_slice(args);
+    run(&argv);
+}
+
+/// Joins two namespaces with a veth pair `{name}0` (in `a`, address `{net}.1/24`) and
+/// `{name}1` (in `b`, `{net}.2/24`), both up.
+pub fn veth_pair(a: &Netns, b: &Netns, name: &str, net: &str) {
+    let (ea, eb) = (format!("{name}0"), format!("{name}1"));
+    ip(&[
+        "-n", &a.name, "link", "add", &ea, "type", "veth", "peer", "name", &eb, "netns", &b.name,
+    ]);
+    ip(&[
+        "-n",
+        &a.name,
+        "addr",
+        "add",
+        &format!("{net}.1/24"),
+        "dev",
+        &ea,
+    ]);
+    ip(&[
+        "-n",
+        &b.name,
+        "addr",
+        "add",
+        &format!("{net}.2/24"),
+        "dev",
+        &eb,
+    ]);
+    ip(&["-n", &a.name, "link", "set", &ea, "up"]);
+    ip(&["-n", &b.name, "link", "set", &eb, "up"]);
+}
+
 fn run(argv: &[&str]) {
     let st = Command::new(argv[0])
         .args(&argv[1..])
