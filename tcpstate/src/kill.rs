@@ -88,8 +88,16 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 failed += 1;
+                // The netlink layer keeps the error's kind (EPERM: PermissionDenied).
+                let denied = e.downcast_ref::<std::io::Error>().map(std::io::Error::kind)
+                    == Some(std::io::ErrorKind::PermissionDenied);
+                let hint = if denied {
+                    " (needs root: CAP_NET_ADMIN)"
+                } else {
+                    ""
+                };
                 format!(
-                    "cannot kill {}: {}\n",
+                    "cannot kill {}: {}{hint}\n",
                     describe(t),
                     escape(&format!("{e:#}"))
                 )
