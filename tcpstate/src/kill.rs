@@ -67,10 +67,31 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
         .log_file
         .clone()
         .or_else(|| daemon.and_then(|d| d.log_file));
+    let (audit, failed) = destroy(&targets, &mut ns)?;
+    match &log {
+        Some(path) if !audit.is_empty() => append(path, &audit)
+            .with_context(|| format!("cannot write the audit records to {}", path.display()))?,
+        Some(_) => {}
+        None => crate::warn(format_args!(
+            "no log to record the kills in (give --log-file, or run the daemon with one)"
+        )),
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} sockets could not be destroyed",
+            targets.len()
+        );
+    }
+    Ok(())
+}
+
+/// Destroys each target, printing a line for each; returns the audit records (JSON Lines) of
+/// those destroyed and how many could not be.
+fn destroy(targets: &[Target], ns: &mut Namespaces) -> anyhow::Result<(String, usize)> {
     let by = actor();
     let mut failed = 0;
     let mut audit = String::new();
-    for t in &targets {
+    for t in targets {
         let done = ns
             .diag(t.netns)
             .ok()
@@ -105,21 +126,7 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
         };
         crate::write_stdout(line.as_bytes())?;
     }
-    match &log {
-        Some(path) if !audit.is_empty() => append(path, &audit)
-            .with_context(|| format!("cannot write the audit records to {}", path.display()))?,
-        Some(_) => {}
-        None => crate::warn(format_args!(
-            "no log to record the kills in (give --log-file, or run the daemon with one)"
-        )),
-    }
-    if failed > 0 {
-        bail!(
-            "{failed} of {} sockets could not be destroyed",
-            targets.len()
-        );
-    }
-    Ok(())
+    Ok((audit, failed))
 }
 
 /// Refuses what would destroy more than an operator means to.

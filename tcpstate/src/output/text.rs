@@ -5,7 +5,10 @@ use std::{fmt::Write as _, net::IpAddr, time::SystemTime};
 
 use super::escape::escape;
 use crate::{
-    record::{AnomalyRecord, KilledRecord, Orphans, OwnerSource, Record, TransitionRecord, Vitals},
+    record::{
+        AnomalyRecord, KilledRecord, Orphans, OwnerSource, Record, ResetRecord, TransitionRecord,
+        Vitals,
+    },
     state::TcpState,
 };
 
@@ -63,27 +66,7 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
         }
         Record::Reset(r) => {
             paint(out, YELLOW);
-            let who = match (r.pid, r.comm) {
-                (Some(pid), Some(comm)) => {
-                    format!(" held by pid {pid} ({})", escape(&comm.as_str()))
-                }
-                _ => String::new(),
-            };
-            let retrans = if r.retransmits > 0 {
-                format!(", after {} retransmissions", r.retransmits)
-            } else {
-                String::new()
-            };
-            let _ = write!(
-                out,
-                "{} RESET    {:<11} {} -> {} {} in {}{who}{retrans}",
-                clock(r.ts),
-                r.state.name(),
-                endpoint(r.saddr, r.sport),
-                endpoint(r.daddr, r.dport),
-                escape(&r.side),
-                r.state.name(),
-            );
+            write_reset(out, r);
             paint(out, RESET);
         }
         Record::Killed(k) => {
@@ -238,6 +221,30 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
     if let Some(why) = &a.resolution {
         let _ = write!(out, " ({})", escape(why));
     }
+}
+
+fn write_reset(out: &mut String, r: &ResetRecord) {
+    let who = match (r.pid, r.comm) {
+        (Some(pid), Some(comm)) => {
+            format!(" held by pid {pid} ({})", escape(&comm.as_str()))
+        }
+        _ => String::new(),
+    };
+    let retrans = if r.retransmits > 0 {
+        format!(", after {} retransmissions", r.retransmits)
+    } else {
+        String::new()
+    };
+    let _ = write!(
+        out,
+        "{} RESET    {:<11} {} -> {} {} in {}{who}{retrans}",
+        clock(r.ts),
+        r.state.name(),
+        endpoint(r.saddr, r.sport),
+        endpoint(r.daddr, r.dport),
+        escape(&r.side),
+        r.state.name(),
+    );
 }
 
 fn write_orphans(out: &mut String, label: &str, a: &AnomalyRecord, o: &Orphans) {

@@ -8,6 +8,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::{
     Fact, Resolution, Tracker, Via,
+    backlog::Listening,
+    orphans::{HostTcp, closing_by_owner},
     pressure::NetnsInfo,
     table::{Entry, OwnerRef, flag},
     timewait::TIMEWAIT_LEN_NS,
@@ -402,6 +404,38 @@ impl Tracker {
 fn estimated_since(now_ns: u64, expires_ms: u32) -> u64 {
     let left = u64::from(expires_ms).saturating_mul(1_000_000);
     now_ns.saturating_sub(TIMEWAIT_LEN_NS.saturating_sub(left))
+}
+
+/// Listener polls and host readings: answers about the kernel that are not about one socket.
+impl Tracker {
+    /// Whether listeners' queues are to be polled.
+    pub fn watches_backlogs(&self) -> bool {
+        self.backlog.enabled()
+    }
+
+    /// A poll of listeners' accept queues in `namespaces`, taken at `at_ns`.
+    pub fn listeners_polled(
+        &mut self,
+        at_ns: u64,
+        namespaces: &[u32],
+        listeners: &[Listening],
+        out: &mut Vec<Fact>,
+    ) {
+        self.backlog.observe(at_ns, namespaces, listeners, out);
+    }
+
+    /// Whether the host's orphan and TCP memory counts are to be read.
+    pub fn watches_orphans(&self) -> bool {
+        self.orphan_rule.enabled()
+    }
+
+    /// A reading of the host's orphan and TCP memory counts.
+    pub fn host_tcp_read(&mut self, now_ns: u64, host: HostTcp, out: &mut Vec<Fact>) {
+        let table = &self.table;
+        let comms = &self.comms;
+        self.orphan_rule
+            .observe(now_ns, host, || closing_by_owner(table, comms), out);
+    }
 }
 
 #[cfg(test)]

@@ -8,11 +8,13 @@
 //! [`Fact`]s; the outputs turn them into records.
 //!
 //! - `mod.rs`: the event path (a transition in, facts out);
+//! - `signals.rs`: retransmits and resets (`recent.rs`: the last closes, for late resets);
 //! - `minisock.rs`: the second half of the close, after `tcp_time_wait()`;
-//! - `kernel.rs`: seeding, reconciliation and sock_diag answers;
+//! - `kernel.rs`: seeding, reconciliation, sock_diag answers, listener polls, host readings;
 //! - `table.rs`, `timewait.rs`: the two tables and their counts;
-//! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`, `backlog.rs`: the rules;
-//! - `stats.rs`: counters for the life of the daemon.
+//! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`, `backlog.rs`, `orphans.rs`:
+//!   the rules;
+//! - `view.rs`: what the outputs read; `stats.rs`: counters for the life of the daemon.
 
 pub mod backlog;
 pub mod deadlines;
@@ -23,10 +25,12 @@ mod minisock;
 pub mod orphans;
 pub mod pressure;
 mod recent;
+mod signals;
 pub mod stats;
 pub mod table;
 pub mod thresholds;
 pub mod timewait;
+mod view;
 
 use std::collections::HashMap;
 
@@ -51,8 +55,8 @@ pub use self::{
     pressure::NetnsInfo,
 };
 use crate::{
-    decode::{Ending, Signal, Transition},
-    socket::{Comm, Tuple},
+    decode::{Ending, Transition},
+    socket::Tuple,
     state::TcpState,
 };
 
@@ -152,141 +156,6 @@ impl Tracker {
         }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    /// Full sockets and FIN_WAIT2 mini-sockets tracked.
-    pub fn tracked(&self) -> usize {
-        self.table.len()
-    }
-
-    pub fn timewait(&self) -> usize {
-        self.timewait.len()
-    }
-
-    /// Sockets refused at birth (table full), and TIME_WAIT mini-sockets
-    /// refused (timewait table full).
-    pub fn refused(&self) -> u64 {
-        self.refused
-    }
-
-    pub fn timewait_refused(&self) -> u64 {
-        self.timewait.refused()
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.table.capacity()
-    }
-
-    /// Heap bytes of the tables and the deadline heap.
-    pub fn bytes(&self) -> usize {
-        self.table.bytes() + self.timewait.bytes() + self.deadlines.bytes()
-    }
-
-    pub fn timewait_bytes(&self) -> usize {
-        self.timewait.bytes()
-    }
-
-    pub fn stats(&self) -> &Stats {
-        &self.stats
-    }
-
-    /// Sockets in `st` now, as `ss -tan` counts them.
-    pub fn sockets(&self, st: TcpState) -> u64 {
-        match st {
-            TcpState::TimeWait => self.timewait.len() as u64,
-            TcpState::SynRecv => self.table.sockets(st) + self.requests(),
-            st => self.table.sockets(st),
-        }
-    }
-
-    pub fn anomalies_open(&self, st: TcpState) -> u64 {
-        self.table.anomalies_open(st)
-    }
-
-    pub fn pressure_open(&self) -> u64 {
-        self.pressure.open()
-    }
-
-    pub fn pressure_raised(&self) -> u64 {
-        self.pressure.raised_total()
-    }
-
-    /// The sockets in `st`: (netns, tuple, since, whether `since` is a lower bound).
-    pub fn sockets_in(&self, st: TcpState) -> Vec<(u32, Tuple, u64, bool)> {
-        if st == TcpState::TimeWait {
-            return self
-                .timewait
-                .iter()
-                .map(|s| (s.netns, s.tuple, s.since_ns, s.estimated))
-                .collect();
-        }
-        self.table
-            .iter()
-            .filter(|(_, e)| e.state == st)
-            .map(|(_, e)| (e.netns, e.tuple, e.since_ns, e.has(flag::SEEDED)))
-            .collect()
-    }
-
-    /// Whether listeners' queues are to be polled.
-    pub fn watches_backlogs(&self) -> bool {
-        self.backlog.enabled()
-    }
-
-    /// A poll of listeners' accept queues in `namespaces`, taken at `at_ns`.
-    pub fn listeners_polled(
-        &mut self,
-        at_ns: u64,
-        namespaces: &[u32],
-        listeners: &[Listening],
-        out: &mut Vec<Fact>,
-    ) {
-        self.backlog.observe(at_ns, namespaces, listeners, out);
-    }
-
-    /// Whether the host's orphan and TCP memory counts are to be read.
-    pub fn watches_orphans(&self) -> bool {
-        self.orphan_rule.enabled()
-    }
-
-    /// A reading of the host's orphan and TCP memory counts.
-    pub fn host_tcp_read(&mut self, now_ns: u64, host: HostTcp, out: &mut Vec<Fact>) {
-        let table = &self.table;
-        let comms = &self.comms;
-        self.orphan_rule
-            .observe(now_ns, host, || closing_by_owner(table, comms), out);
-    }
-
-    pub fn host_tcp(&self) -> HostTcp {
-        self.orphan_rule.host()
-    }
-
-    pub fn orphans_open(&self) -> u64 {
-        self.orphan_rule.open()
-    }
-
-    pub fn orphans_raised(&self) -> u64 {
-        self.orphan_rule.raised_total()
-    }
-
-    pub fn backlog_open(&self) -> u64 {
-        self.backlog.open()
-    }
-
-    pub fn backlog_raised(&self) -> u64 {
-        self.backlog.raised_total()
-    }
-
-    /// The worst destination's share of its ephemeral port range.
-    pub fn pressure_worst(&self) -> f64 {
-        self.pressure.worst()
-    }
-
-    pub fn comm(&self, id: u32) -> Comm {
-        self.comms.get(id)
-    }
-
     fn task(&self, o: OwnerRef) -> Task {
         Task {
             pid: o.pid,
@@ -355,65 +224,6 @@ impl Tracker {
         }
         self.after_move(t, netns, out);
         applied
-    }
-
-    /// A retransmit or reset: counted by the socket's state (`t.new`), the retransmits on the
-    /// socket too; a reset on a full socket is reported.
-    fn on_signal(&mut self, t: &Transition, s: Signal, out: &mut Vec<Fact>) -> Applied {
-        let e = self.table.get(t.sk).copied();
-        // A reset sent by an abortive close comes after the close: the socket as it was.
-        let closed = match e {
-            None if t.new == TcpState::Close => self.recent.get(t.sk).copied(),
-            _ => None,
-        };
-        let netns = match (e, closed) {
-            (Some(e), _) if e.netns != 0 => e.netns,
-            (_, Some(c)) => c.netns,
-            _ => t.netns,
-        };
-        let state = closed.map_or(t.new, |c| c.state);
-        let st = state as usize;
-        let side = match s {
-            Signal::Retransmit => {
-                self.stats.retransmits[st] += 1;
-                self.table
-                    .update(t.sk, |e| e.retrans = e.retrans.saturating_add(1));
-                None
-            }
-            Signal::SynackRetransmit => {
-                self.stats.synack_retransmits += 1;
-                None
-            }
-            Signal::ResetSent => {
-                self.stats.resets_sent[st] += 1;
-                Some(Side::Sent)
-            }
-            Signal::ResetReceived => {
-                self.stats.resets_received[st] += 1;
-                Some(Side::Received)
-            }
-        };
-        if let Some(side) = side {
-            let (tuple, owner, retransmits) = match (e, closed) {
-                (Some(e), _) => (tuple_of(t, &e), e.owner().map(|o| self.task(o)), e.retrans),
-                (None, Some(c)) => (c.tuple, c.owner, c.retrans),
-                (None, None) => (t.tuple, None, 0),
-            };
-            out.push(Fact::Reset(Reset {
-                ts_ns: t.ts_ns,
-                sk: t.sk,
-                netns,
-                tuple,
-                state,
-                side,
-                owner,
-                retransmits,
-            }));
-        }
-        Applied {
-            prev_state_ms: None,
-            netns,
-        }
     }
 
     /// A socket we have never seen: track it unless it is closing.
@@ -684,39 +494,6 @@ impl Tracker {
         }
     }
 
-    /// The namespace remembered for a tracked socket (0 = unknown).
-    pub fn netns_of(&self, sk: u64) -> u32 {
-        self.table.get(sk).map_or(0, |e| e.netns)
-    }
-
-    /// Open anomalies, oldest first, as of `now_ns` (the status page).
-    pub fn open_anomalies(&self, now_ns: u64) -> Vec<Anomaly> {
-        let mut v: Vec<Anomaly> = self
-            .table
-            .iter()
-            .filter(|(_, e)| e.has(flag::ANOMALY_OPEN))
-            .map(|(key, e)| self.anomaly(key, e, now_ns))
-            .collect();
-        v.extend(self.pressure.open_anomalies(now_ns));
-        v.extend(self.backlog.open_anomalies(now_ns));
-        v.extend(
-            self.orphan_rule
-                .open_anomaly(now_ns, || closing_by_owner(&self.table, &self.comms)),
-        );
-        v.sort_by_key(|a| a.since_ns);
-        v
-    }
-
-    /// Top owners of lingering sockets: (task, state, count).
-    pub fn top_owners(&self, n: usize) -> Vec<(Task, TcpState, u64)> {
-        self.table
-            .leaks()
-            .top(n)
-            .into_iter()
-            .map(|(o, st, c)| (self.task(o), st, c))
-            .collect()
-    }
-
     /// The anomaly a tracked socket stands for, as of `now_ns`.
     fn anomaly(&self, key: u64, e: &Entry, now_ns: u64) -> Anomaly {
         let last = e.owner().map(|o| self.task(o));
@@ -763,37 +540,6 @@ fn reported_state(t: &Transition) -> TcpState {
 /// event lacks the local end.
 fn tuple_of(t: &Transition, e: &Entry) -> Tuple {
     if t.tuple.sport == 0 { e.tuple } else { t.tuple }
-}
-
-/// Closing sockets (FIN_WAIT1, LAST_ACK, CLOSING, orphaned FIN_WAIT2) by their last owner,
-/// the five with the most: who left the orphans. Walks the table, so only when an
-/// `orphan_pressure` anomaly is raised, resolved or shown.
-fn closing_by_owner(table: &Table, comms: &Comms) -> Vec<(Task, u64)> {
-    let mut n: HashMap<OwnerRef, u64> = HashMap::new();
-    for (_, e) in table.iter() {
-        let closing = matches!(
-            e.state,
-            TcpState::FinWait1 | TcpState::LastAck | TcpState::Closing
-        ) || (e.state == TcpState::FinWait2 && e.has(flag::ORPHAN));
-        if let (true, Some(o)) = (closing, e.owner()) {
-            *n.entry(o).or_default() += 1;
-        }
-    }
-    let mut v: Vec<(Task, u64)> = n
-        .into_iter()
-        .map(|(o, c)| {
-            (
-                Task {
-                    pid: o.pid,
-                    comm: comms.get(o.comm),
-                },
-                c,
-            )
-        })
-        .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.pid.cmp(&b.0.pid)));
-    v.truncate(5);
-    v
 }
 
 /// A threshold as nanoseconds, saturating: `--threshold` accepts huge

@@ -5,7 +5,12 @@
 //! so this is one condition for the host, raised when either passes a share of its limit,
 //! and it names the processes whose closing sockets are the most.
 
-use super::facts::{Anomaly, Fact, Kind, Owner, Resolution, Task};
+use std::collections::HashMap;
+
+use super::{
+    facts::{Anomaly, Fact, Kind, Owner, Resolution, Task},
+    table::{Comms, OwnerRef, Table, flag},
+};
 use crate::{socket::Tuple, state::TcpState};
 
 /// The host's TCP orphan and memory counts and their limits.
@@ -125,6 +130,37 @@ impl OrphanRule {
     ) -> Option<Anomaly> {
         Some(anomaly(self.last, by_owner(), self.raised?, now_ns))
     }
+}
+
+/// Closing sockets (FIN_WAIT1, LAST_ACK, CLOSING, orphaned FIN_WAIT2) by their last owner,
+/// the five with the most: who left the orphans. Walks the table, so only when an
+/// `orphan_pressure` anomaly is raised, resolved or shown.
+pub(super) fn closing_by_owner(table: &Table, comms: &Comms) -> Vec<(Task, u64)> {
+    let mut n: HashMap<OwnerRef, u64> = HashMap::new();
+    for (_, e) in table.iter() {
+        let closing = matches!(
+            e.state,
+            TcpState::FinWait1 | TcpState::LastAck | TcpState::Closing
+        ) || (e.state == TcpState::FinWait2 && e.has(flag::ORPHAN));
+        if let (true, Some(o)) = (closing, e.owner()) {
+            *n.entry(o).or_default() += 1;
+        }
+    }
+    let mut v: Vec<(Task, u64)> = n
+        .into_iter()
+        .map(|(o, c)| {
+            (
+                Task {
+                    pid: o.pid,
+                    comm: comms.get(o.comm),
+                },
+                c,
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.pid.cmp(&b.0.pid)));
+    v.truncate(5);
+    v
 }
 
 fn anomaly(host: HostTcp, by_owner: Vec<(Task, u64)>, since_ns: u64, ts_ns: u64) -> Anomaly {
