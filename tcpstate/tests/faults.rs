@@ -158,7 +158,7 @@ fn a_stopped_daemon_drops_counted_and_raises_no_false_anomaly() {
         return;
     }
     let ns = Netns::new();
-    let p = port(33000);
+    let p = port(13000);
     let mut daemon = Daemon::start(&[
         "--port",
         &p.to_string(),
@@ -250,7 +250,7 @@ fn a_stopped_stdout_reader_stalls_nothing() {
         .expect("writer");
     let log = dir.join("t.jsonl");
     let ns = Netns::new();
-    let p = port(34000);
+    let p = port(14000);
     let mport = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
         .args([
@@ -403,7 +403,7 @@ fn hostile_process_names_reach_no_terminal() {
     }
     const NAME: &[u8] = b"\x1b[31mEVIL\x1b]0;x\x07";
     let ns = Netns::new();
-    let p = port(35000);
+    let p = port(15000);
     let run = |format: &str| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
             .args(["run", "--format", format, "--port", &p.to_string()])
@@ -460,7 +460,7 @@ fn a_deleted_namespace_takes_its_mini_sockets_with_it() {
         return;
     }
     let ns = Netns::new();
-    let p = port(36000);
+    let p = port(16000);
     let mport = free_port();
     let mut daemon = Daemon::start(&[
         "--port",
@@ -508,7 +508,7 @@ fn two_daemons_see_the_same_transitions() {
         return;
     }
     let ns = Netns::new();
-    let p = port(37000);
+    let p = port(17000);
     let a = Daemon::start(&["--port", &p.to_string()]);
     let b = Daemon::start(&["--port", &p.to_string()]);
     churn(&ns, p, 50);

@@ -232,8 +232,11 @@ pub fn pairs_of<'a>(ts: &[&'a Value], sk: &Value) -> Vec<(&'a str, &'a str)> {
         .collect()
 }
 
-/// A port unlikely to collide across concurrently running tests.
+/// A port unlikely to collide across concurrently running tests. Bases stay below
+/// 32268 so the result is never in the kernel's ephemeral range (32768-60999): a
+/// daemon filtering on it would otherwise also see some other test's client socket.
 pub fn port(base: u16) -> u16 {
+    debug_assert!(base < 32268, "port base {base} reaches the ephemeral range");
     base + (std::process::id() % 500) as u16
 }
 
