@@ -1,4 +1,4 @@
-//! The ring-buffer event decoder: any 80 bytes (or fewer) decode or are refused.
+//! The ring-buffer event decoder: any 88 bytes (or fewer) decode or are refused.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

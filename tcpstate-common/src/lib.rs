@@ -7,7 +7,7 @@
 /// One TCP state transition, as the kernel made it.
 ///
 /// Fields are ordered largest first so the struct has no implicit padding:
-/// `aya::Pod` requires every byte to be initialised, and a fixed 80-byte
+/// `aya::Pod` requires every byte to be initialised, and a fixed 88-byte
 /// record keeps the ring arithmetic trivial.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +17,12 @@ pub struct Event {
     /// Kernel address of the `struct sock`. The only stable key: the 4-tuple
     /// is not unique and the local port is 0 at CLOSE -> SYN_SENT.
     pub skaddr: u64,
+    /// The socket's cgroup v2 id (`sk_cgrp_data.cgroup->kn->id`: the
+    /// cgroup of the task that created it, or of the listener for an
+    /// accepted socket, even in softirq), read only on the events that
+    /// create a socket, like `netns`; 0 on the others and when the kernel
+    /// has no socket cgroup data.
+    pub cgroup: u64,
     /// Source (local) address; IPv4 uses the first 4 bytes.
     pub saddr: [u8; 16],
     /// Destination (remote) address; IPv4 uses the first 4 bytes.
@@ -46,7 +52,7 @@ pub struct Event {
 // the size assertion below).
 unsafe impl aya::Pod for Event {}
 
-const _: () = assert!(core::mem::size_of::<Event>() == 80);
+const _: () = assert!(core::mem::size_of::<Event>() == 88);
 
 /// Values of [`Event::close`]. The tracepoint shows every end of a full
 /// socket as `-> CLOSE`, including the ones where `tcp_time_wait()` hands
@@ -161,6 +167,13 @@ pub struct Offsets {
     pub state: u32,
     pub num: u32,
     pub rcv_saddr: u32,
+    /// The socket's cgroup id, three loads away: `sk_cgrp_data.cgroup` in
+    /// the socket, `kn` in `struct cgroup`, `id` in `struct kernfs_node`.
+    /// All 0 when this kernel has no socket cgroup data (the program then
+    /// reports 0).
+    pub sk_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
 }
 
 /// Everything the program is loaded with: the read-only global `CONFIG`,
@@ -175,9 +188,6 @@ pub struct Config {
     pub slot_bits: u32,
     pub filters: Filters,
     pub off: Offsets,
-    /// Explicit tail padding: the struct is copied into the object as bytes, and every byte
-    /// of a Pod must be initialised.
-    pub pad: u32,
 }
 
 impl Config {
@@ -212,13 +222,16 @@ impl Config {
             state: 0,
             num: 0,
             rcv_saddr: 0,
+            sk_cgroup: 0,
+            cgroup_kn: 0,
+            kn_id: 0,
         },
-        pad: 0,
     };
 }
 
-// No implicit padding (Pod): 8 + 4 + 8 + 17 * 4 = 88.
-const _: () = assert!(core::mem::size_of::<Config>() == 104);
+// No implicit padding (Pod): 8 + 4 + 8 + 23 * 4 = 112, a multiple of 8 (the struct is
+// copied into the object as bytes, and every byte of a Pod must be initialised).
+const _: () = assert!(core::mem::size_of::<Config>() == 112);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers only, no padding (size assertion above).

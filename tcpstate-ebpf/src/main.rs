@@ -145,11 +145,12 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let (s0, s1, d0, d1) = unsafe { addresses(sk, family, cfg!(off.saddr)) };
     // SAFETY: a BTF task pointer to the current task, always valid.
     let task = unsafe { generated::bpf_get_current_task_btf() } as *const u8;
-    // SAFETY: `ev` is a free 80-byte slot of this CPU's ring (head - tail
+    // SAFETY: `ev` is a free Event-sized slot of this CPU's ring (head - tail
     // < slots): userspace does not read it until `head` moves past it.
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).skaddr = sk as u64;
+        (*ev).cgroup = cgroup_at_birth(sk, oldstate);
         let saddr = (&raw mut (*ev).saddr).cast::<u64>();
         saddr.write(s0);
         saddr.add(1).write(s1);
@@ -286,6 +287,7 @@ unsafe fn write_signal(
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).skaddr = skaddr;
+        (*ev).cgroup = 0;
         let saddr = (&raw mut (*ev).saddr).cast::<u64>();
         saddr.write(s0);
         saddr.add(1).write(s1);
@@ -381,6 +383,29 @@ fn netns_at_birth(sk: *const u8, oldstate: i32) -> u32 {
     } else {
         unsafe { field(net as *const u8, cfg!(off.net_inum), 0) }
     }
+}
+
+/// The socket's cgroup v2 id, on the same birth events as [`netns_at_birth`] and for the
+/// same reason (it never changes). From the socket, not the current task: an accepted socket
+/// is born in softirq, on whatever task the CPU was running, and inherits its listener's
+/// cgroup. 0 when the kernel keeps no cgroup in its sockets.
+#[inline(always)]
+fn cgroup_at_birth(sk: *const u8, oldstate: i32) -> u64 {
+    let sk_off = cfg!(off.sk_cgroup);
+    if sk_off == 0 || (oldstate != TCP_CLOSE && oldstate != TCP_LISTEN) {
+        return 0;
+    }
+    // SAFETY (all `field` calls): offsets resolved from this kernel's BTF; each loaded
+    // pointer is BTF-typed, and the verifier turns a faulting load into 0.
+    let cgrp: u64 = unsafe { field(sk, sk_off, 0) };
+    if cgrp == 0 {
+        return 0;
+    }
+    let kn: u64 = unsafe { field(cgrp as *const u8, cfg!(off.cgroup_kn), 0) };
+    if kn == 0 {
+        return 0;
+    }
+    unsafe { field(kn as *const u8, cfg!(off.kn_id), 0) }
 }
 
 /// How a full socket going to CLOSE ended (`tcpstate_common::close`).

@@ -160,6 +160,11 @@ pub struct RunArgs {
     #[arg(long, value_parser = netns, value_name = "INODE|PATH")]
     pub netns: Option<u32>,
 
+    /// Only sockets created in this cgroup or below it: a path in the unified hierarchy as
+    /// /proc/PID/cgroup writes it (/system.slice/nginx.service).
+    #[arg(long, value_parser = cgroup_path, value_name = "PATH")]
+    pub cgroup: Option<String>,
+
     /// Event ring size, split evenly across CPUs (power of two, at least 4KiB; e.g. 256K, 4M).
     #[arg(long, default_value = "4M", value_parser = ring_size)]
     pub ring_size: u32,
@@ -226,6 +231,10 @@ pub struct RunArgs {
     /// Serve Prometheus /metrics and /status here (loopback unless you say otherwise).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Per-workload gauges for the N units/containers with the most closing sockets and open
+    /// anomalies; the rest are summed under unit="other" (label cardinality stays bounded).
+    #[arg(long, default_value_t = 20, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub metrics_top: u16,
     /// Print nothing on stdout (use with --log-file).
     #[arg(short, long)]
     pub quiet: bool,
@@ -236,6 +245,25 @@ fn nonzero_port(s: &str) -> Result<u16, String> {
         Ok(0) | Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
         Ok(p) => Ok(p),
     }
+}
+
+/// A cgroup path: absolute, no `..`, no control characters (it is matched as a prefix of the
+/// socket's cgroup path; existence is checked once running).
+pub fn cgroup_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') {
+        return Err(format!(
+            "{s}: want an absolute path such as /system.slice/nginx.service"
+        ));
+    }
+    if s.split('/').any(|p| p == "..") || s.chars().any(char::is_control) {
+        return Err("a cgroup path has no `..` and no control characters".into());
+    }
+    let trimmed = s.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    })
 }
 
 /// An inode number (checked against the host's namespaces once running as root), or a path

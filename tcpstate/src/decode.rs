@@ -65,6 +65,8 @@ pub struct Transition {
     pub comm: Comm,
     /// Only on events that create a socket (0 otherwise).
     pub netns: u32,
+    /// The socket's cgroup v2 id; like `netns`, only on events that create a socket.
+    pub cgroup: u64,
     /// Set for a signal, not a transition: `old` and `new` are then both the socket's state.
     pub signal: Option<Signal>,
 }
@@ -130,6 +132,7 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
         pid: ev.pid,
         comm: Comm(ev.comm),
         netns: ev.netns,
+        cgroup: ev.cgroup,
         signal: sig,
     })
 }
@@ -146,6 +149,7 @@ mod tests {
         let mut daddr = [0u8; 16];
         daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
         Event {
+            cgroup: 0,
             ts_ns: 42,
             skaddr: 0xffff_8880_1234_5678,
             saddr,

@@ -51,8 +51,12 @@ pub enum Job {
 /// The answer to one socket's owner check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Holder {
-    /// This process holds its fd.
-    Process { pid: u32, comm: Comm },
+    /// This process holds its fd; `cgroup` is its own, from `/proc/PID/cgroup`.
+    Process {
+        pid: u32,
+        comm: Comm,
+        cgroup: Option<String>,
+    },
     /// The kernel has it and no process holds it.
     Nobody,
     /// No process ever accepted it: it waits in the accept queue of a listener held by
@@ -462,7 +466,11 @@ fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
         .map(|l| match *l {
             Looked::Unknown => Holder::Unknown,
             Looked::Socket(i) => match holder_of(i) {
-                Some((pid, comm)) => Holder::Process { pid, comm },
+                Some((pid, comm)) => Holder::Process {
+                    pid,
+                    comm,
+                    cgroup: crate::workload::cgroup_of_pid(pid),
+                },
                 // Orphaned, unless part of /proc could not be read.
                 None if found.unreadable == 0 => Holder::Nobody,
                 None => Holder::Unknown,

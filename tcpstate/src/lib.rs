@@ -29,6 +29,7 @@ pub mod status;
 pub mod tail;
 pub mod tracker;
 pub mod verify;
+pub mod workload;
 
 /// One warning line on stderr, made safe for a terminal (it may quote names any local user
 /// chose).

@@ -3,7 +3,7 @@
 //! Fields are Copy types with custom serde so serialising a transition
 //! allocates nothing.
 
-use std::{net::IpAddr, time::SystemTime};
+use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +12,7 @@ use crate::{
     socket::{Comm, Family},
     state::TcpState,
     tracker::{Anomaly, Fact, Leak, Moved, Owner as Blame, Resolution},
+    workload::Workload,
 };
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -97,6 +98,9 @@ pub struct TransitionRecord {
     pub prev_state_ms: Option<f64>,
     #[serde(default)]
     pub netns: u32,
+    /// The socket's cgroup and the unit, container and pod it names (absent when unknown).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
     /// How a transition no tracepoint shows was observed (a mini-socket's:
     /// `peer`, `reuse`, `sock_diag`, `netns_gone`); absent for the kernel's
     /// own events.
@@ -297,6 +301,13 @@ pub struct AnomalyRecord {
     pub dport: u16,
     #[serde(default)]
     pub netns: u32,
+    /// The socket's cgroup and the unit, container and pod it names (absent when unknown).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
+    /// For a socket a process holds (`owner_source` fd): that process's own cgroup, from
+    /// `/proc/PID/cgroup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_cgroup: Option<String>,
     pub pid: Option<u32>,
     #[serde(with = "opt_comm")]
     pub comm: Option<Comm>,
@@ -340,6 +351,9 @@ pub struct LeakRecord {
     /// Count at the previous check; the rule fires on growth.
     pub previous: u64,
     pub threshold: u64,
+    /// The process's cgroup and what it names, from `/proc/PID/cgroup`.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
 }
 
 /// Transition records the log rate limit dropped since the last one.
@@ -393,6 +407,18 @@ impl Record {
     }
 }
 
+impl Record {
+    /// Sets the workload on the records that carry one.
+    pub fn set_workload(&mut self, w: Option<Arc<Workload>>) {
+        match self {
+            Record::Transition(t) => t.workload = w,
+            Record::Anomaly(a) | Record::AnomalyResolved(a) => a.workload = w,
+            Record::LeakSuspected(l) => l.workload = w,
+            _ => {}
+        }
+    }
+}
+
 impl TransitionRecord {
     pub fn from_moved(m: &Moved, clock: WallClock) -> Self {
         Self {
@@ -409,6 +435,7 @@ impl TransitionRecord {
             comm: m.task.map_or_else(Comm::default, |t| t.comm),
             prev_state_ms: m.prev_ns.map(|ns| ns as f64 / 1e6),
             netns: m.netns,
+            workload: None,
             via: (m.via != crate::tracker::Via::Event).then(|| m.via.name().to_owned()),
             reason: m.reason.map(str::to_owned),
             retransmits: (m.retransmits > 0).then_some(m.retransmits),
@@ -452,6 +479,8 @@ impl AnomalyRecord {
             daddr: a.tuple.daddr(),
             dport: a.tuple.dport,
             netns: a.netns,
+            workload: None,
+            holder_cgroup: a.holder_cgroup.clone(),
             pid,
             comm,
             owner_source,
@@ -477,6 +506,7 @@ impl LeakRecord {
             count: l.count,
             previous: l.previous,
             threshold: l.threshold,
+            workload: None,
         }
     }
 }
@@ -578,6 +608,7 @@ mod tests {
 
     pub(crate) fn transition() -> TransitionRecord {
         TransitionRecord {
+            workload: None,
             ts: UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789),
             sk: 0xffff_8880_0abc_0000,
             family: Family::V4,

@@ -46,6 +46,7 @@ mod tests {
 
     fn ev(ts_ns: u64, skaddr: u64) -> Event {
         Event {
+            cgroup: 0,
             ts_ns,
             skaddr,
             saddr: [0; 16],
@@ -105,6 +106,7 @@ mod properties {
 
     fn ev(ts_ns: u64, skaddr: u64) -> Event {
         Event {
+            cgroup: 0,
             ts_ns,
             skaddr,
             saddr: [0; 16],

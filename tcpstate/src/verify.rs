@@ -37,6 +37,9 @@ fn needs_check(a: &Anomaly) -> bool {
 /// Applies a check's answer to an anomaly.
 fn apply(a: &mut Anomaly, h: &Holder, v: Option<Vitals>) {
     a.owner = checked(a.owner, h);
+    if let Holder::Process { cgroup, .. } = h {
+        a.holder_cgroup.clone_from(cgroup);
+    }
     a.vitals = v.or(a.vitals);
     if let Holder::AcceptQueue { queue, .. } = h {
         a.accept_queue = Some(*queue);
@@ -52,7 +55,7 @@ pub fn checked(owner: Owner, h: &Holder) -> Owner {
         Owner::Unknown => None,
     };
     match h {
-        Holder::Process { pid, comm } => Owner::Verified(Task {
+        Holder::Process { pid, comm, .. } => Owner::Verified(Task {
             pid: *pid,
             comm: *comm,
         }),
@@ -172,12 +175,14 @@ mod tests {
             lower_bound: false,
             sk: 1,
             netns: 7,
+            cgroup: 0,
             tuple: Tuple::new(lo, 80, lo, 5000),
             owner,
             pressure: None,
             accept_queue: None,
             vitals: None,
             orphans: None,
+            holder_cgroup: None,
         }
     }
 
@@ -214,6 +219,7 @@ mod tests {
     #[test]
     fn a_holder_is_verified_and_unknown_keeps_the_guess() {
         let pid = Holder::Process {
+            cgroup: None,
             pid: 7,
             comm: Comm::new("worker"),
         };

@@ -94,6 +94,16 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
         (Ok(a), Ok(b)) => (a, b),
         _ => (0, 0),
     };
+    // Optional: a kernel without CONFIG_SOCK_CGROUP_DATA (or before 5.15, when the field was a
+    // tagged union) reports no cgroup rather than refusing to run.
+    let cgroup = || -> Result<(u32, u32, u32), String> {
+        Ok((
+            field("sock", &["sk_cgrp_data", "cgroup"], 8)?,
+            field("cgroup", &["kn"], 8)?,
+            field("kernfs_node", &["id"], 8)?,
+        ))
+    };
+    let (sk_cgroup, cgroup_kn, kn_id) = cgroup().unwrap_or((0, 0, 0));
     let flag = |name: &str| -> Result<u32, String> {
         let v = btf.enum_value("sock_flags", name)?;
         u32::try_from(v)
@@ -122,6 +132,9 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
         state: sk("skc_state", 1)?,
         num: sk("skc_num", 2)?,
         rcv_saddr: sk("skc_rcv_saddr", 4)?,
+        sk_cgroup,
+        cgroup_kn,
+        kn_id,
     })
 }
 

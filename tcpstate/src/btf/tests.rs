@@ -255,6 +255,9 @@ fn synthetic_offsets() {
     assert_eq!(
         off,
         Offsets {
+            sk_cgroup: 0,
+            cgroup_kn: 0,
+            kn_id: 0,
             family: 16,
             dport: 12,
             sport: 792,

@@ -62,6 +62,9 @@ impl JsonWriter {
         let _ = serde_json::to_writer(&mut *buf, &t.prev_state_ms);
         buf.extend_from_slice(b",\"netns\":");
         buf.extend_from_slice(n.format(t.netns).as_bytes());
+        if let Some(w) = &t.workload {
+            buf.extend_from_slice(w.json_members().as_bytes());
+        }
         if let Some(via) = &t.via {
             buf.extend_from_slice(b",\"via\":");
             let _ = serde_json::to_writer(&mut *buf, via);
@@ -165,6 +168,7 @@ mod tests {
                 for prev in [None, Some(0.0), Some(0.000123), Some(1234.5678), Some(1e-9)] {
                     i += 1;
                     let t = TransitionRecord {
+                        workload: None,
                         ts: UNIX_EPOCH
                             + Duration::new(
                                 1_795_000_000 + i / 3,

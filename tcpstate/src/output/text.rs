@@ -360,6 +360,7 @@ mod tests {
 
     fn transition() -> TransitionRecord {
         TransitionRecord {
+            workload: None,
             ts: UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789),
             sk: 1,
             family: Family::V6,
@@ -397,6 +398,8 @@ mod tests {
 
     fn anomaly() -> AnomalyRecord {
         AnomalyRecord {
+            workload: None,
+            holder_cgroup: None,
             ts: UNIX_EPOCH + Duration::new(1_795_000_000, 0),
             kind: "close_wait".into(),
             state: TcpState::CloseWait,

@@ -35,6 +35,7 @@ use crate::{
     record::{Record, Started, Stopped},
     tracker::{Fact, Tracker},
     verify::Verifier,
+    workload::Workloads,
 };
 
 use self::kernel::InFlight;
@@ -100,11 +101,14 @@ struct Daemon {
     loss_seen: KernelCounters,
     loss_at_ns: Option<u64>,
     warned_full: bool,
+    /// Cgroup id -> unit, container, pod.
+    workloads: Workloads,
 }
 
 impl Daemon {
     async fn start(args: RunArgs) -> anyhow::Result<Self> {
         let offsets = btf::kernel_offsets()?;
+        let workloads = Workloads::new(setup::hierarchy(&args)?);
         let filters = setup::filters(&args);
         let mut probe = program::load(&LoadOptions {
             ring_bytes: args.ring_size,
@@ -144,6 +148,7 @@ impl Daemon {
             loss_seen: KernelCounters::default(),
             loss_at_ns: None,
             warned_full: false,
+            workloads,
             args,
         })
     }
@@ -267,6 +272,19 @@ impl Daemon {
                     continue;
                 }
             }
+            // --cgroup: the same, by the cgroup's path (the cgroup or below it).
+            if let Some(want) = &self.args.cgroup {
+                let id = if t.cgroup != 0 {
+                    t.cgroup
+                } else {
+                    self.tracker.cgroup_of(t.sk)
+                };
+                let path = self.workloads.get(id);
+                if !path.is_some_and(|w| setup::under(&w.cgroup, want)) {
+                    self.tally.filtered += 1;
+                    continue;
+                }
+            }
             self.tracker.on_transition(t, &mut facts);
             self.write_facts(&mut facts, now);
         }
@@ -293,12 +311,7 @@ impl Daemon {
         let mut rest = Vec::new();
         for f in facts.drain(..) {
             match f {
-                Fact::Moved(m) => {
-                    let clock = self.clock;
-                    self.sinks.transition(now, || {
-                        Record::Transition(crate::record::TransitionRecord::from_moved(&m, clock))
-                    });
-                }
+                Fact::Moved(m) => self.write_moved(&m, now),
                 other => rest.push(other),
             }
         }
@@ -316,12 +329,7 @@ impl Daemon {
         let mut rest = Vec::with_capacity(facts.len());
         for f in facts {
             match f {
-                Fact::Moved(m) => {
-                    let clock = self.clock;
-                    self.sinks.transition(now, || {
-                        Record::Transition(crate::record::TransitionRecord::from_moved(&m, clock))
-                    });
-                }
+                Fact::Moved(m) => self.write_moved(&m, now),
                 other => rest.push(other),
             }
         }
@@ -331,12 +339,39 @@ impl Daemon {
         self.release();
     }
 
+    /// A transition's record, built only if a sink wants it. The socket's cgroup is resolved
+    /// either way, so its name is known even if the cgroup is removed before anything is
+    /// written.
+    fn write_moved(&mut self, m: &crate::tracker::Moved, now: Instant) {
+        let clock = self.clock;
+        let w = self.workloads.get(m.cgroup);
+        self.sinks.transition(now, || {
+            let mut t = crate::record::TransitionRecord::from_moved(m, clock);
+            t.workload = w;
+            Record::Transition(t)
+        });
+    }
+
     fn release(&mut self) {
         let ready: Vec<Fact> = self.verifier.ready().collect();
         let now = Instant::now();
         for f in &ready {
-            self.sinks.emit(&Record::from_fact(f, self.clock), now);
+            let rec = self.record(f);
+            self.sinks.emit(&rec, now);
         }
+    }
+
+    /// The record of a fact other than a transition, with its workload: the socket's, or for
+    /// a leak the process's own (`/proc/PID/cgroup`).
+    fn record(&mut self, f: &Fact) -> Record {
+        let mut rec = Record::from_fact(f, self.clock);
+        let w = match f {
+            Fact::Leak(l) => crate::workload::cgroup_of_pid(l.task.pid)
+                .map(|p| std::sync::Arc::new(crate::workload::Workload::from_path(p))),
+            f => self.workloads.get(f.cgroup()),
+        };
+        rec.set_workload(w);
+        rec
     }
 
     fn emit(&mut self, rec: &Record) {
@@ -414,7 +449,8 @@ impl Daemon {
         let rest: Vec<Fact> = self.verifier.drain_all().collect();
         let now = Instant::now();
         for f in &rest {
-            self.sinks.emit(&Record::from_fact(f, self.clock), now);
+            let rec = self.record(f);
+            self.sinks.emit(&rec, now);
         }
         let k = self.probe.counters();
         let stopped = Record::Stopped(Stopped {

@@ -14,6 +14,7 @@ use crate::{
         logfile::{LogFile, LogOptions},
     },
     tracker::{Config, thresholds::Thresholds},
+    workload::Hierarchy,
 };
 
 /// The kernel filters the flags ask for.
@@ -30,6 +31,33 @@ pub(super) fn filters(args: &RunArgs) -> tcpstate_common::Filters {
             0
         },
     }
+}
+
+/// The unified cgroup hierarchy, which `--cgroup` needs and must name a cgroup in.
+pub(super) fn hierarchy(args: &RunArgs) -> anyhow::Result<Option<Hierarchy>> {
+    let h = Hierarchy::find();
+    if let Some(path) = &args.cgroup {
+        let Some(h) = &h else {
+            anyhow::bail!(
+                "--cgroup {path}: this host has no cgroup v2 (unified) hierarchy mounted"
+            );
+        };
+        if let Err(e) = h.id_of(path) {
+            anyhow::bail!(
+                "--cgroup {path}: not a cgroup under {}: {e}",
+                h.mount().display()
+            );
+        }
+    }
+    Ok(h)
+}
+
+/// Whether cgroup `path` is `want` or below it.
+pub(super) fn under(path: &str, want: &str) -> bool {
+    want == "/"
+        || path
+            .strip_prefix(want)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 pub(super) fn tracker_config(args: &RunArgs) -> Config {

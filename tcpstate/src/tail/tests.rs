@@ -17,6 +17,8 @@ fn transition() -> Record {
 
 fn anomaly() -> AnomalyRecord {
     AnomalyRecord {
+        workload: None,
+        holder_cgroup: None,
         ts: UNIX_EPOCH + Duration::new(1_795_000_000, 0),
         kind: "close_wait".into(),
         state: TcpState::CloseWait,
@@ -45,6 +47,7 @@ fn anomaly() -> AnomalyRecord {
 
 fn leak() -> Record {
     Record::LeakSuspected(LeakRecord {
+        workload: None,
         ts: UNIX_EPOCH + Duration::new(1_795_000_000, 0),
         pid: 900,
         comm: Comm::new("server"),

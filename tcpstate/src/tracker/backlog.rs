@@ -126,6 +126,7 @@ fn anomaly((netns, tuple): (u32, Tuple), f: &Full, ts_ns: u64) -> Anomaly {
         lower_bound: false,
         sk: 0,
         netns,
+        cgroup: 0,
         tuple,
         // The listener's holder is looked up like any socket's owner.
         owner: Owner::Unknown,
@@ -133,6 +134,7 @@ fn anomaly((netns, tuple): (u32, Tuple), f: &Full, ts_ns: u64) -> Anomaly {
         accept_queue: Some(f.queue),
         vitals: None,
         orphans: None,
+        holder_cgroup: None,
     }
 }
 

@@ -62,12 +62,25 @@ impl Via {
     }
 }
 
+impl Fact {
+    /// The cgroup id of the socket the fact is about (0: unknown or none).
+    pub fn cgroup(&self) -> u64 {
+        match self {
+            Fact::Moved(m) => m.cgroup,
+            Fact::Raised(a) | Fact::Resolved(a, _) => a.cgroup,
+            Fact::Leak(_) | Fact::Reset(_) => 0,
+        }
+    }
+}
+
 /// A transition to report.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Moved {
     pub ts_ns: u64,
     pub sk: u64,
     pub netns: u32,
+    /// The socket's cgroup id (0: unknown, or a TIME_WAIT mini-socket, which has none).
+    pub cgroup: u64,
     pub tuple: Tuple,
     pub old: TcpState,
     pub new: TcpState,
@@ -174,6 +187,8 @@ pub struct Anomaly {
     /// mini-socket, a destination).
     pub sk: u64,
     pub netns: u32,
+    /// The socket's cgroup id (0: unknown, or not about one socket).
+    pub cgroup: u64,
     pub tuple: Tuple,
     pub owner: Owner,
     pub pressure: Option<Pressure>,
@@ -184,6 +199,8 @@ pub struct Anomaly {
     pub vitals: Option<Vitals>,
     /// For `orphan_pressure`: the host's counts, and who left the closing sockets.
     pub orphans: Option<super::orphans::OrphanPressure>,
+    /// The verified holder's own cgroup path (the owner check's).
+    pub holder_cgroup: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,6 +17,7 @@
 //! - `view.rs`: what the outputs read; `stats.rs`: counters for the life of the daemon.
 
 pub mod backlog;
+pub mod cgroups;
 pub mod deadlines;
 pub mod facts;
 mod kernel;
@@ -185,6 +186,7 @@ impl Tracker {
             },
         };
         let netns = if e.netns == 0 { t.netns } else { e.netns };
+        let cgroup = if e.cgroup == 0 { t.cgroup } else { e.cgroup };
         let seen = e.state == t.old && e.has(flag::ENTRY_SEEN);
         let prev_ns = seen.then(|| t.ts_ns.saturating_sub(e.since_ns));
         let applied = Applied {
@@ -199,7 +201,7 @@ impl Tracker {
         }
         let new = reported_state(t);
         self.before_move(t, netns, out);
-        self.report(out, t, (netns, new, prev_ns), e.retrans);
+        self.report(out, t, (netns, cgroup, new, prev_ns), e.retrans);
         if e.has(flag::ANOMALY_OPEN) {
             self.resolve(out, t.sk, &e, t.ts_ns, Resolution::LeftState);
         }
@@ -220,7 +222,7 @@ impl Tracker {
                 let active = e.has(flag::ACTIVE);
                 self.enter_timewait(netns, &tuple_of(t, &e), t.ts_ns, false, active, out);
             }
-            _ => self.advance(t, netns, &e),
+            _ => self.advance(t, (netns, cgroup), &e),
         }
         self.after_move(t, netns, out);
         applied
@@ -231,7 +233,8 @@ impl Tracker {
         let new = reported_state(t);
         if t.new == TcpState::Close && t.ending == Ending::FinWait2 {
             // An orphan we never saw: track the mini-socket from now.
-            let e = Entry::new(t.tuple, t.netns, TcpState::FinWait2, t.ts_ns, flag::SEEDED);
+            let mut e = Entry::new(t.tuple, t.netns, TcpState::FinWait2, t.ts_ns, flag::SEEDED);
+            e.cgroup = t.cgroup;
             if self.table.insert(t.sk, e).is_ok() {
                 self.enter_deadline(t.sk);
                 self.detach_orphan(t.sk, t.netns);
@@ -242,7 +245,7 @@ impl Tracker {
             };
         }
         self.before_move(t, t.netns, out);
-        self.report(out, t, (t.netns, new, None), 0);
+        self.report(out, t, (t.netns, t.cgroup, new, None), 0);
         match new {
             TcpState::Close => {}
             TcpState::TimeWait => {
@@ -266,7 +269,7 @@ impl Tracker {
         &mut self,
         out: &mut Vec<Fact>,
         t: &Transition,
-        (netns, new, prev_ns): (u32, TcpState, Option<u64>),
+        (netns, cgroup, new, prev_ns): (u32, u64, TcpState, Option<u64>),
         retransmits: u16,
     ) {
         self.stats.transition(t.old, new, prev_ns);
@@ -277,6 +280,7 @@ impl Tracker {
             ts_ns: t.ts_ns,
             sk: t.sk,
             netns,
+            cgroup,
             tuple: t.tuple,
             old: t.old,
             new,
@@ -300,7 +304,7 @@ impl Tracker {
     }
 
     /// Moves a tracked full socket (`e`, as it was) into `t.new`.
-    fn advance(&mut self, t: &Transition, netns: u32, e: &Entry) {
+    fn advance(&mut self, t: &Transition, (netns, cgroup): (u32, u64), e: &Entry) {
         let owner = attribute(&mut self.comms, &self.listeners, t, netns, e.owner());
         let epoch = self.epoch();
         let updated = self.table.update(t.sk, |e| {
@@ -308,6 +312,7 @@ impl Tracker {
             e.since_ns = t.ts_ns;
             e.epoch = epoch;
             e.netns = netns;
+            e.cgroup = cgroup;
             e.flags = (e.flags | flag::ENTRY_SEEN) & !(flag::SEEDED | flag::ANOMALY_OPEN);
             if t.tuple.sport != 0 {
                 e.tuple.saddr = t.tuple.saddr;
@@ -336,6 +341,7 @@ impl Tracker {
         };
         let mut e = Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN | active)
             .with_owner(owner);
+        e.cgroup = t.cgroup;
         e.epoch = self.epoch();
         if self.table.insert(t.sk, e).is_err() {
             // Counted once per socket: only at its birth.
@@ -517,12 +523,14 @@ impl Tracker {
             lower_bound: e.has(flag::SEEDED),
             sk,
             netns: e.netns,
+            cgroup: e.cgroup,
             tuple: e.tuple,
             owner,
             pressure: None,
             accept_queue: None,
             vitals: None,
             orphans: None,
+            holder_cgroup: None,
         }
     }
 }

@@ -174,12 +174,14 @@ fn anomaly(host: HostTcp, by_owner: Vec<(Task, u64)>, since_ns: u64, ts_ns: u64)
         lower_bound: false,
         sk: 0,
         netns: 0,
+        cgroup: 0,
         tuple: Tuple::new(any, 0, any, 0),
         owner: Owner::Unknown,
         pressure: None,
         accept_queue: None,
         vitals: None,
         orphans: Some(OrphanPressure { host, by_owner }),
+        holder_cgroup: None,
     }
 }
 

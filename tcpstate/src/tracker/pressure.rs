@@ -237,6 +237,7 @@ fn anomaly(d: &Dest, c: &Count, info: &NetnsInfo, ts_ns: u64) -> Anomaly {
         lower_bound: false,
         sk: 0,
         netns: d.netns,
+        cgroup: 0,
         tuple: Tuple {
             family: d.family,
             saddr: d.saddr,
@@ -253,6 +254,7 @@ fn anomaly(d: &Dest, c: &Count, info: &NetnsInfo, ts_ns: u64) -> Anomaly {
         accept_queue: None,
         vitals: None,
         orphans: None,
+        holder_cgroup: None,
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::leak::LeakCounts;
+use super::{cgroups::ByCgroup, leak::LeakCounts};
 use crate::{
     socket::{Comm, Tuple},
     state::TcpState,
@@ -40,7 +40,7 @@ pub mod flag {
 
 const NO_OWNER: u32 = u32::MAX;
 
-/// 80 bytes: addresses raw, the comm interned, because at 10^6 sockets
+/// 88 bytes: addresses raw, the comm interned, because at 10^6 sockets
 /// every byte here is a megabyte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -53,6 +53,8 @@ pub struct Entry {
     pub tuple: Tuple,
     /// 0 until known (a socket first seen mid-life carries none).
     pub netns: u32,
+    /// The socket's cgroup id, from its birth; 0 until known.
+    pub cgroup: u64,
     owner_pid: u32,
     owner_comm: u32,
     pub state: TcpState,
@@ -62,7 +64,7 @@ pub struct Entry {
     pub retrans: u16,
 }
 
-const _: () = assert!(size_of::<Entry>() == 80);
+const _: () = assert!(size_of::<Entry>() == 88);
 
 impl Entry {
     pub fn new(tuple: Tuple, netns: u32, state: TcpState, since_ns: u64, flags: u8) -> Self {
@@ -72,6 +74,7 @@ impl Entry {
             epoch: 0,
             tuple,
             netns,
+            cgroup: 0,
             owner_pid: 0,
             owner_comm: NO_OWNER,
             state,
@@ -120,6 +123,7 @@ pub struct Table {
     sockets: [u64; TcpState::COUNT],
     anomalies_open: [u64; TcpState::COUNT],
     leaks: LeakCounts,
+    by_cgroup: ByCgroup,
 }
 
 impl Table {
@@ -130,6 +134,7 @@ impl Table {
             sockets: [0; TcpState::COUNT],
             anomalies_open: [0; TcpState::COUNT],
             leaks: LeakCounts::default(),
+            by_cgroup: ByCgroup::default(),
         }
     }
 
@@ -140,6 +145,8 @@ impl Table {
         if e.has(flag::ANOMALY_OPEN) {
             bump(&mut self.anomalies_open[st]);
         }
+        self.by_cgroup
+            .account(e.cgroup, e.state, e.has(flag::ANOMALY_OPEN), add);
         if add {
             self.leaks.enter(e.holder(), e.state);
         } else {
@@ -225,6 +232,10 @@ impl Table {
 
     pub fn leaks(&self) -> &LeakCounts {
         &self.leaks
+    }
+
+    pub fn by_cgroup(&self) -> &ByCgroup {
+        &self.by_cgroup
     }
 
     pub fn leaks_mut(&mut self) -> &mut LeakCounts {

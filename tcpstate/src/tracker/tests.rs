@@ -39,6 +39,7 @@ fn tracker(capacity: usize) -> Tracker {
 fn at(sk: u64, ts: u64) -> Transition {
     let lo: IpAddr = "127.0.0.1".parse().expect("addr");
     Transition {
+        cgroup: 0,
         ts_ns: ts,
         sk,
         tuple: Tuple::new(lo, 0, lo, 0),

@@ -142,6 +142,16 @@ impl Tracker {
         v
     }
 
+    /// Closing sockets and open anomalies per cgroup id.
+    pub fn by_cgroup(&self) -> impl Iterator<Item = (u64, &super::cgroups::Counts)> {
+        self.table.by_cgroup().iter()
+    }
+
+    /// The cgroup remembered for a tracked socket (0 = unknown).
+    pub fn cgroup_of(&self, sk: u64) -> u64 {
+        self.table.get(sk).map_or(0, |e| e.cgroup)
+    }
+
     /// Top owners of lingering sockets: (task, state, count).
     pub fn top_owners(&self, n: usize) -> Vec<(Task, TcpState, u64)> {
         self.table
