@@ -75,6 +75,13 @@ pub struct TailArgs {
     /// Only records of this command name.
     #[arg(long)]
     pub comm: Option<String>,
+    /// Only records of sockets created in this systemd unit (payments-api.service).
+    #[arg(long)]
+    pub unit: Option<String>,
+    /// Only records of sockets created in this container: its id, or a prefix of it as
+    /// `docker ps` shows (at least 4 characters).
+    #[arg(long, value_parser = container_prefix)]
+    pub container: Option<String>,
     /// Print the JSON records as they are instead of columns.
     #[arg(long)]
     pub json: bool,
@@ -244,6 +251,17 @@ fn nonzero_port(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(0) | Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
         Ok(p) => Ok(p),
+    }
+}
+
+fn container_prefix(s: &str) -> Result<String, String> {
+    let ok = (4..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "{s}: want a container id or a prefix of 4 to 64 hex digits"
+        ))
     }
 }
 

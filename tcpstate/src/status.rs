@@ -17,7 +17,8 @@ use crate::{
     clock::WallClock,
     output::{escape::escape, metrics::Counters, text},
     record::{AnomalyRecord, Record},
-    tracker::{Anomaly, Tracker},
+    tracker::{Anomaly, Tracker, cgroups::CLOSING},
+    workload::{Workloads, top},
 };
 
 /// `/sockets?state=STATE`: the tracked sockets in one state and how long each has been in
@@ -72,6 +73,23 @@ pub struct TopOwner {
     pub count: u64,
 }
 
+/// A workload's closing sockets and open anomalies (`unit` "other": the rest summed).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TopWorkload {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unit: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_uid: String,
+    /// Sockets per closing state (states with none left out).
+    pub sockets: BTreeMap<String, u32>,
+    pub anomalies_open: u32,
+}
+
+/// How many workloads `status` lists.
+const STATUS_WORKLOADS: usize = 10;
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Report {
     pub version: String,
@@ -80,6 +98,9 @@ pub struct Report {
     /// Oldest first.
     pub open_anomalies: Vec<AnomalyRecord>,
     pub top_owners: Vec<TopOwner>,
+    /// Closing sockets and open anomalies by unit, container and pod, most first.
+    #[serde(default)]
+    pub top_workloads: Vec<TopWorkload>,
     pub tracked: u64,
     pub capacity: u64,
     pub refused: u64,
@@ -102,12 +123,27 @@ pub struct Report {
     pub stdout_dropped: u64,
 }
 
+impl TopWorkload {
+    /// The pod and container, else the unit; the sockets of neither are "unattributed".
+    pub fn label(&self) -> String {
+        let c = crate::workload::short(&self.container_id);
+        match (self.pod_uid.is_empty(), c.is_empty(), self.unit.is_empty()) {
+            (false, false, _) => format!("pod {} container {c}", self.pod_uid),
+            (true, false, _) => format!("container {c}"),
+            (false, true, _) => format!("pod {}", self.pod_uid),
+            (true, true, false) => self.unit.clone(),
+            (true, true, true) => "(no unit or container)".to_owned(),
+        }
+    }
+}
+
 impl Report {
-    /// The report; `open` are the open anomalies (owners checked by the caller).
+    /// The report; `open` are the open anomalies (owners checked by the caller), their
+    /// cgroups named through `names`.
     pub fn build(
         tracker: &Tracker,
         c: Counters,
-        open: &[Anomaly],
+        (open, names): (&[Anomaly], &mut Workloads),
         clock: WallClock,
         uptime_s: f64,
     ) -> Self {
@@ -122,7 +158,26 @@ impl Report {
                 .collect(),
             open_anomalies: open
                 .iter()
-                .map(|a| AnomalyRecord::new(a, None, clock))
+                .map(|a| {
+                    let mut r = AnomalyRecord::new(a, None, clock);
+                    r.workload = names.get(a.cgroup);
+                    r
+                })
+                .collect(),
+            top_workloads: top::top_of(tracker.by_cgroup(), names, STATUS_WORKLOADS)
+                .into_iter()
+                .map(|(l, c)| TopWorkload {
+                    unit: l.unit,
+                    container_id: l.container_id,
+                    pod_uid: l.pod_uid,
+                    sockets: CLOSING
+                        .iter()
+                        .zip(c.closing)
+                        .filter(|&(_, n)| n > 0)
+                        .map(|(s, n)| (s.name().to_owned(), n))
+                        .collect(),
+                    anomalies_open: c.anomalies_open,
+                })
                 .collect(),
             top_owners: tracker
                 .top_owners(10)
@@ -185,6 +240,20 @@ impl Report {
             );
             for a in &self.open_anomalies {
                 text::write_record(&mut s, &Record::Anomaly(a.clone()), false);
+            }
+        }
+        if !self.top_workloads.is_empty() {
+            s.push_str("closing sockets by unit / container:\n");
+            for w in &self.top_workloads {
+                let states: Vec<String> =
+                    w.sockets.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let _ = writeln!(
+                    s,
+                    "  {:<40} {} anomalies open {}",
+                    escape(&w.label()),
+                    states.join(" "),
+                    w.anomalies_open
+                );
             }
         }
         if !self.top_owners.is_empty() {

@@ -1,6 +1,7 @@
 //! Prometheus exposition, rendered at scrape time from a snapshot of the
 //! tracker's aggregates: the event path pays nothing for metrics. Labels
-//! are bounded by construction (states, state pairs, anomaly kinds).
+//! are bounded by construction (states, state pairs, anomaly kinds), and the per-workload
+//! ones by --metrics-top.
 
 use prometheus_client::{
     collector::Collector,
@@ -9,7 +10,14 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{state::TcpState, tracker::Tracker};
+use crate::{
+    state::TcpState,
+    tracker::{
+        Tracker,
+        cgroups::{CLOSING, Counts},
+    },
+    workload::top::Labels,
+};
 
 /// Upper bounds (seconds) of the time-in-state histogram buckets.
 const BUCKETS: [f64; 12] = [
@@ -64,9 +72,14 @@ struct Snapshot {
     host: crate::tracker::HostTcp,
     pressure_worst: f64,
     counters: Counters,
+    /// The top workloads' closing sockets and open anomalies, `other` last.
+    workloads: Vec<(Labels, Counts)>,
+    /// Cgroups holding closing sockets or open anomalies (how many the top N summarise).
+    workload_cgroups: u64,
 }
 
-pub fn render(tracker: &Tracker, counters: Counters) -> String {
+/// The exposition. `workloads` is [`crate::workload::top::top_of`] the tracker's cgroups.
+pub fn render(tracker: &Tracker, counters: Counters, workloads: Vec<(Labels, Counts)>) -> String {
     let agg = tracker.stats();
     let live = TcpState::ALL
         .into_iter()
@@ -136,6 +149,8 @@ pub fn render(tracker: &Tracker, counters: Counters) -> String {
         host: tracker.host_tcp(),
         pressure_worst: tracker.pressure_worst(),
         counters,
+        workloads,
+        workload_cgroups: tracker.by_cgroup().count() as u64,
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snap));
@@ -255,6 +270,7 @@ impl Snapshot {
         for &(reason, n) in &self.failed_connects {
             ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
         }
+        self.workload_families(e)?;
         let [retransmits, sent, received] = &self.signals;
         for (name, help, values) in [
             (
@@ -435,6 +451,48 @@ impl Snapshot {
                 self.capacity as i64,
             ),
         ]
+    }
+}
+
+impl Snapshot {
+    /// Per-workload gauges, bounded to --metrics-top workloads plus `other`.
+    fn workload_families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let labels = |l: &Labels| {
+            [
+                ("unit", l.unit.clone()),
+                ("container_id", l.container_id.clone()),
+                ("pod_uid", l.pod_uid.clone()),
+            ]
+        };
+        let mut m = e.encode_descriptor(
+            "tcpstate_workload_sockets",
+            "Sockets in a closing state now, by the unit, container and pod that created them (the top --metrics-top workloads; the rest under unit=\"other\"; empty labels: no unit or container known)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, c) in &self.workloads {
+            for (st, &n) in CLOSING.iter().zip(&c.closing) {
+                let [u, k, p] = labels(l);
+                let set = [("state", st.name().to_owned()), u, k, p];
+                ConstGauge::new(i64::from(n)).encode(m.encode_family(&set)?)?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "tcpstate_workload_anomalies_open",
+            "Anomalies open now, by the unit, container and pod of the socket (top --metrics-top workloads and unit=\"other\")",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, c) in &self.workloads {
+            let set = labels(l);
+            ConstGauge::new(i64::from(c.anomalies_open)).encode(m.encode_family(&set)?)?;
+        }
+        gauge(
+            e,
+            "tcpstate_workload_cgroups",
+            "Cgroups with closing sockets or open anomalies now (the per-workload gauges keep the top --metrics-top)",
+            self.workload_cgroups as i64,
+        )
     }
 }
 

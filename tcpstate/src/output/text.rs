@@ -10,6 +10,7 @@ use crate::{
         Vitals,
     },
     state::TcpState,
+    workload::Workload,
 };
 
 pub const HEADER: &str = "TIME(UTC)       PID     COMM             LADDR:LPORT                RADDR:RPORT                OLD          -> NEW          MS";
@@ -52,6 +53,7 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
                 l.previous,
                 l.threshold
             );
+            in_workload(out, l.workload.as_deref());
             paint(out, RESET);
         }
         Record::Suppressed(s) => {
@@ -137,6 +139,17 @@ fn write_transition(out: &mut String, t: &TransitionRecord) {
     if let Some(n) = t.retransmits {
         let _ = write!(out, " [{n} retransmits]");
     }
+    in_workload(out, t.workload.as_deref());
+}
+
+/// ` in payments-api.service`, ` in pod P container C`: who the socket works for, when its
+/// cgroup names someone.
+fn in_workload(out: &mut String, w: Option<&Workload>) {
+    if let Some(w) = w
+        && (w.unit.is_some() || w.container_id.is_some() || w.pod_uid.is_some())
+    {
+        let _ = write!(out, " in {}", escape(&w.label()));
+    }
 }
 
 fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
@@ -156,7 +169,15 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
             )
         }
         (Some(pid), Some(comm), OwnerSource::Fd) => {
-            format!("held by pid {pid} ({})", escape(&comm.as_str()))
+            let mut s = format!("held by pid {pid} ({})", escape(&comm.as_str()));
+            // The holder's own cgroup, when it is not the one the socket was made in (fd
+            // passing, a socket inherited across a fork into another unit).
+            if let Some(h) = &a.holder_cgroup
+                && a.workload.as_ref().is_none_or(|w| &w.cgroup != h)
+            {
+                let _ = write!(s, " of {}", escape(&Workload::from_path(h.clone()).label()));
+            }
+            s
         }
         (Some(pid), Some(comm), _) => {
             format!(
@@ -218,6 +239,7 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
             let _ = write!(out, "; {w}");
         }
     }
+    in_workload(out, a.workload.as_deref());
     if let Some(why) = &a.resolution {
         let _ = write!(out, " ({})", escape(why));
     }

@@ -231,7 +231,7 @@ impl Daemon {
             let report = Report::build(
                 &self.tracker,
                 self.counters(),
-                &open,
+                (&open, &mut self.workloads),
                 self.clock,
                 self.started.elapsed().as_secs_f64(),
             );

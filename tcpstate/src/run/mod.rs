@@ -414,7 +414,12 @@ impl Daemon {
     fn page(&mut self, page: Page, reply: http::Reply) {
         match page {
             Page::Metrics => {
-                let _ = reply.send(metrics::render(&self.tracker, self.counters()));
+                let top = crate::workload::top::top_of(
+                    self.tracker.by_cgroup(),
+                    &mut self.workloads,
+                    usize::from(self.args.metrics_top),
+                );
+                let _ = reply.send(metrics::render(&self.tracker, self.counters(), top));
             }
             Page::Status => {
                 let open = self.tracker.open_anomalies(monotonic_ns());

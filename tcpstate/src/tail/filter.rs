@@ -1,6 +1,7 @@
-//! Which records `tail` prints: `--port`, `--state`, `--anomalies`, `--pid`, `--comm`.
+//! Which records `tail` prints: `--port`, `--state`, `--anomalies`, `--pid`, `--comm`,
+//! `--unit`, `--container`.
 
-use crate::{cli::TailArgs, record::Record, socket::Comm, state::TcpState};
+use crate::{cli::TailArgs, record::Record, socket::Comm, state::TcpState, workload::Workload};
 
 /// What `--port`, `--state`, `--anomalies`, `--pid` and `--comm` ask for;
 /// all given ones must hold.
@@ -13,6 +14,9 @@ pub struct Filter {
     /// Truncated like the kernel's comm (15 bytes), so a long name given in
     /// full still matches.
     pub comm: Option<Comm>,
+    pub unit: Option<String>,
+    /// A prefix of the container id.
+    pub container: Option<String>,
 }
 
 impl Filter {
@@ -23,6 +27,8 @@ impl Filter {
             anomalies: a.anomalies,
             pid: a.pid,
             comm: a.comm.as_deref().map(Comm::new),
+            unit: a.unit.clone(),
+            container: a.container.clone(),
         }
     }
 
@@ -80,4 +86,24 @@ pub fn matches(rec: &Record, f: &Filter) -> bool {
         && f.state.is_none_or(|s| state.contains(&Some(s)))
         && f.pid.is_none_or(|p| pid == Some(p))
         && f.comm.is_none_or(|c| comm == Some(c))
+        && workload_matches(workload_of(rec), f)
+}
+
+fn workload_of(rec: &Record) -> Option<&Workload> {
+    match rec {
+        Record::Transition(t) => t.workload.as_deref(),
+        Record::Anomaly(a) | Record::AnomalyResolved(a) => a.workload.as_deref(),
+        Record::LeakSuspected(l) => l.workload.as_deref(),
+        _ => None,
+    }
+}
+
+fn workload_matches(w: Option<&Workload>, f: &Filter) -> bool {
+    f.unit
+        .as_deref()
+        .is_none_or(|u| w.and_then(|w| w.unit.as_deref()) == Some(u))
+        && f.container.as_deref().is_none_or(|c| {
+            w.and_then(|w| w.container_id.as_deref())
+                .is_some_and(|id| id.starts_with(c))
+        })
 }

@@ -162,7 +162,54 @@ fn each_filter_on_a_transition() {
         state: Some(TcpState::Established),
         comm: Some(Comm::new("python3")),
         anomalies: false,
+        unit: None,
+        container: None,
     }));
+}
+
+const ID: &str = "3f2a9c1e5b7d4f6a8c0e2b4d6f8a0c2e4b6d8f0a2c4e6b8d0f2a4c6e8b0d2f4a";
+
+#[test]
+fn unit_and_container_filters_read_the_workload() {
+    let line = TRANSITION.replace(
+        r#""netns":4026531833}"#,
+        &format!(r#""netns":4026531833,"cgroup":"/system.slice/docker-{ID}.scope","unit":"docker-{ID}.scope","container_id":"{ID}"}}"#),
+    );
+    let rec: Record = serde_json::from_str(&line).expect("parses");
+    let by = |f: Filter| filter::matches(&rec, &f);
+    assert!(by(Filter {
+        container: Some("3f2a9c1e".into()),
+        ..Filter::default()
+    }));
+    assert!(by(Filter {
+        unit: Some(format!("docker-{ID}.scope")),
+        ..Filter::default()
+    }));
+    assert!(!by(Filter {
+        container: Some("3f2b".into()),
+        ..Filter::default()
+    }));
+    assert!(!by(Filter {
+        unit: Some("nginx.service".into()),
+        ..Filter::default()
+    }));
+    // A record without a workload never matches a workload filter.
+    assert!(!filter::matches(
+        &transition(),
+        &Filter {
+            unit: Some("nginx.service".into()),
+            ..Filter::default()
+        }
+    ));
+    // And the JSON comes back out as it went in.
+    let Record::Transition(t) = &rec else {
+        panic!("a transition")
+    };
+    assert_eq!(
+        t.workload.as_ref().and_then(|w| w.container_id.as_deref()),
+        Some(ID)
+    );
+    assert_eq!(serde_json::to_string(&rec).expect("json"), line);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 mod hierarchy;
 mod naming;
+pub mod top;
 
 use std::sync::Arc;
 
