@@ -187,6 +187,7 @@ fn kernel_socket(netns: u32, s: &DiagSocket) -> Option<KernelSocket> {
         request: s.is_request(),
         expires_ms: s.expires_ms,
         owner: None,
+        cgroup: s.cgroup,
     })
 }
 
@@ -517,6 +518,7 @@ mod tests {
     fn listener(addr: &str, port: u16, inode: u32) -> DiagSocket {
         let any = if addr.contains(':') { "::" } else { "0.0.0.0" };
         DiagSocket {
+            cgroup: 0,
             state: TcpState::Listen as u8,
             tuple: Tuple::new(
                 addr.parse().expect("addr"),

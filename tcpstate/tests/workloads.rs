@@ -531,3 +531,32 @@ fn gauge(metrics: &str, series: &str) -> u64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0)
 }
+
+/// A socket that predates the daemon: seeded from the kernel's table, it is named from the
+/// dump's cgroup id (`ss --cgroup`'s), and its anomaly says so.
+#[test]
+fn a_socket_older_than_the_daemon_is_named_too() {
+    if !require_bpf() {
+        return;
+    }
+    let mut cgs = Cgroups::new();
+    let (dir, shown) = cgs.make("system.slice/legacy.service");
+    let ns = Netns::new();
+    let p = port(21000);
+    let l = ns.run(move || TcpListener::bind(("127.0.0.1", p)).expect("bind"));
+    let c = client_in(&dir, &ns, p);
+    let (s, _) = l.accept().expect("accept");
+    drop(s);
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=1s"]);
+    let raised = daemon.wait_for(Duration::from_secs(5), |r| {
+        r["type"] == "anomaly" && r["kind"] == "close_wait"
+    });
+    stop(c);
+    let records = daemon.stop();
+    let raised = raised.unwrap_or_else(|| panic!("no anomaly: {records:#?}"));
+    assert_eq!(raised["age_is_lower_bound"], true, "{raised}");
+    assert_eq!(
+        names(&raised),
+        (Some(shown.as_str()), Some("legacy.service"), None, None)
+    );
+}

@@ -40,6 +40,9 @@ pub struct DiagSocket {
     /// Socket inode; 0 for sockets without a file (orphans, mini-sockets).
     pub inode: u32,
     pub uid: u32,
+    /// The socket's cgroup v2 id (`INET_DIAG_CGROUP_ID`, what `ss --cgroup` shows); 0 when
+    /// the kernel sent none (a mini-socket or request socket has no cgroup).
+    pub cgroup: u64,
 }
 
 impl DiagSocket {
@@ -430,7 +433,32 @@ pub fn parse_socket(payload: &[u8], fam: &str) -> io::Result<DiagSocket> {
         wqueue: h.send_queue,
         inode: h.inode,
         uid: h.uid,
+        cgroup: cgroup_id(payload),
     })
+}
+
+/// `INET_DIAG_CGROUP_ID`.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+/// `sizeof(struct inet_diag_msg)`: the attributes follow it.
+const INET_DIAG_MSG_LEN: usize = 72;
+
+/// The cgroup id attribute of an answer, read in place: every dump answer carries it, and
+/// decoding all its attributes with the crate would allocate for each of hundreds of
+/// thousands of sockets.
+fn cgroup_id(payload: &[u8]) -> u64 {
+    let mut rest = payload.get(INET_DIAG_MSG_LEN..).unwrap_or_default();
+    while rest.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
+        if len < 4 || len > rest.len() {
+            return 0;
+        }
+        if kind == INET_DIAG_CGROUP_ID && len == 12 {
+            return rest[4..12].try_into().map_or(0, u64::from_ne_bytes);
+        }
+        rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    0
 }
 
 #[cfg(test)]

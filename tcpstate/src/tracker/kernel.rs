@@ -35,6 +35,8 @@ pub struct KernelSocket {
     pub expires_ms: u32,
     /// Who holds its fd, when someone does.
     pub owner: Option<(u32, Comm)>,
+    /// Its cgroup id, from the dump (0: none).
+    pub cgroup: u64,
 }
 
 type Seeded = foldhash::quality::RandomState;
@@ -143,6 +145,7 @@ impl Tracker {
             let flags = flag::SEEDED | if s.mini { flag::ORPHAN } else { 0 };
             let mut e = Entry::new(s.tuple, s.netns, s.state, now_ns, flags).with_owner(owner);
             e.epoch = self.epoch();
+            e.cgroup = s.cgroup;
             let key = self.synthetic_key();
             if self.table.insert(key, e).is_err() {
                 self.refused += 1;

@@ -123,6 +123,7 @@ fn reconcile(
 fn kernel_socket(netns: u32, state: TcpState, sport: u16, dport: u16) -> KernelSocket {
     let lo: IpAddr = "127.0.0.1".parse().expect("addr");
     KernelSocket {
+        cgroup: 0,
         netns,
         state,
         tuple: Tuple::new(lo, sport, lo, dport),

@@ -87,6 +87,7 @@ fn parses_multipart_datagrams() {
     assert_eq!(
         out[0],
         DiagSocket {
+            cgroup: 0,
             state: 1,
             tuple: crate::socket::Tuple::new(ten, 443, ten, 51000),
             timer: 0,
@@ -299,4 +300,31 @@ fn exact_lookup_finds_a_time_wait_mini_socket_and_nothing_else() {
     // A tuple nobody has is None, even with a listener on its local port.
     let none = crate::socket::Tuple::new(lo, lport, lo, 9);
     assert_eq!(diag.lookup(&none).expect("lookup"), None);
+}
+
+#[test]
+fn the_cgroup_id_attribute_is_read_in_place() {
+    let mut v4 = [0u8; 16];
+    v4[..4].copy_from_slice(&[10, 0, 0, 1]);
+    let mut msg = diag_msg(2, 1, v4, 443, v4, 51000, 99);
+    assert_eq!(cgroup_id(&msg), 0, "none sent");
+    // An unrelated attribute (5 bytes of payload, padded), then INET_DIAG_CGROUP_ID.
+    msg.extend_from_slice(&9u16.to_ne_bytes());
+    msg.extend_from_slice(&1u16.to_ne_bytes());
+    msg.extend_from_slice(&[1, 2, 3, 4, 5, 0, 0, 0]);
+    msg.extend_from_slice(&12u16.to_ne_bytes());
+    msg.extend_from_slice(&21u16.to_ne_bytes());
+    msg.extend_from_slice(&0x1234_5678_9abc_u64.to_ne_bytes());
+    assert_eq!(cgroup_id(&msg), 0x1234_5678_9abc);
+    assert_eq!(
+        parse_socket(&msg, "test").expect("parses").cgroup,
+        0x1234_5678_9abc
+    );
+    // Truncated or lying lengths: 0, no panic.
+    for cut in 72..msg.len() {
+        let _ = cgroup_id(&msg[..cut]);
+    }
+    let mut bad = diag_msg(2, 1, v4, 443, v4, 51000, 99);
+    bad.extend_from_slice(&[200, 0, 21, 0, 1, 2, 3, 4]);
+    assert_eq!(cgroup_id(&bad), 0);
 }
