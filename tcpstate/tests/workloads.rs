@@ -560,3 +560,62 @@ fn a_socket_older_than_the_daemon_is_named_too() {
         (Some(shown.as_str()), Some("legacy.service"), None, None)
     );
 }
+
+/// `run --cgroup PATH`: only sockets created in that cgroup or below; a path that is no cgroup
+/// is one error line.
+#[test]
+fn the_cgroup_filter_keeps_one_subtree() {
+    if !require_bpf() {
+        return;
+    }
+    let mut cgs = Cgroups::new();
+    let (a, a_shown) = cgs.make("system.slice/a.service/worker");
+    let (b, _) = cgs.make("system.slice/b.service");
+    let a_unit = a_shown.trim_end_matches("/worker").to_owned();
+    let ns = Netns::new();
+    let p = port(22800);
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--cgroup", &a_unit]);
+    let l = ns.run(move || TcpListener::bind(("127.0.0.1", p)).expect("bind"));
+    let ca = client_in(&a, &ns, p);
+    let cb = client_in(&b, &ns, p);
+    let (pa, pb) = (ca.id(), cb.id());
+    for _ in 0..2 {
+        drop(l.accept().expect("accept"));
+    }
+    let _ = daemon.wait_for(Duration::from_secs(3), |r| {
+        r["pid"] == pa && r["new"] == "ESTABLISHED"
+    });
+    stop(ca);
+    stop(cb);
+    std::thread::sleep(Duration::from_millis(300));
+    let records = daemon.stop();
+    let ts: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"] == "transition")
+        .collect();
+    assert!(ts.iter().any(|r| r["pid"] == pa), "{ts:#?}");
+    assert!(
+        !ts.iter().any(|r| r["pid"] == pb),
+        "b.service is filtered out: {ts:#?}"
+    );
+    for r in &ts {
+        assert_eq!(r["cgroup"].as_str(), Some(a_shown.as_str()), "{r}");
+    }
+    let stopped = records
+        .iter()
+        .find(|r| r["type"] == "stopped")
+        .expect("stopped");
+    assert!(stopped["filtered"].as_u64() > Some(0), "{stopped}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["run", "--cgroup", "/no/such/cgroup"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--cgroup /no/such/cgroup: not a cgroup"),
+        "{err}"
+    );
+}

@@ -241,7 +241,9 @@ impl Daemon {
                                 s.tuple.dport,
                             )
                         })
-                        .filter(|s| only.is_none_or(|ns| ns == s.netns));
+                        .filter(|s| only.is_none_or(|ns| ns == s.netns))
+                        .filter(|s| self.wanted_cgroup(s.cgroup))
+                        .collect::<Vec<_>>();
                     let _ = host;
                     return self.tracker.seed(sockets, monotonic_ns());
                 }
@@ -273,17 +275,14 @@ impl Daemon {
                 }
             }
             // --cgroup: the same, by the cgroup's path (the cgroup or below it).
-            if let Some(want) = &self.args.cgroup {
-                let id = if t.cgroup != 0 {
-                    t.cgroup
-                } else {
-                    self.tracker.cgroup_of(t.sk)
-                };
-                let path = self.workloads.get(id);
-                if !path.is_some_and(|w| setup::under(&w.cgroup, want)) {
-                    self.tally.filtered += 1;
-                    continue;
-                }
+            let id = if t.cgroup != 0 {
+                t.cgroup
+            } else {
+                self.tracker.cgroup_of(t.sk)
+            };
+            if !self.wanted_cgroup(id) {
+                self.tally.filtered += 1;
+                continue;
             }
             self.tracker.on_transition(t, &mut facts);
             self.write_facts(&mut facts, now);
@@ -301,6 +300,16 @@ impl Daemon {
             ));
         }
         self.unpark();
+    }
+
+    /// Whether `--cgroup` (if given) keeps a socket of cgroup `id`.
+    fn wanted_cgroup(&mut self, id: u64) -> bool {
+        let Some(want) = &self.args.cgroup else {
+            return true;
+        };
+        self.workloads
+            .get(id)
+            .is_some_and(|w| setup::under(&w.cgroup, want))
     }
 
     /// Writes transition facts at once; anomaly facts go through the owner check.

@@ -160,3 +160,23 @@ pub(super) fn raise_fd_limit() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::under;
+
+    #[test]
+    fn a_cgroup_filter_keeps_its_subtree_only() {
+        assert!(under("/system.slice/a.service", "/system.slice/a.service"));
+        assert!(under(
+            "/system.slice/a.service/worker",
+            "/system.slice/a.service"
+        ));
+        assert!(!under(
+            "/system.slice/a.service2",
+            "/system.slice/a.service"
+        ));
+        assert!(!under("/system.slice", "/system.slice/a.service"));
+        assert!(under("/anything", "/"));
+    }
+}
