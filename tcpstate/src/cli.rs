@@ -260,7 +260,7 @@ fn container_prefix(s: &str) -> Result<String, String> {
         Ok(s.to_ascii_lowercase())
     } else {
         Err(format!(
-            "{s}: want a container id or a prefix of 4 to 64 hex digits"
+            "{s:?}: want a container id or a prefix of 4 to 64 hex digits"
         ))
     }
 }
@@ -270,7 +270,7 @@ fn container_prefix(s: &str) -> Result<String, String> {
 pub fn cgroup_path(s: &str) -> Result<String, String> {
     if !s.starts_with('/') {
         return Err(format!(
-            "{s}: want an absolute path such as /system.slice/nginx.service"
+            "{s:?}: want an absolute path such as /system.slice/nginx.service"
         ));
     }
     if s.split('/').any(|p| p == "..") || s.chars().any(char::is_control) {
