@@ -24,22 +24,12 @@ const UID: &str = "0c6f1a2b-3d4e-4f50-8a9b-0c1d2e3f4a5b";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// The unified hierarchy's mount point.
+/// The unified hierarchy's mount point, found as the daemon finds it.
 fn cgroup2_mount() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let mounts: Vec<&str> = info
-        .lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            (post.starts_with("cgroup2 ")).then(|| pre.split(' ').nth(4))?
-        })
-        .collect();
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .find(|m| mounts.contains(m))
-        .or_else(|| mounts.first().copied())
-        .map(PathBuf::from)
+    tcpstate::workload::Hierarchy::find()
         .expect("this test needs a cgroup2 (unified) hierarchy mounted")
+        .mount()
+        .to_owned()
 }
 
 /// A subtree of cgroups for one test, under `/tcpstate-test-PID-N`; removed on drop.
