@@ -317,8 +317,7 @@ enum Looked {
 #[derive(Clone, Copy)]
 struct Listener {
     inode: u32,
-    queue: u32,
-    backlog: u32,
+    queue: AcceptQueue,
 }
 
 /// A socket no file refers to, in a state only `close()` leaves (ESTABLISHED, CLOSE_WAIT): no
@@ -355,9 +354,16 @@ fn listener_of(listeners: &[DiagSocket], t: &Tuple) -> Option<Listener> {
         .max_by_key(|(score, _)| *score)
         .map(|(_, l)| Listener {
             inode: l.inode,
-            queue: l.rqueue,
-            backlog: l.wqueue,
+            queue: accept_queue(l),
         })
+}
+
+fn accept_queue(l: &DiagSocket) -> AcceptQueue {
+    AcceptQueue {
+        queue: l.rqueue,
+        backlog: l.wqueue,
+        drops: l.drops,
+    }
 }
 
 /// One socket's lookup, with its vital signs; `listeners` caches each namespace's LISTEN dump
@@ -429,10 +435,7 @@ fn listeners(ns: &mut Namespaces, namespaces: &[u32]) -> Reply {
         out.extend(ls.iter().map(|l| Listening {
             netns,
             tuple: l.tuple,
-            queue: AcceptQueue {
-                queue: l.rqueue,
-                backlog: l.wqueue,
-            },
+            queue: accept_queue(l),
         }));
     }
     Reply::Listeners {
@@ -478,10 +481,7 @@ fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
             },
             Looked::Queued(l) => Holder::AcceptQueue {
                 listener: holder_of(l.inode),
-                queue: AcceptQueue {
-                    queue: l.queue,
-                    backlog: l.backlog,
-                },
+                queue: l.queue,
             },
         })
         .collect();
@@ -518,6 +518,7 @@ mod tests {
     fn listener(addr: &str, port: u16, inode: u32) -> DiagSocket {
         let any = if addr.contains(':') { "::" } else { "0.0.0.0" };
         DiagSocket {
+            drops: 0,
             cgroup: 0,
             state: TcpState::Listen as u8,
             tuple: Tuple::new(
@@ -558,7 +559,11 @@ mod tests {
         assert_eq!(inode(&child("10.0.0.1", 82)), None);
         let v6 = [listener("::", 443, 9)];
         assert_eq!(
-            listener_of(&v6, &child("::ffff:10.0.0.1", 443)).map(|l| (l.inode, l.queue, l.backlog)),
+            listener_of(&v6, &child("::ffff:10.0.0.1", 443)).map(|l| (
+                l.inode,
+                l.queue.queue,
+                l.queue.backlog
+            )),
             Some((9, 1, 4)),
             "a dual-stack listener's v4-mapped child"
         );

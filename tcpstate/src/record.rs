@@ -185,6 +185,9 @@ pub struct AcceptQueue {
     pub queue: u32,
     /// The listener's backlog.
     pub backlog: u32,
+    /// Handshakes the listener dropped because its queue was full, since it was created.
+    #[serde(default)]
+    pub drops: u32,
 }
 
 /// The host's orphans and TCP memory against their limits, and the processes whose closing
@@ -268,6 +271,7 @@ impl From<crate::tracker::AcceptQueue> for AcceptQueue {
         Self {
             queue: q.queue,
             backlog: q.backlog,
+            drops: q.drops,
         }
     }
 }

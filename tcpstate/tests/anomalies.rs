@@ -289,6 +289,9 @@ fn a_full_accept_queue_names_its_listener_and_holder() {
     assert_eq!(a["comm"], our_comm(), "{a}");
     assert_eq!(a["accept_queue"]["queue"], 3, "{a}");
     assert_eq!(a["accept_queue"]["backlog"], 2, "{a}");
+    // The two refused clients' SYNs, dropped and counted by the listener.
+    let drops = a["accept_queue"]["drops"].as_u64().expect("drops");
+    assert!(drops >= 2, "{a}");
     let age = a["age_ms"].as_f64().expect("age");
     assert!((1000.0..3000.0).contains(&age), "full for {age} ms");
     let metrics = http_get(mport, "/metrics");

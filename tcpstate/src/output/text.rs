@@ -223,6 +223,9 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
                 ": {} of a backlog of {} waiting for accept(), new handshakes are dropped",
                 q.queue, q.backlog
             );
+            if q.drops > 0 {
+                let _ = write!(out, " ({} so far)", q.drops);
+            }
         }
     } else {
         let _ = write!(out, "{} {owner}", endpoint(a.daddr, a.dport));
@@ -501,6 +504,7 @@ mod tests {
         q.pid = Some(812);
         q.comm = Some(Comm::new("server"));
         q.accept_queue = Some(AcceptQueue {
+            drops: 0,
             queue: 2,
             backlog: 4,
         });

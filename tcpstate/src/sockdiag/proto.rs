@@ -43,6 +43,9 @@ pub struct DiagSocket {
     /// The socket's cgroup v2 id (`INET_DIAG_CGROUP_ID`, what `ss --cgroup` shows); 0 when
     /// the kernel sent none (a mini-socket or request socket has no cgroup).
     pub cgroup: u64,
+    /// `SK_MEMINFO_DROPS` (`INET_DIAG_SKMEMINFO`): for a listener, the handshakes it dropped
+    /// because its accept queue was full (`tcp_listendrop`); only in a dump of listeners.
+    pub drops: u32,
 }
 
 impl DiagSocket {
@@ -106,8 +109,15 @@ impl Diag {
         })
     }
 
-    /// Every TCP socket in one of `states` (a bitmask of `1 << state`), IPv4 then IPv6.
+    /// Every TCP socket in one of `states` (a bitmask of `1 << state`), IPv4 then IPv6. A
+    /// dump of listeners only also asks for their memory counters (a few sockets; the drop
+    /// count is in there).
     pub fn dump(&mut self, states: u32) -> io::Result<Vec<DiagSocket>> {
+        let extensions = if states == LISTEN_ONLY {
+            ExtensionFlags::SKMEMINFO
+        } else {
+            ExtensionFlags::empty()
+        };
         let mut out = Vec::new();
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             let id = if i32::from(family) == libc::AF_INET6 {
@@ -115,14 +125,7 @@ impl Diag {
             } else {
                 SocketId::new_v4()
             };
-            self.request(
-                family,
-                states,
-                id,
-                ExtensionFlags::empty(),
-                Mode::Dump,
-                &mut out,
-            )?;
+            self.request(family, states, id, extensions.clone(), Mode::Dump, &mut out)?;
         }
         Ok(out)
     }
@@ -433,32 +436,40 @@ pub fn parse_socket(payload: &[u8], fam: &str) -> io::Result<DiagSocket> {
         wqueue: h.send_queue,
         inode: h.inode,
         uid: h.uid,
-        cgroup: cgroup_id(payload),
+        cgroup: attribute(payload, INET_DIAG_CGROUP_ID, 0).map_or(0, u64::from_ne_bytes),
+        drops: attribute(payload, INET_DIAG_SKMEMINFO, SK_MEMINFO_DROPS * 4)
+            .map_or(0, u32::from_ne_bytes),
     })
 }
+
+/// The state mask of a dump of listeners.
+pub const LISTEN_ONLY: u32 = 1 << 10;
+/// `INET_DIAG_SKMEMINFO`, an array of u32 (`SK_MEMINFO_*`), and the index of the drop count.
+const INET_DIAG_SKMEMINFO: u16 = 7;
+const SK_MEMINFO_DROPS: usize = 8;
 
 /// `INET_DIAG_CGROUP_ID`.
 const INET_DIAG_CGROUP_ID: u16 = 21;
 /// `sizeof(struct inet_diag_msg)`: the attributes follow it.
 const INET_DIAG_MSG_LEN: usize = 72;
 
-/// The cgroup id attribute of an answer, read in place: every dump answer carries it, and
-/// decoding all its attributes with the crate would allocate for each of hundreds of
-/// thousands of sockets.
-fn cgroup_id(payload: &[u8]) -> u64 {
+/// `N` bytes at `at` in the value of attribute `kind` of an answer, read in place: every dump
+/// answer carries the cgroup id, and decoding all its attributes with the crate would allocate
+/// for each of hundreds of thousands of sockets.
+fn attribute<const N: usize>(payload: &[u8], kind: u16, at: usize) -> Option<[u8; N]> {
     let mut rest = payload.get(INET_DIAG_MSG_LEN..).unwrap_or_default();
     while rest.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
-        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
+        let k = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
         if len < 4 || len > rest.len() {
-            return 0;
+            return None;
         }
-        if kind == INET_DIAG_CGROUP_ID && len == 12 {
-            return rest[4..12].try_into().map_or(0, u64::from_ne_bytes);
+        if k == kind {
+            return rest[4..len].get(at..at + N)?.try_into().ok();
         }
         rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
     }
-    0
+    None
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! time out, and the server looks idle. The queues come from a sock_diag dump of each
 //! namespace's listeners (cheap: the kernel walks only its listening hash); this rule keeps
 //! only the full ones, so its memory is bounded by how many listeners can be full at once.
+//! A queue can also fill and drain between two polls while handshakes are being dropped: a
+//! listener whose drop count (`SK_MEMINFO_DROPS`) grew since the last poll counts as full.
 
 use std::collections::{HashMap, HashSet};
 
@@ -41,6 +43,8 @@ struct Full {
 pub struct BacklogRule {
     after_ns: Option<u64>,
     full: HashMap<(u32, Tuple), Full>,
+    /// Drop counts at the last poll, of listeners that ever dropped (bounded like `full`).
+    drops: HashMap<(u32, Tuple), u32>,
     raised_total: u64,
 }
 
@@ -68,7 +72,25 @@ impl BacklogRule {
     ) {
         let Some(after) = self.after_ns else { return };
         let mut seen = HashSet::new();
-        for l in listeners.iter().filter(|l| l.is_full()) {
+        let mut dropping = HashSet::new();
+        for l in listeners.iter().filter(|l| l.queue.drops > 0) {
+            let key = (l.netns, l.tuple);
+            if self.drops.len() >= MAX_FULL && !self.drops.contains_key(&key) {
+                continue;
+            }
+            if let Some(before) = self.drops.insert(key, l.queue.drops)
+                && l.queue.drops > before
+            {
+                dropping.insert(key);
+            }
+        }
+        self.drops.retain(|k, _| {
+            !namespaces.contains(&k.0) || listeners.iter().any(|l| (l.netns, l.tuple) == *k)
+        });
+        let full = listeners
+            .iter()
+            .filter(|l| l.is_full() || dropping.contains(&(l.netns, l.tuple)));
+        for l in full {
             let key = (l.netns, l.tuple);
             if self.full.len() >= MAX_FULL && !self.full.contains_key(&key) {
                 continue;
@@ -150,7 +172,11 @@ mod tests {
         Listening {
             netns: 7,
             tuple: Tuple::new(lo, port, any, 0),
-            queue: AcceptQueue { queue, backlog },
+            queue: AcceptQueue {
+                queue,
+                backlog,
+                drops: 0,
+            },
         }
     }
 
@@ -175,7 +201,8 @@ mod tests {
             a.accept_queue,
             Some(AcceptQueue {
                 queue: 5,
-                backlog: 4
+                backlog: 4,
+                drops: 0,
             })
         );
         assert_eq!((r.open(), r.raised_total()), (1, 1));
@@ -204,6 +231,37 @@ mod tests {
         assert!(out.is_empty(), "{out:?}");
         r.observe(4 * S, &[7], &[listening(80, 4, 4)], &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn a_listener_that_keeps_dropping_is_full_even_when_its_queue_is_not() {
+        let mut r = BacklogRule::new(Some(std::time::Duration::from_secs(2)));
+        let mut out = Vec::new();
+        let with = |queue, drops| {
+            let mut l = listening(80, queue, 4);
+            l.queue.drops = drops;
+            l
+        };
+        r.observe(0, &[7], &[with(1, 10)], &mut out);
+        r.observe(S, &[7], &[with(2, 15)], &mut out);
+        r.observe(2 * S, &[7], &[with(0, 30)], &mut out);
+        r.observe(3 * S, &[7], &[with(1, 42)], &mut out);
+        let [Fact::Raised(a)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(a.accept_queue.map(|q| q.drops), Some(42));
+        out.clear();
+        // It stopped dropping: relieved.
+        r.observe(4 * S, &[7], &[with(1, 42)], &mut out);
+        assert!(
+            matches!(&out[..], [Fact::Resolved(_, Resolution::Relieved)]),
+            "{out:?}"
+        );
+        // A listener that dropped long ago and no more is not full.
+        out.clear();
+        r.observe(5 * S, &[7], &[with(0, 42)], &mut out);
+        r.observe(9 * S, &[7], &[with(0, 42)], &mut out);
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]

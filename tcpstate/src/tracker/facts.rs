@@ -171,6 +171,9 @@ pub struct AcceptQueue {
     pub queue: u32,
     /// The listener's backlog.
     pub backlog: u32,
+    /// Handshakes the listener dropped, its queue being full, since it was created
+    /// (`SK_MEMINFO_DROPS`; 0 when unknown).
+    pub drops: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -87,6 +87,7 @@ fn parses_multipart_datagrams() {
     assert_eq!(
         out[0],
         DiagSocket {
+            drops: 0,
             cgroup: 0,
             state: 1,
             tuple: crate::socket::Tuple::new(ten, 443, ten, 51000),
@@ -302,12 +303,16 @@ fn exact_lookup_finds_a_time_wait_mini_socket_and_nothing_else() {
     assert_eq!(diag.lookup(&none).expect("lookup"), None);
 }
 
+fn cgroup_id_of(payload: &[u8]) -> u64 {
+    attribute(payload, 21, 0).map_or(0, u64::from_ne_bytes)
+}
+
 #[test]
 fn the_cgroup_id_attribute_is_read_in_place() {
     let mut v4 = [0u8; 16];
     v4[..4].copy_from_slice(&[10, 0, 0, 1]);
     let mut msg = diag_msg(2, 1, v4, 443, v4, 51000, 99);
-    assert_eq!(cgroup_id(&msg), 0, "none sent");
+    assert_eq!(cgroup_id_of(&msg), 0, "none sent");
     // An unrelated attribute (5 bytes of payload, padded), then INET_DIAG_CGROUP_ID.
     msg.extend_from_slice(&9u16.to_ne_bytes());
     msg.extend_from_slice(&1u16.to_ne_bytes());
@@ -315,16 +320,30 @@ fn the_cgroup_id_attribute_is_read_in_place() {
     msg.extend_from_slice(&12u16.to_ne_bytes());
     msg.extend_from_slice(&21u16.to_ne_bytes());
     msg.extend_from_slice(&0x1234_5678_9abc_u64.to_ne_bytes());
-    assert_eq!(cgroup_id(&msg), 0x1234_5678_9abc);
+    assert_eq!(cgroup_id_of(&msg), 0x1234_5678_9abc);
     assert_eq!(
         parse_socket(&msg, "test").expect("parses").cgroup,
         0x1234_5678_9abc
     );
     // Truncated or lying lengths: 0, no panic.
     for cut in 72..msg.len() {
-        let _ = cgroup_id(&msg[..cut]);
+        let _ = cgroup_id_of(&msg[..cut]);
     }
     let mut bad = diag_msg(2, 1, v4, 443, v4, 51000, 99);
     bad.extend_from_slice(&[200, 0, 21, 0, 1, 2, 3, 4]);
-    assert_eq!(cgroup_id(&bad), 0);
+    assert_eq!(cgroup_id_of(&bad), 0);
+    // A listener's memory counters: the drop count is the ninth u32.
+    let mut l = diag_msg(2, 10, v4, 80, v4, 0, 7);
+    l.extend_from_slice(&(4u16 + 9 * 4).to_ne_bytes());
+    l.extend_from_slice(&7u16.to_ne_bytes());
+    for i in 0..9u32 {
+        l.extend_from_slice(&(if i == 8 { 42 } else { i }).to_ne_bytes());
+    }
+    assert_eq!(parse_socket(&l, "test").expect("parses").drops, 42);
+    // Shorter than the index: no drop count.
+    let mut short = diag_msg(2, 10, v4, 80, v4, 0, 7);
+    short.extend_from_slice(&8u16.to_ne_bytes());
+    short.extend_from_slice(&7u16.to_ne_bytes());
+    short.extend_from_slice(&1u32.to_ne_bytes());
+    assert_eq!(parse_socket(&short, "test").expect("parses").drops, 0);
 }
