@@ -152,8 +152,11 @@ fn in_workload(out: &mut String, w: Option<&Workload>) {
     }
 }
 
-fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
-    let owner = match (a.pid, a.comm, a.owner_source) {
+/// Who must act, in words: the verified holder (and its own unit when the socket came from
+/// another), the guess, the last owner of an orphan, or the listener of a socket nobody
+/// accepted.
+fn owner_words(a: &AnomalyRecord) -> String {
+    match (a.pid, a.comm, a.owner_source) {
         (pid, comm, OwnerSource::AcceptQueue) => {
             let holder = match (pid, comm) {
                 (Some(pid), Some(comm)) => format!("pid {pid} ({})", escape(&comm.as_str())),
@@ -194,7 +197,11 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
             None if a.count.is_some() => String::new(),
             None => "owner unknown".to_owned(),
         },
-    };
+    }
+}
+
+fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
+    let owner = owner_words(a);
     let at_least = if a.age_is_lower_bound { ">=" } else { "" };
     let queue_full = a.kind == "accept_queue_full";
     if let Some(o) = &a.orphans {
@@ -470,6 +477,32 @@ mod tests {
         write_record(&mut s, &Record::Anomaly(a), true);
         assert!(
             s.starts_with(RED) && s.contains("held by pid 9 (server)"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn the_workload_and_a_holder_from_elsewhere_are_named() {
+        let mut a = anomaly();
+        a.pid = Some(9);
+        a.comm = Some(Comm::new("server"));
+        a.owner_source = OwnerSource::Fd;
+        a.workload = Some(std::sync::Arc::new(Workload::from_path(
+            "/system.slice/payments-api.service".into(),
+        )));
+        a.holder_cgroup = Some("/system.slice/payments-api.service".into());
+        let mut s = String::new();
+        write_record(&mut s, &Record::Anomaly(a.clone()), false);
+        assert!(
+            s.ends_with("held by pid 9 (server) in payments-api.service\n"),
+            "{s}"
+        );
+        // Passed to a process of another unit: both are named; control bytes escaped.
+        a.holder_cgroup = Some("/system.slice/\x1b[31mworker.service".into());
+        s.clear();
+        write_record(&mut s, &Record::Anomaly(a), false);
+        assert!(
+            s.contains("held by pid 9 (server) of \\e[31mworker.service in payments-api.service"),
             "{s}"
         );
     }
