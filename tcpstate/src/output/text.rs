@@ -201,7 +201,8 @@ fn owner_words(a: &AnomalyRecord) -> String {
 }
 
 fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
-    let owner = owner_words(a);
+    let mut owner = owner_words(a);
+    in_workload(&mut owner, a.workload.as_deref());
     let at_least = if a.age_is_lower_bound { ">=" } else { "" };
     let queue_full = a.kind == "accept_queue_full";
     if let Some(o) = &a.orphans {
@@ -249,7 +250,6 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
             let _ = write!(out, "; {w}");
         }
     }
-    in_workload(out, a.workload.as_deref());
     if let Some(why) = &a.resolution {
         let _ = write!(out, " ({})", escape(why));
     }
@@ -346,11 +346,25 @@ fn vital_signs(state: TcpState, v: &Vitals) -> Vec<String> {
             v.probes
         ));
     }
-    if v.recv_q > 0 {
-        w.push(format!(
-            "{} unread bytes in Recv-Q: the application is not reading",
-            v.recv_q
-        ));
+    // Once the peer's FIN is in, Recv-Q counts it as one byte (its sequence number) until the
+    // application reads the end of the stream: Recv-Q 1 in CLOSE_WAIT is an application that
+    // has not read since the peer closed, not one byte of data.
+    let fin_in = matches!(
+        state,
+        TcpState::CloseWait | TcpState::LastAck | TcpState::Closing
+    );
+    match (fin_in, v.recv_q) {
+        (_, 0) => {}
+        (true, 1) => w.push(
+            "the peer's FIN is unread: the application has not read since the peer closed".into(),
+        ),
+        (true, n) => w.push(format!(
+            "{} unread bytes and the peer's FIN in Recv-Q: the application is not reading",
+            n - 1
+        )),
+        (false, n) => w.push(format!(
+            "{n} unread bytes in Recv-Q: the application is not reading"
+        )),
     }
     if v.send_q > 0 {
         w.push(format!("{} bytes in Send-Q not acknowledged", v.send_q));
@@ -505,6 +519,36 @@ mod tests {
             s.contains("held by pid 9 (server) of \\e[31mworker.service in payments-api.service"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn a_close_wait_recv_q_of_one_is_the_unread_fin() {
+        let v = |recv_q| Vitals {
+            recv_q,
+            send_q: 0,
+            timer: "none".into(),
+            timer_ms: 0,
+            retransmits: 0,
+            probes: 0,
+            backoff: 0,
+            total_retrans: 0,
+            snd_wnd: 65535,
+            last_data_recv_ms: 0,
+            last_data_sent_ms: 0,
+        };
+        assert_eq!(
+            vital_signs(TcpState::CloseWait, &v(1)),
+            ["the peer's FIN is unread: the application has not read since the peer closed"]
+        );
+        assert_eq!(
+            vital_signs(TcpState::CloseWait, &v(13)),
+            ["12 unread bytes and the peer's FIN in Recv-Q: the application is not reading"]
+        );
+        assert_eq!(
+            vital_signs(TcpState::Established, &v(3)),
+            ["3 unread bytes in Recv-Q: the application is not reading"]
+        );
+        assert!(vital_signs(TcpState::CloseWait, &v(0)).is_empty());
     }
 
     #[test]
