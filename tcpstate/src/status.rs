@@ -126,14 +126,15 @@ pub struct Report {
 impl TopWorkload {
     /// The pod and container, else the unit; the sockets of neither are "unattributed".
     pub fn label(&self) -> String {
-        let c = crate::workload::short(&self.container_id);
-        match (self.pod_uid.is_empty(), c.is_empty(), self.unit.is_empty()) {
-            (false, false, _) => format!("pod {} container {c}", self.pod_uid),
-            (true, false, _) => format!("container {c}"),
-            (false, true, _) => format!("pod {}", self.pod_uid),
-            (true, true, false) => self.unit.clone(),
-            (true, true, true) => "(no unit or container)".to_owned(),
+        fn given(s: &str) -> Option<&str> {
+            (!s.is_empty()).then_some(s)
         }
+        crate::workload::label(
+            given(&self.unit),
+            given(&self.container_id),
+            given(&self.pod_uid),
+        )
+        .unwrap_or_else(|| "(no unit or container)".to_owned())
     }
 }
 

@@ -33,6 +33,7 @@ use crate::{
     },
     program::{self, Admits as _, KernelCounters, LoadOptions, Probe},
     record::{Record, Started, Stopped},
+    state::TcpState,
     tracker::{Fact, Tracker},
     verify::Verifier,
     workload::Workloads,
@@ -275,14 +276,16 @@ impl Daemon {
                 }
             }
             // --cgroup: the same, by the cgroup's path (the cgroup or below it).
-            let id = if t.cgroup != 0 {
-                t.cgroup
-            } else {
-                self.tracker.cgroup_of(t.sk)
-            };
-            if !self.wanted_cgroup(id) {
-                self.tally.filtered += 1;
-                continue;
+            if self.args.cgroup.is_some() {
+                let id = if t.cgroup != 0 {
+                    t.cgroup
+                } else {
+                    self.tracker.cgroup_of(t.sk)
+                };
+                if !self.wanted_cgroup(id) {
+                    self.tally.filtered += 1;
+                    continue;
+                }
             }
             self.tracker.on_transition(t, &mut facts);
             self.write_facts(&mut facts, now);
@@ -348,15 +351,18 @@ impl Daemon {
         self.release();
     }
 
-    /// A transition's record, built only if a sink wants it. The socket's cgroup is resolved
-    /// either way, so its name is known even if the cgroup is removed before anything is
-    /// written.
+    /// A transition's record, built only if a sink wants it. A socket's birth resolves its
+    /// cgroup either way, so the name is known even if the cgroup is removed before anything
+    /// is written; later transitions look it up only for a record.
     fn write_moved(&mut self, m: &crate::tracker::Moved, now: Instant) {
         let clock = self.clock;
-        let w = self.workloads.get(m.cgroup);
+        if matches!(m.old, TcpState::Close | TcpState::Listen) {
+            self.workloads.get(m.cgroup);
+        }
+        let workloads = &mut self.workloads;
         self.sinks.transition(now, || {
             let mut t = crate::record::TransitionRecord::from_moved(m, clock);
-            t.workload = w;
+            t.workload = workloads.get(m.cgroup);
             Record::Transition(t)
         });
     }

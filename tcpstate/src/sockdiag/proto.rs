@@ -437,8 +437,13 @@ pub fn parse_socket(payload: &[u8], fam: &str) -> io::Result<DiagSocket> {
         inode: h.inode,
         uid: h.uid,
         cgroup: attribute(payload, INET_DIAG_CGROUP_ID, 0).map_or(0, u64::from_ne_bytes),
-        drops: attribute(payload, INET_DIAG_SKMEMINFO, SK_MEMINFO_DROPS * 4)
-            .map_or(0, u32::from_ne_bytes),
+        // Asked for only in dumps of listeners (see `dump`).
+        drops: if h.state == 10 {
+            attribute(payload, INET_DIAG_SKMEMINFO, SK_MEMINFO_DROPS * 4)
+                .map_or(0, u32::from_ne_bytes)
+        } else {
+            0
+        },
     })
 }
 

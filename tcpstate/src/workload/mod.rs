@@ -76,14 +76,24 @@ impl Workload {
     /// What the text output and `status` call it: the pod and container, else the unit,
     /// else the path.
     pub fn label(&self) -> String {
-        match (&self.pod_uid, &self.container_id, &self.unit) {
-            (Some(p), Some(c), _) => format!("pod {p} container {}", short(c)),
-            (None, Some(c), _) => format!("container {}", short(c)),
-            (Some(p), None, _) => format!("pod {p}"),
-            (None, None, Some(u)) => u.clone(),
-            (None, None, None) => self.cgroup.clone(),
-        }
+        label(
+            self.unit.as_deref(),
+            self.container_id.as_deref(),
+            self.pod_uid.as_deref(),
+        )
+        .unwrap_or_else(|| self.cgroup.clone())
     }
+}
+
+/// The pod and container, else the container, the pod, the unit; None when nothing is named.
+pub fn label(unit: Option<&str>, container: Option<&str>, pod: Option<&str>) -> Option<String> {
+    Some(match (pod, container.map(short), unit) {
+        (Some(p), Some(c), _) => format!("pod {p} container {c}"),
+        (None, Some(c), _) => format!("container {c}"),
+        (Some(p), None, _) => format!("pod {p}"),
+        (None, None, Some(u)) => u.to_owned(),
+        (None, None, None) => return None,
+    })
 }
 
 /// A container id as `docker ps` shows it: 12 characters.
