@@ -29,9 +29,12 @@ pub enum Job {
     /// Dumps of these namespaces: reconciliation. Without `timewait`, TIME_WAIT mini-sockets
     /// are left out of the dump (the kernel skips them by state before formatting anything):
     /// on a busy client host they are most of the sockets.
+    /// With `everywhere`, every namespace on the host is dumped too: some tracked sockets'
+    /// namespace is unknown.
     Reconcile {
         namespaces: Vec<u32>,
         timewait: bool,
+        everywhere: bool,
     },
     /// Exact lookups of mini-sockets: the sweep.
     Probe(Probe),
@@ -77,6 +80,9 @@ pub struct Dump {
     pub alive: Vec<(u32, Alive)>,
     /// Namespaces that no longer exist.
     pub gone: Vec<u32>,
+    /// Every namespace on the host (that a process is in or `/run/netns` names) was dumped:
+    /// a socket in none of them is gone.
+    pub complete: bool,
 }
 
 #[derive(Debug)]
@@ -149,7 +155,8 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
             Job::Reconcile {
                 namespaces,
                 timewait,
-            } => reconcile(&mut ns, &namespaces, timewait),
+                everywhere,
+            } => reconcile(&mut ns, namespaces, timewait, everywhere),
             Job::Probe(p) => Reply::Probed(probe(&mut ns, &p)),
             Job::Owners { ticket, sockets } => owners(&mut ns, ticket, &sockets),
             Job::Settings { netns } => Reply::Settings {
@@ -215,16 +222,28 @@ fn seed(ns: &mut Namespaces, only: Option<u32>) -> Reply {
     Reply::Seeded { sockets, host }
 }
 
-fn reconcile(ns: &mut Namespaces, namespaces: &[u32], timewait: bool) -> Reply {
+fn reconcile(
+    ns: &mut Namespaces,
+    mut namespaces: Vec<u32>,
+    timewait: bool,
+    everywhere: bool,
+) -> Reply {
     let states = if timewait {
         ALL_STATES
     } else {
         ALL_STATES & !(1 << 6)
     };
     let started_ns = monotonic_ns();
+    // Listed before the first dump starts, so a namespace made during the dumps has no
+    // socket older than `started_ns` to hide.
+    let host = if everywhere { ns.all() } else { Vec::new() };
+    let mut complete = everywhere;
+    namespaces.extend(&host);
+    namespaces.sort_unstable();
+    namespaces.dedup();
     let mut alive = Vec::new();
     let mut gone = Vec::new();
-    for &netns in namespaces {
+    for netns in namespaces {
         if ns.path(netns).is_none() {
             // Our netlink socket there would keep a deleted namespace alive.
             ns.forget(netns);
@@ -232,6 +251,7 @@ fn reconcile(ns: &mut Namespaces, namespaces: &[u32], timewait: bool) -> Reply {
             continue;
         }
         let Some(socks) = dump(ns, netns, states) else {
+            complete = false;
             continue;
         };
         let mut a = Alive {
@@ -249,6 +269,7 @@ fn reconcile(ns: &mut Namespaces, namespaces: &[u32], timewait: bool) -> Reply {
         started_ns,
         alive,
         gone,
+        complete,
     })
 }
 

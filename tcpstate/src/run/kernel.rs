@@ -94,7 +94,11 @@ impl Daemon {
         if self.jobs.reconcile {
             return;
         }
-        let mut namespaces: Vec<u32> = self.tracker.namespaces().into_iter().collect();
+        let (namespaces, unknown) = self.tracker.namespaces();
+        // After a loss the sockets met mid-life, of unknown namespace, may not be applied yet
+        // (this can run before the rings are drained): look everywhere then too.
+        let everywhere = unknown || self.loss_at_ns.is_some();
+        let mut namespaces: Vec<u32> = namespaces.into_iter().collect();
         namespaces.sort_unstable();
         self.jobs.reconciles += 1;
         let timewait = full
@@ -105,6 +109,7 @@ impl Daemon {
         if self.workers.submit(Job::Reconcile {
             namespaces,
             timewait,
+            everywhere,
         }) {
             self.jobs.reconcile = true;
             self.tally.since_reconcile = 0;
@@ -196,6 +201,9 @@ impl Daemon {
     pub(super) fn reconciled(&mut self, dump: Dump) {
         let now = dump.started_ns;
         let mut facts = Vec::new();
+        // Placed first, so the namespaces' own reconciliations judge what was placed.
+        self.tracker
+            .place_unknown(&dump.alive, dump.complete, dump.started_ns, now, &mut facts);
         for (ns, a) in &dump.alive {
             self.tracker
                 .reconcile(*ns, a, dump.started_ns, now, &mut facts);

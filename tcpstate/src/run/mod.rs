@@ -400,11 +400,13 @@ impl Daemon {
             self.loss_seen = k;
             // Events were lost: the table may hold ghosts. No anomaly until a
             // reconciliation, which starts now rather than at its interval.
-            if self.loss_at_ns.is_none() {
+            let first = self.loss_at_ns.is_none();
+            // Set first: the reconciliation looks in every namespace while a loss is unmended.
+            self.loss_at_ns = Some(now);
+            if first {
                 self.tracker.set_incomplete(true);
                 self.start_reconcile(true);
             }
-            self.loss_at_ns = Some(now);
         }
         let mut facts = Vec::new();
         self.tracker.expire(now, &mut facts);

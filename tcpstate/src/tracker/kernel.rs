@@ -177,12 +177,79 @@ impl Tracker {
         v
     }
 
-    /// Namespaces the tables hold sockets in (0, unknown, excluded).
-    pub fn namespaces(&self) -> HashSet<u32> {
+    /// Namespaces the tables hold sockets in, and whether some sockets' namespace is unknown
+    /// (then only a dump of every namespace can place them: [`Self::place_unknown`]).
+    pub fn namespaces(&self) -> (HashSet<u32>, bool) {
         let mut v: HashSet<u32> = self.table.iter().map(|(_, e)| e.netns).collect();
         v.extend(self.timewait.iter().map(|s| s.netns));
-        v.remove(&0);
-        v
+        let unknown = v.remove(&0);
+        (v, unknown)
+    }
+
+    /// Places sockets first met mid-life, whose namespace is unknown: the tracepoint reads it
+    /// only at a birth, and that event was lost (or the table was full then). Found in exactly
+    /// one namespace's dump, the socket is that namespace's from now and is judged with it.
+    /// Found in none, and `complete` (the dump covered every namespace on the host), it is a
+    /// ghost. Found in several (the same loopback tuple in two containers), it stays unknown:
+    /// guessing would let another namespace's reconciliation delete a live socket. Returns
+    /// the ghosts removed.
+    pub fn place_unknown(
+        &mut self,
+        alive: &[(u32, Alive)],
+        complete: bool,
+        dump_start_ns: u64,
+        now_ns: u64,
+        out: &mut Vec<Fact>,
+    ) -> u64 {
+        let unknown: Vec<(u64, Tuple, bool)> = self
+            .table
+            .iter()
+            .filter(|(_, e)| e.netns == 0 && e.since_ns < dump_start_ns)
+            .map(|(k, e)| (k, e.tuple, e.has(flag::ORPHAN)))
+            .collect();
+        let mut removed = 0;
+        for (key, t, orphan) in unknown {
+            let holds = |a: &Alive| {
+                if orphan {
+                    a.minis.contains_key(&t)
+                } else if t.sport == 0 {
+                    a.connecting.contains(&(t.daddr, t.dport))
+                } else {
+                    a.tuples.contains(&t)
+                }
+            };
+            let mut homes = alive.iter().filter(|(_, a)| holds(a)).map(|(n, _)| *n);
+            match (homes.next(), homes.next()) {
+                (Some(netns), None) => self.rehome(key, netns),
+                // An orphan gone on to TIME_WAIT is in no dump that leaves TIME_WAIT out.
+                (None, _) if complete && (!orphan || alive.iter().all(|(_, a)| a.timewait)) => {
+                    removed += 1;
+                    if orphan {
+                        self.end_orphan(0, &t, now_ns, Via::SockDiag, Resolution::Reconciled, out);
+                    } else {
+                        self.forget_ghost(key, now_ns, Resolution::Reconciled, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        removed
+    }
+
+    /// Gives a socket of unknown namespace its namespace, with the indexes keyed by it.
+    fn rehome(&mut self, key: u64, netns: u32) {
+        let Some(e) = self.table.update(key, |e| e.netns = netns) else {
+            return;
+        };
+        if e.has(flag::ORPHAN) && self.orphans.get(&(0, e.tuple)) == Some(&key) {
+            self.orphans.remove(&(0, e.tuple));
+            self.orphans.insert((netns, e.tuple), key);
+        }
+        if e.state == TcpState::Listen
+            && let Some(o) = self.listeners.remove(&(0, e.tuple.sport))
+        {
+            self.listeners.insert((netns, e.tuple.sport), o);
+        }
     }
 
     /// Removes sockets of `netns` that the kernel no longer has (an event
@@ -230,14 +297,25 @@ impl Tracker {
             .map(|(k, _)| k)
             .collect();
         for &key in &ghosts {
-            if let Some(e) = self.forget(key) {
-                self.stats.reconciled();
-                if e.has(flag::ANOMALY_OPEN) {
-                    self.resolve(out, key, &e, now_ns, Resolution::Reconciled);
-                }
-            }
+            self.forget_ghost(key, now_ns, Resolution::Reconciled, out);
         }
         ghosts.len() as u64
+    }
+
+    /// Forgets a full socket the kernel no longer has, ending its open anomaly as `why`.
+    pub(super) fn forget_ghost(
+        &mut self,
+        key: u64,
+        now_ns: u64,
+        why: Resolution,
+        out: &mut Vec<Fact>,
+    ) {
+        if let Some(e) = self.forget(key) {
+            self.stats.reconciled();
+            if e.has(flag::ANOMALY_OPEN) {
+                self.resolve(out, key, &e, now_ns, why);
+            }
+        }
     }
 
     fn reconcile_minis(

@@ -233,12 +233,7 @@ impl Tracker {
             .map(|(k, _)| k)
             .collect();
         for key in keys {
-            if let Some(e) = self.forget(key) {
-                self.stats.reconciled();
-                if e.has(flag::ANOMALY_OPEN) {
-                    self.resolve(out, key, &e, now_ns, Resolution::NetnsGone);
-                }
-            }
+            self.forget_ghost(key, now_ns, Resolution::NetnsGone, out);
         }
     }
 }

@@ -831,3 +831,86 @@ fn retransmits_ride_on_the_socket_and_a_late_reset_names_it_as_it_was() {
     );
     assert_eq!(t.tracked(), 0, "a signal never creates a socket");
 }
+
+/// Sockets met mid-life carry no namespace: a dump of every namespace places each in the one
+/// that has it, removes one that none has only when the dump covered them all, and leaves a
+/// tuple that two namespaces have unknown.
+#[test]
+fn sockets_of_unknown_namespace_are_placed_by_a_dump_of_every_namespace() {
+    let mut t = tracker(100);
+    let mid_life = |sk, sport| {
+        let mut e = at(sk, 0).go(Established, CloseWait).ports(sport, 5000);
+        e.netns = 0;
+        e
+    };
+    run(
+        &mut t,
+        &[
+            mid_life(SERVER_SK, 8080),
+            mid_life(CLIENT_SK, 8081),
+            mid_life(LISTEN_SK, 8082),
+        ],
+    );
+    let mut seven = Alive::default();
+    seven.insert(&kernel_socket(7, CloseWait, 8080, 5000));
+    seven.insert(&kernel_socket(7, CloseWait, 8082, 5000));
+    let mut eight = Alive::default();
+    eight.insert(&kernel_socket(8, CloseWait, 8082, 5000));
+    let dump = [(7, seven), (8, eight)];
+    let place = |t: &mut Tracker, complete: bool, start: u64| {
+        let mut facts = Vec::new();
+        let n = t.place_unknown(&dump, complete, start, start, &mut facts);
+        (n, records(&facts))
+    };
+    // A socket met during the dump is not judged.
+    assert_eq!(place(&mut t, true, 0).0, 0);
+    assert_eq!(t.netns_of(SERVER_SK), 0);
+    // Without every namespace, one in none may be in a namespace not dumped.
+    assert_eq!(place(&mut t, false, S).0, 0);
+    assert_eq!(t.netns_of(SERVER_SK), 7, "found in one namespace: placed");
+    assert_eq!(t.netns_of(CLIENT_SK), 0);
+    assert_eq!(t.netns_of(LISTEN_SK), 0, "in two: unknown still");
+    // Every namespace dumped: the one in none is a ghost; its anomaly ends as reconciled.
+    let mut out = Vec::new();
+    expire(&mut t, 3 * S, &mut out);
+    assert_eq!(out.len(), 3);
+    let (removed, out) = place(&mut t, true, 4 * S);
+    assert_eq!(removed, 1);
+    assert_eq!(t.tracked(), 2);
+    assert_eq!(t.netns_of(LISTEN_SK), 0);
+    let [Record::AnomalyResolved(r)] = &out[..] else {
+        panic!("{out:?}");
+    };
+    assert_eq!(r.resolution.as_deref(), Some("reconciled"));
+    // Placed, the socket is judged with its namespace from now on.
+    assert_eq!(
+        reconcile(&mut t, 7, &Alive::default(), 5 * S, 5 * S, &mut Vec::new()),
+        1
+    );
+    assert_eq!(t.tracked(), 1);
+}
+
+/// An orphan met only as it became a FIN_WAIT2 mini-socket is placed by the mini-socket a
+/// dump shows, and follows it on to TIME_WAIT.
+#[test]
+fn an_orphan_of_unknown_namespace_is_placed_and_followed() {
+    let mut t = tracker(100);
+    let mut handoff = at(CLIENT_SK, 0).go(FinWait2, Close).ports(5001, 80);
+    handoff.ending = Ending::FinWait2;
+    handoff.netns = 0;
+    run(&mut t, &[handoff]);
+    assert_eq!(t.sockets(FinWait2), 1);
+    let mut seven = Alive {
+        timewait: true,
+        ..Alive::default()
+    };
+    seven.insert(&kernel_socket(7, TimeWait, 5001, 80));
+    let dump = [(7, seven)];
+    let mut facts = Vec::new();
+    assert_eq!(t.place_unknown(&dump, true, S, S, &mut facts), 0);
+    t.reconcile(7, &dump[0].1, S, S, &mut facts);
+    assert_eq!(t.sockets(FinWait2), 0);
+    let tw = t.sockets_in(TimeWait);
+    assert_eq!(tw.len(), 1, "followed into TIME_WAIT");
+    assert_eq!(tw[0].0, 7, "in its namespace");
+}
