@@ -36,6 +36,12 @@ pub enum Job {
         timewait: bool,
         everywhere: bool,
     },
+    /// Exact lookups of the sockets a reconciliation's dumps lacked (namespace 0: look in
+    /// every namespace), so a dump that skipped a live socket never removes it.
+    Confirm {
+        suspects: Vec<(u32, Tuple)>,
+        dump_start_ns: u64,
+    },
     /// Exact lookups of mini-sockets: the sweep.
     Probe(Probe),
     /// Who holds each socket's fd now.
@@ -85,6 +91,17 @@ pub struct Dump {
     pub complete: bool,
 }
 
+/// What the exact lookups of a reconciliation's suspects found.
+#[derive(Debug)]
+pub struct Confirmed {
+    /// The dump they come from: only sockets unchanged since it are judged.
+    pub dump_start_ns: u64,
+    /// When the lookups were done: applied once every event before then is.
+    pub done_ns: u64,
+    /// What holds each suspect's tuple now (a suspect whose lookup failed is left out).
+    pub found: Vec<(u32, Tuple, Found)>,
+}
+
 #[derive(Debug)]
 pub enum Reply {
     Seeded {
@@ -92,6 +109,7 @@ pub enum Reply {
         host: u32,
     },
     Reconciled(Dump),
+    Confirmed(Confirmed),
     Probed(ProbeResult),
     Owners {
         ticket: u64,
@@ -157,6 +175,10 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
                 timewait,
                 everywhere,
             } => reconcile(&mut ns, namespaces, timewait, everywhere),
+            Job::Confirm {
+                suspects,
+                dump_start_ns,
+            } => Reply::Confirmed(confirm(&mut ns, &suspects, dump_start_ns)),
             Job::Probe(p) => Reply::Probed(probe(&mut ns, &p)),
             Job::Owners { ticket, sockets } => owners(&mut ns, ticket, &sockets),
             Job::Settings { netns } => Reply::Settings {
@@ -271,6 +293,41 @@ fn reconcile(
         gone,
         complete,
     })
+}
+
+/// Looks up each suspect exactly. For one of unknown namespace, the strongest holder any
+/// namespace has (a full socket, else a mini-socket, else none), judged only when every
+/// namespace answered; one whose lookup failed is not judged.
+fn confirm(ns: &mut Namespaces, suspects: &[(u32, Tuple)], dump_start_ns: u64) -> Confirmed {
+    let everywhere = if suspects.iter().any(|&(n, _)| n == 0) {
+        ns.all()
+    } else {
+        Vec::new()
+    };
+    let found = suspects
+        .iter()
+        .filter_map(|&(netns, t)| {
+            let f = if netns == 0 {
+                let mut strongest = Found::Absent;
+                for &n in &everywhere {
+                    match found(ns, n, &t)? {
+                        Found::Full => return Some((netns, t, Found::Full)),
+                        Found::Absent => {}
+                        mini => strongest = mini,
+                    }
+                }
+                strongest
+            } else {
+                found(ns, netns, &t)?
+            };
+            Some((netns, t, f))
+        })
+        .collect();
+    Confirmed {
+        dump_start_ns,
+        done_ns: monotonic_ns(),
+        found,
+    }
 }
 
 /// One exact lookup: what holds the tuple now.

@@ -2,10 +2,12 @@
 //! mini-socket sweep, owner checks and namespace settings; and what a lost event changes.
 
 use super::{Daemon, Dump, Job, Reply};
+use crate::kernel_table::Confirmed;
 use crate::{clock::monotonic_ns, status::Report};
 
 pub(super) enum Parked {
     Reconciled(Dump),
+    Confirmed(Confirmed),
     Probed(crate::tracker::ProbeResult),
 }
 
@@ -13,6 +15,7 @@ impl Parked {
     fn at_ns(&self) -> u64 {
         match self {
             Parked::Reconciled(d) => d.started_ns,
+            Parked::Confirmed(c) => c.done_ns,
             Parked::Probed(p) => p.done_ns,
         }
     }
@@ -21,6 +24,7 @@ impl Parked {
 /// Jobs out with the workers, so none is queued twice.
 #[derive(Default)]
 pub(super) struct InFlight {
+    /// A reconciliation is out: its dumps, then the exact lookups of what they lacked.
     pub(super) reconcile: bool,
     /// Reconciliations started, for `--full-reconcile-every`.
     pub(super) reconciles: u64,
@@ -122,8 +126,11 @@ impl Daemon {
             // whose CLOSE is merely queued is not taken for a ghost, and a transition the
             // events show is not reported as found by sock_diag.
             Reply::Reconciled(dump) => {
-                self.jobs.reconcile = false;
                 self.jobs.parked.push_back(Parked::Reconciled(dump));
+                self.unpark();
+            }
+            Reply::Confirmed(c) => {
+                self.jobs.parked.push_back(Parked::Confirmed(c));
                 self.unpark();
             }
             Reply::Probed(r) => {
@@ -189,6 +196,13 @@ impl Daemon {
         {
             match p {
                 Parked::Reconciled(dump) => self.reconciled(dump),
+                Parked::Confirmed(c) => {
+                    let mut facts = Vec::new();
+                    self.tracker
+                        .confirm_gone(&c.found, c.dump_start_ns, c.done_ns, &mut facts);
+                    self.publish(facts);
+                    self.reconciliation_done(c.dump_start_ns);
+                }
                 Parked::Probed(r) => {
                     let mut facts = Vec::new();
                     self.tracker.apply_probe(&r, &mut facts);
@@ -202,17 +216,37 @@ impl Daemon {
         let now = dump.started_ns;
         let mut facts = Vec::new();
         // Placed first, so the namespaces' own reconciliations judge what was placed.
-        self.tracker
-            .place_unknown(&dump.alive, dump.complete, dump.started_ns, now, &mut facts);
+        let mut suspects = self
+            .tracker
+            .place_unknown(&dump.alive, dump.complete, dump.started_ns);
         for (ns, a) in &dump.alive {
-            self.tracker
-                .reconcile(*ns, a, dump.started_ns, now, &mut facts);
+            suspects.extend(
+                self.tracker
+                    .reconcile(*ns, a, dump.started_ns, now, &mut facts),
+            );
         }
         for ns in dump.gone {
             self.tracker.netns_gone(ns, now, &mut facts);
         }
+        self.publish(facts);
+        if !suspects.is_empty()
+            && self.workers.submit(Job::Confirm {
+                suspects,
+                dump_start_ns: dump.started_ns,
+            })
+        {
+            // It ends when the lookups come back; the table stays untrusted until then.
+            return;
+        }
+        self.reconciliation_done(dump.started_ns);
+    }
+
+    /// A reconciliation that started at `started_ns` is over: the table is trusted again
+    /// unless events were lost since it started.
+    fn reconciliation_done(&mut self, started_ns: u64) {
+        self.jobs.reconcile = false;
         if self.tracker.is_incomplete() {
-            if self.loss_at_ns.is_some_and(|t| t < dump.started_ns) {
+            if self.loss_at_ns.is_some_and(|t| t < started_ns) {
                 self.tracker.set_incomplete(false);
                 self.loss_at_ns = None;
             } else {
@@ -220,7 +254,6 @@ impl Daemon {
                 self.start_reconcile(true);
             }
         }
-        self.publish(facts);
     }
 
     pub(super) fn owners_checked(

@@ -190,24 +190,23 @@ impl Tracker {
     /// only at a birth, and that event was lost (or the table was full then). Found in exactly
     /// one namespace's dump, the socket is that namespace's from now and is judged with it.
     /// Found in none, and `complete` (the dump covered every namespace on the host), it is a
-    /// ghost. Found in several (the same loopback tuple in two containers), it stays unknown:
+    /// suspect, to be looked up in every namespace ([`Self::confirm_gone`] with namespace
+    /// 0). Found in several (the same loopback tuple in two containers), it stays unknown:
     /// guessing would let another namespace's reconciliation delete a live socket. Returns
-    /// the ghosts removed.
+    /// the suspects.
     pub fn place_unknown(
         &mut self,
         alive: &[(u32, Alive)],
         complete: bool,
         dump_start_ns: u64,
-        now_ns: u64,
-        out: &mut Vec<Fact>,
-    ) -> u64 {
+    ) -> Vec<(u32, Tuple)> {
         let unknown: Vec<(u64, Tuple, bool)> = self
             .table
             .iter()
             .filter(|(_, e)| e.netns == 0 && e.since_ns < dump_start_ns)
             .map(|(k, e)| (k, e.tuple, e.has(flag::ORPHAN)))
             .collect();
-        let mut removed = 0;
+        let mut suspects = Vec::new();
         for (key, t, orphan) in unknown {
             let holds = |a: &Alive| {
                 if orphan {
@@ -222,18 +221,17 @@ impl Tracker {
             match (homes.next(), homes.next()) {
                 (Some(netns), None) => self.rehome(key, netns),
                 // An orphan gone on to TIME_WAIT is in no dump that leaves TIME_WAIT out.
-                (None, _) if complete && (!orphan || alive.iter().all(|(_, a)| a.timewait)) => {
-                    removed += 1;
-                    if orphan {
-                        self.end_orphan(0, &t, now_ns, Via::SockDiag, Resolution::Reconciled, out);
-                    } else {
-                        self.forget_ghost(key, now_ns, Resolution::Reconciled, out);
-                    }
+                (None, _)
+                    if complete
+                        && t.sport != 0
+                        && (!orphan || alive.iter().all(|(_, a)| a.timewait)) =>
+                {
+                    suspects.push((0, t));
                 }
                 _ => {}
             }
         }
-        removed
+        suspects
     }
 
     /// Gives a socket of unknown namespace its namespace, with the indexes keyed by it.
@@ -241,9 +239,15 @@ impl Tracker {
         let Some(e) = self.table.update(key, |e| e.netns = netns) else {
             return;
         };
-        if e.has(flag::ORPHAN) && self.orphans.get(&(0, e.tuple)) == Some(&key) {
-            self.orphans.remove(&(0, e.tuple));
-            self.orphans.insert((netns, e.tuple), key);
+        if e.has(flag::ORPHAN) {
+            if self.orphans.get(&(0, e.tuple)) == Some(&key) {
+                self.orphans.remove(&(0, e.tuple));
+                self.orphans.insert((netns, e.tuple), key);
+            } else {
+                // The kernel has one mini-socket per tuple: an entry the index does not
+                // point at is an older one.
+                self.forget(key);
+            }
         }
         if e.state == TcpState::Listen
             && let Some(o) = self.listeners.remove(&(0, e.tuple.sport))
@@ -252,12 +256,14 @@ impl Tracker {
         }
     }
 
-    /// Removes sockets of `netns` that the kernel no longer has (an event
-    /// was lost), follows mini-sockets the dump shows in a new state, and
-    /// adopts TIME_WAIT mini-sockets we missed. Only sockets unchanged since
-    /// before `dump_start_ns` are judged, so a socket born during the dump
-    /// is not mistaken for a ghost. A socket whose namespace is unknown is
-    /// never judged against any namespace's dump.
+    /// Judges the sockets of `netns` against its dump: follows mini-sockets the dump shows in
+    /// a new state and adopts TIME_WAIT mini-sockets we missed. Only sockets unchanged since
+    /// before `dump_start_ns` are judged, so a socket born during the dump is not mistaken
+    /// for a ghost. Returns the suspects: tracked sockets the dump lacks. A dump only
+    /// nominates them: it walks the kernel's socket hash (shared by every namespace) in
+    /// several reads, and sockets removed ahead of its place between two reads make it skip
+    /// live ones; an exact lookup of each ([`Self::confirm_gone`]) convicts them. A socket
+    /// whose namespace is unknown is never judged against one namespace's dump.
     pub fn reconcile(
         &mut self,
         netns: u32,
@@ -265,16 +271,18 @@ impl Tracker {
         dump_start_ns: u64,
         now_ns: u64,
         out: &mut Vec<Fact>,
-    ) -> u64 {
+    ) -> Vec<(u32, Tuple)> {
         if netns == 0 {
-            return 0;
+            return Vec::new();
         }
-        let mut removed = self.reconcile_full(netns, alive, dump_start_ns, now_ns, out);
-        removed += self.reconcile_minis(netns, alive, dump_start_ns, now_ns, out);
+        let mut suspects = self.reconcile_full(netns, alive, dump_start_ns, now_ns, out);
+        self.reconcile_minis(netns, alive, dump_start_ns, now_ns, out, &mut suspects);
         self.requests.insert(netns, alive.requests);
-        removed
+        suspects
     }
 
+    /// Full sockets the dump lacks. One still connecting shows local port 0 in its events
+    /// and cannot be looked up: the dump's word is taken for it.
     fn reconcile_full(
         &mut self,
         netns: u32,
@@ -282,24 +290,81 @@ impl Tracker {
         dump_start_ns: u64,
         now_ns: u64,
         out: &mut Vec<Fact>,
-    ) -> u64 {
-        let ghosts: Vec<u64> = self
-            .table
-            .iter()
-            .filter(|(_, e)| e.netns == netns && e.since_ns < dump_start_ns && !e.has(flag::ORPHAN))
-            .filter(|(_, e)| {
-                if e.tuple.sport == 0 {
-                    !alive.connecting.contains(&(e.tuple.daddr, e.tuple.dport))
-                } else {
-                    !alive.tuples.contains(&e.tuple)
+    ) -> Vec<(u32, Tuple)> {
+        let mut suspects = Vec::new();
+        let mut ghosts = Vec::new();
+        for (k, e) in self.table.iter() {
+            if e.netns != netns || e.since_ns >= dump_start_ns || e.has(flag::ORPHAN) {
+                continue;
+            }
+            if e.tuple.sport == 0 {
+                if !alive.connecting.contains(&(e.tuple.daddr, e.tuple.dport)) {
+                    ghosts.push(k);
                 }
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for &key in &ghosts {
+            } else if !alive.tuples.contains(&e.tuple) {
+                suspects.push((netns, e.tuple));
+            }
+        }
+        for key in ghosts {
             self.forget_ghost(key, now_ns, Resolution::Reconciled, out);
         }
-        ghosts.len() as u64
+        suspects
+    }
+
+    /// Applies the exact lookups of what a dump lacked (namespace 0: looked up in every
+    /// namespace, found in none) to the sockets unchanged since before the dump: a full socket
+    /// whose tuple no full socket holds is gone (a mini-socket in its place is what it became);
+    /// a FIN_WAIT2 orphan follows its mini-socket; a TIME_WAIT mini-socket ends unless one is
+    /// still there. Returns how many ended.
+    pub fn confirm_gone(
+        &mut self,
+        found: &[(u32, Tuple, Found)],
+        dump_start_ns: u64,
+        now_ns: u64,
+        out: &mut Vec<Fact>,
+    ) -> u64 {
+        if found.is_empty() {
+            return 0;
+        }
+        let no_full: HashSet<(u32, Tuple)> = found
+            .iter()
+            .filter(|(_, _, f)| *f != Found::Full)
+            .map(|&(n, t, _)| (n, t))
+            .collect();
+        let full: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|(_, e)| e.since_ns < dump_start_ns && !e.has(flag::ORPHAN))
+            .filter(|(_, e)| no_full.contains(&(e.netns, e.tuple)))
+            .map(|(k, _)| k)
+            .collect();
+        let mut ended = full.len() as u64;
+        for key in full {
+            self.forget_ghost(key, now_ns, Resolution::Reconciled, out);
+        }
+        for &(netns, t, f) in found {
+            let orphan = self.orphans.get(&(netns, t)).copied();
+            // An orphan of unknown namespace found as a mini-socket somewhere: which one is
+            // not known, so it is left for a dump to place.
+            let unplaced = netns == 0 && matches!(f, Found::Mini(_));
+            if !unplaced
+                && orphan
+                    .and_then(|k| self.table.get(k))
+                    .is_some_and(|e| e.since_ns < dump_start_ns)
+            {
+                ended += u64::from(self.apply_orphan(netns, &t, f, now_ns, out));
+            }
+            if f != Found::Mini(TcpState::TimeWait)
+                && self
+                    .timewait
+                    .get(netns, &t)
+                    .is_some_and(|s| s.since_ns < dump_start_ns)
+            {
+                self.end_timewait(netns, &t, now_ns, Via::SockDiag, out);
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// Forgets a full socket the kernel no longer has, ending its open anomaly as `why`.
@@ -325,13 +390,13 @@ impl Tracker {
         dump_start_ns: u64,
         now_ns: u64,
         out: &mut Vec<Fact>,
-    ) -> u64 {
+        suspects: &mut Vec<(u32, Tuple)>,
+    ) {
         if !alive.timewait {
             // A dump without TIME_WAIT cannot tell an orphan that went on to TIME_WAIT from
             // one that is gone: the sweep's exact lookups judge those.
-            return 0;
+            return;
         }
-        let mut removed = 0;
         let orphans: Vec<(Tuple, u64)> = self
             .orphans
             .iter()
@@ -340,23 +405,20 @@ impl Tracker {
             .filter(|&(_, since)| since < dump_start_ns)
             .collect();
         for (t, _) in orphans {
-            let found = match alive.minis.get(&t) {
-                Some(&(st, _)) => Found::Mini(st),
-                None => Found::Absent,
-            };
-            removed += u64::from(self.apply_orphan(netns, &t, found, now_ns, out));
+            match alive.minis.get(&t) {
+                Some(&(st, _)) => {
+                    self.apply_orphan(netns, &t, Found::Mini(st), now_ns, out);
+                }
+                None => suspects.push((netns, t)),
+            }
         }
-        let stale: Vec<Tuple> = self
-            .timewait
-            .iter()
-            .filter(|s| s.netns == netns && s.since_ns < dump_start_ns)
-            .filter(|s| !matches!(alive.minis.get(&s.tuple), Some((TcpState::TimeWait, _))))
-            .map(|s| s.tuple)
-            .collect();
-        for t in stale {
-            self.end_timewait(netns, &t, now_ns, Via::SockDiag, out);
-            removed += 1;
-        }
+        suspects.extend(
+            self.timewait
+                .iter()
+                .filter(|s| s.netns == netns && s.since_ns < dump_start_ns)
+                .filter(|s| !matches!(alive.minis.get(&s.tuple), Some((TcpState::TimeWait, _))))
+                .map(|s| (netns, s.tuple)),
+        );
         for (t, &(st, expires)) in &alive.minis {
             if st == TcpState::TimeWait
                 && self.timewait.get(netns, t).is_none()
@@ -367,7 +429,6 @@ impl Tracker {
                 self.enter_timewait(netns, t, since, true, active, out);
             }
         }
-        removed
     }
 
     /// Applies one exact lookup of a FIN_WAIT2 mini-socket. Returns true

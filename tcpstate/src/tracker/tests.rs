@@ -115,9 +115,19 @@ fn reconcile(
     out: &mut Vec<Record>,
 ) -> u64 {
     let mut facts = Vec::new();
-    let n = t.reconcile(ns, alive, start, now, &mut facts);
+    let suspects = absent(t.reconcile(ns, alive, start, now, &mut facts));
+    // The exact lookups find every suspect gone.
+    let n = t.confirm_gone(&suspects, start, now, &mut facts);
     out.extend(records(&facts));
     n
+}
+
+/// Exact lookups that find nothing for each suspect.
+fn absent(suspects: Vec<(u32, Tuple)>) -> Vec<(u32, Tuple, Found)> {
+    suspects
+        .into_iter()
+        .map(|(n, t)| (n, t, Found::Absent))
+        .collect()
 }
 
 fn kernel_socket(netns: u32, state: TcpState, sport: u16, dport: u16) -> KernelSocket {
@@ -414,9 +424,25 @@ fn reconciliation_removes_sockets_whose_close_was_lost() {
         reconcile(&mut t, 8, &Alive::default(), 5 * S, 5 * S, &mut out),
         0
     );
+    // A dump only nominates: a live socket it skipped (the kernel's hash walk can) is kept
+    // when its lookup finds it.
+    let mut facts = Vec::new();
+    let suspects = t.reconcile(7, &Alive::default(), 5 * S, 5 * S, &mut facts);
+    assert_eq!(suspects.len(), 2, "{suspects:?}");
+    assert_eq!(t.confirm_gone(&[], 5 * S, 5 * S, &mut facts), 0);
+    assert_eq!(
+        t.tracked(),
+        2,
+        "the connecting one is judged by the dump alone"
+    );
+    run(
+        &mut t,
+        &[at(LISTEN_SK, 0).go(Close, SynSent).ports(0, 443).by(1, "x")],
+    );
     assert_eq!(reconcile(&mut t, 7, &alive, 5 * S, 5 * S, &mut out), 1);
     assert_eq!(t.tracked(), 2);
-    assert_eq!(t.stats().reconciled, 1);
+    // The connecting one the first dump lacked, and the ghost.
+    assert_eq!(t.stats().reconciled, 2);
     assert_eq!(t.sockets(CloseWait), 0);
     let Record::AnomalyResolved(r) = &out[0] else {
         panic!("{out:?}");
@@ -858,8 +884,9 @@ fn sockets_of_unknown_namespace_are_placed_by_a_dump_of_every_namespace() {
     eight.insert(&kernel_socket(8, CloseWait, 8082, 5000));
     let dump = [(7, seven), (8, eight)];
     let place = |t: &mut Tracker, complete: bool, start: u64| {
+        let suspects = absent(t.place_unknown(&dump, complete, start));
         let mut facts = Vec::new();
-        let n = t.place_unknown(&dump, complete, start, start, &mut facts);
+        let n = t.confirm_gone(&suspects, start, start, &mut facts);
         (n, records(&facts))
     };
     // A socket met during the dump is not judged.
@@ -907,10 +934,41 @@ fn an_orphan_of_unknown_namespace_is_placed_and_followed() {
     seven.insert(&kernel_socket(7, TimeWait, 5001, 80));
     let dump = [(7, seven)];
     let mut facts = Vec::new();
-    assert_eq!(t.place_unknown(&dump, true, S, S, &mut facts), 0);
-    t.reconcile(7, &dump[0].1, S, S, &mut facts);
+    assert_eq!(t.place_unknown(&dump, true, S), vec![]);
+    assert_eq!(t.reconcile(7, &dump[0].1, S, S, &mut facts), vec![]);
     assert_eq!(t.sockets(FinWait2), 0);
     let tw = t.sockets_in(TimeWait);
     assert_eq!(tw.len(), 1, "followed into TIME_WAIT");
     assert_eq!(tw[0].0, 7, "in its namespace");
+}
+
+/// What an exact lookup finds decides a suspect: a full socket still there keeps it; a
+/// TIME_WAIT mini-socket in its place (what it became when its events were lost) does not.
+#[test]
+fn a_lookup_convicts_only_what_no_full_socket_holds() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[
+            at(SERVER_SK, 0).go(SynRecv, Established).ports(8080, 5000),
+            at(CLIENT_SK, 0).go(SynSent, Established).ports(5000, 8080),
+        ],
+    );
+    let mut facts = Vec::new();
+    let suspects = t.reconcile(7, &Alive::default(), S, S, &mut facts);
+    assert_eq!(suspects.len(), 2);
+    let found: Vec<(u32, Tuple, Found)> = suspects
+        .iter()
+        .map(|&(n, tu)| {
+            let f = if tu.sport == 8080 {
+                Found::Full
+            } else {
+                Found::Mini(TimeWait)
+            };
+            (n, tu, f)
+        })
+        .collect();
+    assert_eq!(t.confirm_gone(&found, S, S, &mut facts), 1);
+    assert_eq!(t.tracked(), 1);
+    assert_eq!(t.netns_of(SERVER_SK), 7, "the live one stays");
 }
