@@ -179,6 +179,12 @@ impl Tracker {
             return self.on_signal(t, s, out);
         }
         let e = match self.table.get(t.sk) {
+            Some(_) if is_birth(t) => {
+                // The kernel freed the socket this address held and made a new one there:
+                // the old one's end was lost. It is gone; nothing of it carries over.
+                self.forget_ghost(t.sk, t.ts_ns, Resolution::Reconciled, out);
+                return self.on_unknown(t, out);
+            }
             Some(e) => *e,
             None => match self.adopt_seeded(t).then(|| self.table.get(t.sk).copied()) {
                 Some(Some(e)) => e,
@@ -546,6 +552,12 @@ fn reported_state(t: &Transition) -> TcpState {
 
 /// The socket's tuple at its end: the event's, or the entry's when the
 /// event lacks the local end.
+/// A transition only a new socket makes: `connect()` or `listen()` on a closed one, or a
+/// listener's child created by a handshake.
+fn is_birth(t: &Transition) -> bool {
+    t.old == TcpState::Close || (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
+}
+
 fn tuple_of(t: &Transition, e: &Entry) -> Tuple {
     if t.tuple.sport == 0 { e.tuple } else { t.tuple }
 }

@@ -972,3 +972,35 @@ fn a_lookup_convicts_only_what_no_full_socket_holds() {
     assert_eq!(t.tracked(), 1);
     assert_eq!(t.netns_of(SERVER_SK), 7, "the live one stays");
 }
+
+/// A birth at an address the table still holds (its socket's end was lost, and the kernel
+/// gave the address to a new socket) starts afresh: the new socket's namespace and owner,
+/// nothing of the old one's, and the old one's open anomaly ends as reconciled.
+#[test]
+fn a_birth_at_a_stale_address_starts_a_new_socket() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[at(SERVER_SK, 0)
+            .go(Established, CloseWait)
+            .ports(8080, 5000)
+            .by(1, "old")],
+    );
+    let mut out = Vec::new();
+    expire(&mut t, 3 * S, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let mut born = at(SERVER_SK, 4 * S)
+        .go(Close, SynSent)
+        .ports(0, 443)
+        .by(2, "new");
+    born.netns = 8;
+    let (_, out) = run(&mut t, &[born]);
+    let [Record::AnomalyResolved(r)] = &out[..] else {
+        panic!("{out:?}");
+    };
+    assert_eq!(r.resolution.as_deref(), Some("reconciled"));
+    assert_eq!(t.tracked(), 1);
+    assert_eq!(t.netns_of(SERVER_SK), 8);
+    assert_eq!(t.sockets(CloseWait), 0);
+    assert_eq!(t.sockets(SynSent), 1);
+}
