@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, Netns, free_port, http_get, port, require_bpf};
+use common::{Daemon, Netns, free_port, http_get, port, reconciled_away, require_bpf};
 use serde_json::Value;
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -218,10 +218,7 @@ fn a_stopped_daemon_drops_counted_and_raises_no_false_anomaly() {
         stopped["dropped"].as_u64().unwrap_or(0) > 0,
         "the wrap dropped events, counted: {stopped}"
     );
-    let reconciled: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["type"] == "anomaly_resolved" && r["resolution"] == "reconciled")
-        .collect();
+    let reconciled = reconciled_away(&records);
     assert!(
         reconciled.is_empty(),
         "no ghost was ever raised, so none is resolved: {reconciled:?}"

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, Netns, port, require_bpf};
+use common::{Daemon, Netns, port, reconciled_away, require_bpf};
 use serde_json::Value;
 
 fn status(mport: u16) -> Value {
@@ -179,10 +179,7 @@ fn sockets_met_mid_life_are_placed_in_their_namespace() {
         assert_eq!(r["netns"], ns.inode, "placed in its namespace: {r}");
     }
     assert_eq!(last["sockets"]["CLOSE_WAIT"], 10, "still tracked: {last}");
-    let reconciled: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["type"] == "anomaly_resolved" && r["resolution"] == "reconciled")
-        .collect();
+    let reconciled = reconciled_away(&records);
     assert!(
         reconciled.is_empty(),
         "a live socket is never reconciled away: {reconciled:?}"

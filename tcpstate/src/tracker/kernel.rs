@@ -260,10 +260,10 @@ impl Tracker {
     /// a new state and adopts TIME_WAIT mini-sockets we missed. Only sockets unchanged since
     /// before `dump_start_ns` are judged, so a socket born during the dump is not mistaken
     /// for a ghost. Returns the suspects: tracked sockets the dump lacks. A dump only
-    /// nominates them: it walks the kernel's socket hash (shared by every namespace) in
-    /// several reads, and sockets removed ahead of its place between two reads make it skip
-    /// live ones; an exact lookup of each ([`Self::confirm_gone`]) convicts them. A socket
-    /// whose namespace is unknown is never judged against one namespace's dump.
+    /// nominates them: it is no atomic snapshot but several reads, each resumed by position
+    /// in the kernel's hash, and a live socket can be skipped (seen under churn); an exact
+    /// lookup of each ([`Self::confirm_gone`]) convicts them. A socket whose namespace is
+    /// unknown is never judged against one namespace's dump.
     pub fn reconcile(
         &mut self,
         netns: u32,

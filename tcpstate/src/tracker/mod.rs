@@ -550,14 +550,14 @@ fn reported_state(t: &Transition) -> TcpState {
     }
 }
 
-/// The socket's tuple at its end: the event's, or the entry's when the
-/// event lacks the local end.
 /// A transition only a new socket makes: `connect()` or `listen()` on a closed one, or a
 /// listener's child created by a handshake.
 fn is_birth(t: &Transition) -> bool {
     t.old == TcpState::Close || (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
 }
 
+/// The socket's tuple at its end: the event's, or the entry's when the
+/// event lacks the local end.
 fn tuple_of(t: &Transition, e: &Entry) -> Tuple {
     if t.tuple.sport == 0 { e.tuple } else { t.tuple }
 }

@@ -211,6 +211,14 @@ impl Drop for Daemon {
     }
 }
 
+/// Anomalies ended because a reconciliation found their socket gone.
+pub fn reconciled_away(records: &[Value]) -> Vec<&Value> {
+    records
+        .iter()
+        .filter(|r| r["type"] == "anomaly_resolved" && r["resolution"] == "reconciled")
+        .collect()
+}
+
 /// Transitions of one namespace, in order.
 pub fn transitions(records: &[Value], netns: u64) -> Vec<&Value> {
     records
