@@ -13,6 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::{
     clock::monotonic_ns,
     procfs,
+    program::Admits as _,
     sockdiag::{ALL_STATES, DiagSocket, Namespaces},
     socket::{Comm, Tuple, Vitals},
     state::TcpState,
@@ -35,6 +36,8 @@ pub enum Job {
         namespaces: Vec<u32>,
         timewait: bool,
         everywhere: bool,
+        /// The daemon's port and family filters: what they refuse never enters `Alive`.
+        filters: tcpstate_common::Filters,
     },
     /// Exact lookups of the sockets a reconciliation's dumps lacked (namespace 0: look in
     /// every namespace), so a dump that skipped a live socket never removes it.
@@ -174,7 +177,8 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
                 namespaces,
                 timewait,
                 everywhere,
-            } => reconcile(&mut ns, namespaces, timewait, everywhere),
+                filters,
+            } => reconcile(&mut ns, namespaces, (timewait, everywhere), filters),
             Job::Confirm {
                 suspects,
                 dump_start_ns,
@@ -247,8 +251,8 @@ fn seed(ns: &mut Namespaces, only: Option<u32>) -> Reply {
 fn reconcile(
     ns: &mut Namespaces,
     mut namespaces: Vec<u32>,
-    timewait: bool,
-    everywhere: bool,
+    (timewait, everywhere): (bool, bool),
+    filters: tcpstate_common::Filters,
 ) -> Reply {
     let states = if timewait {
         ALL_STATES
@@ -278,9 +282,10 @@ fn reconcile(
         };
         let mut a = Alive {
             timewait,
+            adopt_timewait: true,
             ..Alive::default()
         };
-        for s in &socks {
+        for s in socks.iter().filter(|s| filters.admits_tuple(&s.tuple)) {
             if let Some(k) = kernel_socket(netns, s) {
                 a.insert(&k);
             }

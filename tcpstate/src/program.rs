@@ -18,9 +18,14 @@ use crate::ring::{self, EventRings};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstate"));
 
 /// The same test the eBPF program applies, for sockets that reach us
-/// another way (the start-up snapshot).
+/// another way (the start-up snapshot, reconciliation dumps, listener polls): every path
+/// into the table must filter alike.
 pub trait Admits {
     fn admits(&self, v6: bool, sport: u16, dport: u16) -> bool;
+
+    fn admits_tuple(&self, t: &crate::socket::Tuple) -> bool {
+        self.admits(t.family == crate::socket::Family::V6, t.sport, t.dport)
+    }
 }
 
 impl Admits for Filters {
@@ -74,6 +79,15 @@ pub struct KernelCounters {
     pub signals_full: u64,
     /// Resets sent for no full socket (a SYN to a closed port, timewait or request sockets).
     pub resets_no_socket: u64,
+}
+
+impl KernelCounters {
+    /// Transitions that never reached us: the only counts after which the table may hold
+    /// ghosts. A reset for no socket (every SYN a scanner sends to a closed port) or a lost
+    /// retransmit leaves the table as true as it was, so neither may stop detection.
+    pub fn transitions_lost(&self) -> u64 {
+        self.ringbuf_full.saturating_add(self.recursion_misses)
+    }
 }
 
 /// Why the program could not be loaded and attached: one line each, with the cause kept.

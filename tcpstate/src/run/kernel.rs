@@ -3,6 +3,7 @@
 
 use super::{Daemon, Dump, Job, Reply};
 use crate::kernel_table::Confirmed;
+use crate::program::Admits as _;
 use crate::{clock::monotonic_ns, status::Report};
 
 pub(super) enum Parked {
@@ -99,11 +100,19 @@ impl Daemon {
             return;
         }
         let (namespaces, unknown) = self.tracker.namespaces();
-        // After a loss the sockets met mid-life, of unknown namespace, may not be applied yet
-        // (this can run before the rings are drained): look everywhere then too.
-        let everywhere = unknown || self.loss_at_ns.is_some();
-        let mut namespaces: Vec<u32> = namespaces.into_iter().collect();
-        namespaces.sort_unstable();
+        let (namespaces, everywhere) = match self.args.netns {
+            // A --netns daemon tracks nothing elsewhere (an event of unknown namespace is
+            // matched through the table or dropped), and must adopt nothing from elsewhere.
+            Some(only) => (vec![only], false),
+            None => {
+                // After a loss the sockets met mid-life, of unknown namespace, may not be
+                // applied yet (this can run before the rings are drained): look everywhere
+                // then too.
+                let mut v: Vec<u32> = namespaces.into_iter().collect();
+                v.sort_unstable();
+                (v, unknown || self.loss_at_ns.is_some())
+            }
+        };
         self.jobs.reconciles += 1;
         let timewait = full
             || self
@@ -114,6 +123,7 @@ impl Daemon {
             namespaces,
             timewait,
             everywhere,
+            filters: super::setup::filters(&self.args),
         }) {
             self.jobs.reconcile = true;
             self.tally.since_reconcile = 0;
@@ -164,12 +174,7 @@ impl Daemon {
             } => {
                 self.jobs.listeners = false;
                 let f = super::setup::filters(&self.args);
-                listeners.retain(|l| {
-                    (f.port == 0 || f.port == l.tuple.sport)
-                        && (f.lport == 0 || f.lport == l.tuple.sport)
-                        && f.rport == 0
-                        && (f.family == 0 || f.family == l.tuple.family.af())
-                });
+                listeners.retain(|l| f.admits_tuple(&l.tuple));
                 let mut facts = Vec::new();
                 self.tracker
                     .listeners_polled(at_ns, &namespaces, &listeners, &mut facts);
@@ -212,9 +217,16 @@ impl Daemon {
         }
     }
 
-    pub(super) fn reconciled(&mut self, dump: Dump) {
+    pub(super) fn reconciled(&mut self, mut dump: Dump) {
         let now = dump.started_ns;
         let mut facts = Vec::new();
+        if self.args.cgroup.is_some() {
+            // Mini-sockets carry no cgroup: a --cgroup daemon follows its own sockets into
+            // TIME_WAIT and adopts none it did not see close.
+            for (_, a) in &mut dump.alive {
+                a.adopt_timewait = false;
+            }
+        }
         // Placed first, so the namespaces' own reconciliations judge what was placed.
         let mut suspects = self
             .tracker

@@ -99,9 +99,11 @@ struct Daemon {
     /// Kernel loss counters at the last report; as last checked for a new
     /// loss, and when one was last seen.
     reported: KernelCounters,
-    loss_seen: KernelCounters,
+    loss_seen: u64,
     loss_at_ns: Option<u64>,
     warned_full: bool,
+    /// What the start-up snapshot raised, said once `started` is written.
+    seed_facts: Vec<Fact>,
     /// Cgroup id -> unit, container, pod.
     workloads: Workloads,
 }
@@ -146,9 +148,10 @@ impl Daemon {
             watermark_ns: 0,
             started: Instant::now(),
             reported: KernelCounters::default(),
-            loss_seen: KernelCounters::default(),
+            loss_seen: 0,
             loss_at_ns: None,
             warned_full: false,
+            seed_facts: Vec::new(),
             workloads,
             args,
         })
@@ -171,6 +174,15 @@ impl Daemon {
             ring_bytes: u32::try_from(self.probe.ring_bytes()).unwrap_or(u32::MAX),
             seeded,
         }));
+        // What the snapshot raised is said after `started`, so no record predates it.
+        let mut seed_facts = std::mem::take(&mut self.seed_facts);
+        let now = monotonic_ns();
+        for f in &mut seed_facts {
+            if let Fact::Raised(a) = f {
+                a.ts_ns = a.ts_ns.max(now);
+            }
+        }
+        self.publish(seed_facts);
         if !self.sinks.flush(Instant::now()) {
             return Ok(());
         }
@@ -246,7 +258,10 @@ impl Daemon {
                         .filter(|s| self.wanted_cgroup(s.cgroup))
                         .collect::<Vec<_>>();
                     let _ = host;
-                    return self.tracker.seed(sockets, monotonic_ns());
+                    let n = self
+                        .tracker
+                        .seed(sockets, monotonic_ns(), &mut self.seed_facts);
+                    return n;
                 }
                 Some(other) => self.on_reply(other),
                 None => return 0,
@@ -395,9 +410,9 @@ impl Daemon {
 
     fn on_tick(&mut self) {
         let now = monotonic_ns();
-        let k = self.probe.counters();
-        if k != self.loss_seen {
-            self.loss_seen = k;
+        let lost = self.probe.counters().transitions_lost();
+        if lost != self.loss_seen {
+            self.loss_seen = lost;
             // Events were lost: the table may hold ghosts. No anomaly until a
             // reconciliation, which starts now rather than at its interval.
             let first = self.loss_at_ns.is_none();
@@ -466,6 +481,8 @@ impl Daemon {
     /// The last batch is in: raise what is due, write everything and the final counts.
     fn finish(&mut self) {
         let mut facts = Vec::new();
+        self.tracker.flush_births(&mut facts);
+        self.write_facts(&mut facts, Instant::now());
         self.tracker.expire(monotonic_ns(), &mut facts);
         let _ = self.verifier.push(facts);
         let rest: Vec<Fact> = self.verifier.drain_all().collect();

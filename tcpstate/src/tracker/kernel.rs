@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{
-    Fact, Resolution, Tracker, Via,
+    Fact, MetTimeWait, Resolution, Tracker, Via,
     backlog::Listening,
     orphans::{HostTcp, closing_by_owner},
     pressure::NetnsInfo,
@@ -57,6 +57,9 @@ pub struct Alive {
     pub requests: u64,
     /// The dump included TIME_WAIT mini-sockets (else they are not judged).
     pub timewait: bool,
+    /// TIME_WAIT mini-sockets we never saw may be adopted (not when a filter cannot tell
+    /// whether they are wanted).
+    pub adopt_timewait: bool,
 }
 
 impl Alive {
@@ -115,8 +118,14 @@ pub struct ProbeResult {
 const MAX_ORPHAN_LOOKUPS: usize = 256;
 
 impl Tracker {
-    /// Loads the start-up snapshot; returns how many sockets were tracked.
-    pub fn seed(&mut self, sockets: impl IntoIterator<Item = KernelSocket>, now_ns: u64) -> u64 {
+    /// Loads the start-up snapshot; returns how many sockets were tracked. What it raises
+    /// (TIME_WAIT pressure already there) goes to `out`, to be said like any other fact.
+    pub fn seed(
+        &mut self,
+        sockets: impl IntoIterator<Item = KernelSocket>,
+        now_ns: u64,
+        out: &mut Vec<Fact>,
+    ) -> u64 {
         let sockets: Vec<KernelSocket> = sockets.into_iter().collect();
         // A mini-socket on a listening port is a server's: its port is not
         // ephemeral.
@@ -125,16 +134,22 @@ impl Tracker {
             .filter(|s| s.state == TcpState::Listen)
             .map(|s| (s.netns, s.tuple.sport))
             .collect();
-        let mut out = Vec::new();
         let mut n = 0;
         for s in sockets {
-            if s.request || s.state == TcpState::Close {
+            if s.request {
+                // Half-open connections are counted, as `ss` shows them, until the first
+                // reconciliation counts them again.
+                *self.requests.entry(s.netns).or_default() += 1;
+                continue;
+            }
+            if s.state == TcpState::Close {
                 continue;
             }
             if s.mini && s.state == TcpState::TimeWait {
                 let since = estimated_since(now_ns, s.expires_ms);
                 let active = !listening.contains(&(s.netns, s.tuple.sport));
-                self.enter_timewait(s.netns, &s.tuple, since, true, active, &mut out);
+                let how = MetTimeWait::Seed { now_ns };
+                self.enter_timewait(s.netns, &s.tuple, since, how, active, out);
                 n += 1;
                 continue;
             }
@@ -420,13 +435,15 @@ impl Tracker {
                 .map(|s| (netns, s.tuple)),
         );
         for (t, &(st, expires)) in &alive.minis {
-            if st == TcpState::TimeWait
+            if alive.adopt_timewait
+                && st == TcpState::TimeWait
                 && self.timewait.get(netns, t).is_none()
                 && !self.orphans.contains_key(&(netns, *t))
             {
                 let since = estimated_since(now_ns, expires);
                 let active = !self.listeners.contains_key(&(netns, t.sport));
-                self.enter_timewait(netns, t, since, true, active, out);
+                let how = MetTimeWait::Dump { now_ns };
+                self.enter_timewait(netns, t, since, how, active, out);
             }
         }
     }

@@ -6,7 +6,7 @@
 //! by asking the kernel (sock_diag), and each is reported with how it was
 //! observed (`Via`).
 
-use super::{Fact, Moved, Resolution, Tracker, Via, table::flag, timewait::Insert};
+use super::{Fact, MetTimeWait, Moved, Resolution, Tracker, Via, table::flag, timewait::Insert};
 use crate::{decode::Transition, socket::Tuple, state::TcpState};
 
 impl Tracker {
@@ -46,24 +46,37 @@ impl Tracker {
         }
     }
 
-    /// Starts tracking a TIME_WAIT mini-socket. `active`: its connection
-    /// was opened by connect(), so its port counts towards
-    /// `time_wait_pressure`.
+    /// Starts tracking a TIME_WAIT mini-socket, which entered TIME_WAIT at `since_ns` and was
+    /// met as `how` says. `active`: its connection was opened by connect(), so its port counts
+    /// towards `time_wait_pressure`.
     pub(super) fn enter_timewait(
         &mut self,
         netns: u32,
         tuple: &Tuple,
         since_ns: u64,
-        estimated: bool,
+        how: MetTimeWait,
         active: bool,
         out: &mut Vec<Fact>,
     ) {
-        let new = self.timewait.insert(netns, tuple, since_ns, estimated) == Insert::New;
-        if new && active {
-            if netns != 0 && !self.pressure.knows(netns) {
-                self.unknown_netns.insert(netns);
+        let (estimated, now_ns) = match how {
+            MetTimeWait::Event => (false, since_ns),
+            MetTimeWait::Seed { now_ns } | MetTimeWait::Dump { now_ns } => (true, now_ns),
+        };
+        match self.timewait.insert(netns, tuple, since_ns, estimated) {
+            Insert::New if active => {
+                if netns != 0 && !self.pressure.knows(netns) {
+                    self.unknown_netns.insert(netns);
+                }
+                // Said now: an anomaly is dated when tcpstate says it, never at a
+                // mini-socket's estimated start (which can predate the daemon).
+                self.pressure.add(netns, tuple, now_ns, out);
             }
-            self.pressure.add(netns, tuple, since_ns, out);
+            // A socket is refused once: at its event, or at the start-up snapshot. Every
+            // later dump meets the same untracked sockets again and must not count them anew.
+            Insert::Full if !matches!(how, MetTimeWait::Dump { .. }) => {
+                self.timewait.count_refused();
+            }
+            _ => {}
         }
     }
 
@@ -141,7 +154,7 @@ impl Tracker {
             ));
         }
         let active = e.has(flag::ACTIVE);
-        self.enter_timewait(netns, tuple, ts_ns, false, active, out);
+        self.enter_timewait(netns, tuple, ts_ns, MetTimeWait::Event, active, out);
         true
     }
 
@@ -235,5 +248,7 @@ impl Tracker {
         for key in keys {
             self.forget_ghost(key, now_ns, Resolution::NetnsGone, out);
         }
+        // Its request sockets died with it too.
+        self.requests.remove(&netns);
     }
 }

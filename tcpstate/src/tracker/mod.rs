@@ -81,6 +81,17 @@ pub struct Config {
     pub orphan_pressure: Option<f64>,
 }
 
+/// How a TIME_WAIT mini-socket came to be tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MetTimeWait {
+    /// Its socket's close was seen: the time it entered is exact.
+    Event,
+    /// The start-up snapshot, at `now_ns`: its entry time is estimated from its timer.
+    Seed { now_ns: u64 },
+    /// A reconciliation's dump, at `now_ns`: estimated too, and met again by every dump.
+    Dump { now_ns: u64 },
+}
+
 /// What applying one transition told us.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Applied {
@@ -90,6 +101,11 @@ pub struct Applied {
     /// else remembered from the socket's birth (0 = unknown).
     pub netns: u32,
 }
+
+/// Births whose record may wait for their tuple at once; past this they are said as seen.
+const MAX_HALF_BORN: usize = 65_536;
+/// How long a birth's record waits for the child's next event.
+const HALF_BORN_WAIT_NS: u64 = 1_000_000_000;
 
 /// Keys below this are ours, not kernel addresses (which live in the top
 /// half of the address space): snapshot sockets and mini-sockets.
@@ -124,6 +140,9 @@ pub struct Tracker {
     pressure: PressureRule,
     /// Request sockets per namespace, from the last dump.
     requests: HashMap<u32, u64>,
+    /// Births reported with their listener's tuple, whose record waits for the child's next
+    /// event (see `on_unknown`). Keyed by kernel address, which no peer chooses.
+    half_born: rustc_hash::FxHashMap<u64, Moved>,
     /// Sockets refused at birth because the table was full.
     refused: u64,
     /// An event was lost and no reconciliation has run since: the table
@@ -142,6 +161,7 @@ impl Tracker {
             orphan_rule: OrphanRule::new(cfg.orphan_pressure),
             recent: RecentCloses::default(),
             requests: HashMap::new(),
+            half_born: rustc_hash::FxHashMap::default(),
             cfg,
             comms: Comms::default(),
             deadlines: Deadlines::default(),
@@ -178,6 +198,15 @@ impl Tracker {
         if let Some(s) = t.signal {
             return self.on_signal(t, s, out);
         }
+        if !self.half_born.is_empty()
+            && let Some(mut m) = self.half_born.remove(&t.sk)
+        {
+            // The child's next event, microseconds later, carries the tuple its birth lacked.
+            if t.tuple.dport != 0 {
+                m.tuple = t.tuple;
+            }
+            out.push(Fact::Moved(m));
+        }
         let e = match self.table.get(t.sk) {
             Some(_) if is_birth(t) => {
                 // The kernel freed the socket this address held and made a new one there:
@@ -186,6 +215,9 @@ impl Tracker {
                 return self.on_unknown(t, out);
             }
             Some(e) => *e,
+            // A birth is a new socket, never one of the snapshot's: on kernels that report a
+            // child with its listener's tuple, a seeded listener would otherwise be taken over.
+            None if is_birth(t) => return self.on_unknown(t, out),
             None => match self.adopt_seeded(t).then(|| self.table.get(t.sk).copied()) {
                 Some(Some(e)) => e,
                 _ => return self.on_unknown(t, out),
@@ -226,7 +258,14 @@ impl Tracker {
             TcpState::TimeWait => {
                 self.forget(t.sk);
                 let active = e.has(flag::ACTIVE);
-                self.enter_timewait(netns, &tuple_of(t, &e), t.ts_ns, false, active, out);
+                self.enter_timewait(
+                    netns,
+                    &tuple_of(t, &e),
+                    t.ts_ns,
+                    MetTimeWait::Event,
+                    active,
+                    out,
+                );
             }
             _ => self.advance(t, (netns, cgroup), &e),
         }
@@ -252,12 +291,22 @@ impl Tracker {
         }
         self.before_move(t, t.netns, out);
         self.report(out, t, (t.netns, t.cgroup, new, None), 0);
+        if (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
+            && t.tuple.dport == 0
+            && self.half_born.len() < MAX_HALF_BORN
+            && let Some(Fact::Moved(m)) = out.pop()
+        {
+            // Before 6.13 or so the kernel sets a child's state before copying its addresses
+            // from the request (`inet_csk_clone_lock()`), so this event shows the listener's
+            // tuple: its record waits for the next event, which has the real one.
+            self.half_born.insert(t.sk, m);
+        }
         match new {
             TcpState::Close => {}
             TcpState::TimeWait => {
                 // Unknown socket: a listener's port is not ephemeral.
                 let active = !self.listeners.contains_key(&(t.netns, t.tuple.sport));
-                self.enter_timewait(t.netns, &t.tuple, t.ts_ns, false, active, out);
+                self.enter_timewait(t.netns, &t.tuple, t.ts_ns, MetTimeWait::Event, active, out);
             }
             _ => self.create(t),
         }
@@ -446,6 +495,20 @@ impl Tracker {
 
     /// Raises an anomaly for every socket whose time in its state ran out.
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Fact>) {
+        if !self.half_born.is_empty() {
+            // A child whose next event never came (lost): its birth is said as it was seen.
+            let late: Vec<u64> = self
+                .half_born
+                .iter()
+                .filter(|(_, m)| m.ts_ns.saturating_add(HALF_BORN_WAIT_NS) <= now_ns)
+                .map(|(&k, _)| k)
+                .collect();
+            for k in late {
+                if let Some(m) = self.half_born.remove(&k) {
+                    out.push(Fact::Moved(m));
+                }
+            }
+        }
         if self.incomplete {
             // Deadlines wait in the heap until reconciliation says which
             // sockets are real.
@@ -474,6 +537,13 @@ impl Tracker {
                     })
                 }));
         }
+    }
+
+    /// Says every birth still waiting for its tuple, as it was seen: the daemon is stopping.
+    pub fn flush_births(&mut self, out: &mut Vec<Fact>) {
+        let mut waiting: Vec<Moved> = self.half_born.drain().map(|(_, m)| m).collect();
+        waiting.sort_unstable_by_key(|m| m.ts_ns);
+        out.extend(waiting.into_iter().map(Fact::Moved));
     }
 
     /// Says whether the table can be trusted: false after a lost event,

@@ -351,6 +351,7 @@ fn seeded_sockets_age_from_start_and_adopt_their_address() {
             kernel_socket(7, TimeWait, 1, 2),
         ],
         10 * S,
+        &mut Vec::new(),
     );
     // Issue 9: TIME_WAIT mini-sockets are tracked now, in their own table.
     assert_eq!(n, 2);
@@ -595,7 +596,11 @@ fn deadline_heap_stays_bounded_under_churn() {
 }
 
 fn seed_close_wait(t: &mut Tracker, netns: u32, now: u64) {
-    t.seed([kernel_socket(netns, CloseWait, 8080, 5000)], now);
+    t.seed(
+        [kernel_socket(netns, CloseWait, 8080, 5000)],
+        now,
+        &mut Vec::new(),
+    );
 }
 
 #[test]
@@ -929,6 +934,7 @@ fn an_orphan_of_unknown_namespace_is_placed_and_followed() {
     assert_eq!(t.sockets(FinWait2), 1);
     let mut seven = Alive {
         timewait: true,
+        adopt_timewait: true,
         ..Alive::default()
     };
     seven.insert(&kernel_socket(7, TimeWait, 5001, 80));
@@ -1003,4 +1009,165 @@ fn a_birth_at_a_stale_address_starts_a_new_socket() {
     assert_eq!(t.netns_of(SERVER_SK), 8);
     assert_eq!(t.sockets(CloseWait), 0);
     assert_eq!(t.sockets(SynSent), 1);
+}
+
+/// Issue 20.7 and 20.12: request sockets at start-up are counted as `ss` counts them, and
+/// they die with their namespace.
+#[test]
+fn request_sockets_are_seeded_and_go_with_their_namespace() {
+    let mut t = tracker(100);
+    let request = |sport| KernelSocket {
+        request: true,
+        ..kernel_socket(7, SynRecv, 8080, sport)
+    };
+    let n = t.seed(
+        [
+            request(5000),
+            request(5001),
+            kernel_socket(7, Listen, 8080, 0),
+        ],
+        10 * S,
+        &mut Vec::new(),
+    );
+    assert_eq!(n, 1, "the listener is tracked; request sockets are counted");
+    assert_eq!(t.requests(), 2);
+    let mut out = Vec::new();
+    t.netns_gone(7, 11 * S, &mut out);
+    assert_eq!(t.requests(), 0, "a deleted namespace keeps no SYN_RECV");
+    assert_eq!(t.tracked(), 0);
+}
+
+/// `n` TIME_WAIT mini-sockets from 127.0.0.1 ports 40000.. to 127.0.0.1:80 in `netns`.
+fn timewaits(netns: u32, n: u16) -> Vec<KernelSocket> {
+    (0..n)
+        .map(|i| kernel_socket(netns, TimeWait, 40_000 + i, 80))
+        .collect()
+}
+
+/// Issue 20.13 and 20.8: TIME_WAIT pressure already there at start-up is said, dated when it
+/// is said (not at the mini-sockets' estimated start, which can predate the daemon).
+#[test]
+fn pressure_present_at_start_up_is_raised_and_dated_now() {
+    let mut t = tracker(1000);
+    t.set_default_netns_info(NetnsInfo {
+        ports: (40_000, 40_099),
+        tw_reuse: 0,
+    });
+    let mut facts = Vec::new();
+    let n = t.seed(timewaits(7, 60), 100 * S, &mut facts);
+    assert_eq!(n, 60);
+    let raised: Vec<&Anomaly> = facts
+        .iter()
+        .filter_map(|f| match f {
+            Fact::Raised(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(raised.len(), 1, "{facts:?}");
+    assert_eq!(raised[0].kind, Kind::TimeWaitPressure);
+    assert_eq!(
+        raised[0].ts_ns,
+        100 * S,
+        "said at the snapshot, not 30 s before"
+    );
+}
+
+/// Issue 20.14: a full TIME_WAIT table refuses a socket once; every later dump meets the same
+/// untracked sockets and must not count them again.
+#[test]
+fn time_wait_refusals_count_sockets_not_dumps() {
+    let mut t = tracker(10);
+    t.seed(timewaits(7, 15), 10 * S, &mut Vec::new());
+    assert_eq!((t.timewait(), t.timewait_refused()), (10, 5));
+    for round in 1..=3u64 {
+        let mut alive = Alive {
+            timewait: true,
+            adopt_timewait: true,
+            ..Alive::default()
+        };
+        for s in timewaits(7, 15) {
+            alive.insert(&s);
+        }
+        let now = (10 + round) * S;
+        reconcile(&mut t, 7, &alive, now, now, &mut Vec::new());
+    }
+    assert_eq!(
+        (t.timewait(), t.timewait_refused()),
+        (10, 5),
+        "three dumps of the same sockets"
+    );
+    // A socket seen entering TIME_WAIT while the table is full is one more.
+    let mut out = Vec::new();
+    let closed = at(CLIENT_SK, 20 * S).go(FinWait2, Close).ports(50_000, 80);
+    let closed = Transition {
+        ending: Ending::TimeWait,
+        ..closed
+    };
+    t.on_transition(&closed, &mut out);
+    assert_eq!(t.timewait_refused(), 6);
+}
+
+/// Issue 22: on 6.1 and 6.12 the kernel reports LISTEN -> SYN_RECV with the listener's tuple
+/// (`inet_csk_clone_lock()` sets the state before the addresses). A listener from the
+/// snapshot must not be taken over by its child, and the child's birth is said with its own
+/// tuple, taken from its next event.
+#[test]
+fn a_child_reported_with_its_listeners_tuple_takes_the_next_events() {
+    let mut t = tracker(100);
+    let any: IpAddr = "0.0.0.0".parse().expect("addr");
+    let lo: IpAddr = "127.0.0.1".parse().expect("addr");
+    t.seed(
+        [KernelSocket {
+            tuple: Tuple::new(any, 8080, any, 0),
+            owner: Some((42, Comm::new("server"))),
+            ..kernel_socket(7, Listen, 8080, 0)
+        }],
+        S,
+        &mut Vec::new(),
+    );
+    let mut out = Vec::new();
+    let mut born = at(SERVER_SK, 2 * S).go(Listen, SynRecv);
+    born.tuple = Tuple::new(any, 8080, any, 0);
+    t.on_transition(&born, &mut out);
+    assert!(
+        !out.iter().any(|f| matches!(f, Fact::Moved(_))),
+        "the birth waits for its tuple: {out:?}"
+    );
+    let mut up = at(SERVER_SK, 2 * S + 1000).go(SynRecv, Established);
+    up.tuple = Tuple::new(lo, 8080, lo, 43818);
+    up.netns = 0;
+    t.on_transition(&up, &mut out);
+    let moved: Vec<&Moved> = out
+        .iter()
+        .filter_map(|f| match f {
+            Fact::Moved(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(moved.len(), 2, "{out:?}");
+    assert_eq!((moved[0].old, moved[0].new), (Listen, SynRecv));
+    assert_eq!(
+        moved[0].tuple, up.tuple,
+        "the birth carries the child's tuple"
+    );
+    assert_eq!(moved[0].ts_ns, 2 * S, "at the time it happened");
+    assert_eq!((moved[1].old, moved[1].new), (SynRecv, Established));
+    assert_eq!(moved[1].netns, 7, "the namespace from the birth");
+    assert_eq!(t.sockets(Listen), 1, "the seeded listener is still there");
+    assert_eq!(t.sockets(Established), 1);
+    let owner = moved[1].task;
+    assert!(owner.is_some());
+
+    // A child whose next event is lost is said as it was seen, a second later.
+    let mut out = Vec::new();
+    let mut lone = at(CLIENT_SK, 3 * S).go(Listen, SynRecv);
+    lone.tuple = Tuple::new(any, 8080, any, 0);
+    t.on_transition(&lone, &mut out);
+    t.expire(3 * S + 500 * MS, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    t.expire(4 * S, &mut out);
+    assert!(
+        matches!(&out[..], [Fact::Moved(m)] if m.sk == CLIENT_SK && m.tuple.dport == 0),
+        "{out:?}"
+    );
 }

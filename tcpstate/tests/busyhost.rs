@@ -1,0 +1,198 @@
+//! What a busy host does to the daemon that a quiet loopback never shows: scanners, other
+//! ports' and other namespaces' TIME_WAIT churn, request sockets at start-up.
+
+mod common;
+
+use std::{
+    io::Read as _,
+    net::{TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use common::{Daemon, Netns, free_port, port, require_bpf, status_counts};
+use serde_json::Value;
+
+fn ts(v: &Value) -> SystemTime {
+    humantime::parse_rfc3339(v["ts"].as_str().expect("ts")).expect("rfc3339")
+}
+
+/// A server socket in CLOSE_WAIT on port `p` in `ns`: its client closed, it never does.
+fn close_wait(ns: &Netns, p: u16) -> (TcpStream, TcpListener) {
+    ns.run(move || {
+        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        let (mut s, _) = l.accept().expect("accept");
+        drop(c);
+        let mut buf = [0u8; 1];
+        assert_eq!(s.read(&mut buf).expect("eof"), 0, "peer closed");
+        (s, l)
+    })
+}
+
+/// Connects to a closed port in `ns` until `stop`: each SYN is answered by a reset for no
+/// socket, as a scanner's are. Returns how many were sent.
+fn scanner(ns: &Netns, closed: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: valid fd; setns affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let r = TcpStream::connect(("127.0.0.1", closed));
+            assert!(r.is_err(), "port {closed} was meant to be closed");
+            n += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        n
+    })
+}
+
+/// Issue 20.1: every reset for no socket (a scanner's SYN to a closed port) looked like a
+/// lost event, so the table stayed "incomplete" and no anomaly was ever raised.
+#[test]
+fn scanner_resets_do_not_turn_detection_off() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(21000);
+    let closed = port(21500);
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=2s"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let scan = scanner(&ns, closed, stop.clone());
+    // Let the resets start before the stuck socket does.
+    std::thread::sleep(Duration::from_millis(500));
+    let (server, _listener) = close_wait(&ns, p);
+    let entered = daemon
+        .wait_for(Duration::from_secs(5), |r| {
+            r["type"] == "transition" && r["new"] == "CLOSE_WAIT" && r["netns"] == ns.inode
+        })
+        .expect("the server socket entered CLOSE_WAIT");
+    let anomaly = daemon.wait_for(Duration::from_secs(6), |r| {
+        r["type"] == "anomaly" && r["netns"] == ns.inode
+    });
+    stop.store(true, Ordering::Relaxed);
+    let scans = scan.join().expect("scanner");
+    let anomaly = anomaly.unwrap_or_else(|| {
+        panic!("no anomaly in 6 s under {scans} resets for no socket: {entered}")
+    });
+    let late = ts(&anomaly)
+        .duration_since(ts(&entered))
+        .expect("after entry");
+    assert!(
+        late >= Duration::from_secs(2) && late < Duration::from_secs(3),
+        "raised {late:?} after entering CLOSE_WAIT, under {scans} resets for no socket"
+    );
+    assert_eq!(anomaly["kind"], "close_wait");
+    assert!(scans > 500, "the scanner sent only {scans} SYNs");
+    drop(server);
+    let records = daemon.stop();
+    let stopped = records.last().expect("stopped");
+    assert_eq!(stopped["dropped"], 0, "{stopped}");
+}
+
+/// `n` connections to `p` (run inside a namespace), each closed by its client first, so each
+/// leaves a TIME_WAIT mini-socket on the client's side.
+fn time_waits_to(p: u16, n: usize) {
+    let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+    for _ in 0..n {
+        let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        let (mut s, _) = l.accept().expect("accept");
+        drop(c);
+        let mut buf = [0u8; 1];
+        assert_eq!(s.read(&mut buf).expect("eof"), 0, "client closed");
+    }
+}
+
+/// TIME_WAIT sockets to or from port `p` in `ns`, as `ss` counts them.
+fn ss_time_wait(ns: &Netns, p: u16) -> u64 {
+    let filter = format!("( sport = :{p} or dport = :{p} )");
+    let out = ns
+        .command("ss")
+        .args(["-tanH", "state", "time-wait", &filter])
+        .output()
+        .expect("ss");
+    assert!(out.status.success(), "ss: {out:?}");
+    String::from_utf8_lossy(&out.stdout).lines().count() as u64
+}
+
+/// Issue 20.2: a reconciliation adopted every TIME_WAIT of each namespace it dumped, whatever
+/// `--port` and `--netns` said, and after a loss it dumped every namespace on the host.
+#[test]
+fn port_and_netns_filters_hold_for_what_reconciliation_adopts() {
+    if !require_bpf() {
+        return;
+    }
+    let (ours, other) = (Netns::new(), Netns::new());
+    let (p, q) = (port(21100), port(21200));
+    let mport = free_port();
+    let addr = format!("127.0.0.1:{mport}");
+    let netns = ours.inode.to_string();
+    let daemon = Daemon::start(&[
+        "--netns",
+        &netns,
+        "--port",
+        &p.to_string(),
+        "--ring-size",
+        "4K",
+        "--reconcile-interval",
+        "1s",
+        "--metrics-addr",
+        &addr,
+    ]);
+    // Ours: 5 on the port the daemon watches, 20 on another one it must not count.
+    ours.run(move || {
+        time_waits_to(p, 5);
+        time_waits_to(q, 20);
+    });
+    // Another namespace: its churn on the watched port overflows the frozen daemon's small
+    // ring, so a reconciliation that looks everywhere follows.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.pid(), libc::SIGSTOP) };
+    other.run(move || time_waits_to(p, 300));
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon.pid(), libc::SIGCONT) };
+    // Several reconciliations, a full one among them (the first after a loss is).
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut samples = Vec::new();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        samples.push(status_counts(mport).get("TIME_WAIT").copied().unwrap_or(0));
+    }
+    let want = ss_time_wait(&ours, p);
+    let records = daemon.stop();
+    let stopped = records.last().expect("stopped");
+    assert!(
+        stopped["dropped"].as_u64().unwrap_or(0) > 0,
+        "the other namespace's churn overflowed the ring: {stopped}"
+    );
+    assert_eq!(want, 5, "ss in our namespace");
+    assert!(
+        samples.iter().all(|&n| n == want),
+        "TIME_WAIT per /status, every 0.5 s: {samples:?}; ss says {want}"
+    );
+    let foreign: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"] == "transition" && r["netns"] != ours.inode && r["netns"] != 0)
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "another namespace's records: {foreign:?}"
+    );
+    let other_ports: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"] == "transition" && r["sport"] != p && r["dport"] != p)
+        .collect();
+    assert!(
+        other_ports.is_empty(),
+        "other ports' records: {other_ports:?}"
+    );
+}
