@@ -196,3 +196,64 @@ fn port_and_netns_filters_hold_for_what_reconciliation_adopts() {
         "other ports' records: {other_ports:?}"
     );
 }
+
+/// Issue 20.3: a connect's birth event comes before the kernel picks its local port, so a
+/// stuck SYN_SENT was reported with local port 0, could not be looked up, and its owner was
+/// only guessed. The SYN retransmits carry the port.
+#[test]
+fn a_stuck_syn_sent_has_its_local_port_and_verified_owner() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    // A veth pair inside the namespace; the peer address has a permanent neighbour entry, so
+    // the SYNs leave at once and the other end drops them (not its address): a black hole.
+    for argv in [
+        "link add bh0 type veth peer name bh1",
+        "addr add 10.96.0.1/24 dev bh0",
+        "link set bh0 up",
+        "link set bh1 up",
+        "neigh add 10.96.0.2 lladdr 02:00:00:00:00:01 nud permanent dev bh0",
+    ] {
+        let mut args = vec!["-n", &ns.name];
+        args.extend(argv.split(' '));
+        common::ip(&args);
+    }
+    let p = port(21300);
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "syn_sent=2s"]);
+    let (sock, local) = ns.run(move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.set_nonblocking(true).expect("nonblocking");
+        let to = std::net::SocketAddr::from(([10, 96, 0, 2], p));
+        let r = s.connect(&to.into());
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::EINPROGRESS)),
+            "connect: {r:?}"
+        );
+        let local = s
+            .local_addr()
+            .expect("local")
+            .as_socket()
+            .expect("inet")
+            .port();
+        (s, local)
+    });
+    assert_ne!(local, 0);
+    let anomaly = daemon
+        .wait_for(Duration::from_secs(6), |r| {
+            r["type"] == "anomaly" && r["netns"] == ns.inode
+        })
+        .expect("syn_sent anomaly");
+    assert_eq!(anomaly["kind"], "syn_sent", "{anomaly}");
+    assert_eq!(
+        (&anomaly["saddr"], &anomaly["sport"], &anomaly["dport"]),
+        (&"10.96.0.1".into(), &local.into(), &p.into()),
+        "{anomaly}"
+    );
+    assert_eq!(anomaly["owner_source"], "fd", "{anomaly}");
+    assert_eq!(anomaly["pid"], std::process::id(), "{anomaly}");
+    drop(sock);
+    drop(daemon.stop());
+}

@@ -24,8 +24,16 @@ impl Tracker {
         let side = match s {
             Signal::Retransmit => {
                 self.stats.retransmits[st] += 1;
-                self.table
-                    .update(t.sk, |e| e.retrans = e.retrans.saturating_add(1));
+                self.table.update(t.sk, |e| {
+                    e.retrans = e.retrans.saturating_add(1);
+                    // A connect's birth comes before the kernel picks its local port; a SYN
+                    // retransmit carries it, so a stuck SYN_SENT has its real tuple (and can
+                    // be looked up, owned and killed) before its threshold.
+                    if e.tuple.sport == 0 && t.tuple.sport != 0 {
+                        e.tuple.saddr = t.tuple.saddr;
+                        e.tuple.sport = t.tuple.sport;
+                    }
+                });
                 None
             }
             Signal::SynackRetransmit => {
