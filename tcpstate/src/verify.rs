@@ -26,6 +26,8 @@ pub struct Verifier {
     next: u64,
     queue: VecDeque<(Fact, Option<u64>)>,
     tickets: HashMap<u64, Purpose>,
+    /// Holders the checks found, for the tracker to adopt as owners.
+    verified: Vec<(Anomaly, Task)>,
 }
 
 /// Whether an anomaly's owner is worth checking: not an orphan we already know, not a
@@ -124,6 +126,9 @@ impl Verifier {
                     *t = None;
                     if let (Fact::Raised(a), Some((i, h))) = (f, answers.next()) {
                         apply(a, h, vital(i));
+                        if let Owner::Verified(t) = a.owner {
+                            self.verified.push((a.clone(), t));
+                        }
                     }
                 }
                 None
@@ -132,11 +137,19 @@ impl Verifier {
                 for (i, (a, h)) in open.iter_mut().zip(holders).enumerate() {
                     if needs_check(a) {
                         apply(a, h, vital(i));
+                        if let Owner::Verified(t) = a.owner {
+                            self.verified.push((a.clone(), t));
+                        }
                     }
                 }
                 Some((open, reply))
             }
         }
+    }
+
+    /// The holders found since the last call: each anomaly's socket and who holds it.
+    pub fn take_verified(&mut self) -> Vec<(Anomaly, Task)> {
+        std::mem::take(&mut self.verified)
     }
 
     /// Facts whose checks are done, in the order they came.

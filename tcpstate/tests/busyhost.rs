@@ -257,3 +257,125 @@ fn a_stuck_syn_sent_has_its_local_port_and_verified_owner() {
     drop(sock);
     drop(daemon.stop());
 }
+
+/// A pre-fork server in `ns`: the parent listens on `p` then forks a worker that accepts
+/// `n` connections and holds them; both sleep. Prints "parent PID" and "worker PID".
+fn pre_fork_server(ns: &Netns, p: u16, n: usize) -> (std::process::Child, u32, u32) {
+    use std::io::BufRead as _;
+    let script = format!(
+        "import os, socket, sys, time\n\
+         l = socket.socket()\n\
+         l.bind(('127.0.0.1', {p}))\n\
+         l.listen(64)\n\
+         if os.fork() == 0:\n\
+         \x20   held = [l.accept()[0] for _ in range({n})]\n\
+         \x20   print('worker', os.getpid(), flush=True)\n\
+         \x20   time.sleep(60)\n\
+         else:\n\
+         \x20   print('parent', os.getpid(), flush=True)\n\
+         \x20   time.sleep(60)\n"
+    );
+    let mut child = ns
+        .command("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let parent = rx.recv_timeout(Duration::from_secs(10)).expect("parent");
+    let pid = |line: &str, who: &str| -> u32 {
+        line.strip_prefix(who)
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("expected {who} PID, got {line:?}"))
+    };
+    let parent = pid(&parent, "parent");
+    // The worker prints once it holds every connection: the clients come first.
+    for _ in 0..n {
+        let ready = ns.run(move || TcpStream::connect(("127.0.0.1", p)).map(drop));
+        ready.expect("client");
+    }
+    let worker = rx.recv_timeout(Duration::from_secs(10)).expect("worker");
+    (child, parent, pid(&worker, "worker"))
+}
+
+/// Issue 20.5: once an owner check finds a socket's holder, that process is its owner
+/// everywhere. The leak rule named the pre-fork server's parent (whose listen() made the first
+/// guess) for the CLOSE_WAIT sockets its worker holds.
+#[test]
+fn a_verified_holder_is_the_owner_everywhere() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let p = port(21400);
+    let mut daemon = Daemon::start(&[
+        "--port",
+        &p.to_string(),
+        "--threshold",
+        "close_wait=1s",
+        "--leak-threshold",
+        "2",
+        "--leak-interval",
+        "1s",
+    ]);
+    let (mut server, parent, worker) = pre_fork_server(&ns, p, 3);
+    let mut raised = Vec::new();
+    while raised.len() < 3 {
+        let a = daemon
+            .wait_for(Duration::from_secs(5), |r| {
+                r["type"] == "anomaly" && r["netns"] == ns.inode
+            })
+            .unwrap_or_else(|| panic!("3 close_wait anomalies, got {raised:?}"));
+        raised.push(a);
+    }
+    for a in &raised {
+        assert_eq!(
+            (&a["pid"], &a["owner_source"]),
+            (&worker.into(), &"fd".into()),
+            "parent {parent}: {a}"
+        );
+    }
+    // A leak check between the entry into CLOSE_WAIT and the owner check can still name the
+    // first guess; every check after it must name the worker.
+    let leak = daemon.wait_for(Duration::from_secs(5), |r| {
+        r["type"] == "leak_suspected" && r["pid"] == worker
+    });
+    // SAFETY: signalling the worker this test started.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    let _ = server.kill();
+    let _ = server.wait();
+    for _ in 0..3 {
+        daemon.wait_for(Duration::from_secs(5), |r| {
+            r["type"] == "anomaly_resolved" && r["netns"] == ns.inode
+        });
+    }
+    let records = daemon.stop();
+    let leaks: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"] == "leak_suspected")
+        .collect();
+    assert!(
+        leak.is_some(),
+        "parent {parent}, worker {worker}: {leaks:?}"
+    );
+    let checked = ts(&raised[2]);
+    let late_guess: Vec<&&Value> = leaks
+        .iter()
+        .filter(|r| r["pid"] == parent && ts(r) > checked)
+        .collect();
+    assert!(late_guess.is_empty(), "worker {worker}: {late_guess:?}");
+    let resolved: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"] == "anomaly_resolved" && r["netns"] == ns.inode)
+        .collect();
+    assert_eq!(resolved.len(), 3, "{resolved:?}");
+    for r in resolved {
+        assert_eq!(r["pid"], worker, "parent {parent}: {r}");
+    }
+}

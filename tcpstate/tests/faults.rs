@@ -28,7 +28,20 @@ fn tmpdir(name: &str) -> PathBuf {
 /// `n` connect/close pairs on `p` inside the namespace.
 fn churn(ns: &Netns, p: u16, n: usize) {
     ns.run(move || {
-        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        // The last round's server sockets can still hold the port (LAST_ACK, CLOSING) for a
+        // moment: wait for them rather than fail on a slow machine.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let l = loop {
+            match TcpListener::bind(("127.0.0.1", p)) {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("bind {p}: {e}"),
+            }
+        };
         for _ in 0..n {
             let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
             let (s, _) = l.accept().expect("accept");

@@ -280,7 +280,11 @@ impl Daemon {
                 "owner check could not read the fds of {unreadable} processes (raise LimitNOFILE?); those owners are shown as attributed, not verified"
             ));
         }
-        if let Some((open, reply)) = self.verifier.answer(ticket, holders, vitals) {
+        let answer = self.verifier.answer(ticket, holders, vitals);
+        for (a, task) in self.verifier.take_verified() {
+            self.tracker.holder_verified(&a, task);
+        }
+        if let Some((open, reply)) = answer {
             let report = Report::build(
                 &self.tracker,
                 self.counters(),

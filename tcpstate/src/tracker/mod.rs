@@ -368,7 +368,9 @@ impl Tracker {
             e.epoch = epoch;
             e.netns = netns;
             e.cgroup = cgroup;
-            e.flags = (e.flags | flag::ENTRY_SEEN) & !(flag::SEEDED | flag::ANOMALY_OPEN);
+            // A new state wants a fresh owner check: after close() no fd holds it.
+            e.flags = (e.flags | flag::ENTRY_SEEN)
+                & !(flag::SEEDED | flag::ANOMALY_OPEN | flag::VERIFIED);
             if t.tuple.sport != 0 {
                 e.tuple.saddr = t.tuple.saddr;
                 e.tuple.sport = t.tuple.sport;
@@ -539,6 +541,33 @@ impl Tracker {
         }
     }
 
+    /// An owner check found the process holding the fd of `a`'s socket: from now on it is
+    /// the owner everywhere (the leak rule, top owners, resolutions, resets), until a
+    /// transition in a process's own context or a later check says otherwise. Ignored when
+    /// the socket has moved on since the anomaly was raised.
+    pub fn holder_verified(&mut self, a: &Anomaly, task: Task) {
+        let same = |e: &Entry| {
+            e.netns == a.netns && e.state == a.state && e.tuple == a.tuple && !e.has(flag::ORPHAN)
+        };
+        let key = if a.sk != 0 {
+            self.table.get(a.sk).is_some_and(same).then_some(a.sk)
+        } else {
+            // A snapshot socket, under a key of ours.
+            self.table.iter().find(|(_, e)| same(e)).map(|(k, _)| k)
+        };
+        let Some(key) = key else {
+            return;
+        };
+        let o = OwnerRef {
+            pid: task.pid,
+            comm: self.comms.intern(task.comm),
+        };
+        self.table.update(key, |e| {
+            *e = e.with_owner(Some(o));
+            e.flags |= flag::VERIFIED;
+        });
+    }
+
     /// Says every birth still waiting for its tuple, as it was seen: the daemon is stopping.
     pub fn flush_births(&mut self, out: &mut Vec<Fact>) {
         let mut waiting: Vec<Moved> = self.half_born.drain().map(|(_, m)| m).collect();
@@ -589,7 +618,12 @@ impl Tracker {
             } else {
                 key
             };
-            (sk, last.map_or(Owner::Unknown, Owner::Attributed))
+            let source = if e.has(flag::VERIFIED) {
+                Owner::Verified
+            } else {
+                Owner::Attributed
+            };
+            (sk, last.map_or(Owner::Unknown, source))
         };
         Anomaly {
             kind: Kind::Lingering(e.state),

@@ -36,6 +36,8 @@ pub mod flag {
     /// Opened by connect() (CLOSE -> SYN_SENT): its local port came from the
     /// ephemeral range, which `time_wait_pressure` watches.
     pub const ACTIVE: u8 = 16;
+    /// The owner is the process an owner check found holding the fd, in the current state.
+    pub const VERIFIED: u8 = 32;
 }
 
 const NO_OWNER: u32 = u32::MAX;
