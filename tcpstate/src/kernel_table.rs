@@ -416,11 +416,21 @@ fn unaccepted(s: &DiagSocket) -> bool {
         )
 }
 
+/// Which listener a never-accepted socket waits on.
+enum QueuedOn {
+    Listener(Listener),
+    /// Several SO_REUSEPORT listeners could hold it (sock_diag does not say which queued it):
+    /// naming one would be a guess.
+    Ambiguous,
+    None,
+}
+
 /// The listener a passive socket came from: its local port, and its address or a wildcard
-/// (an exact address wins, as in the kernel's own lookup). Of several SO_REUSEPORT listeners
-/// the first is taken: sock_diag does not say which one queued it.
-fn listener_of(listeners: &[DiagSocket], t: &Tuple) -> Option<Listener> {
-    listeners
+/// (an exact address wins, as in the kernel's own lookup). Of several SO_REUSEPORT listeners,
+/// the one whose accept queue holds anything: the socket waits in some queue, so a listener
+/// with an empty queue is not it. Several non-empty ones are ambiguous.
+fn listener_of(listeners: &[DiagSocket], t: &Tuple) -> QueuedOn {
+    let scored: Vec<(u8, &DiagSocket)> = listeners
         .iter()
         .filter(|l| l.tuple.sport == t.sport)
         .filter_map(|l| {
@@ -434,11 +444,29 @@ fn listener_of(listeners: &[DiagSocket], t: &Tuple) -> Option<Listener> {
             };
             Some((score, l))
         })
-        .max_by_key(|(score, _)| *score)
-        .map(|(_, l)| Listener {
-            inode: l.inode,
-            queue: accept_queue(l),
-        })
+        .collect();
+    let Some(best) = scored.iter().map(|(s, _)| *s).max() else {
+        return QueuedOn::None;
+    };
+    let candidates: Vec<&DiagSocket> = scored
+        .iter()
+        .filter(|(s, _)| *s == best)
+        .map(|(_, l)| *l)
+        .collect();
+    let pick = match candidates[..] {
+        [only] => only,
+        _ => {
+            let mut queued = candidates.iter().filter(|l| l.rqueue > 0);
+            match (queued.next(), queued.next()) {
+                (Some(l), None) => l,
+                _ => return QueuedOn::Ambiguous,
+            }
+        }
+    };
+    QueuedOn::Listener(Listener {
+        inode: pick.inode,
+        queue: accept_queue(pick),
+    })
 }
 
 fn accept_queue(l: &DiagSocket) -> AcceptQueue {
@@ -473,7 +501,11 @@ fn look(
     let ls = listeners
         .entry(netns)
         .or_insert_with(|| dump(ns, netns, LISTEN).unwrap_or_default());
-    listener_of(ls, &s.tuple).map_or(Looked::Socket(0), Looked::Queued)
+    match listener_of(ls, &s.tuple) {
+        QueuedOn::Listener(l) => Looked::Queued(l),
+        QueuedOn::Ambiguous => Looked::Unknown,
+        QueuedOn::None => Looked::Socket(0),
+    }
 }
 
 /// A listener's own lookup (its remote end a wildcard): exact lookups never return listeners,
@@ -635,21 +667,39 @@ mod tests {
             listener("10.0.0.1", 80, 2),
             listener("10.0.0.1", 81, 3),
         ];
-        let inode = |t: &Tuple| listener_of(&ls, t).map(|l| l.inode);
+        let inode = |t: &Tuple| match listener_of(&ls, t) {
+            QueuedOn::Listener(l) => Some(l.inode),
+            _ => None,
+        };
         assert_eq!(inode(&child("10.0.0.1", 80)), Some(2));
         assert_eq!(inode(&child("10.0.0.2", 80)), Some(1), "the wildcard");
         assert_eq!(inode(&child("10.0.0.2", 81)), None, "bound elsewhere");
         assert_eq!(inode(&child("10.0.0.1", 82)), None);
         let v6 = [listener("::", 443, 9)];
-        assert_eq!(
-            listener_of(&v6, &child("::ffff:10.0.0.1", 443)).map(|l| (
-                l.inode,
-                l.queue.queue,
-                l.queue.backlog
-            )),
-            Some((9, 1, 4)),
-            "a dual-stack listener's v4-mapped child"
-        );
+        let QueuedOn::Listener(l) = listener_of(&v6, &child("::ffff:10.0.0.1", 443)) else {
+            panic!("a dual-stack listener's v4-mapped child");
+        };
+        assert_eq!((l.inode, l.queue.queue, l.queue.backlog), (9, 1, 4));
+    }
+
+    /// Issue 20.4: of SO_REUSEPORT listeners, the one whose queue holds something; never a
+    /// guess between several.
+    #[test]
+    fn of_reuseport_listeners_the_one_with_a_queue_or_none() {
+        let empty = |inode| DiagSocket {
+            rqueue: 0,
+            ..listener("0.0.0.0", 80, inode)
+        };
+        let ls = [empty(1), listener("0.0.0.0", 80, 2), empty(3)];
+        assert!(matches!(
+            listener_of(&ls, &child("10.0.0.1", 80)),
+            QueuedOn::Listener(Listener { inode: 2, .. })
+        ));
+        let ls = [listener("0.0.0.0", 80, 1), listener("0.0.0.0", 80, 2)];
+        assert!(matches!(
+            listener_of(&ls, &child("10.0.0.1", 80)),
+            QueuedOn::Ambiguous
+        ));
     }
 
     #[test]

@@ -235,6 +235,9 @@ impl From<&crate::tracker::orphans::OrphanPressure> for Orphans {
 pub struct Vitals {
     pub recv_q: u32,
     pub send_q: u32,
+    /// Of `send_q`, bytes never sent yet.
+    #[serde(default)]
+    pub notsent: u32,
     /// `none`, `retransmit`, `keepalive`, `timewait` or `probe` (zero window).
     pub timer: String,
     pub timer_ms: u32,
@@ -253,6 +256,7 @@ impl From<crate::socket::Vitals> for Vitals {
         Self {
             recv_q: v.recv_q,
             send_q: v.send_q,
+            notsent: v.notsent,
             timer: v.timer.name().to_owned(),
             timer_ms: v.timer_ms,
             retransmits: v.retransmits,

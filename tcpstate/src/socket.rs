@@ -203,8 +203,11 @@ impl Timer {
 pub struct Vitals {
     /// Bytes received and not read by the application.
     pub recv_q: u32,
-    /// Bytes sent and not acknowledged (or not yet sent).
+    /// Bytes sent and not acknowledged, and bytes not yet sent (`notsent`).
     pub send_q: u32,
+    /// Of `send_q`, bytes not sent yet (`tcpi_notsent_bytes`): held back by the peer's
+    /// window or the congestion window, never on the wire.
+    pub notsent: u32,
     pub timer: Timer,
     /// Time left on the timer.
     pub timer_ms: u32,

@@ -139,7 +139,18 @@ fn write_transition(out: &mut String, t: &TransitionRecord) {
     if let Some(n) = t.retransmits {
         let _ = write!(out, " [{n} retransmits]");
     }
+    in_netns(out, t.netns);
     in_workload(out, t.workload.as_deref());
+}
+
+/// ` [netns N]` for a socket outside the daemon's own namespace: two containers'
+/// `127.0.0.1:8080` must not read as one socket.
+fn in_netns(out: &mut String, netns: u32) {
+    static OWN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let own = *OWN.get_or_init(|| crate::sockdiag::netns::current_netns().unwrap_or(0));
+    if netns != 0 && netns != own {
+        let _ = write!(out, " [netns {netns}]");
+    }
 }
 
 /// ` in payments-api.service`, ` in pod P container C`: who the socket works for, when its
@@ -149,6 +160,16 @@ fn in_workload(out: &mut String, w: Option<&Workload>) {
         && (w.unit.is_some() || w.container_id.is_some() || w.pod_uid.is_some())
     {
         let _ = write!(out, " in {}", escape(&w.label()));
+    }
+}
+
+/// An accept queue's fill. The kernel calls a queue full only past its backlog, so a full one
+/// holds backlog + 1: "5 of 4" would read as a bug.
+fn waiting(queue: u32, backlog: u32) -> String {
+    if queue > backlog {
+        format!("{queue} waiting, the queue is full (backlog {backlog})")
+    } else {
+        format!("{queue} of a backlog of {backlog} waiting")
     }
 }
 
@@ -164,7 +185,7 @@ fn owner_words(a: &AnomalyRecord) -> String {
             };
             let queue = a
                 .accept_queue
-                .map(|q| format!(", {} of {} waiting", q.queue, q.backlog))
+                .map(|q| format!(", {}", waiting(q.queue, q.backlog)))
                 .unwrap_or_default();
             format!(
                 "never accepted: in the accept queue of port {}, listener held by {holder}{queue}",
@@ -178,7 +199,11 @@ fn owner_words(a: &AnomalyRecord) -> String {
             if let Some(h) = &a.holder_cgroup
                 && a.workload.as_ref().is_none_or(|w| &w.cgroup != h)
             {
-                let _ = write!(s, " of {}", escape(&Workload::from_path(h.clone()).label()));
+                let w = Workload::from_path(h.clone());
+                // `/` or a slice names no unit, container or pod: nothing to say.
+                if w.unit.is_some() || w.container_id.is_some() || w.pod_uid.is_some() {
+                    let _ = write!(s, " of {}", escape(&w.label()));
+                }
             }
             s
         }
@@ -203,6 +228,7 @@ fn owner_words(a: &AnomalyRecord) -> String {
 fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
     let mut owner = owner_words(a);
     in_workload(&mut owner, a.workload.as_deref());
+    in_netns(&mut owner, a.netns);
     let at_least = if a.age_is_lower_bound { ">=" } else { "" };
     let queue_full = a.kind == "accept_queue_full";
     if let Some(o) = &a.orphans {
@@ -228,8 +254,8 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
         if let Some(q) = a.accept_queue {
             let _ = write!(
                 out,
-                ": {} of a backlog of {} waiting for accept(), new handshakes are dropped",
-                q.queue, q.backlog
+                ": {} for accept(), new handshakes are dropped",
+                waiting(q.queue, q.backlog)
             );
             if q.drops > 0 {
                 let _ = write!(out, " ({} so far)", q.drops);
@@ -246,7 +272,7 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
         );
     }
     if let Some(v) = &a.vitals {
-        for w in vital_signs(a.state, v) {
+        for w in vital_signs(a.state, v, reader_of(a)) {
             let _ = write!(out, "; {w}");
         }
     }
@@ -277,6 +303,7 @@ fn write_reset(out: &mut String, r: &ResetRecord) {
         escape(&r.side),
         r.state.name(),
     );
+    in_netns(out, r.netns);
 }
 
 fn write_orphans(out: &mut String, label: &str, a: &AnomalyRecord, o: &Orphans) {
@@ -333,8 +360,29 @@ fn write_killed(out: &mut String, k: &KilledRecord) {
     );
 }
 
+/// Whether an application holds the socket and could read or close it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    Application,
+    /// Still in its listener's accept queue: no application has it yet.
+    NotAccepted,
+    /// Closed by its application (an orphan): nobody will read it again.
+    Nobody,
+    /// Not known: no blame is laid.
+    Unknown,
+}
+
+fn reader_of(a: &AnomalyRecord) -> Reader {
+    match (a.owner_source, a.pid) {
+        (OwnerSource::AcceptQueue, _) => Reader::NotAccepted,
+        (_, None) if a.last_owner.is_some() => Reader::Nobody,
+        (_, None) => Reader::Unknown,
+        _ => Reader::Application,
+    }
+}
+
 /// A socket's vital signs in words: what keeps it in its state.
-fn vital_signs(state: TcpState, v: &Vitals) -> Vec<String> {
+fn vital_signs(state: TcpState, v: &Vitals, reader: Reader) -> Vec<String> {
     let mut w = Vec::new();
     let sending = matches!(
         state,
@@ -353,21 +401,33 @@ fn vital_signs(state: TcpState, v: &Vitals) -> Vec<String> {
         state,
         TcpState::CloseWait | TcpState::LastAck | TcpState::Closing
     );
+    let blame = match reader {
+        Reader::Application => ": the application is not reading",
+        Reader::NotAccepted => ": never accepted, so no application can read it",
+        Reader::Nobody => ": its application closed it",
+        Reader::Unknown => "",
+    };
     match (fin_in, v.recv_q) {
         (_, 0) => {}
-        (true, 1) => w.push(
+        (true, 1) if reader == Reader::Application => w.push(
             "the peer's FIN is unread: the application has not read since the peer closed".into(),
         ),
+        (true, 1) => w.push(format!("the peer's FIN is in Recv-Q{blame}")),
         (true, n) => w.push(format!(
-            "{} unread bytes and the peer's FIN in Recv-Q: the application is not reading",
+            "{} unread bytes and the peer's FIN in Recv-Q{blame}",
             n - 1
         )),
-        (false, n) => w.push(format!(
-            "{n} unread bytes in Recv-Q: the application is not reading"
-        )),
+        (false, n) => w.push(format!("{n} unread bytes in Recv-Q{blame}")),
     }
-    if v.send_q > 0 {
-        w.push(format!("{} bytes in Send-Q not acknowledged", v.send_q));
+    // Send-Q counts bytes written and not acknowledged, sent or not: the ones never sent
+    // are held back by the peer's window (or ours), not lost on the way.
+    let notsent = v.notsent.min(v.send_q);
+    let unacked = v.send_q - notsent;
+    if unacked > 0 {
+        w.push(format!("{unacked} bytes sent and not acknowledged"));
+    }
+    if notsent > 0 {
+        w.push(format!("{notsent} bytes in Send-Q not sent yet"));
     }
     if v.retransmits > 0 {
         w.push(format!(
@@ -526,6 +586,7 @@ mod tests {
         let v = |recv_q| Vitals {
             recv_q,
             send_q: 0,
+            notsent: 0,
             timer: "none".into(),
             timer_ms: 0,
             retransmits: 0,
@@ -536,19 +597,73 @@ mod tests {
             last_data_recv_ms: 0,
             last_data_sent_ms: 0,
         };
+        let app = Reader::Application;
         assert_eq!(
-            vital_signs(TcpState::CloseWait, &v(1)),
+            vital_signs(TcpState::CloseWait, &v(1), app),
             ["the peer's FIN is unread: the application has not read since the peer closed"]
         );
         assert_eq!(
-            vital_signs(TcpState::CloseWait, &v(13)),
+            vital_signs(TcpState::CloseWait, &v(13), app),
             ["12 unread bytes and the peer's FIN in Recv-Q: the application is not reading"]
         );
         assert_eq!(
-            vital_signs(TcpState::Established, &v(3)),
+            vital_signs(TcpState::Established, &v(3), app),
             ["3 unread bytes in Recv-Q: the application is not reading"]
         );
-        assert!(vital_signs(TcpState::CloseWait, &v(0)).is_empty());
+        assert!(vital_signs(TcpState::CloseWait, &v(0), app).is_empty());
+        // Issue 20.9: no application to blame for a socket nobody accepted, or an orphan.
+        assert_eq!(
+            vital_signs(TcpState::CloseWait, &v(1), Reader::NotAccepted),
+            ["the peer's FIN is in Recv-Q: never accepted, so no application can read it"]
+        );
+        assert_eq!(
+            vital_signs(TcpState::LastAck, &v(1), Reader::Nobody),
+            ["the peer's FIN is in Recv-Q: its application closed it"]
+        );
+    }
+
+    /// Issue 20.9: Send-Q bytes never sent are not "not acknowledged"; a full accept queue
+    /// holds one more than its backlog; `/` names no workload; another namespace is said.
+    #[test]
+    fn words_that_were_wrong() {
+        let mut a = anomaly();
+        a.state = TcpState::FinWait1;
+        a.vitals = Some(Vitals {
+            recv_q: 0,
+            send_q: 2_317_313,
+            notsent: 2_300_000,
+            timer: "none".into(),
+            timer_ms: 0,
+            retransmits: 0,
+            probes: 0,
+            backoff: 0,
+            total_retrans: 0,
+            snd_wnd: 65535,
+            last_data_recv_ms: 0,
+            last_data_sent_ms: 0,
+        });
+        a.netns = 4_026_500_000;
+        let mut s = String::new();
+        write_record(&mut s, &Record::Anomaly(a), false);
+        assert!(
+            s.contains(
+                "; 17313 bytes sent and not acknowledged; 2300000 bytes in Send-Q not sent yet"
+            ),
+            "{s}"
+        );
+        assert!(s.contains(" [netns 4026500000]"), "{s}");
+
+        assert_eq!(waiting(5, 4), "5 waiting, the queue is full (backlog 4)");
+        assert_eq!(waiting(2, 4), "2 of a backlog of 4 waiting");
+
+        let mut h = anomaly();
+        h.pid = Some(12567);
+        h.comm = Some(Comm::new("python3"));
+        h.owner_source = OwnerSource::Fd;
+        h.holder_cgroup = Some("/".into());
+        s.clear();
+        write_record(&mut s, &Record::Anomaly(h), false);
+        assert!(s.ends_with("held by pid 12567 (python3)\n"), "{s}");
     }
 
     #[test]
@@ -558,6 +673,7 @@ mod tests {
         a.vitals = Some(Vitals {
             recv_q: 0,
             send_q: 4096,
+            notsent: 0,
             timer: "probe".into(),
             timer_ms: 1200,
             retransmits: 0,
@@ -571,7 +687,7 @@ mod tests {
         let mut s = String::new();
         write_record(&mut s, &Record::Anomaly(a), false);
         assert!(
-            s.contains("; the peer's receive window is 0 (3 unanswered probes): it is not reading; 4096 bytes in Send-Q not acknowledged; probe timer in 1200 ms"),
+            s.contains("; the peer's receive window is 0 (3 unanswered probes): it is not reading; 4096 bytes sent and not acknowledged; probe timer in 1200 ms"),
             "{s}"
         );
 
@@ -588,7 +704,7 @@ mod tests {
         s.clear();
         write_record(&mut s, &Record::Anomaly(q.clone()), false);
         assert!(
-            s.contains("never accepted: in the accept queue of port 8080, listener held by pid 812 (server), 2 of 4 waiting"),
+            s.contains("never accepted: in the accept queue of port 8080, listener held by pid 812 (server), 2 of a backlog of 4 waiting"),
             "{s}"
         );
         q.kind = "accept_queue_full".into();

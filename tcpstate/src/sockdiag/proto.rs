@@ -322,6 +322,7 @@ fn vitals(s: &DiagSocket, payload: &[u8]) -> Option<Vitals> {
     Some(Vitals {
         recv_q: s.rqueue,
         send_q: s.wqueue,
+        notsent: info.notsent_bytes,
         timer: Timer::from_kernel(s.timer),
         timer_ms: s.expires_ms,
         retransmits: info.retransmits,

@@ -239,7 +239,12 @@ impl Tracker {
         }
         let new = reported_state(t);
         self.before_move(t, netns, out);
-        self.report(out, t, (netns, cgroup, new, prev_ns), e.retrans);
+        // A failed connect ends in softirq or in whatever task is on the CPU: the record names
+        // the process that called connect().
+        let caller = ((t.old, t.new) == (TcpState::SynSent, TcpState::Close))
+            .then(|| e.owner().map(|o| self.task(o)))
+            .flatten();
+        self.report(out, t, (netns, cgroup, new, prev_ns), (e.retrans, caller));
         if e.has(flag::ANOMALY_OPEN) {
             self.resolve(out, t.sk, &e, t.ts_ns, Resolution::LeftState);
         }
@@ -290,7 +295,7 @@ impl Tracker {
             };
         }
         self.before_move(t, t.netns, out);
-        self.report(out, t, (t.netns, t.cgroup, new, None), 0);
+        self.report(out, t, (t.netns, t.cgroup, new, None), (0, None));
         if (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
             && t.tuple.dport == 0
             && self.half_born.len() < MAX_HALF_BORN
@@ -319,13 +324,14 @@ impl Tracker {
 
     /// Pushes the transition fact and counts it.
     /// Reports `t` as a move to `new` (the state the kernel shows), timed `prev_ns` in the old
-    /// state; `retransmits` is what the socket saw, carried on its end.
+    /// state; `retransmits` is what the socket saw, carried on its end; `task`, the process
+    /// to name instead of the one on the CPU.
     fn report(
         &mut self,
         out: &mut Vec<Fact>,
         t: &Transition,
         (netns, cgroup, new, prev_ns): (u32, u64, TcpState, Option<u64>),
-        retransmits: u16,
+        (retransmits, task): (u16, Option<Task>),
     ) {
         self.stats.transition(t.old, new, prev_ns);
         if new == TcpState::Close {
@@ -340,10 +346,10 @@ impl Tracker {
             old: t.old,
             new,
             prev_ns,
-            task: Some(Task {
+            task: task.or(Some(Task {
                 pid: t.pid,
                 comm: t.comm,
-            }),
+            })),
             via: Via::Event,
             reason: if new == TcpState::Close {
                 t.ending.reason()

@@ -51,7 +51,11 @@ impl Tracker {
         };
         if let Some(side) = side {
             let (tuple, owner, retransmits) = match (e, closed) {
-                (Some(e), _) => (tuple_of(t, &e), e.owner().map(|o| self.task(o)), e.retrans),
+                // An orphan is held by nobody: its last owner closed it.
+                (Some(e), _) => {
+                    let held = e.owner().filter(|_| !e.has(super::table::flag::ORPHAN));
+                    (tuple_of(t, &e), held.map(|o| self.task(o)), e.retrans)
+                }
                 (None, Some(c)) => (c.tuple, c.owner, c.retrans),
                 (None, None) => (t.tuple, None, 0),
             };

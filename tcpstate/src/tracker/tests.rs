@@ -1171,3 +1171,28 @@ fn a_child_reported_with_its_listeners_tuple_takes_the_next_events() {
         "{out:?}"
     );
 }
+
+/// Issue 20.9: a failed connect ends in softirq or in whatever task is on the CPU; its record
+/// names the process that called connect().
+#[test]
+fn a_failed_connect_names_its_caller_not_the_cpu() {
+    let mut t = tracker(100);
+    let mut out = Vec::new();
+    t.on_transition(
+        &at(CLIENT_SK, S).go(Close, SynSent).ports(0, 80).by(42, "curl"),
+        &mut out,
+    );
+    out.clear();
+    t.on_transition(
+        &at(CLIENT_SK, 2 * S)
+            .go(SynSent, Close)
+            .ports(40000, 80)
+            .by(7753, "apt-cache"),
+        &mut out,
+    );
+    let Some(Fact::Moved(m)) = out.first() else {
+        panic!("{out:?}");
+    };
+    let task = m.task.expect("task");
+    assert_eq!((task.pid, task.comm.as_str().as_ref()), (42, "curl"));
+}
