@@ -171,6 +171,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
                 Err(_) => return,
             }
         };
+        ns.prune();
         let reply = match job {
             Job::Seed { only } => seed(&mut ns, only),
             Job::Reconcile {
@@ -280,6 +281,13 @@ fn reconcile(
             complete = false;
             continue;
         };
+        if ns.is_held(netns) && !socks.iter().any(|s| !s.is_timewait() && !s.is_request()) {
+            // Reached only through a socket's fd, and that socket is gone: our fd alone keeps
+            // the namespace alive. Let it go; it dies with its mini-sockets.
+            ns.release_if_held(netns);
+            gone.push(netns);
+            continue;
+        }
         let mut a = Alive {
             timewait,
             adopt_timewait: true,

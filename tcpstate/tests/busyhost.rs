@@ -379,3 +379,100 @@ fn a_verified_holder_is_the_owner_everywhere() {
         assert_eq!(r["pid"], worker, "parent {parent}: {r}");
     }
 }
+
+/// Issue 20.11: a child makes `n` CLOSE_WAIT sockets on port `p` in a namespace of its own
+/// (unshare), passes their fds to its parent over SCM_RIGHTS and exits: the namespace has no
+/// process and no name, yet lives on. Returns the parent (holding the fds) and its pid.
+fn sockets_outliving_their_namespace(p: u16, n: usize) -> (std::process::Child, u32) {
+    use std::io::BufRead as _;
+    let script = format!(
+        "import ctypes, os, socket, subprocess, time\n\
+         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         if os.fork() == 0:\n\
+         \x20   assert ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0\n\
+         \x20   subprocess.run(['ip', 'link', 'set', 'lo', 'up'], check=True)\n\
+         \x20   l = socket.socket()\n\
+         \x20   l.bind(('127.0.0.1', {p}))\n\
+         \x20   l.listen(16)\n\
+         \x20   servers = []\n\
+         \x20   for _ in range({n}):\n\
+         \x20       c = socket.create_connection(('127.0.0.1', {p}))\n\
+         \x20       s, _ = l.accept()\n\
+         \x20       c.close()\n\
+         \x20       assert s.recv(1) == b''\n\
+         \x20       servers.append(s)\n\
+         \x20   socket.send_fds(child, [b'x'], [s.fileno() for s in servers])\n\
+         \x20   os._exit(0)\n\
+         msg, fds, _, _ = socket.recv_fds(parent, 1, {n})\n\
+         os.wait()\n\
+         print('holder', os.getpid(), len(fds), flush=True)\n\
+         time.sleep(60)\n"
+    );
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let out = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(out)
+        .read_line(&mut line)
+        .expect("holder line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "{line:?}");
+    assert_eq!(fields[2], n.to_string(), "{line:?}");
+    (child, fields[1].parse().expect("pid"))
+}
+
+/// Issue 20.11: live sockets in a namespace no process is in were dropped as if the namespace
+/// were gone (and their anomalies never raised).
+#[test]
+fn sockets_in_a_namespace_no_process_is_in_are_kept() {
+    if !require_bpf() {
+        return;
+    }
+    let p = port(21500);
+    let mport = free_port();
+    let addr = format!("127.0.0.1:{mport}");
+    let mut daemon = Daemon::start(&[
+        "--port",
+        &p.to_string(),
+        "--threshold",
+        "close_wait=2s",
+        "--reconcile-interval",
+        "1s",
+        "--metrics-addr",
+        &addr,
+    ]);
+    let (mut holder, pid) = sockets_outliving_their_namespace(p, 5);
+    let mut raised = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while raised.len() < 5 && Instant::now() < deadline {
+        if let Some(a) = daemon.wait_for(Duration::from_millis(500), |r| {
+            r["type"] == "anomaly" && r["kind"] == "close_wait" && r["sport"] == p
+        }) {
+            raised.push(a);
+        }
+    }
+    // Several reconciliations later, still tracked.
+    std::thread::sleep(Duration::from_secs(3));
+    let counts = status_counts(mport);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let records = daemon.stop();
+    let gone: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"] == "anomaly_resolved" && r["resolution"] == "netns_gone")
+        .filter(|r| r["sport"] == p)
+        .collect();
+    assert_eq!(raised.len(), 5, "{raised:?}; resolved as gone: {gone:?}");
+    for a in &raised {
+        assert_eq!(
+            (&a["pid"], &a["owner_source"]),
+            (&pid.into(), &"fd".into()),
+            "{a}"
+        );
+    }
+    assert!(gone.is_empty(), "{gone:?}");
+    assert_eq!(counts.get("CLOSE_WAIT").copied(), Some(5), "{counts:?}");
+}

@@ -106,13 +106,93 @@ pub fn all_netns() -> HashMap<u32, PathBuf> {
     map
 }
 
+/// A namespace no process is in and no name pins, reached through a socket of it that some
+/// process holds (an fd passed over SCM_RIGHTS outlives the last process of its namespace).
+/// Each socket fd on the host is duplicated (`pidfd_getfd`) and asked for its namespace
+/// (`SIOCGSKNS`) until one is in `netns`; at most `budget` sockets are asked. Returns an fd
+/// of the namespace.
+pub fn netns_via_sockets(netns: u32, budget: usize) -> Option<File> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    let mut asked = 0;
+    for pid in crate::procfs::pids() {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        let fds: Vec<i32> = dir
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|t| t.to_str().and_then(crate::procfs::socket_inode).is_some())
+            })
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        if fds.is_empty() {
+            continue;
+        }
+        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let Ok(pidfd) = i32::try_from(pidfd) else {
+            continue;
+        };
+        if pidfd < 0 {
+            continue;
+        }
+        // SAFETY: a new fd we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        for fd in fds {
+            if asked >= budget {
+                return None;
+            }
+            asked += 1;
+            // SAFETY: pidfd_getfd duplicates the target's fd into ours; checked below.
+            let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+            let Ok(dup) = i32::try_from(dup) else {
+                continue;
+            };
+            if dup < 0 {
+                continue;
+            }
+            // SAFETY: a new fd we own.
+            let sock = unsafe { OwnedFd::from_raw_fd(dup) };
+            // SAFETY: SIOCGSKNS takes no argument and returns a new fd, checked below.
+            let ns = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGSKNS) };
+            if ns < 0 {
+                continue;
+            }
+            // SAFETY: a new fd we own.
+            let ns = File::from(unsafe { OwnedFd::from_raw_fd(ns) });
+            if ns
+                .metadata()
+                .is_ok_and(|m| u32::try_from(m.ino()).ok() == Some(netns))
+            {
+                return Some(ns);
+            }
+        }
+    }
+    None
+}
+
 /// One worker's view of the namespaces: how to open each, and a sock_diag socket per
 /// namespace, opened on first use.
 pub struct Namespaces {
     home: u32,
     paths: HashMap<u32, PathBuf>,
     sockets: HashMap<u32, Diag>,
+    /// Namespaces reached only through a socket's fd ([`netns_via_sockets`]): our fd of each.
+    /// It keeps the namespace alive, so it is let go as soon as the namespace holds no full
+    /// socket ([`Self::release_if_held`]).
+    held: HashMap<u32, File>,
+    /// When cached sockets were last checked against their namespaces.
+    pruned: std::time::Instant,
 }
+
+/// Namespaces reached through sockets' fds held at once.
+const MAX_HELD: usize = 64;
+/// Socket fds asked for their namespace when one is looked for that way.
+const SOCKETS_ASKED: usize = 200_000;
+/// How often cached sockets are checked for namespaces that are gone.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Namespaces whose sockets are kept open at once; past this the least useful are closed (a
 /// host with thousands of containers must not hold thousands of netlink sockets per worker).
@@ -124,6 +204,8 @@ impl Namespaces {
             home: current_netns().unwrap_or(0),
             paths: HashMap::new(),
             sockets: HashMap::new(),
+            held: HashMap::new(),
+            pruned: std::time::Instant::now(),
         }
     }
 
@@ -131,11 +213,16 @@ impl Namespaces {
         self.home
     }
 
-    /// Every namespace on the host now.
+    /// Every namespace on the host now (those reached through sockets' fds included).
     pub fn all(&mut self) -> Vec<u32> {
         self.paths = all_netns();
         self.paths
             .insert(self.home, PathBuf::from("/proc/thread-self/ns/net"));
+        for (&n, f) in &self.held {
+            self.paths
+                .entry(n)
+                .or_insert_with(|| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())));
+        }
         let mut v: Vec<u32> = self.paths.keys().copied().collect();
         v.sort_unstable();
         v
@@ -153,7 +240,59 @@ impl Namespaces {
             return Some(p.clone());
         }
         self.paths = all_netns();
-        self.paths.get(&netns).cloned()
+        if let Some(p) = self.paths.get(&netns) {
+            return Some(p.clone());
+        }
+        // No process is in it and no name pins it; a socket of it may still be held.
+        if !self.held.contains_key(&netns) {
+            if self.held.len() >= MAX_HELD {
+                return None;
+            }
+            let f = netns_via_sockets(netns, SOCKETS_ASKED)?;
+            self.held.insert(netns, f);
+        }
+        let f = self.held.get(&netns)?;
+        let p = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        self.paths.insert(netns, p.clone());
+        Some(p)
+    }
+
+    /// Whether `netns` is reached only through a socket's fd (our fd keeps it alive).
+    pub fn is_held(&self, netns: u32) -> bool {
+        self.held.contains_key(&netns)
+    }
+
+    /// Lets go of our fd of a namespace reached through sockets: it held no full socket, so
+    /// only our fd kept it alive.
+    pub fn release_if_held(&mut self, netns: u32) {
+        if self.held.remove(&netns).is_some() {
+            self.forget(netns);
+        }
+    }
+
+    /// Closes cached sockets whose namespace is gone (its process exited, its name was
+    /// deleted): a netlink socket would keep a dead namespace alive. Every worker does this,
+    /// not only the one whose job found the namespace gone. Cheap: a stat per cached socket,
+    /// at most every few seconds.
+    pub fn prune(&mut self) {
+        if self.pruned.elapsed() < PRUNE_EVERY {
+            return;
+        }
+        self.pruned = std::time::Instant::now();
+        let stale: Vec<u32> = self
+            .sockets
+            .keys()
+            .copied()
+            .filter(|&n| n != self.home && !self.held.contains_key(&n))
+            .filter(|n| {
+                !self.paths.get(n).is_some_and(|p| {
+                    std::fs::metadata(p).is_ok_and(|m| u32::try_from(m.ino()).ok() == Some(*n))
+                })
+            })
+            .collect();
+        for n in stale {
+            self.forget(n);
+        }
     }
 
     /// The sock_diag socket of `netns`. `Ok(None)`: the namespace does not exist any more.

@@ -1179,7 +1179,10 @@ fn a_failed_connect_names_its_caller_not_the_cpu() {
     let mut t = tracker(100);
     let mut out = Vec::new();
     t.on_transition(
-        &at(CLIENT_SK, S).go(Close, SynSent).ports(0, 80).by(42, "curl"),
+        &at(CLIENT_SK, S)
+            .go(Close, SynSent)
+            .ports(0, 80)
+            .by(42, "curl"),
         &mut out,
     );
     out.clear();
