@@ -63,11 +63,13 @@ pub enum Job {
 /// The answer to one socket's owner check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Holder {
-    /// This process holds its fd; `cgroup` is its own, from `/proc/PID/cgroup`.
+    /// This process holds its fd; `cgroup` is its own, from `/proc/PID/cgroup`. `others`
+    /// hold it too (after a fork, or an fd passed): the lowest pid is named first.
     Process {
         pid: u32,
         comm: Comm,
         cgroup: Option<String>,
+        others: Vec<(u32, Comm)>,
     },
     /// The kernel has it and no process holds it.
     Nobody,
@@ -597,6 +599,7 @@ fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
                     pid,
                     comm,
                     cgroup: crate::workload::cgroup_of_pid(pid),
+                    others: found.others(i),
                 },
                 // Orphaned, unless part of /proc could not be read.
                 None if found.unreadable == 0 => Holder::Nobody,

@@ -65,6 +65,17 @@ pub struct Holders {
 }
 
 impl Holders {
+    /// Every holder of `inode` after the first (a socket inherited across fork, or passed):
+    /// `ss -p` lists them all.
+    pub fn others(&self, inode: u32) -> Vec<(u32, crate::socket::Comm)> {
+        self.by_inode.get(&inode).map_or_else(Vec::new, |v| {
+            v.iter()
+                .skip(1)
+                .map(|h| (h.pid, crate::socket::Comm::from_bytes(&h.comm)))
+                .collect()
+        })
+    }
+
     /// The holder of `inode` the daemon names (the lowest pid): pid and comm.
     pub fn first(&self, inode: u32) -> Option<(u32, crate::socket::Comm)> {
         let h = self.by_inode.get(&inode)?.first()?;

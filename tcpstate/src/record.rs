@@ -320,6 +320,10 @@ pub struct AnomalyRecord {
     #[serde(with = "opt_comm")]
     pub comm: Option<Comm>,
     pub owner_source: OwnerSource,
+    /// Every process holding the socket's fd (`owner_source` fd), as `ss -p` lists them: the
+    /// first is `pid`. More than one after a fork or an fd passed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<Owner>,
     /// Set when no process holds the socket: who held it last.
     pub last_owner: Option<Owner>,
     /// For a socket nobody accepted, and for `accept_queue_full`: the
@@ -474,6 +478,16 @@ impl AnomalyRecord {
             Blame::Unknown => (None, None, OwnerSource::None, None),
         };
         let p = a.pressure;
+        let holders = match a.owner {
+            Blame::Verified(t) => std::iter::once(t)
+                .chain(a.other_holders.iter().copied())
+                .map(|t| Owner {
+                    pid: t.pid,
+                    comm: t.comm,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         Self {
             ts: clock.to_system(a.ts_ns),
             kind: a.kind.name().to_owned(),
@@ -492,6 +506,7 @@ impl AnomalyRecord {
             pid,
             comm,
             owner_source,
+            holders,
             last_owner,
             accept_queue: a.accept_queue.map(AcceptQueue::from),
             vitals: a.vitals.map(Vitals::from),

@@ -39,8 +39,12 @@ fn needs_check(a: &Anomaly) -> bool {
 /// Applies a check's answer to an anomaly.
 fn apply(a: &mut Anomaly, h: &Holder, v: Option<Vitals>) {
     a.owner = checked(a.owner, h);
-    if let Holder::Process { cgroup, .. } = h {
+    if let Holder::Process { cgroup, others, .. } = h {
         a.holder_cgroup.clone_from(cgroup);
+        a.other_holders = others
+            .iter()
+            .map(|&(pid, comm)| Task { pid, comm })
+            .collect();
     }
     a.vitals = v.or(a.vitals);
     if let Holder::AcceptQueue { queue, .. } = h {
@@ -196,6 +200,7 @@ mod tests {
             vitals: None,
             orphans: None,
             holder_cgroup: None,
+            other_holders: Vec::new(),
         }
     }
 
@@ -233,6 +238,7 @@ mod tests {
     fn a_holder_is_verified_and_unknown_keeps_the_guess() {
         let pid = Holder::Process {
             cgroup: None,
+            others: Vec::new(),
             pid: 7,
             comm: Comm::new("worker"),
         };

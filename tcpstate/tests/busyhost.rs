@@ -269,10 +269,10 @@ fn pre_fork_server(ns: &Netns, p: u16, n: usize) -> (std::process::Child, u32, u
          l.listen(64)\n\
          if os.fork() == 0:\n\
          \x20   held = [l.accept()[0] for _ in range({n})]\n\
-         \x20   print('worker', os.getpid(), flush=True)\n\
+         \x20   os.write(1, b'worker %d\\n' % os.getpid())\n\
          \x20   time.sleep(60)\n\
          else:\n\
-         \x20   print('parent', os.getpid(), flush=True)\n\
+         \x20   os.write(1, b'parent %d\\n' % os.getpid())\n\
          \x20   time.sleep(60)\n"
     );
     let mut child = ns
@@ -475,4 +475,75 @@ fn sockets_in_a_namespace_no_process_is_in_are_kept() {
     }
     assert!(gone.is_empty(), "{gone:?}");
     assert_eq!(counts.get("CLOSE_WAIT").copied(), Some(5), "{counts:?}");
+}
+
+/// Issue 20.6: a socket held by two processes (inherited across a fork) names both, as
+/// `ss -p` does, the lowest pid first.
+#[test]
+fn a_socket_held_by_two_processes_names_both() {
+    if !require_bpf() {
+        return;
+    }
+    use std::io::BufRead as _;
+    let ns = Netns::new();
+    let p = port(21600);
+    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=1s"]);
+    let script = format!(
+        "import os, socket, time\n\
+         l = socket.socket()\n\
+         l.bind(('127.0.0.1', {p}))\n\
+         l.listen(4)\n\
+         c = socket.create_connection(('127.0.0.1', {p}))\n\
+         s, _ = l.accept()\n\
+         c.close()\n\
+         assert s.recv(1) == b''\n\
+         if os.fork() == 0:\n\
+         \x20   os.write(1, b'child %d\\n' % os.getpid())\n\
+         \x20   time.sleep(30)\n\
+         else:\n\
+         \x20   os.write(1, b'parent %d\\n' % os.getpid())\n\
+         \x20   time.sleep(30)\n"
+    );
+    let mut py = ns
+        .command("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let out = py.stdout.take().expect("stdout");
+    let mut pids: Vec<u32> = std::io::BufReader::new(out)
+        .lines()
+        .take(2)
+        .map(|l| {
+            let l = l.expect("line");
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("{l:?}"))
+        })
+        .collect();
+    pids.sort_unstable();
+    let anomaly = daemon.wait_for(Duration::from_secs(5), |r| {
+        r["type"] == "anomaly" && r["netns"] == ns.inode
+    });
+    for &pid in &pids {
+        // SAFETY: signalling processes this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let _ = py.wait();
+    drop(daemon.stop());
+    let anomaly = anomaly.expect("close_wait anomaly");
+    let holders: Vec<u64> = anomaly["holders"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no holders: {anomaly}"))
+        .iter()
+        .filter_map(|h| h["pid"].as_u64())
+        .collect();
+    assert_eq!(
+        holders,
+        pids.iter().map(|&p| u64::from(p)).collect::<Vec<_>>(),
+        "{anomaly}"
+    );
+    assert_eq!(anomaly["pid"], pids[0], "{anomaly}");
+    assert_eq!(anomaly["owner_source"], "fd", "{anomaly}");
 }

@@ -194,6 +194,10 @@ fn owner_words(a: &AnomalyRecord) -> String {
         }
         (Some(pid), Some(comm), OwnerSource::Fd) => {
             let mut s = format!("held by pid {pid} ({})", escape(&comm.as_str()));
+            // After a fork or an fd passed, every holder could close it: all are named.
+            for h in a.holders.iter().skip(1) {
+                let _ = write!(s, " and pid {} ({})", h.pid, escape(&h.comm.as_str()));
+            }
             // The holder's own cgroup, when it is not the one the socket was made in (fd
             // passing, a socket inherited across a fork into another unit).
             if let Some(h) = &a.holder_cgroup
@@ -521,6 +525,7 @@ mod tests {
             pid: None,
             comm: None,
             owner_source: OwnerSource::None,
+            holders: Vec::new(),
             last_owner: Some(Owner {
                 pid: 9,
                 comm: Comm::new("server"),

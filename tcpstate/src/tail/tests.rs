@@ -34,6 +34,7 @@ fn anomaly() -> AnomalyRecord {
         pid: Some(900),
         comm: Some(Comm::new("server")),
         owner_source: OwnerSource::Fd,
+        holders: Vec::new(),
         last_owner: None,
         accept_queue: None,
         vitals: None,

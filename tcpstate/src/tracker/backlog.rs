@@ -157,6 +157,7 @@ fn anomaly((netns, tuple): (u32, Tuple), f: &Full, ts_ns: u64) -> Anomaly {
         vitals: None,
         orphans: None,
         holder_cgroup: None,
+        other_holders: Vec::new(),
     }
 }
 

@@ -204,6 +204,8 @@ pub struct Anomaly {
     pub orphans: Option<super::orphans::OrphanPressure>,
     /// The verified holder's own cgroup path (the owner check's).
     pub holder_cgroup: Option<String>,
+    /// Processes that hold the socket's fd too, besides the verified owner.
+    pub other_holders: Vec<Task>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

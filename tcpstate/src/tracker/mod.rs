@@ -647,6 +647,7 @@ impl Tracker {
             vitals: None,
             orphans: None,
             holder_cgroup: None,
+            other_holders: Vec::new(),
         }
     }
 }

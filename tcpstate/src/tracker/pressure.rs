@@ -255,6 +255,7 @@ fn anomaly(d: &Dest, c: &Count, info: &NetnsInfo, ts_ns: u64) -> Anomaly {
         vitals: None,
         orphans: None,
         holder_cgroup: None,
+        other_holders: Vec::new(),
     }
 }
 
