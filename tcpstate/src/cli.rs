@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
+    output::escape::{escape, escape_controls},
     state::TcpState,
     tracker::thresholds::{Threshold, parse_override},
 };
@@ -293,8 +294,45 @@ pub fn netns(s: &str) -> Result<u32, String> {
         }
         return Ok(n);
     }
-    crate::sockdiag::netns::is_netns(std::path::Path::new(s))
-        .map_err(|e| format!("{s}: {e} (want /run/netns/NAME, /proc/PID/ns/net or an inode)"))
+    crate::sockdiag::netns::is_netns(std::path::Path::new(s)).map_err(|e| {
+        format!(
+            "{}: {e} (want /run/netns/NAME, /proc/PID/ns/net or an inode)",
+            escape(s)
+        )
+    })
+}
+
+/// clap's error as one line, without its `error: ` prefix and usage footer. clap quotes the
+/// value it refused as it was typed: a newline in it would cut the line short, and an escape
+/// sequence would reach the terminal, so every value in the error's context is escaped first.
+pub fn error_line(mut e: clap::Error) -> String {
+    use clap::error::ContextValue;
+    let escaped: Vec<_> = e
+        .context()
+        .filter_map(|(kind, v)| {
+            let v = match v {
+                ContextValue::String(s) => ContextValue::String(escape(s).into_owned()),
+                ContextValue::Strings(v) => {
+                    ContextValue::Strings(v.iter().map(|s| escape(s).into_owned()).collect())
+                }
+                _ => return None,
+            };
+            Some((kind, v))
+        })
+        .collect();
+    for (kind, v) in escaped {
+        e.insert(kind, v);
+    }
+    let text = e.render().to_string();
+    // The message ends at the first blank line: a tip, the usage or "For more information".
+    let message = text.split("\n\n").next().unwrap_or_default().trim();
+    let message = message.strip_prefix("error: ").unwrap_or(message);
+    let message = if message.is_empty() {
+        "invalid arguments"
+    } else {
+        message
+    };
+    escape_controls(&message.replace('\n', " ")).into_owned()
 }
 
 // Every duration and count is bounded here, at parse time: the daemon adds intervals to the
@@ -515,6 +553,21 @@ mod tests {
             "close_wait=30d",
         ])
         .expect("the bounds are accepted");
+    }
+
+    #[test]
+    fn a_refused_value_is_escaped_on_one_line() {
+        let e = Cli::try_parse_from(["tcpstate", "run", "--netns", "/a\nb\x1b[31m"])
+            .expect_err("no such namespace");
+        let line = error_line(e);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("'/a\\nb\\e[31m' for '--netns"), "{line:?}");
+        assert!(line.contains("/a\\nb\\e[31m: No such file"), "{line:?}");
+        assert!(line.contains("want /run/netns/NAME"), "{line:?}");
+        let e = Cli::try_parse_from(["tcpstate", "run", "--bo\ngus"]).expect_err("unknown flag");
+        let line = error_line(e);
+        assert!(line.contains("--bo\\ngus"), "{line:?}");
+        assert!(!line.contains("tip") && !line.contains("Usage"), "{line:?}");
     }
 
     #[test]

@@ -145,6 +145,12 @@ fn netns_must_be_a_network_namespace() {
         ("/etc/passwd", "not a network namespace"),
         ("0", "not a network namespace inode"),
         ("/nonexistent/ns", "/nonexistent/ns"),
+        // The whole value, escaped, on the one line: not cut at its newline.
+        ("/a\nb\x1b[2J", "'/a\\nb\\e[2J' for '--netns"),
+        (
+            "/a\nb",
+            "/a\\nb: No such file or directory (os error 2) (want",
+        ),
     ] {
         let (code, _, err) = tcpstate(&["run", "--netns", arg]);
         assert_eq!(code, 2, "{arg}: {err}");
