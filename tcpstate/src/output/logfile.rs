@@ -7,7 +7,8 @@
 //!   bounded and nothing is written twice.
 //! - Safety: the path is opened without following a final symlink (a user
 //!   who can write its directory cannot point root's log at another file),
-//!   mode 0640.
+//!   mode 0640, and must be a regular file: a FIFO put at the path would
+//!   otherwise block the open, and with it the daemon, until a reader came.
 //! - Rotation: O_APPEND makes logrotate's copytruncate safe; rename or
 //!   removal is noticed by comparing the path's inode with ours (checked
 //!   every second and on SIGHUP), and the path is reopened.
@@ -18,7 +19,10 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write as _},
-    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
     time::{Instant, SystemTime},
 };
@@ -96,31 +100,64 @@ fn open(path: &Path) -> io::Result<(File, (u64, u64), u64)> {
         std::fs::create_dir_all(dir)?;
     }
     let file = OpenOptions::new()
+        // Read too: with O_RDWR a FIFO opens at once, reader or not, for the check below to
+        // name it.
+        .read(true)
         .create(true)
         .append(true)
         .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW)
+        // O_NONBLOCK: opening a FIFO blocks until its other end is opened, which would stop
+        // the daemon; with it the open returns at once and the check below refuses what is
+        // not a regular file. O_NOCTTY: a terminal put at the path must not become ours.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                io::Error::new(
-                    e.kind(),
-                    "it is a symbolic link (refused: the log is opened as root)",
-                )
-            } else {
-                e
-            }
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::new(
+                e.kind(),
+                "it is a symbolic link (refused: the log is opened as root)",
+            ),
+            // What opening a UNIX socket gives.
+            Some(libc::ENXIO) => not_a_file("a socket"),
+            _ => e,
         })?;
     let m = file.metadata()?;
+    let ft = m.file_type();
+    if !ft.is_file() {
+        return Err(not_a_file(if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        }));
+    }
+    // Back to blocking, as a log file is written: O_NONBLOCK was only for the open.
+    // SAFETY: fcntl on an fd we own, with integer arguments.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0
+        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
     Ok((file, (m.dev(), m.ino()), m.len()))
+}
+
+fn not_a_file(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("it is {what} (refused: the log must be a regular file)"),
+    )
 }
 
 impl LogFile {
     /// Opens (creating) the log; the error names the path.
     pub fn open(opts: LogOptions) -> Result<Self, LogError> {
-        let (file, ino, size) = open(&opts.path).map_err(|source| LogError {
+        let (file, ino, size) = open(&opts.path).map_err(|reason| LogError {
             path: opts.path.clone(),
-            source,
+            reason,
         })?;
         let now = Instant::now();
         Ok(Self {
@@ -275,10 +312,12 @@ impl LogFile {
 
 /// The log could not be opened: one line naming the path and why.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open log file {}: {source}", path.display())]
+// The reason is in the message and deliberately not a `#[source]`: printed with its chain, the
+// error would say it twice.
+#[error("cannot open log file {}: {reason}", path.display())]
 pub struct LogError {
     pub path: PathBuf,
-    pub source: io::Error,
+    pub reason: io::Error,
 }
 
 #[cfg(test)]
@@ -373,6 +412,75 @@ mod tests {
         let old = std::fs::read_to_string(path.with_extension("old")).expect("old");
         assert_eq!((old.lines().count(), new.lines().count()), (1, 1));
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    fn opts(path: &Path) -> LogOptions {
+        LogOptions {
+            path: path.to_path_buf(),
+            rate: None,
+            transitions: true,
+            max_size: None,
+            keep: 0,
+        }
+    }
+
+    /// Runs `f` on a thread; None if it has not returned within `limit` (the thread is left
+    /// behind: what it is stuck in cannot be interrupted).
+    fn within<T: Send + 'static>(
+        limit: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit).ok()
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    }
+
+    #[test]
+    fn a_fifo_at_the_path_is_refused_not_waited_on() {
+        let path = tmp("fifo");
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        mkfifo(&path);
+        let p = path.clone();
+        let err = within(Duration::from_secs(5), move || {
+            LogFile::open(opts(&p)).err()
+        })
+        .expect("the open returns at once")
+        .expect("a FIFO is refused")
+        .to_string();
+        assert!(
+            err.contains("it is a FIFO") && err.contains("regular file"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'));
+
+        // A FIFO put at the path of a running log: the reopen fails, it does not block.
+        let _ = std::fs::remove_file(&path);
+        let mut log = LogFile::open(opts(&path)).expect("open");
+        std::fs::remove_file(&path).expect("rm");
+        mkfifo(&path);
+        let (log, r) = within(Duration::from_secs(5), move || {
+            let r = log.reopen();
+            (log, r)
+        })
+        .expect("the reopen returns at once");
+        let e = r.expect_err("a FIFO is refused");
+        assert!(e.to_string().contains("it is a FIFO"), "{e}");
+        assert_eq!(log.path(), path);
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    #[test]
+    fn devices_are_refused() {
+        let e = open(Path::new("/dev/null")).expect_err("a device");
+        assert!(e.to_string().contains("it is a device"), "{e}");
     }
 
     #[test]
