@@ -289,25 +289,39 @@ impl LogFile {
 
     /// Built-in rotation: PATH -> PATH.1 -> ... -> PATH.keep (dropped).
     fn rotate(&mut self) -> io::Result<()> {
-        let name = |i: u32| {
-            let mut p = self.opts.path.clone().into_os_string();
-            p.push(format!(".{i}"));
-            PathBuf::from(p)
-        };
-        if self.opts.keep == 0 {
-            std::fs::remove_file(&self.opts.path)?;
-        } else {
-            for i in (1..self.opts.keep).rev() {
-                let _ = std::fs::rename(name(i), name(i + 1));
-            }
-            std::fs::rename(&self.opts.path, name(1))?;
-        }
+        rotate_files(&self.opts.path, self.opts.keep)?;
         self.reopen()
     }
 
     pub fn path(&self) -> &Path {
         &self.opts.path
     }
+}
+
+/// Moves PATH to PATH.1, shifting the rotated files up and dropping the one past `keep`; returns
+/// how many files it renamed. Only files there are moved: PATH.1 .. PATH.n up to the first
+/// missing one (a file past a gap stays put, still older than those before it). So a rotation
+/// on the loop thread costs a stat and a rename per file kept, not one per file it may keep.
+fn rotate_files(path: &Path, keep: u32) -> io::Result<u32> {
+    let name = |i: u32| {
+        let mut p = path.to_path_buf().into_os_string();
+        p.push(format!(".{i}"));
+        PathBuf::from(p)
+    };
+    if keep == 0 {
+        std::fs::remove_file(path)?;
+        return Ok(0);
+    }
+    // PATH.keep is replaced, not shifted: it is the one dropped.
+    let present = (1..keep)
+        .take_while(|&i| std::fs::symlink_metadata(name(i)).is_ok())
+        .count() as u32;
+    for i in (1..=present).rev() {
+        // A file removed meanwhile (by hand, by logrotate) is a gap: nothing to move.
+        let _ = std::fs::rename(name(i), name(i + 1));
+    }
+    std::fs::rename(path, name(1))?;
+    Ok(present + 1)
 }
 
 /// The log could not be opened: one line naming the path and why.
@@ -481,6 +495,37 @@ mod tests {
     fn devices_are_refused() {
         let e = open(Path::new("/dev/null")).expect_err("a device");
         assert!(e.to_string().contains("it is a device"), "{e}");
+    }
+
+    #[test]
+    fn rotation_moves_only_the_files_there_are() {
+        let path = tmp("keep");
+        let dir = path.parent().expect("dir").to_path_buf();
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = |suffix: &str| path.with_extension(format!("jsonl{suffix}"));
+        std::fs::write(&path, "new\n").expect("write");
+        std::fs::write(file(".1"), "one\n").expect("write");
+        // A gap at .2: .3 is older than .1 and stays where it is.
+        std::fs::write(file(".3"), "three\n").expect("write");
+        // The largest --log-keep there could be: one rename per possible file would take
+        // hours on the loop thread.
+        let p = path.clone();
+        let renamed = within(Duration::from_secs(10), move || rotate_files(&p, u32::MAX))
+            .expect("rotation returns at once")
+            .expect("rotate");
+        assert_eq!(renamed, 2);
+        let read = |suffix: &str| std::fs::read_to_string(file(suffix)).ok();
+        assert_eq!(read(""), None);
+        assert_eq!(read(".1").as_deref(), Some("new\n"));
+        assert_eq!(read(".2").as_deref(), Some("one\n"));
+        assert_eq!(read(".3").as_deref(), Some("three\n"));
+        // keep=2: .1 replaces .2, the oldest kept, and nothing moves past it.
+        std::fs::write(&path, "newer\n").expect("write");
+        assert_eq!(rotate_files(&path, 2).expect("rotate"), 2);
+        assert_eq!(read(".1").as_deref(), Some("newer\n"));
+        assert_eq!(read(".2").as_deref(), Some("new\n"));
+        assert_eq!(read(".3").as_deref(), Some("three\n"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
