@@ -4,13 +4,7 @@
 //! destroyed is written to the log as a `killed` record naming who ran the command; a dry run
 //! prints the same list and touches nothing.
 
-use std::{
-    collections::HashMap,
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
-    time::SystemTime,
-};
+use std::{collections::HashMap, path::Path, time::SystemTime};
 
 use anyhow::{Context as _, bail};
 
@@ -270,13 +264,7 @@ fn actor() -> Actor {
 
 /// Appends whole lines in one write (O_APPEND: never interleaved with the daemon's own).
 fn append(path: &Path, lines: &str) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(PathBuf::from(path))?;
-    f.write_all(lines.as_bytes())
+    crate::output::logfile::append_lines(path, lines)
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
 //! `--log-file`: the transition log as JSON Lines.
 //!
-//! - Whole lines only: records are serialised into a buffer and written
-//!   with one append per batch, so a reader (or a `kill -9`) never sees
-//!   half a record. A write that fails part-way (disk full) is cut back to
-//!   the last whole line and the batch is dropped, counted: memory stays
-//!   bounded and nothing is written twice.
+//! - Whole lines: records are serialised into a buffer and written with one
+//!   append per batch, so a reader sees whole records. A write that fails
+//!   part-way (disk full) is cut back to the last whole line and the batch is
+//!   dropped, counted: memory stays bounded and nothing is written twice. A
+//!   fatal signal (`kill -9`, the OOM killer) can still stop a write to a
+//!   regular file part-way, leaving a torn last line: after every open
+//!   (start and reopen) the first append ends such a line with a newline, so
+//!   only that record is lost and the next starts whole.
 //! - Safety: the path is opened without following a final symlink (a user
 //!   who can write its directory cannot point root's log at another file),
 //!   mode 0640, and must be a regular file: a FIFO put at the path would
@@ -21,7 +24,7 @@ use std::{
     io::{self, Write as _},
     os::{
         fd::AsRawFd as _,
-        unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
+        unix::fs::{FileExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
     time::{Instant, SystemTime},
@@ -91,6 +94,10 @@ pub struct LogFile {
     pub dropped_total: u64,
     last_check: Instant,
     json: super::json::JsonWriter,
+    /// The file was (re)opened and its last byte not yet looked at: the next append ends a
+    /// torn line first. The newline goes out with that append, not at the open, so it is cut
+    /// back with it on a failed write and a full disk does not stop the open.
+    check_torn: bool,
 }
 
 fn open(path: &Path) -> io::Result<(File, (u64, u64), u64)> {
@@ -101,7 +108,7 @@ fn open(path: &Path) -> io::Result<(File, (u64, u64), u64)> {
     }
     let file = OpenOptions::new()
         // Read too: with O_RDWR a FIFO opens at once, reader or not, for the check below to
-        // name it.
+        // name it; and the last byte says whether a write was torn.
         .read(true)
         .create(true)
         .append(true)
@@ -152,6 +159,17 @@ fn not_a_file(what: &str) -> io::Error {
     )
 }
 
+/// Whether the file, `size` bytes long, ends in part of a record: its writer was killed
+/// mid-write.
+fn is_torn(file: &File, size: u64) -> io::Result<bool> {
+    let Some(at) = size.checked_sub(1) else {
+        return Ok(false);
+    };
+    let mut last = [0u8; 1];
+    // 0 bytes: truncated since the fstat (copytruncate), so nothing is left to end.
+    Ok(file.read_at(&mut last, at)? == 1 && last[0] != b'\n')
+}
+
 impl LogFile {
     /// Opens (creating) the log; the error names the path.
     pub fn open(opts: LogOptions) -> Result<Self, LogError> {
@@ -173,6 +191,7 @@ impl LogFile {
             dropped_total: 0,
             last_check: now,
             json: super::json::JsonWriter::default(),
+            check_torn: true,
         })
     }
 
@@ -255,6 +274,9 @@ impl LogFile {
             self.rotate()?;
         }
         let before = self.file.metadata().map_or(self.size, |m| m.len());
+        if self.check_torn && is_torn(&self.file, before)? {
+            self.buf.insert(0, b'\n');
+        }
         if let Err(e) = self.file.write_all(&self.buf) {
             // Part of the batch may be in the file: cut it back to the last whole line, so
             // readers never see a spliced record and nothing is written twice.
@@ -262,6 +284,7 @@ impl LogFile {
             self.size = before;
             return Err(e);
         }
+        self.check_torn = false;
         self.size = before + self.buf.len() as u64;
         Ok(())
     }
@@ -284,6 +307,7 @@ impl LogFile {
         self.file = file;
         self.ino = ino;
         self.size = size;
+        self.check_torn = true;
         Ok(())
     }
 
@@ -296,6 +320,19 @@ impl LogFile {
     pub fn path(&self) -> &Path {
         &self.opts.path
     }
+}
+
+/// Appends whole lines to the log at `path` in one write, as another process than the daemon
+/// (`tcpstate kill`): opened as the daemon opens it (a regular file, never a FIFO to block
+/// on), and a torn last line ended first.
+pub fn append_lines(path: &Path, lines: &str) -> io::Result<()> {
+    let (file, _, size) = open(path)?;
+    let mut buf = Vec::with_capacity(lines.len() + 1);
+    if is_torn(&file, size)? {
+        buf.push(b'\n');
+    }
+    buf.extend_from_slice(lines.as_bytes());
+    (&file).write_all(&buf)
 }
 
 /// Moves PATH to PATH.1, shifting the rotated files up and dropping the one past `keep`; returns
@@ -526,6 +563,73 @@ mod tests {
         assert_eq!(read(".2").as_deref(), Some("new\n"));
         assert_eq!(read(".3").as_deref(), Some("three\n"));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ended_on_open_and_reopen() {
+        let path = tmp("torn");
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        // What a writer killed mid-write leaves.
+        std::fs::write(&path, "{\"type\":\"stopped\",\"ts\":\"2024").expect("write");
+        let mut log = LogFile::open(opts(&path)).expect("open");
+        let t = Instant::now();
+        log.emit(&stopped(), t);
+        log.flush(t).expect("flush");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text:?}");
+        serde_json::from_str::<Record>(lines[1]).expect("the next record is whole");
+        assert_eq!(log.size, text.len() as u64);
+
+        // Torn again while we had it open (another writer, e.g. `tcpstate kill`), then SIGHUP.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"{\"type\""))
+            .expect("append");
+        log.reopen().expect("reopen");
+        log.emit(&stopped(), t);
+        log.flush(t).expect("flush");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text:?}");
+        serde_json::from_str::<Record>(lines[3]).expect("whole after the reopen");
+
+        // A whole log, or an empty one, gains no blank line.
+        log.reopen().expect("reopen");
+        log.emit(&stopped(), t);
+        log.flush(t).expect("flush");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 5, "{text:?}");
+        assert!(!text.contains("\n\n"), "{text:?}");
+        std::fs::write(&path, "").expect("truncate");
+        log.reopen().expect("reopen");
+        log.emit(&stopped(), t);
+        log.flush(t).expect("flush");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            text.starts_with('{') && text.lines().count() == 1,
+            "{text:?}"
+        );
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    #[test]
+    fn another_writer_ends_a_torn_line_too() {
+        let path = tmp("append");
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        std::fs::write(&path, "{\"ty").expect("write");
+        append_lines(&path, "{}\n{}\n").expect("append");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "{\"ty\n{}\n{}\n"
+        );
+        append_lines(&path, "{}\n").expect("append");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "{\"ty\n{}\n{}\n{}\n"
+        );
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
     #[test]
