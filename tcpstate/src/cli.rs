@@ -93,7 +93,8 @@ pub struct StatusArgs {
     /// Where the daemon serves /status (its --metrics-addr).
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub addr: std::net::SocketAddr,
-    /// Print the daemon's JSON as it is.
+    /// Print the daemon's JSON (refused unless it is JSON; DEL and C1 controls written as
+    /// \u escapes).
     #[arg(long)]
     pub json: bool,
 }
