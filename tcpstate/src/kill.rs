@@ -24,7 +24,42 @@ struct Target {
     netns: u32,
     socket: DiagSocket,
     age_ms: Option<f64>,
-    holder: Option<(u32, Comm)>,
+    holder: Holder,
+}
+
+/// Who holds a socket's fd, as far as this process could look.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Holder {
+    Process(u32, Comm),
+    /// Every process's fds were read and none links to it.
+    Nobody,
+    /// None seen, but `unreadable` processes' fds could not be read: any of them may hold it.
+    Unseen {
+        unreadable: u32,
+    },
+}
+
+impl Holder {
+    fn process(self) -> Option<(u32, Comm)> {
+        match self {
+            Self::Process(pid, comm) => Some((pid, comm)),
+            Self::Nobody | Self::Unseen { .. } => None,
+        }
+    }
+
+    /// In words; `root`: whether we run as root (without it, other users' fds are hidden).
+    fn words(self, root: bool) -> String {
+        match self {
+            Self::Process(pid, comm) => format!("held by pid {pid} ({})", escape(&comm.as_str())),
+            Self::Nobody => "held by no process".to_owned(),
+            Self::Unseen { .. } if !root => {
+                "holder unknown (other users' processes cannot be seen without root)".to_owned()
+            }
+            Self::Unseen { unreadable } => {
+                format!("holder unknown (the fds of {unreadable} processes could not be read)")
+            }
+        }
+    }
 }
 
 pub fn kill(args: KillArgs) -> anyhow::Result<()> {
@@ -192,12 +227,18 @@ fn targets(
         .map(|(netns, socket)| Target {
             netns,
             age_ms: ages.get(&(netns, socket.tuple)).copied(),
-            holder: holders.first(socket.inode),
+            holder: match holders.first(socket.inode) {
+                Some((pid, comm)) => Holder::Process(pid, comm),
+                None if holders.unreadable > 0 => Holder::Unseen {
+                    unreadable: holders.unreadable,
+                },
+                None => Holder::Nobody,
+            },
             socket,
         })
         .filter(|t| {
             args.pid
-                .is_none_or(|p| t.holder.is_some_and(|(pid, _)| pid == p))
+                .is_none_or(|p| t.holder.process().is_some_and(|(pid, _)| pid == p))
         })
         // A socket the daemon does not know is of unknown age: never old enough.
         .filter(|t| min_age_ms.is_none_or(|min| t.age_ms.is_some_and(|a| a >= min)))
@@ -215,10 +256,8 @@ fn describe(t: &Target) -> String {
         .age_ms
         .map(|ms| format!(" for {:.1}s", ms / 1000.0))
         .unwrap_or_default();
-    let holder = match t.holder {
-        Some((pid, comm)) => format!("held by pid {pid} ({})", escape(&comm.as_str())),
-        None => "held by no process".to_owned(),
-    };
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    let holder = t.holder.words(unsafe { libc::geteuid() } == 0);
     format!(
         "{} {} -> {} (netns {}){age}, {holder}",
         TcpState::from_kernel(t.socket.state).map_or("?", TcpState::name),
@@ -240,8 +279,8 @@ fn record(t: &Target, by: &Actor) -> KilledRecord {
         dport: s.tuple.dport,
         netns: t.netns,
         age_ms: t.age_ms,
-        pid: t.holder.map(|(pid, _)| pid),
-        comm: t.holder.map(|(_, comm)| comm),
+        pid: t.holder.process().map(|(pid, _)| pid),
+        comm: t.holder.process().map(|(_, comm)| comm),
         by: by.clone(),
     }
 }
@@ -298,6 +337,25 @@ mod tests {
         ] {
             assert!(check(&args(ok)).is_ok(), "{ok:?}");
         }
+    }
+
+    #[test]
+    fn a_holder_not_seen_is_not_called_nobody() {
+        let unseen = Holder::Unseen { unreadable: 3 };
+        let w = unseen.words(false);
+        assert!(!w.contains("no process"), "{w}");
+        assert!(w.contains("without root"), "{w}");
+        let w = unseen.words(true);
+        assert!(
+            w.contains("holder unknown") && w.contains("3 processes"),
+            "{w}"
+        );
+        assert_eq!(Holder::Nobody.words(false), "held by no process");
+        let comm = Comm::from_bytes(b"ng\x1binx");
+        assert_eq!(
+            Holder::Process(7, comm).words(false),
+            "held by pid 7 (ng\\einx)"
+        );
     }
 
     #[test]
