@@ -13,7 +13,10 @@ use crate::{
     output::{escape::escape, text},
     procfs,
     record::{Actor, KilledRecord, Record},
-    sockdiag::{DiagSocket, Namespaces},
+    sockdiag::{
+        DiagSocket, Namespaces,
+        proto::{Cookie, Destroy},
+    },
     socket::{Comm, Tuple},
     state::TcpState,
     status::SocketList,
@@ -23,6 +26,8 @@ use crate::{
 struct Target {
     netns: u32,
     socket: DiagSocket,
+    /// The socket's identity in the dump: the destroy is for this socket only.
+    cookie: Cookie,
     age_ms: Option<f64>,
     holder: Holder,
 }
@@ -114,8 +119,10 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Destroys each target, printing a line for each; returns the audit records (JSON Lines) of
-/// those destroyed and how many could not be.
+/// Destroys each target that is still the socket listed, printing a line for each; returns the
+/// audit records (JSON Lines) of those destroyed and how many could not be. One that changed
+/// since it was listed (closed, replaced at its tuple, moved to another state) is not a
+/// failure: it is no longer what the operator chose, and is left alone.
 fn destroy(targets: &[Target], ns: &mut Namespaces) -> anyhow::Result<(String, usize)> {
     let by = actor();
     let mut failed = 0;
@@ -126,9 +133,10 @@ fn destroy(targets: &[Target], ns: &mut Namespaces) -> anyhow::Result<(String, u
             .ok()
             .flatten()
             .context("its network namespace is gone")
-            .and_then(|d| Ok(d.destroy(&t.socket.tuple)?));
+            .and_then(|d| Ok(d.destroy_listed(&t.socket, t.cookie)?));
         let line = match done {
-            Ok(()) => {
+            Ok(Destroy::Changed) => format!("changed since listed, not killed: {}\n", describe(t)),
+            Ok(Destroy::Done) => {
                 let rec = Record::Killed(record(t, &by));
                 audit.push_str(&serde_json::to_string(&rec)?);
                 audit.push('\n');
@@ -210,22 +218,25 @@ fn targets(
             continue;
         };
         let socks = diag
-            .dump(1 << args.state as u32)
+            .dump_with_cookies(1 << args.state as u32)
             .with_context(|| format!("cannot list the sockets of network namespace {netns}"))?;
         found.extend(
             socks
                 .into_iter()
-                .filter(|s| !s.is_request() && TcpState::from_kernel(s.state) == Some(args.state))
-                .filter(|s| ports_match(args, &s.tuple))
-                .map(|s| (netns, s)),
+                .filter(|(s, _)| {
+                    !s.is_request() && TcpState::from_kernel(s.state) == Some(args.state)
+                })
+                .filter(|(s, _)| ports_match(args, &s.tuple))
+                .map(|(s, cookie)| (netns, s, cookie)),
         );
     }
-    let holders = procfs::holders_of(found.iter().map(|(_, s)| s.inode));
+    let holders = procfs::holders_of(found.iter().map(|(_, s, _)| s.inode));
     let min_age_ms = args.older_than.map(|d| d.as_secs_f64() * 1e3);
     Ok(found
         .into_iter()
-        .map(|(netns, socket)| Target {
+        .map(|(netns, socket, cookie)| Target {
             netns,
+            cookie,
             age_ms: ages.get(&(netns, socket.tuple)).copied(),
             holder: match holders.first(socket.inode) {
                 Some((pid, comm)) => Holder::Process(pid, comm),
