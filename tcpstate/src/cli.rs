@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
+    output::escape::{escape, escape_controls},
     state::TcpState,
     tracker::thresholds::{Threshold, parse_override},
 };
@@ -92,7 +93,8 @@ pub struct StatusArgs {
     /// Where the daemon serves /status (its --metrics-addr).
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub addr: std::net::SocketAddr,
-    /// Print the daemon's JSON as it is.
+    /// Print the daemon's JSON (refused unless it is JSON; DEL and C1 controls written as
+    /// \u escapes).
     #[arg(long)]
     pub json: bool,
 }
@@ -104,7 +106,7 @@ pub struct KillArgs {
     pub state: TcpState,
     /// Only sockets in that state for at least this long (e.g. 10m). Only the running daemon
     /// knows how long, so it is asked (see --addr).
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = age, value_name = "DURATION")]
     pub older_than: Option<std::time::Duration>,
     /// Only sockets with this local or remote port.
     #[arg(long, value_parser = nonzero_port)]
@@ -190,24 +192,24 @@ pub struct RunArgs {
     pub max_timewait: u64,
 
     /// Leak rule: an owner holding more than this many CLOSE_WAIT or FIN_WAIT2 sockets, and more than last time.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(..=MAX_COUNT))]
     pub leak_threshold: u64,
     /// How often the leak rule compares counts.
-    #[arg(long, default_value = "30s", value_parser = duration)]
+    #[arg(long, default_value = "30s", value_parser = interval)]
     pub leak_interval: Duration,
     /// How often to check the table against the kernel's socket list (0 = never).
-    #[arg(long, default_value = "30s", value_parser = duration_or_zero)]
+    #[arg(long, default_value = "30s", value_parser = interval_or_zero)]
     pub reconcile_interval: Duration,
     /// Every Nth reconciliation also re-reads TIME_WAIT sockets (the others read full sockets
     /// and orphaned FIN_WAIT2 ones: cheap whatever TIME_WAIT load the host has). After a lost
     /// event and at a quiet moment, every reconciliation does.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub full_reconcile_every: u64,
     /// Do not load the kernel's existing sockets at start-up.
     #[arg(long)]
     pub no_seed: bool,
     /// How often to report lost events on stderr (only when some were lost).
-    #[arg(long, default_value = "10s", value_parser = duration)]
+    #[arg(long, default_value = "10s", value_parser = interval)]
     pub stats_interval: Duration,
 
     /// Append every record to this file as JSON Lines (reopened on SIGHUP
@@ -217,7 +219,7 @@ pub struct RunArgs {
     /// Transition records per second written to the log; 0 = unlimited.
     /// Default: unlimited when stdout is a terminal, 10000 otherwise.
     /// Anomalies are never limited.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(..=MAX_LOG_RATE))]
     pub log_rate: Option<u32>,
     /// Write transition records to the log (false: anomalies only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
@@ -230,10 +232,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub resets: bool,
     /// Rotate the log ourselves past this size (e.g. 100M); for hosts without logrotate.
-    #[arg(long, value_parser = byte_size, value_name = "SIZE")]
+    #[arg(long, value_parser = log_size, value_name = "SIZE")]
     pub log_max_size: Option<u64>,
-    /// Rotated logs kept with --log-max-size (PATH.1 .. PATH.N).
-    #[arg(long, default_value_t = 5, value_name = "N")]
+    /// Rotated logs kept with --log-max-size (PATH.1 .. PATH.N; at most 1000).
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(..=MAX_LOG_KEEP))]
     pub log_keep: u32,
     /// Serve Prometheus /metrics and /status here (loopback unless you say otherwise).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -293,27 +295,122 @@ pub fn netns(s: &str) -> Result<u32, String> {
         }
         return Ok(n);
     }
-    crate::sockdiag::netns::is_netns(std::path::Path::new(s))
-        .map_err(|e| format!("{s}: {e} (want /run/netns/NAME, /proc/PID/ns/net or an inode)"))
+    crate::sockdiag::netns::is_netns(std::path::Path::new(s)).map_err(|e| {
+        format!(
+            "{}: {e} (want /run/netns/NAME, /proc/PID/ns/net or an inode)",
+            escape(s)
+        )
+    })
 }
+
+/// clap's error as one line, without its `error: ` prefix and usage footer. clap quotes the
+/// value it refused as it was typed: a newline in it would cut the line short, and an escape
+/// sequence would reach the terminal, so every value in the error's context is escaped first.
+pub fn error_line(mut e: clap::Error) -> String {
+    use clap::error::ContextValue;
+    let escaped: Vec<_> = e
+        .context()
+        .filter_map(|(kind, v)| {
+            let v = match v {
+                ContextValue::String(s) => ContextValue::String(escape(s).into_owned()),
+                ContextValue::Strings(v) => {
+                    ContextValue::Strings(v.iter().map(|s| escape(s).into_owned()).collect())
+                }
+                _ => return None,
+            };
+            Some((kind, v))
+        })
+        .collect();
+    for (kind, v) in escaped {
+        e.insert(kind, v);
+    }
+    let text = e.render().to_string();
+    // The message ends at the first blank line: a tip, the usage or "For more information".
+    let message = text.split("\n\n").next().unwrap_or_default().trim();
+    let message = message.strip_prefix("error: ").unwrap_or(message);
+    let message = if message.is_empty() {
+        "invalid arguments"
+    } else {
+        message
+    };
+    escape_controls(&message.replace('\n', " ")).into_owned()
+}
+
+// Every duration and count is bounded here, at parse time: the daemon adds intervals to the
+// current instant (which panics on overflow) and sizes work by counts, so a value past these
+// bounds is a typo to be refused in one line, not a policy to be carried out.
+
+/// Longest `--*-interval`: a timer that fires less than once a day is no timer.
+const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+/// Longest age limit per state: a socket stuck for a month is reported long before it.
+const MAX_STATE_THRESHOLD: Duration = Duration::from_secs(30 * 86_400);
+/// Longest `kill --older-than`: a year covers any socket an operator will meet.
+const MAX_AGE: Duration = Duration::from_secs(365 * 86_400);
+/// Largest plain count (`--leak-threshold`): as many as the table can hold.
+const MAX_COUNT: u64 = 100_000_000;
+/// Most transition records per second in the log: ten million a second already fills a disk
+/// in minutes; beyond it means "unlimited", which is 0.
+const MAX_LOG_RATE: i64 = 10_000_000;
+/// Most rotated logs kept. logrotate has no cap, but a rotation renames each kept file on the
+/// daemon's loop thread; a thousand files of --log-max-size is more history than anyone keeps
+/// on one host, and bounds that work.
+const MAX_LOG_KEEP: i64 = 1000;
+/// Largest `--log-max-size`: 1 TiB, larger than any disk a log should fill.
+const MAX_LOG_SIZE: u64 = 1 << 40;
 
 fn threshold(s: &str) -> Result<Threshold, String> {
-    parse_override(s)
+    let t = parse_override(s)?;
+    let limit = match t {
+        // A listener lives as long as its service: its age says nothing, and a threshold on
+        // it would raise an anomaly for every listener.
+        Threshold::State(TcpState::Listen, _) => {
+            return Err(
+                "LISTEN cannot have a threshold: a listener lives as long as its \
+                 service (see accept_queue_full=DURATION)"
+                    .into(),
+            );
+        }
+        Threshold::State(_, d) | Threshold::AcceptQueue(d) => d,
+        Threshold::Pressure(_) | Threshold::Orphans(_) => None,
+    };
+    if limit.is_some_and(|d| d > MAX_STATE_THRESHOLD) {
+        return Err(format!(
+            "{s:?}: a threshold is at most 30 days (use off to disable)"
+        ));
+    }
+    Ok(t)
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+/// A positive duration of at most `max` (`what` names the bound in the error).
+fn bounded(s: &str, max: Duration, what: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err("must be longer than 0".into()),
+        Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+        Ok(d) if d > max => Err(format!("{s:?} is longer than {what}")),
+        Ok(d) => Ok(d),
         Err(e) => Err(format!("{s:?}: {e}")),
     }
 }
 
-fn duration_or_zero(s: &str) -> Result<Duration, String> {
+fn interval(s: &str) -> Result<Duration, String> {
+    bounded(s, MAX_INTERVAL, "a day")
+}
+
+fn interval_or_zero(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    duration(s)
+    interval(s)
+}
+
+fn age(s: &str) -> Result<Duration, String> {
+    bounded(s, MAX_AGE, "a year")
+}
+
+fn log_size(s: &str) -> Result<u64, String> {
+    match byte_size(s)? {
+        n if n > MAX_LOG_SIZE => Err(format!("{s:?} is larger than 1024G")),
+        n => Ok(n),
+    }
 }
 
 /// `100M`, `1G`, `65536`.
@@ -382,5 +479,122 @@ mod tests {
         assert!(Cli::try_parse_from(["tcpstate", "run", "-4", "-6"]).is_err());
         assert!(Cli::try_parse_from(["tcpstate", "run", "--port", "0"]).is_err());
         assert!(Cli::try_parse_from(["tcpstate", "run", "--threshold", "x=1s"]).is_err());
+    }
+
+    fn run_err(args: &[&str]) -> String {
+        Cli::try_parse_from([&["tcpstate", "run"], args].concat())
+            .err()
+            .unwrap_or_else(|| panic!("{args:?} must be refused"))
+            .to_string()
+    }
+
+    #[test]
+    fn every_duration_and_count_is_bounded() {
+        const HUGE: &str = "18446744073709551615";
+        let huge_s = format!("{HUGE}s");
+        for flag in [
+            "--stats-interval",
+            "--leak-interval",
+            "--reconcile-interval",
+        ] {
+            for v in [huge_s.as_str(), "25h"] {
+                let e = run_err(&[flag, v]);
+                assert!(e.contains("longer than a day"), "{flag} {v}: {e}");
+            }
+        }
+        for (flag, v) in [
+            ("--leak-threshold", HUGE),
+            ("--leak-threshold", "100000001"),
+            ("--full-reconcile-every", HUGE),
+            ("--full-reconcile-every", "10001"),
+            ("--log-rate", "4294967295"),
+            ("--log-keep", "4294967295"),
+            ("--log-keep", "1001"),
+            ("--log-max-size", "1025G"),
+            ("--threshold", "close_wait=31d"),
+            ("--threshold", "accept_queue_full=31d"),
+        ] {
+            run_err(&[flag, v]);
+        }
+        let kill = |v: &str| {
+            Cli::try_parse_from([
+                "tcpstate",
+                "kill",
+                "--state",
+                "close_wait",
+                "--older-than",
+                v,
+            ])
+        };
+        assert!(kill(&huge_s).is_err());
+        assert!(kill("366d").is_err());
+        assert!(kill("0s").is_err());
+        assert!(kill("30d").is_ok());
+        // The bounds themselves are accepted.
+        Cli::try_parse_from([
+            "tcpstate",
+            "run",
+            "--stats-interval",
+            "1day",
+            "--leak-interval",
+            "24h",
+            "--reconcile-interval",
+            "0",
+            "--leak-threshold",
+            "100000000",
+            "--full-reconcile-every",
+            "10000",
+            "--log-rate",
+            "10000000",
+            "--log-keep",
+            "1000",
+            "--log-max-size",
+            "1024G",
+            "--threshold",
+            "close_wait=30d",
+        ])
+        .expect("the bounds are accepted");
+    }
+
+    #[test]
+    fn a_refused_value_is_escaped_on_one_line() {
+        let e = Cli::try_parse_from(["tcpstate", "run", "--netns", "/a\nb\x1b[31m"])
+            .expect_err("no such namespace");
+        let line = error_line(e);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("'/a\\nb\\e[31m' for '--netns"), "{line:?}");
+        assert!(line.contains("/a\\nb\\e[31m: No such file"), "{line:?}");
+        assert!(line.contains("want /run/netns/NAME"), "{line:?}");
+        let e = Cli::try_parse_from(["tcpstate", "run", "--bo\ngus"]).expect_err("unknown flag");
+        let line = error_line(e);
+        assert!(line.contains("--bo\\ngus"), "{line:?}");
+        assert!(!line.contains("tip") && !line.contains("Usage"), "{line:?}");
+    }
+
+    #[test]
+    fn thresholds_only_for_states_where_age_means_something() {
+        for refused in [
+            "listen=1s",
+            "LISTEN=off",
+            "close=1s",
+            "time_wait=1s",
+            "new_syn_recv=1s",
+        ] {
+            run_err(&["--threshold", refused]);
+        }
+        assert!(run_err(&["--threshold", "listen=1s"]).contains("LISTEN cannot have a threshold"));
+        for ok in [
+            "close_wait=1s",
+            "fin_wait1=1s",
+            "fin_wait2=1s",
+            "last_ack=1s",
+            "closing=1s",
+            "syn_sent=1s",
+            "syn_recv=1s",
+            "established=1h",
+        ] {
+            Cli::try_parse_from(["tcpstate", "run", "--threshold", ok])
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
     }
 }

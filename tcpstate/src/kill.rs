@@ -4,13 +4,7 @@
 //! destroyed is written to the log as a `killed` record naming who ran the command; a dry run
 //! prints the same list and touches nothing.
 
-use std::{
-    collections::HashMap,
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
-    time::SystemTime,
-};
+use std::{collections::HashMap, path::Path, time::SystemTime};
 
 use anyhow::{Context as _, bail};
 
@@ -19,7 +13,10 @@ use crate::{
     output::{escape::escape, text},
     procfs,
     record::{Actor, KilledRecord, Record},
-    sockdiag::{DiagSocket, Namespaces},
+    sockdiag::{
+        DiagSocket, Namespaces,
+        proto::{Cookie, Destroy},
+    },
     socket::{Comm, Tuple},
     state::TcpState,
     status::SocketList,
@@ -29,8 +26,45 @@ use crate::{
 struct Target {
     netns: u32,
     socket: DiagSocket,
+    /// The socket's identity in the dump: the destroy is for this socket only.
+    cookie: Cookie,
     age_ms: Option<f64>,
-    holder: Option<(u32, Comm)>,
+    holder: Holder,
+}
+
+/// Who holds a socket's fd, as far as this process could look.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Holder {
+    Process(u32, Comm),
+    /// Every process's fds were read and none links to it.
+    Nobody,
+    /// None seen, but `unreadable` processes' fds could not be read: any of them may hold it.
+    Unseen {
+        unreadable: u32,
+    },
+}
+
+impl Holder {
+    fn process(self) -> Option<(u32, Comm)> {
+        match self {
+            Self::Process(pid, comm) => Some((pid, comm)),
+            Self::Nobody | Self::Unseen { .. } => None,
+        }
+    }
+
+    /// In words; `root`: whether we run as root (without it, other users' fds are hidden).
+    fn words(self, root: bool) -> String {
+        match self {
+            Self::Process(pid, comm) => format!("held by pid {pid} ({})", escape(&comm.as_str())),
+            Self::Nobody => "held by no process".to_owned(),
+            Self::Unseen { .. } if !root => {
+                "holder unknown (other users' processes cannot be seen without root)".to_owned()
+            }
+            Self::Unseen { unreadable } => {
+                format!("holder unknown (the fds of {unreadable} processes could not be read)")
+            }
+        }
+    }
 }
 
 pub fn kill(args: KillArgs) -> anyhow::Result<()> {
@@ -85,8 +119,10 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Destroys each target, printing a line for each; returns the audit records (JSON Lines) of
-/// those destroyed and how many could not be.
+/// Destroys each target that is still the socket listed, printing a line for each; returns the
+/// audit records (JSON Lines) of those destroyed and how many could not be. One that changed
+/// since it was listed (closed, replaced at its tuple, moved to another state) is not a
+/// failure: it is no longer what the operator chose, and is left alone.
 fn destroy(targets: &[Target], ns: &mut Namespaces) -> anyhow::Result<(String, usize)> {
     let by = actor();
     let mut failed = 0;
@@ -97,9 +133,10 @@ fn destroy(targets: &[Target], ns: &mut Namespaces) -> anyhow::Result<(String, u
             .ok()
             .flatten()
             .context("its network namespace is gone")
-            .and_then(|d| Ok(d.destroy(&t.socket.tuple)?));
+            .and_then(|d| Ok(d.destroy_listed(&t.socket, t.cookie)?));
         let line = match done {
-            Ok(()) => {
+            Ok(Destroy::Changed) => format!("changed since listed, not killed: {}\n", describe(t)),
+            Ok(Destroy::Done) => {
                 let rec = Record::Killed(record(t, &by));
                 audit.push_str(&serde_json::to_string(&rec)?);
                 audit.push('\n');
@@ -181,29 +218,38 @@ fn targets(
             continue;
         };
         let socks = diag
-            .dump(1 << args.state as u32)
+            .dump_with_cookies(1 << args.state as u32)
             .with_context(|| format!("cannot list the sockets of network namespace {netns}"))?;
         found.extend(
             socks
                 .into_iter()
-                .filter(|s| !s.is_request() && TcpState::from_kernel(s.state) == Some(args.state))
-                .filter(|s| ports_match(args, &s.tuple))
-                .map(|s| (netns, s)),
+                .filter(|(s, _)| {
+                    !s.is_request() && TcpState::from_kernel(s.state) == Some(args.state)
+                })
+                .filter(|(s, _)| ports_match(args, &s.tuple))
+                .map(|(s, cookie)| (netns, s, cookie)),
         );
     }
-    let holders = procfs::holders_of(found.iter().map(|(_, s)| s.inode));
+    let holders = procfs::holders_of(found.iter().map(|(_, s, _)| s.inode));
     let min_age_ms = args.older_than.map(|d| d.as_secs_f64() * 1e3);
     Ok(found
         .into_iter()
-        .map(|(netns, socket)| Target {
+        .map(|(netns, socket, cookie)| Target {
             netns,
+            cookie,
             age_ms: ages.get(&(netns, socket.tuple)).copied(),
-            holder: holders.first(socket.inode),
+            holder: match holders.first(socket.inode) {
+                Some((pid, comm)) => Holder::Process(pid, comm),
+                None if holders.unreadable > 0 => Holder::Unseen {
+                    unreadable: holders.unreadable,
+                },
+                None => Holder::Nobody,
+            },
             socket,
         })
         .filter(|t| {
             args.pid
-                .is_none_or(|p| t.holder.is_some_and(|(pid, _)| pid == p))
+                .is_none_or(|p| t.holder.process().is_some_and(|(pid, _)| pid == p))
         })
         // A socket the daemon does not know is of unknown age: never old enough.
         .filter(|t| min_age_ms.is_none_or(|min| t.age_ms.is_some_and(|a| a >= min)))
@@ -221,10 +267,8 @@ fn describe(t: &Target) -> String {
         .age_ms
         .map(|ms| format!(" for {:.1}s", ms / 1000.0))
         .unwrap_or_default();
-    let holder = match t.holder {
-        Some((pid, comm)) => format!("held by pid {pid} ({})", escape(&comm.as_str())),
-        None => "held by no process".to_owned(),
-    };
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    let holder = t.holder.words(unsafe { libc::geteuid() } == 0);
     format!(
         "{} {} -> {} (netns {}){age}, {holder}",
         TcpState::from_kernel(t.socket.state).map_or("?", TcpState::name),
@@ -246,8 +290,8 @@ fn record(t: &Target, by: &Actor) -> KilledRecord {
         dport: s.tuple.dport,
         netns: t.netns,
         age_ms: t.age_ms,
-        pid: t.holder.map(|(pid, _)| pid),
-        comm: t.holder.map(|(_, comm)| comm),
+        pid: t.holder.process().map(|(pid, _)| pid),
+        comm: t.holder.process().map(|(_, comm)| comm),
         by: by.clone(),
     }
 }
@@ -270,13 +314,7 @@ fn actor() -> Actor {
 
 /// Appends whole lines in one write (O_APPEND: never interleaved with the daemon's own).
 fn append(path: &Path, lines: &str) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(PathBuf::from(path))?;
-    f.write_all(lines.as_bytes())
+    crate::output::logfile::append_lines(path, lines)
 }
 
 #[cfg(test)]
@@ -310,6 +348,25 @@ mod tests {
         ] {
             assert!(check(&args(ok)).is_ok(), "{ok:?}");
         }
+    }
+
+    #[test]
+    fn a_holder_not_seen_is_not_called_nobody() {
+        let unseen = Holder::Unseen { unreadable: 3 };
+        let w = unseen.words(false);
+        assert!(!w.contains("no process"), "{w}");
+        assert!(w.contains("without root"), "{w}");
+        let w = unseen.words(true);
+        assert!(
+            w.contains("holder unknown") && w.contains("3 processes"),
+            "{w}"
+        );
+        assert_eq!(Holder::Nobody.words(false), "held by no process");
+        let comm = Comm::from_bytes(b"ng\x1binx");
+        assert_eq!(
+            Holder::Process(7, comm).words(false),
+            "held by pid 7 (ng\\einx)"
+        );
     }
 
     #[test]

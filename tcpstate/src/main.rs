@@ -14,13 +14,9 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // clap's message is several lines; keep its first.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
             eprintln!(
                 "tcpstate: error: {} (see tcpstate --help)",
-                tcpstate::output::escape::escape(first)
+                tcpstate::cli::error_line(e)
             );
             return ExitCode::from(2);
         }

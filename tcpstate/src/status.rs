@@ -6,16 +6,20 @@ use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::TcpStream,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     cli::StatusArgs,
     clock::WallClock,
-    output::{escape::escape, metrics::Counters, text},
+    output::{
+        escape::{escape, escape_controls},
+        metrics::Counters,
+        text,
+    },
     record::{AnomalyRecord, Record},
     tracker::{Anomaly, Tracker, cgroups::CLOSING},
     workload::{Workloads, top},
@@ -210,7 +214,7 @@ impl Report {
         let _ = writeln!(
             s,
             "tcpstate {} up {}, tracking {} of {} sockets",
-            self.version,
+            escape(&self.version),
             humantime::format_duration(Duration::from_secs(self.uptime_s as u64)),
             self.tracked,
             self.capacity
@@ -218,7 +222,7 @@ impl Report {
         let states: Vec<String> = self
             .sockets
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| format!("{}={v}", escape(k)))
             .collect();
         let _ = writeln!(s, "sockets: {}", states.join(" "));
         let _ = writeln!(
@@ -246,8 +250,11 @@ impl Report {
         if !self.top_workloads.is_empty() {
             s.push_str("closing sockets by unit / container:\n");
             for w in &self.top_workloads {
-                let states: Vec<String> =
-                    w.sockets.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let states: Vec<String> = w
+                    .sockets
+                    .iter()
+                    .map(|(k, v)| format!("{}={v}", escape(k)))
+                    .collect();
                 let _ = writeln!(
                     s,
                     "  {:<40} {} anomalies open {}",
@@ -274,6 +281,10 @@ impl Report {
     }
 }
 
+// Whatever answers on --addr is trusted for nothing: it may be another program, or a local
+// user's listener on a port the daemon left free. What it says is printed escaped (text) or
+// checked and neutralised (JSON), and it gets one deadline for the whole answer.
+
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let body = fetch(args.addr, "/status").with_context(|| {
         format!(
@@ -282,35 +293,103 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         )
     })?;
     let text = if args.json {
-        body + "\n"
+        safe_json(&body).context("the daemon's /status is not JSON")?
     } else {
         let report: Report =
             serde_json::from_str(&body).context("the daemon's /status is not a status report")?;
-        report.to_text()
+        // Every field is escaped where it is written; this pass keeps a field added later
+        // from reaching the terminal raw.
+        let mut text = String::new();
+        for line in report.to_text().lines() {
+            text.push_str(&escape_controls(line));
+            text.push('\n');
+        }
+        text
     };
     crate::write_stdout(text.as_bytes())
 }
 
+/// `body`, which must be one JSON document, made safe for a terminal with its meaning kept.
+/// Valid JSON holds no raw C0 control but whitespace; DEL and the C1 controls (U+0080 to
+/// U+009F, which some terminals obey as escape sequences) may stand raw inside its strings,
+/// and become `\u` escapes, which a JSON reader decodes to the same string. A carriage
+/// return, only ever whitespace between tokens, becomes a space.
+fn safe_json(body: &str) -> anyhow::Result<String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(body)?;
+    let mut out = String::with_capacity(body.len() + 1);
+    for c in body.trim_end().chars() {
+        match c {
+            '\r' => out.push(' '),
+            '\x7f'..='\u{9f}' => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('\n');
+    Ok(out)
+}
+
 /// Largest /status answer read: a daemon tracking a million anomalies writes far less; past
 /// it the other end is not a tcpstate daemon.
-const MAX_RESPONSE: u64 = 256 << 20;
+const MAX_RESPONSE: usize = 256 << 20;
+
+/// Longest a whole request may take, connect to last byte. A per-read timeout alone lets a
+/// peer that sends a byte now and then hold the command for ever; the daemon answers from
+/// memory in milliseconds, and a list of a million sockets in well under this.
+const DEADLINE: Duration = Duration::from_secs(10);
 
 /// GET `path` from the daemon; the body of a 200 answer.
 pub fn fetch(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    fetch_within(addr, path, DEADLINE)
+}
+
+fn fetch_within(addr: std::net::SocketAddr, path: &str, limit: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + limit;
+    let timed_out = || {
+        anyhow!(
+            "no whole answer within {}",
+            humantime::format_duration(limit)
+        )
+    };
+    // Never None: a None timeout would block for ever.
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+    };
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2).min(limit))?;
+    s.set_write_timeout(Some(left().ok_or_else(timed_out)?))?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
-    let mut resp = String::new();
-    let n = (&mut s).take(MAX_RESPONSE + 1).read_to_string(&mut resp)?;
-    if n as u64 > MAX_RESPONSE {
-        bail!(
-            "the answer is larger than {} MiB: not a tcpstate daemon",
-            MAX_RESPONSE >> 20
-        );
+    let mut resp = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        s.set_read_timeout(Some(left().ok_or_else(timed_out)?))?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => resp.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if resp.len() > MAX_RESPONSE {
+            bail!(
+                "the answer is larger than {} MiB: not a tcpstate daemon",
+                MAX_RESPONSE >> 20
+            );
+        }
     }
+    let resp = String::from_utf8(resp).map_err(|_| anyhow!("the answer is not UTF-8 text"))?;
     let Some((head, body)) = resp.split_once("\r\n\r\n") else {
         bail!("malformed HTTP response");
     };
@@ -318,4 +397,111 @@ pub fn fetch(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
         bail!("{}", escape(head.lines().next().unwrap_or("bad response")));
     }
     Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead as _, BufReader},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// A fake endpoint on loopback: reads one request, then `answer` writes on the stream.
+    fn serve(answer: impl FnOnce(&mut TcpStream) + Send + 'static) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            answer(&mut s);
+        });
+        addr
+    }
+
+    fn report(version: &str, state: &str) -> Report {
+        Report {
+            version: version.into(),
+            uptime_s: 1.0,
+            sockets: [(state.to_owned(), 1)].into(),
+            open_anomalies: Vec::new(),
+            top_owners: Vec::new(),
+            top_workloads: vec![TopWorkload {
+                unit: "x.service".into(),
+                container_id: String::new(),
+                pod_uid: String::new(),
+                sockets: [(state.to_owned(), 2)].into(),
+                anomalies_open: 0,
+            }],
+            tracked: 1,
+            capacity: 1,
+            refused: 0,
+            table_bytes: 0,
+            events: 0,
+            dropped: 0,
+            recursion_misses: 0,
+            failed_connects: 0,
+            resets: 0,
+            timewait_refused: 0,
+            log_dropped: 0,
+            stdout_dropped: 0,
+        }
+    }
+
+    #[test]
+    fn the_text_report_escapes_what_the_endpoint_chose() {
+        let text = report("1.0\x1b]0;owned\x07", "CLOSE_WAIT\x1b[2J").to_text();
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(
+            text.starts_with("tcpstate 1.0\\e]0;owned\\x07 up"),
+            "{text:?}"
+        );
+        assert!(text.contains("sockets: CLOSE_WAIT\\e[2J=1"), "{text:?}");
+        assert!(text.contains("CLOSE_WAIT\\e[2J=2"), "{text:?}");
+    }
+
+    #[test]
+    fn json_is_checked_and_made_terminal_safe() {
+        assert!(safe_json("not json").is_err());
+        assert!(safe_json("{\"a\": 1} trailing").is_err());
+        // A raw ESC inside a string is not JSON.
+        assert!(safe_json("{\"v\": \"\x1b[31m\"}").is_err());
+        let out = safe_json("{\"v\": \"a\u{9b}b\x7f\"}\r\n").expect("valid JSON");
+        assert_eq!(out, "{\"v\": \"a\\u009bb\\u007f\"}\n");
+        let back: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
+        assert_eq!(back["v"], "a\u{9b}b\x7f");
+    }
+
+    #[test]
+    fn a_dribbling_endpoint_meets_one_deadline() {
+        let addr = serve(|s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            for _ in 0..30 {
+                std::thread::sleep(Duration::from_millis(100));
+                if s.write_all(b" ").is_err() {
+                    return;
+                }
+            }
+        });
+        let t = Instant::now();
+        let e = fetch_within(addr, "/status", Duration::from_secs(1)).expect_err("too slow");
+        assert!(e.to_string().contains("no whole answer within 1s"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_prompt_endpoint_is_read_whole() {
+        let addr = serve(|s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+        });
+        assert_eq!(fetch(addr, "/status").expect("answer"), "{}");
+    }
 }

@@ -1,6 +1,11 @@
 //! Bad input gets one clear line and a non-zero exit, never a panic.
 
-use std::{os::unix::process::CommandExt as _, process::Command};
+use std::{
+    io::Read as _,
+    os::unix::process::CommandExt as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 fn tcpstate(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
@@ -12,6 +17,34 @@ fn tcpstate(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `tcpstate ARGS`, killed after `limit`: a value the parser wrongly accepts starts the daemon
+/// (the tests run as root), which would otherwise run forever. Exit code -1 when killed.
+fn tcpstate_within(args: &[&str], limit: Duration) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tcpstate");
+    let deadline = Instant::now() + limit;
+    let code = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break -1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (code, err)
 }
 
 fn one_clear_line(stderr: &str, mentions: &str) {
@@ -112,6 +145,12 @@ fn netns_must_be_a_network_namespace() {
         ("/etc/passwd", "not a network namespace"),
         ("0", "not a network namespace inode"),
         ("/nonexistent/ns", "/nonexistent/ns"),
+        // The whole value, escaped, on the one line: not cut at its newline.
+        ("/a\nb\x1b[2J", "'/a\\nb\\e[2J' for '--netns"),
+        (
+            "/a\nb",
+            "/a\\nb: No such file or directory (os error 2) (want",
+        ),
     ] {
         let (code, _, err) = tcpstate(&["run", "--netns", arg]);
         assert_eq!(code, 2, "{arg}: {err}");
@@ -127,4 +166,37 @@ fn a_threshold_that_would_wrap_is_refused() {
     let (code, _, err) = tcpstate(&["run", "--threshold", "time_wait_pressure=7"]);
     assert_eq!(code, 2, "{err}");
     one_clear_line(&err, "fraction");
+}
+
+#[test]
+fn out_of_range_durations_and_counts_are_one_line_and_exit_2() {
+    const HUGE: &str = "18446744073709551615";
+    let huge_s = format!("{HUGE}s");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["run", "--stats-interval", &huge_s],
+        vec!["run", "--leak-interval", &huge_s],
+        vec!["run", "--reconcile-interval", &huge_s],
+        vec!["run", "--stats-interval", "2days"],
+        vec!["run", "--leak-threshold", HUGE],
+        vec!["run", "--full-reconcile-every", HUGE],
+        vec!["run", "--log-rate", "4294967295"],
+        vec!["run", "--log-keep", "4294967295"],
+        vec!["run", "--log-max-size", "9999999999G"],
+        vec!["run", "--threshold", "close_wait=60d"],
+        vec!["run", "--threshold", "accept_queue_full=60d"],
+        vec!["kill", "--state", "close_wait", "--older-than", &huge_s],
+    ];
+    for args in &cases {
+        let (code, err) = tcpstate_within(args, Duration::from_secs(5));
+        assert_eq!(code, 2, "{args:?}: {err}");
+        one_clear_line(&err, args[args.len() - 2]);
+    }
+}
+
+#[test]
+fn a_listen_threshold_is_refused() {
+    // Accepted, it would raise an anomaly for every listener on the host.
+    let (code, err) = tcpstate_within(&["run", "--threshold", "listen=1s"], Duration::from_secs(5));
+    assert_eq!(code, 2, "{err}");
+    one_clear_line(&err, "LISTEN cannot have a threshold");
 }

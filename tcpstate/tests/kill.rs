@@ -170,3 +170,44 @@ fn kill_destroys_exactly_the_old_close_wait_sockets_and_audits_it() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_dry_run_without_root_does_not_call_roots_sockets_unheld() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // needs root to make the sockets and to drop to another user
+    }
+    // A CLOSE_WAIT socket held by this (root) process, in the host namespace: nobody's own.
+    let l = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+    let p = l.local_addr().expect("addr").port();
+    let client = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+    let (server, _) = l.accept().expect("accept");
+    drop(client);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The checkout may sit where `nobody` cannot traverse: run a copy from the temp dir.
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("tcpstate-kill-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let bin = dir.join("tcpstate");
+    std::fs::copy(env!("CARGO_BIN_EXE_tcpstate"), &bin).expect("copy binary");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod bin");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["kill", "--state", "close_wait", "--lport"])
+        .arg(p.to_string())
+        .args(["--addr", "127.0.0.1:1", "--dry-run"])
+        .output()
+        .expect("run as nobody");
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(server);
+    assert!(out.status.success(), "{out:?}");
+    let listed = stdout(&out);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(
+        !listed.contains("held by no process") && listed.contains("without root"),
+        "{listed}"
+    );
+}

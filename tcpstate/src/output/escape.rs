@@ -23,6 +23,25 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// `s` with its control characters escaped as [`escape`] escapes them, but its backslashes
+/// kept: for text whose backslashes are already escapes (systemd writes `\x2d` in unit names;
+/// a message assembled from escaped parts) and must not be doubled.
+pub fn escape_controls(s: &str) -> Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        let mut out = String::with_capacity(s.len() + 8);
+        for c in s.chars() {
+            if c == '\\' {
+                out.push(c);
+            } else {
+                push_escaped(&mut out, c.encode_utf8(&mut [0u8; 4]));
+            }
+        }
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
 fn needs_escape(c: char) -> bool {
     c.is_control() || c == '\\'
 }
@@ -90,6 +109,20 @@ mod tests {
         assert_eq!(escape("x\u{9b}y"), "x\\xc2\\x9by");
         assert_eq!(escape_bytes(&[b'a', 0xff, 0xfe, b'b']), "a\\xff\\xfeb");
         assert_eq!(escape_bytes(&[0xe2, 0x82]), "\\xe2\\x82");
+    }
+
+    #[test]
+    fn escape_controls_keeps_backslashes() {
+        assert!(matches!(
+            escape_controls("dev-disk-by\\x2duuid.service"),
+            Cow::Borrowed("dev-disk-by\\x2duuid.service")
+        ));
+        assert_eq!(
+            escape_controls("a\\x2d\x1b[31m\x07\n"),
+            "a\\x2d\\e[31m\\x07\\n"
+        );
+        let all: String = (0..=0x9f_u8).map(char::from).collect();
+        assert!(!escape_controls(&all).chars().any(char::is_control));
     }
 
     #[test]

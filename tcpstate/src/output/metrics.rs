@@ -457,11 +457,15 @@ impl Snapshot {
 impl Snapshot {
     /// Per-workload gauges, bounded to --metrics-top workloads plus `other`.
     fn workload_families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        // Label values come from cgroup names, which anyone with a delegated subtree chooses:
+        // the exposition only escapes `\`, `"` and newlines, so an ESC or BEL would reach
+        // whatever prints the scrape. Control characters get the text output's escapes;
+        // backslashes stay single, as systemd's `\x2d` in unit names must.
         let labels = |l: &Labels| {
             [
-                ("unit", l.unit.clone()),
-                ("container_id", l.container_id.clone()),
-                ("pod_uid", l.pod_uid.clone()),
+                ("unit", label_value(&l.unit)),
+                ("container_id", label_value(&l.container_id)),
+                ("pod_uid", label_value(&l.pod_uid)),
             ]
         };
         let mut m = e.encode_descriptor(
@@ -496,6 +500,10 @@ impl Snapshot {
     }
 }
 
+fn label_value(s: &str) -> String {
+    crate::output::escape::escape_controls(s).into_owned()
+}
+
 impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         self.families(&mut e)?;
@@ -518,6 +526,39 @@ impl Collector for Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::{Config, thresholds::Thresholds};
+
+    #[test]
+    fn label_values_carry_no_control_characters() {
+        let tracker = Tracker::new(Config {
+            capacity: 16,
+            timewait_capacity: 16,
+            thresholds: Thresholds::none(),
+            leak_threshold: 2,
+            pressure: None,
+            accept_queue_full: None,
+            orphan_pressure: None,
+        });
+        let hostile = Labels {
+            unit: "evil\x1b[31m\x07\\x2d.service".into(),
+            container_id: String::new(),
+            pod_uid: "\u{9b}2J".into(),
+        };
+        let mut counts = Counts::default();
+        counts.closing[0] = 1;
+        counts.anomalies_open = 1;
+        let text = render(&tracker, Counters::default(), vec![(hostile, counts)]);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        // One backslash in the value, doubled by the exposition format.
+        assert!(
+            text.contains(r#"unit="evil\\e[31m\\x07\\x2d.service""#),
+            "{text}"
+        );
+        assert!(text.contains(r#"pod_uid="\\xc2\\x9b2J""#), "{text}");
+    }
 
     #[test]
     fn counters_get_their_total_name_and_eof_goes() {

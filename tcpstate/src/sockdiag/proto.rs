@@ -113,21 +113,33 @@ impl Diag {
     /// dump of listeners only also asks for their memory counters (a few sockets; the drop
     /// count is in there).
     pub fn dump(&mut self, states: u32) -> io::Result<Vec<DiagSocket>> {
+        let mut out = Vec::new();
+        self.dump_into(states, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`dump`](Self::dump), each socket with its cookie, for [`destroy_listed`](Self::destroy_listed).
+    pub fn dump_with_cookies(&mut self, states: u32) -> io::Result<Vec<(DiagSocket, Cookie)>> {
+        let mut out = Vec::new();
+        self.dump_into(states, &mut out)?;
+        Ok(out)
+    }
+
+    fn dump_into<S: Sink>(&mut self, states: u32, out: &mut S) -> io::Result<()> {
         let extensions = if states == LISTEN_ONLY {
             ExtensionFlags::SKMEMINFO
         } else {
             ExtensionFlags::empty()
         };
-        let mut out = Vec::new();
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             let id = if i32::from(family) == libc::AF_INET6 {
                 SocketId::new_v6()
             } else {
                 SocketId::new_v4()
             };
-            self.request(family, states, id, extensions.clone(), Mode::Dump, &mut out)?;
+            self.request(family, states, id, extensions.clone(), Mode::Dump, out)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The socket with exactly this tuple (local end first), if the kernel has one: a full
@@ -149,19 +161,51 @@ impl Diag {
             .find(|(s, _)| s.tuple == *t && s.state != 10))
     }
 
-    /// Destroys the socket with exactly this tuple (`SOCK_DESTROY`, as `ss -K` does): the
-    /// kernel aborts it, its peer gets an RST and its holder ECONNABORTED. Needs
-    /// CAP_NET_ADMIN in the namespace and a kernel built with `CONFIG_INET_DIAG_DESTROY`.
-    pub fn destroy(&mut self, t: &Tuple) -> io::Result<()> {
-        let mut out: Vec<DiagSocket> = Vec::new();
-        self.request(
+    /// Destroys the socket a dump listed (`SOCK_DESTROY`, as `ss -K` does), if it is still
+    /// that socket in that state: the kernel aborts it, its peer gets an RST and its holder
+    /// ECONNABORTED. Needs CAP_NET_ADMIN in the namespace and a kernel built with
+    /// `CONFIG_INET_DIAG_DESTROY`.
+    ///
+    /// Asked by tuple alone, the kernel would destroy whatever socket has the tuple by then,
+    /// in any state. With the cookie it answers ENOENT for any other socket (one closed and
+    /// replaced at the same tuple has another cookie), but it does not compare the state, so
+    /// the socket is looked up by cookie first and its state checked; it can still move on in
+    /// the moment between that lookup and the destroy.
+    pub fn destroy_listed(&mut self, listed: &DiagSocket, cookie: Cookie) -> io::Result<Destroy> {
+        let t = &listed.tuple;
+        let states = 1u32 << listed.state;
+        let id = || SocketId {
+            cookie,
+            ..socket_id(t)
+        };
+        let mut now: Vec<DiagSocket> = Vec::new();
+        match self.request(
             family_of(t),
-            ALL_STATES,
-            socket_id(t),
+            states,
+            id(),
+            ExtensionFlags::empty(),
+            Mode::Lookup,
+            &mut now,
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Destroy::Changed),
+            r => r?,
+        }
+        if !now.iter().any(|s| s.tuple == *t && s.state == listed.state) {
+            return Ok(Destroy::Changed);
+        }
+        let mut none: Vec<DiagSocket> = Vec::new();
+        match self.request(
+            family_of(t),
+            states,
+            id(),
             ExtensionFlags::empty(),
             Mode::Destroy,
-            &mut out,
-        )
+            &mut none,
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Destroy::Changed),
+            Err(e) => Err(e),
+            Ok(()) => Ok(Destroy::Done),
+        }
     }
 
     fn lookup_into<S: Sink>(
@@ -270,8 +314,7 @@ fn socket_id(t: &Tuple) -> SocketId {
         source_address: t.saddr(),
         destination_address: t.daddr(),
         interface_id: 0,
-        // INET_DIAG_NOCOOKIE: any socket with this tuple.
-        cookie: [0xff; 8],
+        cookie: NO_COOKIE,
     }
 }
 
@@ -281,6 +324,40 @@ enum Mode {
     Dump,
     Lookup,
     Destroy,
+}
+
+/// A socket's `idiag_cookie` as a dump gave it (two u32 in the kernel's order, kept as bytes:
+/// it is only ever sent back).
+pub type Cookie = [u8; 8];
+
+/// `INET_DIAG_NOCOOKIE`: any socket with the tuple.
+const NO_COOKIE: Cookie = [0xff; 8];
+
+/// Where the cookie sits in an `inet_diag_msg`: after family, state, timer, retrans, the
+/// ports, both addresses and the interface.
+const COOKIE_AT: usize = 44;
+
+/// What [`Diag::destroy_listed`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destroy {
+    Done,
+    /// Gone, replaced by another socket at the tuple, or in another state: left alone.
+    Changed,
+}
+
+impl Sink for Vec<(DiagSocket, Cookie)> {
+    fn put(&mut self, s: DiagSocket, payload: &[u8]) {
+        // parse_socket checked the fixed header's length; NO_COOKIE cannot happen.
+        let cookie = payload
+            .get(COOKIE_AT..COOKIE_AT + 8)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or(NO_COOKIE);
+        self.push((s, cookie));
+    }
+
+    fn count(&self) -> usize {
+        self.len()
+    }
 }
 
 /// Where parsed sockets go: a plain list, or one that also reads each socket's vital signs

@@ -6,7 +6,8 @@
 /// The names derived from one cgroup path. Each is None when the path does not say.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Names {
-    /// The innermost systemd `.service` or `.scope`.
+    /// The innermost systemd `.service` or `.scope`; under a user's service manager
+    /// prefixed with it (`user@1000.service/payments-api.service`).
     pub unit: Option<String>,
     /// The outermost container's full 64-hex id.
     pub container_id: Option<String>,
@@ -17,9 +18,19 @@ pub struct Names {
 /// Derives [`Names`] from a path in the unified hierarchy (`/system.slice/x.service`).
 pub fn names_of(path: &str) -> Names {
     let mut n = Names::default();
+    // A user's own units (`systemctl --user`) run under their service manager,
+    // `user@UID.service`, and may share a name with a system unit or another user's: named
+    // alone, a user's payments-api.service would be counted and filtered as the system's.
+    let mut manager: Option<&str> = None;
     for part in path.split('/').filter(|p| !p.is_empty()) {
         if part.ends_with(".service") || part.ends_with(".scope") {
-            n.unit = Some(part.to_owned());
+            n.unit = Some(match manager {
+                Some(m) => format!("{m}/{part}"),
+                None => part.to_owned(),
+            });
+        }
+        if manager.is_none() && is_user_manager(part) {
+            manager = Some(part);
         }
         if n.container_id.is_none() {
             n.container_id = container_id(part).map(str::to_owned);
@@ -29,6 +40,13 @@ pub fn names_of(path: &str) -> Names {
         }
     }
     n
+}
+
+/// `user@UID.service`: a user's systemd instance.
+fn is_user_manager(part: &str) -> bool {
+    part.strip_prefix("user@")
+        .and_then(|p| p.strip_suffix(".service"))
+        .is_some_and(|uid| !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `docker-ID.scope`, `cri-containerd-ID.scope`, `crio-ID.scope`, `libpod-ID.scope` (systemd
@@ -110,6 +128,28 @@ mod tests {
             n(Some("nginx.service"), None, None)
         );
         assert_eq!(names_of("/"), Names::default());
+        // A user's own service is not the system's of the same name.
+        let user = "/user.slice/user-65534.slice/user@65534.service";
+        assert_eq!(
+            names_of(&format!("{user}/app.slice/payments-api.service")),
+            n(Some("user@65534.service/payments-api.service"), None, None)
+        );
+        assert_eq!(
+            names_of(&format!("{user}/init.scope")),
+            n(Some("user@65534.service/init.scope"), None, None)
+        );
+        assert_eq!(names_of(user), n(Some("user@65534.service"), None, None));
+        // Rootless podman under the user's manager: the container, and whose it is.
+        let scope = format!("libpod-{ID}.scope");
+        assert_eq!(
+            names_of(&format!("{user}/user.slice/{scope}")),
+            n(Some(&format!("user@65534.service/{scope}")), Some(ID), None)
+        );
+        // Only user@DIGITS.service is a user's manager.
+        assert_eq!(
+            names_of("/system.slice/user@x.service/a.service"),
+            n(Some("a.service"), None, None)
+        );
         assert_eq!(names_of("/system.slice"), Names::default());
     }
 

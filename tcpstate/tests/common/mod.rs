@@ -142,11 +142,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_stderr(args, Stdio::inherit())
+    }
+
+    /// As [`start`](Self::start), its stderr sent to `stderr` (a file the test reads).
+    pub fn start_with_stderr(args: &[&str], stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
             .args(["run", "--format", "json"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start tcpstate: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");

@@ -347,3 +347,64 @@ fn the_cgroup_id_attribute_is_read_in_place() {
     short.extend_from_slice(&1u32.to_ne_bytes());
     assert_eq!(parse_socket(&short, "test").expect("parses").drops, 0);
 }
+
+#[test]
+fn destroy_listed_spares_a_socket_that_changed_since_the_dump() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: SOCK_DESTROY needs CAP_NET_ADMIN; NOT running this test");
+        return;
+    }
+    const CLOSE_WAIT: u8 = 8;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let lport = listener.local_addr().expect("local_addr").port();
+    let client = TcpStream::connect((Ipv4Addr::LOCALHOST, lport)).expect("connect");
+    let cport = client.local_addr().expect("local_addr").port();
+    let (server, _) = listener.accept().expect("accept");
+    drop(client);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+
+    let mut diag = Diag::open().expect("open");
+    let listed = diag.dump_with_cookies(1 << CLOSE_WAIT).expect("dump");
+    let (sock, cookie) = listed
+        .iter()
+        .find(|(s, _)| s.tuple.sport == lport && s.tuple.dport == cport)
+        .copied()
+        .expect("the server end in CLOSE_WAIT");
+    assert_ne!(cookie, NO_COOKIE);
+
+    // Another socket at the same tuple (what a close and a new connection leave) has another
+    // cookie: the kernel finds none with this one.
+    let mut other = cookie;
+    other[0] ^= 1;
+    assert_eq!(
+        diag.destroy_listed(&sock, other).expect("destroy"),
+        Destroy::Changed
+    );
+    // Listed in another state: the socket has moved on since.
+    let established = DiagSocket {
+        state: ESTABLISHED,
+        ..sock
+    };
+    assert_eq!(
+        diag.destroy_listed(&established, cookie).expect("destroy"),
+        Destroy::Changed
+    );
+    // (A write would tell, but the closed peer would answer it with a reset.)
+    let still = diag.lookup(&sock.tuple).expect("lookup");
+    assert_eq!(still.map(|s| s.state), Some(CLOSE_WAIT), "spared so far");
+
+    // Still the socket listed, in the state listed: destroyed.
+    assert_eq!(
+        diag.destroy_listed(&sock, cookie).expect("destroy"),
+        Destroy::Done
+    );
+    let mut s = &server;
+    let e = std::io::Write::write(&mut s, b"x").expect_err("destroyed");
+    assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED), "{e}");
+    // And a second time it is gone.
+    assert_eq!(
+        diag.destroy_listed(&sock, cookie).expect("destroy"),
+        Destroy::Changed
+    );
+}
