@@ -5,6 +5,7 @@ mod bench;
 mod cmd;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 
 use std::os::unix::process::CommandExt as _;
@@ -67,6 +68,16 @@ enum Task {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         time: std::time::Duration,
     },
+    /// Set up, then the busy-host soak (tcpstate/tests/soak.rs, needs root): the daemons
+    /// among noise, with stuck sockets planted; prints a summary table.
+    Soak {
+        /// How long the noise runs (default: the short form, 45 s).
+        #[arg(long)]
+        minutes: Option<u64>,
+        /// Established sockets held (default 4000; 20000 with --minutes).
+        #[arg(long)]
+        established: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +89,10 @@ fn main() -> ExitCode {
         Task::Test { no_lint, args } => test::test(no_lint, &args),
         Task::Bench(args) => bench::bench(&args),
         Task::Dist => dist(),
+        Task::Soak {
+            minutes,
+            established,
+        } => soak::soak(minutes, established),
         Task::Fuzz { target, time } => {
             setup::setup().and_then(|()| fuzz::fuzz(target.as_deref(), time))
         }

@@ -29,6 +29,10 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         ])
         .args(cargo_test_args);
     steps.push(("cargo test", cargo_test));
+    // The busy-host soak, short form, alone (ignored by the workspace run above).
+    if cargo_test_args.is_empty() {
+        steps.push(("soak (short)", crate::soak::command(None, None)));
+    }
 
     // The whole suite (what CI runs) ends with the fuzz smoke; a narrowed
     // run (`--no-lint`, or test arguments) leaves it out.
