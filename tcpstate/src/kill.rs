@@ -231,6 +231,12 @@ fn targets(
         );
     }
     let holders = procfs::holders_of(found.iter().map(|(_, s, _)| s.inode));
+    // --pid matches any process holding the socket (after a fork, or an fd passed), not only
+    // the one named first.
+    let held_by = |inode: u32, pid: u32| {
+        holders.first(inode).is_some_and(|(p, _)| p == pid)
+            || holders.others(inode).iter().any(|&(p, _)| p == pid)
+    };
     let min_age_ms = args.older_than.map(|d| d.as_secs_f64() * 1e3);
     Ok(found
         .into_iter()
@@ -247,10 +253,7 @@ fn targets(
             },
             socket,
         })
-        .filter(|t| {
-            args.pid
-                .is_none_or(|p| t.holder.process().is_some_and(|(pid, _)| pid == p))
-        })
+        .filter(|t| args.pid.is_none_or(|p| held_by(t.socket.inode, p)))
         // A socket the daemon does not know is of unknown age: never old enough.
         .filter(|t| min_age_ms.is_none_or(|min| t.age_ms.is_some_and(|a| a >= min)))
         .collect())

@@ -526,6 +526,18 @@ fn a_socket_held_by_two_processes_names_both() {
     let anomaly = daemon.wait_for(Duration::from_secs(5), |r| {
         r["type"] == "anomaly" && r["netns"] == ns.inode
     });
+    // `kill --pid` matches the second holder too.
+    let dry = std::process::Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["kill", "--state", "close_wait", "--lport", &p.to_string()])
+        .args([
+            "--pid",
+            &pids[1].to_string(),
+            "--addr",
+            "127.0.0.1:1",
+            "--dry-run",
+        ])
+        .output()
+        .expect("tcpstate kill");
     for &pid in &pids {
         // SAFETY: signalling processes this test started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -546,4 +558,14 @@ fn a_socket_held_by_two_processes_names_both() {
     );
     assert_eq!(anomaly["pid"], pids[0], "{anomaly}");
     assert_eq!(anomaly["owner_source"], "fd", "{anomaly}");
+    let listed = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.status.success(), "{dry:?}");
+    assert_eq!(
+        listed
+            .lines()
+            .filter(|l| l.starts_with("would kill"))
+            .count(),
+        1,
+        "{listed}"
+    );
 }
