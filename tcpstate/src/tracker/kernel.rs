@@ -50,7 +50,7 @@ pub struct Alive {
     pub tuples: HashSet<Tuple, Seeded>,
     /// SYN_SENT sockets by remote end: the tracepoint shows local port 0
     /// when a connect starts, so those entries match on the remote only.
-    pub connecting: HashSet<([u8; 16], u16), Seeded>,
+    pub connecting: HashMap<([u8; 16], u16), Vec<Tuple>, Seeded>,
     /// Mini-sockets and their substate.
     pub minis: HashMap<Tuple, (TcpState, u32), Seeded>,
     /// Request sockets (SYN_RECV mini-sockets).
@@ -70,7 +70,10 @@ impl Alive {
             self.minis.insert(s.tuple, (s.state, s.expires_ms));
         } else {
             if s.state == TcpState::SynSent {
-                self.connecting.insert((s.tuple.daddr, s.tuple.dport));
+                self.connecting
+                    .entry((s.tuple.daddr, s.tuple.dport))
+                    .or_default()
+                    .push(s.tuple);
             }
             self.tuples.insert(s.tuple);
         }
@@ -227,7 +230,7 @@ impl Tracker {
                 if orphan {
                     a.minis.contains_key(&t)
                 } else if t.sport == 0 {
-                    a.connecting.contains(&(t.daddr, t.dport))
+                    a.connecting.contains_key(&(t.daddr, t.dport))
                 } else {
                     a.tuples.contains(&t)
                 }
@@ -308,12 +311,30 @@ impl Tracker {
     ) -> Vec<(u32, Tuple)> {
         let mut suspects = Vec::new();
         let mut ghosts = Vec::new();
+        // Connecting sockets whose local port we never learnt (their SYN retransmit lost or
+        // not hooked), by destination; and the ports already known there.
+        let mut portless: HashMap<([u8; 16], u16), Vec<u64>> = HashMap::new();
+        let mut known: HashSet<Tuple> = HashSet::new();
         for (k, e) in self.table.iter() {
-            if e.netns != netns || e.since_ns >= dump_start_ns || e.has(flag::ORPHAN) {
+            if e.netns != netns || e.has(flag::ORPHAN) {
+                continue;
+            }
+            if e.state == TcpState::SynSent && e.tuple.sport != 0 {
+                known.insert(e.tuple);
+            }
+            if e.since_ns >= dump_start_ns {
                 continue;
             }
             if e.tuple.sport == 0 {
-                if !alive.connecting.contains(&(e.tuple.daddr, e.tuple.dport)) {
+                if alive
+                    .connecting
+                    .contains_key(&(e.tuple.daddr, e.tuple.dport))
+                {
+                    portless
+                        .entry((e.tuple.daddr, e.tuple.dport))
+                        .or_default()
+                        .push(k);
+                } else {
                     ghosts.push(k);
                 }
             } else if !alive.tuples.contains(&e.tuple) {
@@ -322,6 +343,22 @@ impl Tracker {
         }
         for key in ghosts {
             self.forget_ghost(key, now_ns, Resolution::Reconciled, out);
+        }
+        // The dump has the port: one socket to a destination and one the dump shows there
+        // that no entry has is the same socket. More than one each would be a guess.
+        for (dest, keys) in portless {
+            let [key] = keys[..] else { continue };
+            let Some(tuples) = alive.connecting.get(&dest) else {
+                continue;
+            };
+            let mut free = tuples.iter().filter(|t| !known.contains(t));
+            if let (Some(t), None) = (free.next(), free.next()) {
+                let t = *t;
+                self.table.update(key, |e| {
+                    e.tuple.saddr = t.saddr;
+                    e.tuple.sport = t.sport;
+                });
+            }
         }
         suspects
     }

@@ -1199,3 +1199,38 @@ fn a_failed_connect_names_its_caller_not_the_cpu() {
     let task = m.task.expect("task");
     assert_eq!((task.pid, task.comm.as_str().as_ref()), (42, "curl"));
 }
+
+/// A connect whose SYN retransmit (which carries the local port) was lost takes its port from
+/// the dump, when only one socket to that destination lacks one (soak: `sport 0` after a
+/// stalled reader).
+#[test]
+fn a_portless_connect_takes_its_port_from_the_dump() {
+    let mut t = tracker(100);
+    let mut out = Vec::new();
+    t.on_transition(
+        &at(CLIENT_SK, S)
+            .go(Close, SynSent)
+            .ports(0, 80)
+            .by(42, "curl"),
+        &mut out,
+    );
+    let mut alive = Alive::default();
+    alive.insert(&kernel_socket(7, SynSent, 45_000, 80));
+    let suspects = t.reconcile(7, &alive, 2 * S, 2 * S, &mut out);
+    assert!(suspects.is_empty(), "{suspects:?}");
+    assert_eq!(t.table.get(CLIENT_SK).map(|e| e.tuple.sport), Some(45_000));
+    // Two to the same place, one port unknown: not guessed.
+    let mut t = tracker(100);
+    for (sk, sport) in [(CLIENT_SK, 0), (SERVER_SK, 45_001)] {
+        t.on_transition(
+            &at(sk, S).go(Close, SynSent).ports(sport, 80).by(42, "curl"),
+            &mut out,
+        );
+    }
+    let mut alive = Alive::default();
+    for sport in [45_000, 45_001, 45_002] {
+        alive.insert(&kernel_socket(7, SynSent, sport, 80));
+    }
+    t.reconcile(7, &alive, 2 * S, 2 * S, &mut out);
+    assert_eq!(t.table.get(CLIENT_SK).map(|e| e.tuple.sport), Some(0));
+}
