@@ -33,7 +33,13 @@ pub struct Verifier {
 /// Whether an anomaly's owner is worth checking: not an orphan we already know, not a
 /// destination.
 fn needs_check(a: &Anomaly) -> bool {
-    a.pressure.is_none() && matches!(a.owner, Owner::Attributed(_) | Owner::Unknown)
+    // A holder verified earlier is checked again: it may have passed the fd on since, and the
+    // check also brings its cgroup and the socket's vital signs.
+    a.pressure.is_none()
+        && matches!(
+            a.owner,
+            Owner::Attributed(_) | Owner::Verified(_) | Owner::Unknown
+        )
 }
 
 /// Applies a check's answer to an anomaly.
