@@ -916,6 +916,8 @@ struct Parse {
     /// test name -> panic message lines.
     panics: BTreeMap<String, Vec<String>>,
     current_panic: Option<String>,
+    /// The daemon's own error lines (why it did not start), deduplicated.
+    daemon_errors: Vec<String>,
 }
 
 fn run_guest(
@@ -1086,6 +1088,9 @@ fn run_guest(
                 .unwrap_or_else(|| "(no panic message seen)".to_owned());
             why.push(format!("{failed}: {message}"));
         }
+        if !why.is_empty() {
+            why.extend(p.daemon_errors.iter().map(|e| format!("daemon said: {e}")));
+        }
         cell.verdict = if why.is_empty() && p.failed.is_empty() {
             Verdict::Pass { passed: p.passed }
         } else {
@@ -1102,6 +1107,12 @@ fn run_guest(
 /// One line of libtest output (with the daemon's stderr interleaved).
 fn parse_libtest_line(p: &mut Parse, line: &str, spec: &str) {
     let trimmed = line.trim();
+    if let Some(pos) = trimmed.find("tcpstate: error:") {
+        let error: String = trimmed[pos..].chars().take(300).collect();
+        if p.daemon_errors.len() < 3 && !p.daemon_errors.contains(&error) {
+            p.daemon_errors.push(error);
+        }
+    }
     // "test foo::bar ... ok" / "... FAILED" / "... ignored"; another
     // process's output can precede it on the same line.
     if let Some(pos) = line.find("test ")
