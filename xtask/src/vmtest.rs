@@ -11,7 +11,8 @@
 //! - `venv/`: virtme-ng (PyPI), which boots the kernel with the host's root
 //!   shared read-only over 9p, so the guest runs the test binaries that the
 //!   host built, in place.
-//! - `qemu-system-x86`, `busybox-static` (virtme-ng's initramfs) and `udev`
+//! - `qemu-system-x86` (the version of an installed qemu-utils, see
+//!   [`ensure_qemu`]), `busybox-static` (virtme-ng's initramfs) and `udev`
 //!   (virtme-ng's guest init names its virtio-serial ports with it) are
 //!   installed system-wide with apt-get; `udev` pinned to the installed
 //!   `libudev1` so that nothing else gets upgraded.
@@ -67,6 +68,7 @@ const VIRTME_NG_VERSION: &str = "1.42";
 /// trixie-backports 7.3.
 const SUITES: &[&str] = &["bullseye", "bookworm", "trixie", "trixie-backports", "sid"];
 const MIRROR: &str = "http://deb.debian.org/debian";
+const SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Tests that cannot work on some kernels for a known reason: reported as
@@ -261,7 +263,7 @@ fn secs(d: Duration) -> String {
 
 /// qemu, busybox, udev and the virtme-ng venv. Returns the venv's `bin/`.
 fn ensure_host_tools(dir: &Path) -> Result<PathBuf> {
-    ensure_package("qemu-system-x86_64", &["qemu-system-x86"])?;
+    ensure_qemu(dir)?;
     // virtme-ng builds its initramfs with busybox.
     ensure_package("busybox", &["busybox-static"])?;
     ensure_udev()?;
@@ -278,6 +280,102 @@ fn ensure_package(bin: &str, packages: &[&str]) -> Result<()> {
     apt_get_install(&what, &["--no-install-recommends"], packages)?;
     which(bin).with_context(|| format!("installed {} but `{bin}` is not on PATH", packages[0]))?;
     step(&what, "installed");
+    Ok(())
+}
+
+/// qemu-system-x86. These machines come with bookworm-backports' qemu-utils
+/// (10.x), which Breaks bookworm's qemu-system-common (7.2): a plain
+/// `apt-get install qemu-system-x86` would remove it. So when a qemu-utils is
+/// installed, qemu-system-x86 of the same version is installed, from the
+/// system's suites plus their backports (a private sources list: the system's
+/// stays as it is).
+fn ensure_qemu(dir: &Path) -> Result<()> {
+    const WHAT: &str = "qemu-system-x86_64 (qemu-system-x86)";
+    if let Some(path) = which("qemu-system-x86_64") {
+        step(WHAT, format_args!("present ({})", path.display()));
+        return Ok(());
+    }
+    let utils = probe(Command::new("dpkg-query").args([
+        "-W",
+        "-f",
+        "${db:Status-Abbrev} ${Version}",
+        "qemu-utils",
+    ]))
+    .and_then(|s| s.strip_prefix("ii ").map(|v| v.trim().to_owned()))
+    .filter(|v| !v.is_empty());
+    let codename = fs::read_to_string("/etc/os-release").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+            .map(|c| c.trim_matches('"').to_owned())
+    });
+    match (utils, codename) {
+        (Some(version), Some(codename)) if !codename.is_empty() => {
+            // From backports (where a `~bpo` qemu-utils came from), qemu
+            // and its dependencies come from there, with qemu-utils moving
+            // along if backports moved on; else the exact version.
+            let wanted: Vec<String> = if version.contains("~bpo") {
+                vec![
+                    "-t".to_owned(),
+                    format!("{codename}-backports"),
+                    "qemu-system-x86".to_owned(),
+                    "qemu-utils".to_owned(),
+                ]
+            } else {
+                vec![format!("qemu-system-x86={version}")]
+            };
+            step(
+                WHAT,
+                format_args!(
+                    "missing; installing {} to match the installed qemu-utils {version}",
+                    wanted.join(" ")
+                ),
+            );
+            let apt = dir.join("apt-host");
+            for sub in ["lists/partial", "cache/archives/partial"] {
+                fs::create_dir_all(apt.join(sub))?;
+            }
+            let sources: String = [
+                (MIRROR, codename.clone()),
+                (MIRROR, format!("{codename}-updates")),
+                (MIRROR, format!("{codename}-backports")),
+                (SECURITY_MIRROR, format!("{codename}-security")),
+            ]
+            .iter()
+            .map(|(mirror, suite)| format!("deb [signed-by={KEYRING}] {mirror} {suite} main\n"))
+            .collect();
+            fs::write(apt.join("sources.list"), sources)?;
+            let apt_get = |args: &[&str]| {
+                let opt = |k: &str, v: PathBuf| format!("{k}={}", v.display());
+                let mut cmd = Command::new("apt-get");
+                cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
+                    "-o",
+                    &opt("Dir::Etc::SourceList", apt.join("sources.list")),
+                    "-o",
+                    "Dir::Etc::SourceParts=/dev/null",
+                    "-o",
+                    &opt("Dir::State::Lists", apt.join("lists")),
+                    "-o",
+                    &opt("Dir::Cache", apt.join("cache")),
+                    "-o",
+                    "APT::Sandbox::User=root",
+                ]);
+                cmd.args(args);
+                cmd
+            };
+            run(&mut apt_get(&["-q", "update"]))?;
+            // --no-remove: fail rather than take anything away.
+            run(
+                apt_get(&["install", "-y", "--no-install-recommends", "--no-remove"]).args(&wanted),
+            )?;
+        }
+        _ => {
+            step(WHAT, "missing; installing");
+            apt_get_install(WHAT, &["--no-install-recommends"], &["qemu-system-x86"])?;
+        }
+    }
+    let path = which("qemu-system-x86_64")
+        .context("installed qemu-system-x86 but qemu-system-x86_64 is not on PATH")?;
+    step(WHAT, format_args!("installed ({})", path.display()));
     Ok(())
 }
 
