@@ -109,10 +109,33 @@ pub enum LoadError {
     /// The verifier's log is hundreds of lines: `why` is its last ones, on one line.
     #[error("the kernel rejected the program: {why}{}", hint(*.needs_root))]
     Rejected { why: String, needs_root: bool },
+    /// A helper the program calls is newer than the kernel: the verifier's words alone
+    /// (`invalid func unknown#158`) tell the user nothing.
+    #[error(
+        "this kernel lacks BPF helper {helper} (Linux {since} or later); tcpstate cannot run here ({why})"
+    )]
+    TooOld {
+        helper: &'static str,
+        since: &'static str,
+        why: String,
+    },
     #[error("the eBPF object is broken: {0}")]
     Object(String),
     #[error(transparent)]
     Ring(#[from] ring::RingError),
+}
+
+/// The helper a verifier log says the kernel does not know (`invalid func unknown#ID`), by the
+/// ids the program calls that are newest: its name and the first kernel that has it.
+fn missing_helper(log: &str) -> Option<(&'static str, &'static str)> {
+    const NEWEST: [(u32, &str, &str); 2] = [
+        (158, "bpf_get_current_task_btf", "5.11"),
+        (136, "bpf_skc_to_tcp_sock", "5.9"),
+    ];
+    NEWEST.iter().find_map(|&(id, name, since)| {
+        log.contains(&format!("invalid func unknown#{id}"))
+            .then_some((name, since))
+    })
 }
 
 fn hint(needs_root: bool) -> &'static str {
@@ -266,6 +289,13 @@ fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<std::os::fd::OwnedFd, LoadE
             .take(4)
             .collect();
         why.reverse();
+        if let Some((helper, since)) = missing_helper(&full) {
+            return LoadError::TooOld {
+                helper,
+                since,
+                why: why.join(" | "),
+            };
+        }
         LoadError::Rejected {
             why: why.join(" | "),
             needs_root,
@@ -360,4 +390,18 @@ fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
         )
     };
     (rc == 0).then_some(info)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Issue 22: on 5.10 the verifier says only `invalid func unknown#158`.
+    #[test]
+    fn a_missing_helper_is_named_with_the_kernel_it_needs() {
+        let log = "; let task = ...\n123: (85) call unknown#158\ninvalid func unknown#158\n";
+        assert_eq!(
+            super::missing_helper(log),
+            Some(("bpf_get_current_task_btf", "5.11"))
+        );
+        assert_eq!(super::missing_helper("R1 invalid mem access"), None);
+    }
 }

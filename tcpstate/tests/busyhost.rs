@@ -288,7 +288,7 @@ fn pre_fork_server(ns: &Netns, p: u16, n: usize) -> (std::process::Child, u32, u
             let _ = tx.send(line);
         }
     });
-    let parent = rx.recv_timeout(Duration::from_secs(10)).expect("parent");
+    let parent = rx.recv_timeout(Duration::from_secs(30)).expect("parent");
     let pid = |line: &str, who: &str| -> u32 {
         line.strip_prefix(who)
             .and_then(|p| p.trim().parse().ok())
@@ -300,7 +300,7 @@ fn pre_fork_server(ns: &Netns, p: u16, n: usize) -> (std::process::Child, u32, u
         let ready = ns.run(move || TcpStream::connect(("127.0.0.1", p)).map(drop));
         ready.expect("client");
     }
-    let worker = rx.recv_timeout(Duration::from_secs(10)).expect("worker");
+    let worker = rx.recv_timeout(Duration::from_secs(30)).expect("worker");
     (child, parent, pid(&worker, "worker"))
 }
 

@@ -7,6 +7,7 @@ mod fuzz;
 mod setup;
 mod soak;
 mod test;
+mod vmtest;
 
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -43,7 +44,8 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, check formatting, run clippy (host and eBPF crates), then
-    /// `cargo test --release`. What CI runs.
+    /// `cargo test --release`, the fuzz smoke and the kernel matrix (vmtest;
+    /// TCPSTATE_VMTEST=0 leaves it out). What CI runs.
     Test {
         /// Skip rustfmt and clippy, for fast iteration.
         #[arg(long)]
@@ -59,6 +61,10 @@ enum Task {
     /// Build, then write the man page and shell completions (generated from
     /// tcpstate's own clap definition) to <target>/dist.
     Dist,
+    /// Boot Debian's kernels in QEMU (virtme-ng) and run the real-kernel
+    /// integration tests in each; prints a kernel x test matrix. Fetches and
+    /// caches kernels and tools under <target>/vmtest (needs root).
+    Vmtest(vmtest::VmtestArgs),
     /// Set up, then run the fuzz targets (cargo-fuzz, nightly) from the
     /// checked-in corpus: every target, or the one named.
     Fuzz {
@@ -88,6 +94,7 @@ fn main() -> ExitCode {
         Task::Run { args } => Err(run_tcpstate(&args)),
         Task::Test { no_lint, args } => test::test(no_lint, &args),
         Task::Bench(args) => bench::bench(&args),
+        Task::Vmtest(args) => vmtest::vmtest(&args, true),
         Task::Dist => dist(),
         Task::Soak {
             minutes,

@@ -278,25 +278,37 @@ pub fn ensure_apt_package(bin: &str, package: &str) -> Result<PathBuf> {
              `sudo apt-get install -y {package}`"
         );
     }
+    step(&what, format_args!("missing; installing {package}"));
+    apt_get_install(&what, &[], &[package])?;
+    let path = which(bin)
+        .with_context(|| format!("installed {package} but `{bin}` is still not on PATH"))?;
+    step(&what, format_args!("installed ({})", path.display()));
+    Ok(path)
+}
+
+/// `apt-get install -y OPTIONS PACKAGES` (as root); on failure, one
+/// `apt-get update` and a retry. `what` names the step in progress lines.
+pub fn apt_get_install(what: &str, options: &[&str], packages: &[&str]) -> Result<()> {
     let apt_get = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");
         cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
-    step(&what, format_args!("missing; installing {package}"));
-    if run(&mut apt_get(&["install", "-y", package])).is_err() {
+    let install = || {
+        let mut cmd = apt_get(&["install", "-y"]);
+        cmd.args(options).args(packages);
+        cmd
+    };
+    if run(&mut install()).is_err() {
         // Package lists are often absent or stale (fresh containers): refresh once.
         step(
-            &what,
+            what,
             "apt-get install failed; running apt-get update and retrying",
         );
         run(&mut apt_get(&["update"]))?;
-        run(&mut apt_get(&["install", "-y", package]))?;
+        run(&mut install())?;
     }
-    let path = which(bin)
-        .with_context(|| format!("installed {package} but `{bin}` is still not on PATH"))?;
-    step(&what, format_args!("installed ({})", path.display()));
-    Ok(path)
+    Ok(())
 }
 
 /// Step 6: tracefs mounted, for the benchmark's peers (libbpf-tools `tcpstates`, bpftrace),

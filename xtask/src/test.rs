@@ -2,19 +2,39 @@
 //! first failure stops everything with one line naming the step.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
 use crate::cmd::{NIGHTLY, probe, run, rustup_run, show, stable_cargo, workspace_root};
 use crate::setup::{ensure_nightly_component, setup};
+use crate::vmtest;
 
 /// Each fuzz target's run in `cargo xtask test`.
 const FUZZ_SMOKE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Opt-out of the kernel matrix, for developers: `TCPSTATE_VMTEST=0`.
+const VMTEST_ENV: &str = "TCPSTATE_VMTEST";
+
+/// One step of the run: a command, or a task of xtask's own.
+enum Step {
+    Command(Command),
+    FuzzSmoke,
+    Vmtest,
+}
+
 pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
+    let started = Instant::now();
     setup()?;
 
-    let mut steps: Vec<(&str, Command)> = if no_lint { Vec::new() } else { lints()? };
+    let mut steps: Vec<(&str, Step)> = if no_lint {
+        Vec::new()
+    } else {
+        lints()?
+            .into_iter()
+            .map(|(name, cmd)| (name, Step::Command(cmd)))
+            .collect()
+    };
 
     // --release so the integration tests' CARGO_BIN_EXE_tcpstate is the same
     // target/release/tcpstate that `cargo xtask build` produces.
@@ -28,35 +48,89 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
             "tcpstate-ebpf",
         ])
         .args(cargo_test_args);
-    steps.push(("cargo test", cargo_test));
+    steps.push(("cargo test", Step::Command(cargo_test)));
     // The busy-host soak, short form, alone (ignored by the workspace run above).
     if cargo_test_args.is_empty() {
-        steps.push(("soak (short)", crate::soak::command(None, None)));
+        steps.push((
+            "soak (short)",
+            Step::Command(crate::soak::command(None, None)),
+        ));
     }
 
-    // The whole suite (what CI runs) ends with the fuzz smoke; a narrowed
-    // run (`--no-lint`, or test arguments) leaves it out.
-    let fuzz_smoke = !no_lint && cargo_test_args.is_empty();
-    let total = steps.len() + usize::from(fuzz_smoke);
-    for (index, (name, mut cmd)) in steps.into_iter().enumerate() {
-        println!(
-            "\n==> xtask test [{}/{total}] {name}: {}",
-            index + 1,
-            show(&cmd)
-        );
-        run(&mut cmd).with_context(|| format!("test step '{name}' failed"))?;
+    // The whole suite (what CI runs) ends with the fuzz smoke and the kernel
+    // matrix; a narrowed run (`--no-lint`, or test arguments) leaves them out.
+    let whole = !no_lint && cargo_test_args.is_empty();
+    let vmtest_opted_out = std::env::var(VMTEST_ENV).as_deref() == Ok("0");
+    if whole {
+        // The fuzz targets, briefly, from the checked-in corpus: a parser that
+        // regressed on a known input fails here.
+        steps.push(("fuzz smoke", Step::FuzzSmoke));
+        if !vmtest_opted_out {
+            steps.push(("kernel matrix (vmtest)", Step::Vmtest));
+        }
     }
-    // The fuzz targets, briefly, from the checked-in corpus: a parser that
-    // regressed on a known input fails here.
-    if fuzz_smoke {
+
+    let total = steps.len();
+    let mut times: Vec<(&str, Duration)> = Vec::new();
+    for (index, (name, step)) in steps.into_iter().enumerate() {
+        let t = Instant::now();
+        let result = match step {
+            Step::Command(mut cmd) => {
+                println!(
+                    "\n==> xtask test [{}/{total}] {name}: {}",
+                    index + 1,
+                    show(&cmd)
+                );
+                run(&mut cmd)
+            }
+            Step::FuzzSmoke => {
+                println!(
+                    "\n==> xtask test [{}/{total}] {name}: every target for {}s",
+                    index + 1,
+                    FUZZ_SMOKE.as_secs()
+                );
+                crate::fuzz::fuzz(None, FUZZ_SMOKE)
+            }
+            Step::Vmtest => {
+                println!(
+                    "\n==> xtask test [{}/{total}] {name}: kernels {} ({VMTEST_ENV}=0 skips it)",
+                    index + 1,
+                    vmtest::DEFAULT_KERNELS.join(", ")
+                );
+                vmtest::vmtest(&vmtest::VmtestArgs::default(), false)
+            }
+        };
+        times.push((name, t.elapsed()));
         println!(
-            "\n==> xtask test [{total}/{total}] fuzz smoke: every target for {}s",
-            FUZZ_SMOKE.as_secs()
+            "xtask test: step '{name}' took {:.0} s",
+            t.elapsed().as_secs_f64()
         );
-        crate::fuzz::fuzz(None, FUZZ_SMOKE).context("test step 'fuzz smoke' failed")?;
+        if let Err(err) = result {
+            print_times(&times, started);
+            return Err(err).with_context(|| format!("test step '{name}' failed"));
+        }
+    }
+    print_times(&times, started);
+    if whole && vmtest_opted_out {
+        println!(
+            "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+             !!! {VMTEST_ENV}=0: the kernel matrix (vmtest) was NOT run: this change\n\
+             !!! is proven on the host's kernel only. CI runs it.\n\
+             !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+        );
+    } else if !whole {
+        println!("xtask test: a narrowed run; the fuzz smoke and the kernel matrix were not run");
     }
     println!("\nxtask: all {total} test steps passed");
     Ok(())
+}
+
+fn print_times(times: &[(&str, Duration)], started: Instant) {
+    println!("\nxtask test: step times");
+    for (name, took) in times {
+        println!("  {:>6.0} s  {name}", took.as_secs_f64());
+    }
+    println!("  {:>6.0} s  total", started.elapsed().as_secs_f64());
 }
 
 /// fmt and clippy (the host crates, then the eBPF crate on its own).

@@ -1,0 +1,1325 @@
+//! `cargo xtask vmtest`: the real-kernel integration tests, run inside QEMU
+//! guests booted with Debian's kernels, so that a change is proven on the
+//! kernels users run and not only on the host's.
+//!
+//! Everything it needs is fetched once and cached under `<target>/vmtest/`:
+//! - `kernels/<spec>/`: the kernel packages of the version asked, unpacked
+//!   (`boot/vmlinuz-<release>`, `lib/modules/<release>/` with a `depmod`),
+//!   found through a private apt configuration (`apt/`) that leaves the
+//!   system's sources alone. `kernel.txt` says what was fetched; delete the
+//!   directory to fetch the newest one again.
+//! - `venv/`: virtme-ng (PyPI), which boots the kernel with the host's root
+//!   shared read-only over 9p, so the guest runs the test binaries that the
+//!   host built, in place.
+//! - `qemu-system-x86` (the version of an installed qemu-utils, see
+//!   [`ensure_qemu`]), `busybox-static` (virtme-ng's initramfs) and `udev`
+//!   (virtme-ng's guest init names its virtio-serial ports with it) are
+//!   installed system-wide with apt-get; `udev` pinned to the installed
+//!   `libudev1` so that nothing else gets upgraded.
+//!
+//! Each kernel boots once and runs the chosen test binaries one after the
+//! other; their libtest output is read for each test's verdict.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead as _, BufReader, Read, Write as _};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd::{capture, euid, probe, run, show, stable_cargo, step, which, workspace_root};
+use crate::setup::apt_get_install;
+
+/// What `cargo xtask test` boots: Debian 12's kernel, and the newest 7.x that
+/// Debian serves (sid or trixie-backports, whichever is newer).
+pub const DEFAULT_KERNELS: &[&str] = &["6.1", "7"];
+
+/// The integration test binaries run in each guest: between them they load
+/// every program, attach every hook and read every BTF-resolved offset
+/// (pipeline: transitions and both families; closepath: FIN_WAIT2/TIME_WAIT
+/// and the TIME_WAIT offsets; anomalies and busyhost: retransmits, resets,
+/// SYN_RECV, ring losses; workloads: cgroup ids and naming; signals and kill:
+/// reload, SOCK_DESTROY; reconcile: sock_diag against the table). The other
+/// binaries (cli, outputs, tail, packaging, service, faults) test userspace
+/// behaviour that the kernel does not change, and stay on the host.
+pub const DEFAULT_TESTS: &[&str] = &[
+    "pipeline",
+    "closepath",
+    "anomalies",
+    "busyhost",
+    "workloads",
+    "signals",
+    "reconcile",
+    "kill",
+];
+
+/// virtme-ng release known to boot Debian's kernels here (`--force-9p`).
+const VIRTME_NG: &str = "virtme-ng==1.42";
+const VIRTME_NG_VERSION: &str = "1.42";
+
+/// Suites of Debian's registry searched for a kernel; a spec (`6.1`, `7`)
+/// takes the newest `linux-image-amd64` among them whose version starts with
+/// it. Today: bullseye 5.10, bookworm 6.1, trixie 6.12, sid 7.2,
+/// trixie-backports 7.3.
+const SUITES: &[&str] = &["bullseye", "bookworm", "trixie", "trixie-backports", "sid"];
+const MIRROR: &str = "http://deb.debian.org/debian";
+const SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
+const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// Tests that cannot work on some kernels for a known reason: reported as
+/// "not applicable: REASON" in the matrix (never as a pass) and not run
+/// there. `test` is a binary name, or `binary::test_name` for one test.
+/// Empty today: every default test is expected to pass on every default kernel.
+struct NotApplicable {
+    /// Kernels below this version (major, minor) are concerned.
+    below: (u32, u32),
+    test: &'static str,
+    reason: &'static str,
+}
+const NOT_APPLICABLE: &[NotApplicable] = &[];
+
+#[derive(clap::Args)]
+pub struct VmtestArgs {
+    /// Kernel version to boot, as Debian serves it: `6.1`, `6.12`, `7.2`,
+    /// `5.10`, or a major (`7`: the newest 7.x). Repeatable.
+    /// Default: 6.1 and the newest 7.x.
+    #[arg(long = "kernel")]
+    pub kernels: Vec<String>,
+    /// Integration test binary to run in each guest (repeatable); default:
+    /// pipeline closepath anomalies busyhost workloads signals reconcile kill.
+    #[arg(long = "test")]
+    pub tests: Vec<String>,
+    /// vCPUs of each guest (QEMU TCG when KVM does not work).
+    #[arg(long, default_value_t = 4)]
+    pub cpus: u32,
+    /// Guest memory.
+    #[arg(long, default_value = "4G")]
+    pub memory: String,
+    /// Give up on a guest after this long (the tests' own output says where).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl Default for VmtestArgs {
+    fn default() -> Self {
+        Self {
+            kernels: Vec::new(),
+            tests: Vec::new(),
+            cpus: 4,
+            memory: "4G".to_owned(),
+            timeout: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// A kernel unpacked in the cache.
+struct Kernel {
+    spec: String,
+    /// `uname -r`, e.g. 6.1.0-50-amd64.
+    release: String,
+    /// Debian package version, e.g. 6.1.176-1.
+    version: String,
+    suite: String,
+    root: PathBuf,
+}
+
+impl Kernel {
+    fn vmlinuz(&self) -> PathBuf {
+        self.root
+            .join("boot")
+            .join(format!("vmlinuz-{}", self.release))
+    }
+
+    fn label(&self) -> String {
+        format!("{} ({} {})", self.spec, self.version, self.suite)
+    }
+
+    /// (major, minor) of the package version.
+    fn major_minor(&self) -> (u32, u32) {
+        let mut parts = self.version.split(['.', '-', '+', '~']);
+        let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (next(), next())
+    }
+}
+
+/// The verdict of one test binary on one kernel.
+#[derive(Clone)]
+enum Verdict {
+    Pass {
+        passed: u32,
+    },
+    Fail {
+        passed: u32,
+        failed: Vec<String>,
+        why: String,
+    },
+    NotApplicable(String),
+}
+
+struct Cell {
+    verdict: Verdict,
+    time: Option<Duration>,
+    /// Tests of this binary skipped as not applicable, with the reason.
+    not_applicable: Vec<(String, String)>,
+}
+
+/// `cargo xtask vmtest`. `standalone` runs `setup` first (under `cargo xtask
+/// test` it has just run).
+pub fn vmtest(args: &VmtestArgs, standalone: bool) -> Result<()> {
+    let started = Instant::now();
+    if standalone {
+        crate::setup::setup()?;
+    }
+    let specs: Vec<String> = if args.kernels.is_empty() {
+        DEFAULT_KERNELS.iter().map(|&k| k.to_owned()).collect()
+    } else {
+        args.kernels.clone()
+    };
+    let tests: Vec<String> = if args.tests.is_empty() {
+        DEFAULT_TESTS.iter().map(|&t| t.to_owned()).collect()
+    } else {
+        args.tests.clone()
+    };
+    if euid()? != 0 {
+        bail!("vmtest installs packages with apt-get and the tests run as root: run it as root");
+    }
+    let dir = crate::target_dir()?.join("vmtest");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+
+    let t = Instant::now();
+    let vng = ensure_host_tools(&dir)?;
+    let kernels = ensure_kernels(&dir, &specs)?;
+    println!(
+        "xtask vmtest: tools and kernels ready in {}",
+        secs(t.elapsed())
+    );
+
+    let t = Instant::now();
+    let binaries = build_test_binaries()?;
+    for name in &tests {
+        if !binaries.contains_key(name) {
+            bail!(
+                "no integration test binary `{name}` (have: {})",
+                binaries.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    println!("xtask vmtest: test binaries ready in {}", secs(t.elapsed()));
+
+    let kvm = kvm_works(&dir, &vng, &kernels[0])?;
+    let mut matrix: Vec<(String, Duration, BTreeMap<String, Cell>)> = Vec::new();
+    for kernel in &kernels {
+        let t = Instant::now();
+        let cells = run_guest(&dir, &vng, kernel, &tests, &binaries, args, kvm)?;
+        let took = t.elapsed();
+        println!(
+            "xtask vmtest: kernel {} done in {}",
+            kernel.label(),
+            secs(took)
+        );
+        matrix.push((kernel.label(), took, cells));
+    }
+
+    let report = render_matrix(&tests, &matrix, args.cpus, kvm);
+    println!("\n{report}");
+    let report_path = dir.join("matrix.txt");
+    fs::write(&report_path, &report)
+        .with_context(|| format!("cannot write {}", report_path.display()))?;
+    println!(
+        "xtask vmtest: {} in {} (matrix also in {}, guest logs in {})",
+        if any_failed(&matrix) {
+            "FAILED"
+        } else {
+            "passed"
+        },
+        secs(started.elapsed()),
+        report_path.display(),
+        dir.join("logs").display()
+    );
+    if any_failed(&matrix) {
+        bail!("tests failed in the kernel matrix (see the failures above)");
+    }
+    Ok(())
+}
+
+fn any_failed(matrix: &[(String, Duration, BTreeMap<String, Cell>)]) -> bool {
+    matrix
+        .iter()
+        .flat_map(|(_, _, cells)| cells.values())
+        .any(|c| matches!(c.verdict, Verdict::Fail { .. }))
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.0} s", d.as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------
+// Host tools
+
+/// qemu, busybox, udev and the virtme-ng venv. Returns the venv's `bin/`.
+fn ensure_host_tools(dir: &Path) -> Result<PathBuf> {
+    ensure_qemu(dir)?;
+    // virtme-ng builds its initramfs with busybox.
+    ensure_package("busybox", &["busybox-static"])?;
+    ensure_udev()?;
+    ensure_venv(dir)
+}
+
+fn ensure_package(bin: &str, packages: &[&str]) -> Result<()> {
+    let what = format!("{bin} ({})", packages.join(" "));
+    if let Some(path) = which(bin) {
+        step(&what, format_args!("present ({})", path.display()));
+        return Ok(());
+    }
+    step(&what, "missing; installing");
+    apt_get_install(&what, &["--no-install-recommends"], packages)?;
+    which(bin).with_context(|| format!("installed {} but `{bin}` is not on PATH", packages[0]))?;
+    step(&what, "installed");
+    Ok(())
+}
+
+/// qemu-system-x86. These machines come with bookworm-backports' qemu-utils
+/// (10.x), which Breaks bookworm's qemu-system-common (7.2): a plain
+/// `apt-get install qemu-system-x86` would remove it. So when a qemu-utils is
+/// installed, qemu-system-x86 of the same version is installed, from the
+/// system's suites plus their backports (a private sources list: the system's
+/// stays as it is).
+fn ensure_qemu(dir: &Path) -> Result<()> {
+    const WHAT: &str = "qemu-system-x86_64 (qemu-system-x86)";
+    if let Some(path) = which("qemu-system-x86_64") {
+        step(WHAT, format_args!("present ({})", path.display()));
+        return Ok(());
+    }
+    let utils = probe(Command::new("dpkg-query").args([
+        "-W",
+        "-f",
+        "${db:Status-Abbrev} ${Version}",
+        "qemu-utils",
+    ]))
+    .and_then(|s| s.strip_prefix("ii ").map(|v| v.trim().to_owned()))
+    .filter(|v| !v.is_empty());
+    let codename = fs::read_to_string("/etc/os-release").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+            .map(|c| c.trim_matches('"').to_owned())
+    });
+    match (utils, codename) {
+        (Some(version), Some(codename)) if !codename.is_empty() => {
+            // From backports (where a `~bpo` qemu-utils came from), qemu
+            // and its dependencies come from there, with qemu-utils moving
+            // along if backports moved on; else the exact version.
+            let wanted: Vec<String> = if version.contains("~bpo") {
+                vec![
+                    "-t".to_owned(),
+                    format!("{codename}-backports"),
+                    "qemu-system-x86".to_owned(),
+                    "qemu-utils".to_owned(),
+                ]
+            } else {
+                vec![format!("qemu-system-x86={version}")]
+            };
+            step(
+                WHAT,
+                format_args!(
+                    "missing; installing {} to match the installed qemu-utils {version}",
+                    wanted.join(" ")
+                ),
+            );
+            let apt = dir.join("apt-host");
+            for sub in ["lists/partial", "cache/archives/partial"] {
+                fs::create_dir_all(apt.join(sub))?;
+            }
+            let sources: String = [
+                (MIRROR, codename.clone()),
+                (MIRROR, format!("{codename}-updates")),
+                (MIRROR, format!("{codename}-backports")),
+                (SECURITY_MIRROR, format!("{codename}-security")),
+            ]
+            .iter()
+            .map(|(mirror, suite)| format!("deb [signed-by={KEYRING}] {mirror} {suite} main\n"))
+            .collect();
+            fs::write(apt.join("sources.list"), sources)?;
+            let apt_get = |args: &[&str]| {
+                let opt = |k: &str, v: PathBuf| format!("{k}={}", v.display());
+                let mut cmd = Command::new("apt-get");
+                cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
+                    "-o",
+                    &opt("Dir::Etc::SourceList", apt.join("sources.list")),
+                    "-o",
+                    "Dir::Etc::SourceParts=/dev/null",
+                    "-o",
+                    &opt("Dir::State::Lists", apt.join("lists")),
+                    "-o",
+                    &opt("Dir::Cache", apt.join("cache")),
+                    "-o",
+                    "APT::Sandbox::User=root",
+                ]);
+                cmd.args(args);
+                cmd
+            };
+            run(&mut apt_get(&["-q", "update"]))?;
+            // --no-remove: fail rather than take anything away.
+            run(
+                apt_get(&["install", "-y", "--no-install-recommends", "--no-remove"]).args(&wanted),
+            )?;
+        }
+        _ => {
+            step(WHAT, "missing; installing");
+            apt_get_install(WHAT, &["--no-install-recommends"], &["qemu-system-x86"])?;
+        }
+    }
+    let path = which("qemu-system-x86_64")
+        .context("installed qemu-system-x86 but qemu-system-x86_64 is not on PATH")?;
+    step(WHAT, format_args!("installed ({})", path.display()));
+    Ok(())
+}
+
+/// systemd-udevd, for virtme-ng's guest init: without it the guest's
+/// virtio-serial ports have no names and the command's output and exit code
+/// are lost. Pinned to the installed libudev1 so that installing it upgrades
+/// nothing else; if apt no longer has that version, both move together.
+fn ensure_udev() -> Result<()> {
+    const WHAT: &str = "udev (systemd-udevd)";
+    let udevd = [
+        "/lib/systemd/systemd-udevd",
+        "/usr/lib/systemd/systemd-udevd",
+    ];
+    if let Some(path) = udevd.iter().find(|p| Path::new(p).is_file()) {
+        step(WHAT, format_args!("present ({path})"));
+        return Ok(());
+    }
+    let libudev = probe(Command::new("dpkg-query").args(["-W", "-f", "${Version}", "libudev1"]))
+        .filter(|v| !v.trim().is_empty());
+    match libudev {
+        Some(version) => {
+            let pinned = format!("udev={}", version.trim());
+            step(WHAT, format_args!("missing; installing {pinned}"));
+            if let Err(err) = apt_get_install(WHAT, &["--no-install-recommends"], &[&pinned]) {
+                step(
+                    WHAT,
+                    format_args!("{err:#}; installing udev and libudev1 together"),
+                );
+                apt_get_install(WHAT, &["--no-install-recommends"], &["udev", "libudev1"])?;
+            }
+        }
+        None => apt_get_install(WHAT, &["--no-install-recommends"], &["udev"])?,
+    }
+    if !udevd.iter().any(|p| Path::new(p).is_file()) {
+        bail!("installed udev but systemd-udevd is not in /lib/systemd or /usr/lib/systemd");
+    }
+    step(WHAT, "installed");
+    Ok(())
+}
+
+/// virtme-ng in `<dir>/venv`. Returns the venv's `bin/` (vng runs
+/// `virtme-run` from PATH, so it goes first on the guest runner's PATH).
+fn ensure_venv(dir: &Path) -> Result<PathBuf> {
+    let what = format!("virtme-ng {VIRTME_NG_VERSION}");
+    let venv = dir.join("venv");
+    let bin = venv.join("bin");
+    let vng = bin.join("vng");
+    if let Some(version) = probe(Command::new(&vng).arg("--version"))
+        && version.contains(VIRTME_NG_VERSION)
+    {
+        step(&what, format_args!("present ({})", venv.display()));
+        return Ok(bin);
+    }
+    step(
+        &what,
+        format_args!("missing; installing in {}", venv.display()),
+    );
+    if venv.exists() {
+        fs::remove_dir_all(&venv).with_context(|| format!("cannot remove {}", venv.display()))?;
+    }
+    // Debian's python3 first: a pyenv shim on PATH may point anywhere.
+    let python = ["/usr/bin/python3"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .or_else(|| which("python3"))
+        .context("python3 is not installed (virtme-ng is a Python program)")?;
+    let mut make_venv = Command::new(&python);
+    make_venv.arg("-m").arg("venv").arg(&venv);
+    if run(&mut make_venv).is_err() {
+        // Debian splits ensurepip into python3-venv.
+        let _ = fs::remove_dir_all(&venv);
+        apt_get_install(&what, &["--no-install-recommends"], &["python3-venv"])?;
+        run(&mut make_venv)?;
+    }
+    run(Command::new(bin.join("pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        VIRTME_NG,
+    ]))?;
+    let version = capture(Command::new(&vng).arg("--version"))?;
+    step(&what, format_args!("installed ({})", version.trim()));
+    Ok(bin)
+}
+
+// ---------------------------------------------------------------------------
+// Kernels
+
+/// Apt with its own sources, lists and cache under `<dir>/apt`.
+struct Apt {
+    dir: PathBuf,
+    updated: bool,
+}
+
+impl Apt {
+    fn new(dir: &Path) -> Result<Self> {
+        let apt = dir.join("apt");
+        for sub in ["lists/partial", "cache/archives/partial"] {
+            fs::create_dir_all(apt.join(sub))
+                .with_context(|| format!("cannot create {}", apt.join(sub).display()))?;
+        }
+        let sources: String = SUITES
+            .iter()
+            .map(|suite| format!("deb [signed-by={KEYRING}] {MIRROR} {suite} main\n"))
+            .collect();
+        fs::write(apt.join("sources.list"), sources)
+            .with_context(|| format!("cannot write {}", apt.join("sources.list").display()))?;
+        Ok(Self {
+            dir: apt,
+            updated: false,
+        })
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        let opt = |k: &str, v: &Path| format!("{k}={}", v.display());
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
+            "-o",
+            &opt("Dir::Etc::SourceList", &self.dir.join("sources.list")),
+            "-o",
+            "Dir::Etc::SourceParts=/dev/null",
+            "-o",
+            &opt("Dir::State::Lists", &self.dir.join("lists")),
+            "-o",
+            &opt("Dir::Cache", &self.dir.join("cache")),
+            "-o",
+            "APT::Architecture=amd64",
+            // Downloads land in our own directory, which _apt may not reach.
+            "-o",
+            "APT::Sandbox::User=root",
+        ]);
+        cmd
+    }
+
+    fn update(&mut self) -> Result<()> {
+        if !self.updated {
+            step("kernel package lists", "apt-get update (private sources)");
+            run(self.command("apt-get").args(["-q", "update"]))?;
+            self.updated = true;
+        }
+        Ok(())
+    }
+
+    /// The first stanza of `apt-cache show PKG` (`name=version` or `name/suite`).
+    fn show(&self, pkg: &str) -> Option<BTreeMap<String, String>> {
+        let text = probe(self.command("apt-cache").args(["show", pkg]))?;
+        let stanza = text.split("\n\n").next()?;
+        let mut fields = BTreeMap::new();
+        for line in stanza.lines() {
+            if let Some((key, value)) = line.split_once(':')
+                && !line.starts_with(' ')
+            {
+                fields.insert(key.to_owned(), value.trim().to_owned());
+            }
+        }
+        Some(fields)
+    }
+}
+
+fn version_gt(a: &str, b: &str) -> bool {
+    Command::new("dpkg")
+        .args(["--compare-versions", a, "gt", b])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn ensure_kernels(dir: &Path, specs: &[String]) -> Result<Vec<Kernel>> {
+    let mut apt: Option<Apt> = None;
+    let mut kernels = Vec::new();
+    for spec in specs {
+        if spec.is_empty() || !spec.chars().all(|c| c.is_ascii_digit() || c == '.') {
+            bail!("--kernel {spec:?}: give a version such as 6.1, 6.12, 7.2 or 7");
+        }
+        let root = dir.join("kernels").join(spec);
+        if let Some(kernel) = read_kernel(spec, &root) {
+            step(
+                &format!("kernel {spec}"),
+                format_args!(
+                    "cached ({} {}, {})",
+                    kernel.version,
+                    kernel.suite,
+                    root.display()
+                ),
+            );
+            kernels.push(kernel);
+            continue;
+        }
+        let apt = match &mut apt {
+            Some(apt) => apt,
+            None => apt.insert(Apt::new(dir)?),
+        };
+        kernels.push(fetch_kernel(apt, dir, spec, &root)?);
+    }
+    Ok(kernels)
+}
+
+fn read_kernel(spec: &str, root: &Path) -> Option<Kernel> {
+    let text = fs::read_to_string(root.join("kernel.txt")).ok()?;
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    let kernel = Kernel {
+        spec: spec.to_owned(),
+        release: field("release")?,
+        version: field("version")?,
+        suite: field("suite")?,
+        root: root.to_owned(),
+    };
+    kernel.vmlinuz().is_file().then_some(kernel)
+}
+
+fn fetch_kernel(apt: &mut Apt, dir: &Path, spec: &str, root: &Path) -> Result<Kernel> {
+    let what = format!("kernel {spec}");
+    apt.update()?;
+    // The newest linux-image-amd64 among the suites whose version is the spec.
+    let prefix = format!("{spec}.");
+    let mut best: Option<(String, String)> = None;
+    let mut served = Vec::new();
+    for suite in SUITES {
+        let Some(version) = apt
+            .show(&format!("linux-image-amd64/{suite}"))
+            .and_then(|f| f.get("Version").cloned())
+        else {
+            continue;
+        };
+        served.push(format!("{suite} {version}"));
+        if version.starts_with(&prefix)
+            && best.as_ref().is_none_or(|(_, v)| version_gt(&version, v))
+        {
+            best = Some((suite.to_string(), version));
+        }
+    }
+    let Some((suite, version)) = best else {
+        bail!(
+            "Debian serves no {spec}.x kernel in {}; it serves: {}",
+            SUITES.join(", "),
+            served.join(", ")
+        );
+    };
+    // The metapackage's version-specific dependencies, recursively: the image
+    // (6.1: vmlinuz and modules in one package; 7.x: linux-image- depends on
+    // linux-binary-, linux-modules- and linux-base- of one version).
+    let mut wanted: Vec<String> = Vec::new();
+    let mut queue = vec![format!("linux-image-amd64={version}")];
+    while let Some(pkg) = queue.pop() {
+        let fields = apt
+            .show(&pkg)
+            .with_context(|| format!("apt-cache show {pkg} found nothing"))?;
+        for dep in fields
+            .get("Depends")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+        {
+            // The first alternative; `name (= version)` or `name (>= version)` or `name`.
+            let first = dep.split('|').next().unwrap_or("").trim();
+            let name = first.split([' ', '(']).next().unwrap_or("");
+            let versioned = name.starts_with("linux-")
+                && name.chars().any(|c| c.is_ascii_digit())
+                && !name.ends_with("-dbg");
+            if !versioned {
+                continue;
+            }
+            let exact = first
+                .split_once("(=")
+                .map(|(_, v)| v.trim_end_matches(')').trim().to_owned());
+            let spec = match exact {
+                Some(v) => format!("{name}={v}"),
+                None => format!("{name}/{suite}"),
+            };
+            if !wanted.contains(&spec) {
+                wanted.push(spec.clone());
+                queue.push(spec);
+            }
+        }
+    }
+    if wanted.is_empty() {
+        bail!("linux-image-amd64={version} ({suite}) depends on no kernel package");
+    }
+    step(
+        &what,
+        format_args!("fetching {version} from {suite}: {}", wanted.join(" ")),
+    );
+
+    let staging = dir.join("kernels").join(format!(".{spec}.tmp"));
+    if staging.exists() {
+        fs::remove_dir_all(&staging)
+            .with_context(|| format!("cannot remove {}", staging.display()))?;
+    }
+    let debs = staging.join("debs");
+    let unpacked = staging.join("x");
+    fs::create_dir_all(&debs).with_context(|| format!("cannot create {}", debs.display()))?;
+    run(apt
+        .command("apt-get")
+        .current_dir(&debs)
+        .arg("-q")
+        .arg("download")
+        .args(&wanted))?;
+    for deb in fs::read_dir(&debs)? {
+        let deb = deb?.path();
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    }
+    // Modules under lib/modules (6.1) or usr/lib/modules (7.x); vmlinuz in
+    // boot/ (6.1) or next to the modules (7.x).
+    let modules_parent = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|p| unpacked.join(p))
+        .find(|p| p.is_dir())
+        .context("the kernel packages have no lib/modules")?;
+    let release = fs::read_dir(&modules_parent)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.ends_with("-amd64"))
+        .context("no lib/modules/<release>-amd64 in the kernel packages")?;
+    let vmlinuz = [
+        unpacked.join("boot").join(format!("vmlinuz-{release}")),
+        modules_parent.join(&release).join("vmlinuz"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .with_context(|| format!("no vmlinuz for {release} in the kernel packages"))?;
+
+    let out = staging.join("out");
+    fs::create_dir_all(out.join("boot"))?;
+    fs::create_dir_all(out.join("lib/modules"))?;
+    fs::rename(
+        &vmlinuz,
+        out.join("boot").join(format!("vmlinuz-{release}")),
+    )?;
+    fs::rename(
+        modules_parent.join(&release),
+        out.join("lib/modules").join(&release),
+    )?;
+    // The packages leave modules.dep to their postinst; modprobe in the guest needs it.
+    run(Command::new("depmod").arg("-b").arg(&out).arg(&release))?;
+    fs::write(
+        out.join("kernel.txt"),
+        format!("release={release}\nversion={version}\nsuite={suite}\n"),
+    )?;
+    if root.exists() {
+        fs::remove_dir_all(root).with_context(|| format!("cannot remove {}", root.display()))?;
+    }
+    fs::rename(&out, root)
+        .with_context(|| format!("cannot move {} to {}", out.display(), root.display()))?;
+    fs::remove_dir_all(&staging).with_context(|| format!("cannot remove {}", staging.display()))?;
+    let kernel = read_kernel(spec, root).context("the unpacked kernel is incomplete")?;
+    step(
+        &what,
+        format_args!(
+            "{} ({version} {suite}) in {}",
+            kernel.release,
+            root.display()
+        ),
+    );
+    Ok(kernel)
+}
+
+// ---------------------------------------------------------------------------
+// Test binaries
+
+/// Builds the integration tests like the host suite does (same profile and
+/// packages, so nothing is rebuilt after it) and returns name -> executable.
+fn build_test_binaries() -> Result<BTreeMap<String, PathBuf>> {
+    let mut cargo = stable_cargo();
+    cargo.args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "tcpstate-ebpf",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    println!("xtask vmtest: {}", show(&cargo));
+    let out = cargo
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start `{}`", show(&cargo)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", show(&cargo), out.status);
+    }
+    let mut binaries = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = msg["reason"] == "compiler-artifact"
+            && msg["profile"]["test"] == true
+            && msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(name), Some(exe)) = (
+            is_test,
+            msg["target"]["name"].as_str(),
+            msg["executable"].as_str(),
+        ) {
+            binaries.insert(name.to_owned(), PathBuf::from(exe));
+        }
+    }
+    if binaries.is_empty() {
+        bail!("`{}` listed no integration test executable", show(&cargo));
+    }
+    Ok(binaries)
+}
+
+// ---------------------------------------------------------------------------
+// Guests
+
+/// The vng command that boots `kernel` and runs `script` in it.
+fn vng_command(
+    vng_bin: &Path,
+    kernel: &Kernel,
+    cpus: u32,
+    memory: &str,
+    kvm: bool,
+    exec: &str,
+) -> Command {
+    let mut cmd = Command::new(vng_bin.join("vng"));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut new_path = std::ffi::OsString::from(vng_bin);
+    new_path.push(":");
+    new_path.push(path);
+    cmd.env("PATH", new_path)
+        .arg("--run")
+        .arg(kernel.vmlinuz())
+        .args(["--cpus", &cpus.to_string(), "--memory", memory])
+        // The generic kernels have 9p; virtiofsd is not in bookworm.
+        .arg("--force-9p")
+        .args([
+            "--cwd",
+            &workspace_root().join("tcpstate").to_string_lossy(),
+        ]);
+    if !kvm {
+        cmd.arg("--disable-kvm");
+    }
+    cmd.args(["--exec", exec]);
+    cmd
+}
+
+/// Runs `cmd`, reading its stdout and stderr line by line until it exits or
+/// `timeout` passes (then its process group is killed). Each line goes to
+/// `on_line` with the time since start. Returns the exit code (None: killed
+/// or signalled).
+fn run_streaming(
+    cmd: &mut Command,
+    timeout: Duration,
+    mut on_line: impl FnMut(&str),
+) -> Result<Option<i32>> {
+    let shown = show(cmd);
+    // Its own process group, so a timeout kills qemu too. stdin from
+    // /dev/null: qemu's stdio chardev must not read the terminal.
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let pipe = |reader: Box<dyn Read + Send>, tx: mpsc::Sender<String>| {
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(reader);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf);
+                        if tx
+                            .send(line.trim_end_matches(['\n', '\r']).to_owned())
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().expect("piped")), tx.clone());
+    let err = pipe(Box::new(child.stderr.take().expect("piped")), tx);
+    let deadline = Instant::now() + timeout;
+    let mut timed_out = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok(line) => on_line(&line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                // SAFETY: signalling the process group we created.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                break;
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{shown}`"))?;
+    let _ = out.join();
+    let _ = err.join();
+    for line in rx.try_iter() {
+        on_line(&line);
+    }
+    if timed_out {
+        on_line(&format!(
+            "xtask vmtest: guest killed after {}",
+            secs(timeout)
+        ));
+        return Ok(None);
+    }
+    Ok(status.code())
+}
+
+/// Whether KVM boots a guest here. `/dev/kvm` can exist and still not run a
+/// normal kernel (a nested "PVM" hypervisor hangs or aborts), so a tiny guest
+/// is tried once; the verdict is cached per host kernel.
+fn kvm_works(dir: &Path, vng: &Path, kernel: &Kernel) -> Result<bool> {
+    const WHAT: &str = "KVM";
+    if !Path::new("/dev/kvm").exists() {
+        step(WHAT, "no /dev/kvm; guests run under QEMU's TCG (emulation)");
+        return Ok(false);
+    }
+    let host = probe(Command::new("uname").arg("-r")).unwrap_or_default();
+    let cache = dir.join(format!("kvm-probe-{}.txt", host.trim()));
+    if let Ok(verdict) = fs::read_to_string(&cache) {
+        let works = verdict.trim() == "works";
+        step(
+            WHAT,
+            format_args!(
+                "{} (probed before: {})",
+                if works {
+                    "works"
+                } else {
+                    "does not boot a guest; using TCG"
+                },
+                cache.display()
+            ),
+        );
+        return Ok(works);
+    }
+    step(
+        WHAT,
+        "/dev/kvm exists; probing with a tiny guest (60 s at most)",
+    );
+    let mut cmd = vng_command(vng, kernel, 1, "1G", true, "echo vmtest-kvm-ok");
+    let mut seen = false;
+    let code = run_streaming(&mut cmd, Duration::from_secs(60), |line| {
+        seen |= line.contains("vmtest-kvm-ok");
+    })?;
+    let works = seen && code == Some(0);
+    fs::write(&cache, if works { "works\n" } else { "fails\n" })
+        .with_context(|| format!("cannot write {}", cache.display()))?;
+    step(
+        WHAT,
+        if works {
+            "works"
+        } else {
+            "does not boot a guest; using TCG"
+        },
+    );
+    Ok(works)
+}
+
+/// Shell-quotes for the guest's /bin/sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The guest script: load the sock_diag modules, mount tracefs, run each
+/// binary between markers.
+fn guest_script(tests: &[(String, PathBuf, Vec<String>)]) -> String {
+    let mut s = String::from("#!/bin/sh\n");
+    // The host's environment does not reach the guest: PATH (ip, ss, python3,
+    // prometheus...) and HOME are passed here.
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let _ = writeln!(
+        s,
+        "export PATH={} HOME={}",
+        sh_quote(&path),
+        sh_quote(&home)
+    );
+    s.push_str("export RUST_BACKTRACE=0\n");
+    // The guest's shell starts with 1024 open files; the tests are written
+    // for the host's limit (reconcile holds more than 1024 sockets).
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 && limit.rlim_cur > 1024 {
+        let _ = writeln!(
+            s,
+            "ulimit -n {} || echo \"@@vmtest setup-failed ulimit -n {}\"",
+            limit.rlim_cur, limit.rlim_cur
+        );
+    }
+    s.push_str("echo \"@@vmtest kernel $(uname -r) cpus $(nproc)\"\n");
+    // Debian's kernels build inet_diag/tcp_diag as modules: without them
+    // sock_diag finds nothing.
+    s.push_str(
+        "for m in inet_diag tcp_diag; do modprobe $m || echo \"@@vmtest setup-failed modprobe $m\"; done\n",
+    );
+    s.push_str(
+        "[ -d /sys/kernel/tracing/events ] || mount -t tracefs tracefs /sys/kernel/tracing \
+         || echo \"@@vmtest setup-failed mount tracefs\"\n",
+    );
+    for (name, exe, skips) in tests {
+        let _ = writeln!(s, "echo \"@@vmtest begin {name}\"");
+        let mut line = format!("{} --test-threads 2", sh_quote(&exe.to_string_lossy()));
+        for skip in skips {
+            let _ = write!(line, " --skip {} --exact", sh_quote(skip));
+        }
+        // A hung binary must not eat the whole guest's time.
+        let _ = writeln!(s, "timeout -k 10 900 {line} 2>&1");
+        let _ = writeln!(s, "echo \"@@vmtest end {name} $?\"");
+    }
+    s.push_str("echo \"@@vmtest done\"\n");
+    s
+}
+
+/// What one binary printed, being parsed.
+#[derive(Default)]
+struct Parse {
+    begin: Option<Instant>,
+    end: Option<(Instant, i32)>,
+    passed: u32,
+    failed: Vec<String>,
+    summary: Option<String>,
+    /// test name -> panic message lines.
+    panics: BTreeMap<String, Vec<String>>,
+    current_panic: Option<String>,
+    /// The daemon's own error lines (why it did not start), deduplicated.
+    daemon_errors: Vec<String>,
+}
+
+fn run_guest(
+    dir: &Path,
+    vng: &Path,
+    kernel: &Kernel,
+    tests: &[String],
+    binaries: &BTreeMap<String, PathBuf>,
+    args: &VmtestArgs,
+    kvm: bool,
+) -> Result<BTreeMap<String, Cell>> {
+    let (major, minor) = kernel.major_minor();
+    let mut cells: BTreeMap<String, Cell> = BTreeMap::new();
+    let mut to_run = Vec::new();
+    for name in tests {
+        let mut whole = None;
+        let mut skips = Vec::new();
+        for na in NOT_APPLICABLE.iter().filter(|na| (major, minor) < na.below) {
+            if na.test == name {
+                whole = Some(na.reason.to_owned());
+            } else if let Some(test) = na.test.strip_prefix(&format!("{name}::")) {
+                skips.push((test.to_owned(), na.reason.to_owned()));
+            }
+        }
+        if let Some(reason) = whole {
+            cells.insert(
+                name.clone(),
+                Cell {
+                    verdict: Verdict::NotApplicable(reason),
+                    time: None,
+                    not_applicable: Vec::new(),
+                },
+            );
+            continue;
+        }
+        let skip_names = skips.iter().map(|(t, _)| t.clone()).collect();
+        to_run.push((name.clone(), binaries[name].clone(), skip_names));
+        cells.insert(
+            name.clone(),
+            Cell {
+                verdict: Verdict::Fail {
+                    passed: 0,
+                    failed: Vec::new(),
+                    why: "did not run (the guest ended before it)".into(),
+                },
+                time: None,
+                not_applicable: skips,
+            },
+        );
+    }
+    if to_run.is_empty() {
+        return Ok(cells);
+    }
+
+    let script_path = dir.join(format!("guest-{}.sh", kernel.spec));
+    fs::write(&script_path, guest_script(&to_run))
+        .with_context(|| format!("cannot write {}", script_path.display()))?;
+    let logs = dir.join("logs");
+    fs::create_dir_all(&logs)?;
+    let log_path = logs.join(format!("{}.log", kernel.spec));
+    let mut log = fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+
+    println!(
+        "\n==> xtask vmtest: kernel {} ({}), {} vCPUs, {}; {} (log: {})",
+        kernel.label(),
+        kernel.release,
+        args.cpus,
+        if kvm { "KVM" } else { "TCG" },
+        to_run
+            .iter()
+            .map(|(n, _, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        log_path.display()
+    );
+    let mut cmd = vng_command(
+        vng,
+        kernel,
+        args.cpus,
+        &args.memory,
+        kvm,
+        &format!("sh {}", sh_quote(&script_path.to_string_lossy())),
+    );
+    let _ = writeln!(log, "$ {}", show(&cmd));
+
+    let boot = Instant::now();
+    let mut parses: BTreeMap<String, Parse> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    let mut setup_failures: Vec<String> = Vec::new();
+    let mut done = false;
+    let code = run_streaming(&mut cmd, args.timeout, |line| {
+        let _ = writeln!(log, "{line}");
+        let now = Instant::now();
+        if let Some(marker) = line.trim().strip_prefix("@@vmtest ") {
+            println!("[{}] +{} {line}", kernel.spec, secs(boot.elapsed()));
+            let mut words = marker.split_whitespace();
+            match words.next() {
+                Some("begin") => {
+                    let name = words.next().unwrap_or_default().to_owned();
+                    parses.entry(name.clone()).or_default().begin = Some(now);
+                    current = Some(name);
+                }
+                Some("end") => {
+                    let name = words.next().unwrap_or_default();
+                    let rc = words.next().and_then(|w| w.parse().ok()).unwrap_or(-1);
+                    parses.entry(name.to_owned()).or_default().end = Some((now, rc));
+                    current = None;
+                }
+                Some("setup-failed") => setup_failures.push(marker.to_owned()),
+                Some("done") => done = true,
+                _ => {}
+            }
+            return;
+        }
+        let Some(p) = current.as_ref().and_then(|c| parses.get_mut(c)) else {
+            return;
+        };
+        parse_libtest_line(p, line, &kernel.spec);
+    })?;
+    let _ = writeln!(log, "[vng exit code {code:?}]");
+
+    for (name, _, _) in &to_run {
+        let Some(p) = parses.get(name) else {
+            if let Some(cell) = cells.get_mut(name) {
+                cell.verdict = Verdict::Fail {
+                    passed: 0,
+                    failed: Vec::new(),
+                    why: format!(
+                        "did not run: the guest ended first (vng exit {code:?}, {}; log {})",
+                        if done {
+                            "script done"
+                        } else {
+                            "script not done"
+                        },
+                        log_path.display()
+                    ),
+                };
+            }
+            continue;
+        };
+        let cell = cells.get_mut(name).expect("inserted above");
+        cell.time = match (p.begin, p.end) {
+            (Some(b), Some((e, _))) => Some(e - b),
+            (Some(b), None) => Some(Instant::now() - b),
+            _ => None,
+        };
+        let mut why = Vec::new();
+        if !setup_failures.is_empty() {
+            why.push(setup_failures.join("; "));
+        }
+        match p.end {
+            None => why.push("did not finish (guest timed out or died)".to_owned()),
+            Some((_, 124 | 137)) => why.push("timed out in the guest (900 s)".to_owned()),
+            Some((_, 0)) => {}
+            Some((_, rc)) => why.push(format!("exit code {rc}")),
+        }
+        match &p.summary {
+            None => why.push("no libtest summary line".to_owned()),
+            Some(s) if !s.contains("test result: ok") => why.push(s.clone()),
+            Some(_) => {}
+        }
+        for failed in &p.failed {
+            let message = p
+                .panics
+                .get(failed)
+                .map(|m| m.join(" | "))
+                .unwrap_or_else(|| "(no panic message seen)".to_owned());
+            why.push(format!("{failed}: {message}"));
+        }
+        if !why.is_empty() {
+            why.extend(p.daemon_errors.iter().map(|e| format!("daemon said: {e}")));
+        }
+        cell.verdict = if why.is_empty() && p.failed.is_empty() {
+            Verdict::Pass { passed: p.passed }
+        } else {
+            Verdict::Fail {
+                passed: p.passed,
+                failed: p.failed.clone(),
+                why: why.join("\n      "),
+            }
+        };
+    }
+    Ok(cells)
+}
+
+/// One line of libtest output (with the daemon's stderr interleaved).
+fn parse_libtest_line(p: &mut Parse, line: &str, spec: &str) {
+    let trimmed = line.trim();
+    if let Some(pos) = trimmed.find("tcpstate: error:") {
+        let error: String = trimmed[pos..].chars().take(300).collect();
+        if p.daemon_errors.len() < 3 && !p.daemon_errors.contains(&error) {
+            p.daemon_errors.push(error);
+        }
+    }
+    // "test foo::bar ... ok" / "... FAILED" / "... ignored"; another
+    // process's output can precede it on the same line.
+    if let Some(pos) = line.find("test ")
+        && let Some((name, result)) = line[pos + 5..].split_once(" ... ")
+        && !name.contains(' ')
+    {
+        match result.trim() {
+            "ok" => p.passed += 1,
+            r if r.starts_with("FAILED") => {
+                println!("[{spec}] {trimmed}");
+                if !p.failed.iter().any(|f| f == name) {
+                    p.failed.push(name.to_owned());
+                }
+            }
+            _ => {}
+        }
+        return;
+    }
+    if trimmed.starts_with("test result:") {
+        println!("[{spec}] {trimmed}");
+        p.summary = Some(trimmed.to_owned());
+        return;
+    }
+    // "---- name stdout ----" starts a failed test's captured output.
+    if let Some(rest) = trimmed.strip_prefix("---- ")
+        && let Some(name) = rest.strip_suffix(" stdout ----")
+    {
+        p.current_panic = Some(name.to_owned());
+        return;
+    }
+    if trimmed == "failures:" || trimmed.starts_with("successes:") {
+        p.current_panic = None;
+        return;
+    }
+    if let Some(name) = &p.current_panic {
+        // Keep the panic line and the assertion message after it.
+        let lines = p.panics.entry(name.clone()).or_default();
+        let keep = trimmed.contains("panicked at")
+            || (!lines.is_empty() && lines.len() < 8 && !trimmed.starts_with("note:"));
+        if keep && !trimmed.is_empty() {
+            lines.push(trimmed.chars().take(400).collect());
+        }
+    }
+}
+
+fn render_matrix(
+    tests: &[String],
+    matrix: &[(String, Duration, BTreeMap<String, Cell>)],
+    cpus: u32,
+    kvm: bool,
+) -> String {
+    let mut out = format!(
+        "Kernel matrix ({cpus} vCPUs, {}, --test-threads 2):\n\n",
+        if kvm { "KVM" } else { "QEMU TCG" }
+    );
+    let mut header = vec!["test binary".to_owned()];
+    header.extend(
+        matrix
+            .iter()
+            .map(|(k, took, _)| format!("{k} [{}]", secs(*took))),
+    );
+    let mut rows = vec![header];
+    for test in tests {
+        let mut row = vec![test.clone()];
+        for (_, _, cells) in matrix {
+            let cell = &cells[test];
+            let time = cell
+                .time
+                .map(|t| format!(", {}", secs(t)))
+                .unwrap_or_default();
+            let na = if cell.not_applicable.is_empty() {
+                String::new()
+            } else {
+                format!(", {} n/a", cell.not_applicable.len())
+            };
+            row.push(match &cell.verdict {
+                Verdict::Pass { passed } => format!("pass {passed}{na}{time}"),
+                Verdict::Fail { passed, failed, .. } => {
+                    format!("FAIL: {} failed, {passed} passed{na}{time}", failed.len())
+                }
+                Verdict::NotApplicable(reason) => format!("not applicable: {reason}"),
+            });
+        }
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "  {}", line.join(" | ").trim_end());
+    }
+    let mut details = String::new();
+    for (kernel, _, cells) in matrix {
+        for (test, cell) in cells {
+            if let Verdict::Fail { why, .. } = &cell.verdict {
+                let _ = writeln!(details, "  {kernel} {test}:\n      {why}");
+            }
+            for (t, reason) in &cell.not_applicable {
+                let _ = writeln!(details, "  {kernel} {test}::{t}: not applicable: {reason}");
+            }
+        }
+    }
+    if !details.is_empty() {
+        let _ = write!(out, "\nDetails:\n{details}");
+    }
+    out
+}
