@@ -105,7 +105,7 @@ pub struct KillArgs {
     #[arg(long, value_parser = state)]
     pub state: TcpState,
     /// Only sockets in that state for at least this long (e.g. 10m). Only the running daemon
-    /// knows how long, so it is asked (see --addr).
+    /// knows how long, so it is asked (see --control-socket).
     #[arg(long, value_parser = age, value_name = "DURATION")]
     pub older_than: Option<std::time::Duration>,
     /// Only sockets with this local or remote port.
@@ -123,9 +123,10 @@ pub struct KillArgs {
     /// Print exactly what would be destroyed, and destroy nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Where the daemon serves /sockets (its --metrics-addr).
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    pub addr: std::net::SocketAddr,
+    /// The daemon's control socket (its --control-socket). Ages are taken only from a daemon
+    /// that the kernel says runs as root.
+    #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_PATH)]
+    pub control_socket: std::path::PathBuf,
     /// Log to write a `killed` record to for each socket destroyed (default: the daemon's
     /// --log-file).
     #[arg(long, value_name = "PATH")]
@@ -240,6 +241,10 @@ pub struct RunArgs {
     /// Serve Prometheus /metrics and /status here (loopback unless you say otherwise).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve the same pages on this Unix socket, for root only: `tcpstate kill` trusts the
+    /// ages it reads here, and nothing it reads over TCP.
+    #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_PATH)]
+    pub control_socket: std::path::PathBuf,
     /// Per-workload gauges for the N units/containers with the most closing sockets and open
     /// anomalies; the rest are summed under unit="other" (label cardinality stays bounded).
     #[arg(long, default_value_t = 20, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]

@@ -190,18 +190,19 @@ fn check(args: &KillArgs) -> anyhow::Result<()> {
 }
 
 /// The daemon's list of sockets in the state, with their ages. Needed for `--older-than`;
-/// otherwise only a nicety (ages in the output, the log path).
+/// otherwise only a nicety (ages in the output, the log path). Asked only on the control
+/// socket, of a daemon the kernel says is root's: whoever answers decides what is destroyed
+/// and where root writes.
 fn ask_daemon(args: &KillArgs) -> anyhow::Result<Option<SocketList>> {
     let path = format!("/sockets?state={}", args.state.name());
-    let answer = crate::status::fetch(args.addr, &path).and_then(|body| {
+    let answer = crate::status::fetch_control(&args.control_socket, &path).and_then(|body| {
         serde_json::from_str::<SocketList>(&body).context("the answer is not a socket list")
     });
     match answer {
         Ok(list) => Ok(Some(list)),
-        Err(e) if args.older_than.is_some() => Err(e.context(format!(
-            "--older-than needs the running daemon's ages, and none answered on {} (give --addr)",
-            args.addr
-        ))),
+        Err(e) if args.older_than.is_some() => Err(e.context(
+            "--older-than needs the ages a root daemon keeps (start `tcpstate run`, or give its --control-socket)",
+        )),
         Err(_) => Ok(None),
     }
 }

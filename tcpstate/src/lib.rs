@@ -12,6 +12,7 @@ pub mod btf;
 pub mod cli;
 pub mod clock;
 pub mod collector;
+pub mod control;
 pub mod decode;
 pub mod kernel_table;
 pub mod kill;

@@ -4,7 +4,6 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{Read as _, Write as _},
     net::TcpStream,
     time::{Duration, Instant},
 };
@@ -344,8 +343,47 @@ pub fn fetch(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
     fetch_within(addr, path, DEADLINE)
 }
 
+/// GET `path` from the daemon on its control socket, once the kernel has said it runs as
+/// root (see [`crate::control`]); the body of a 200 answer.
+pub fn fetch_control(socket: &std::path::Path, path: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + DEADLINE;
+    let s = crate::control::connect(socket)?;
+    exchange(s, "localhost", path, deadline, DEADLINE)
+}
+
 fn fetch_within(addr: std::net::SocketAddr, path: &str, limit: Duration) -> anyhow::Result<String> {
     let deadline = Instant::now() + limit;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2).min(limit))?;
+    exchange(s, &addr.to_string(), path, deadline, limit)
+}
+
+/// A stream whose reads and writes can be given timeouts (TCP or Unix).
+trait Timed: std::io::Read + std::io::Write {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
+}
+
+impl Timed for TcpStream {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl Timed for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+/// One request and its whole answer, all by `deadline` (`limit` is how it is said).
+fn exchange(
+    mut s: impl Timed,
+    host: &str,
+    path: &str,
+    deadline: Instant,
+    limit: Duration,
+) -> anyhow::Result<String> {
     let timed_out = || {
         anyhow!(
             "no whole answer within {}",
@@ -358,16 +396,15 @@ fn fetch_within(addr: std::net::SocketAddr, path: &str, limit: Duration) -> anyh
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
     };
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2).min(limit))?;
-    s.set_write_timeout(Some(left().ok_or_else(timed_out)?))?;
+    s.set_timeouts(left().ok_or_else(timed_out)?)?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
     let mut resp = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        s.set_read_timeout(Some(left().ok_or_else(timed_out)?))?;
+        s.set_timeouts(left().ok_or_else(timed_out)?)?;
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => resp.extend_from_slice(&buf[..n]),
@@ -402,7 +439,7 @@ fn fetch_within(addr: std::net::SocketAddr, path: &str, limit: Duration) -> anyh
 #[cfg(test)]
 mod tests {
     use std::{
-        io::{BufRead as _, BufReader},
+        io::{BufRead as _, BufReader, Write as _},
         net::TcpListener,
     };
 

@@ -532,8 +532,8 @@ fn a_socket_held_by_two_processes_names_both() {
         .args([
             "--pid",
             &pids[1].to_string(),
-            "--addr",
-            "127.0.0.1:1",
+            "--control-socket",
+            "/nonexistent/control.sock",
             "--dry-run",
         ])
         .output()

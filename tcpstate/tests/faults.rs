@@ -419,6 +419,8 @@ fn hostile_process_names_reach_no_terminal() {
     let run = |format: &str| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
             .args(["run", "--format", format, "--port", &p.to_string()])
+            .arg("--control-socket")
+            .arg(common::control_socket())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

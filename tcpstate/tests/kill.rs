@@ -47,6 +47,8 @@ fn kill_destroys_exactly_the_old_close_wait_sockets_and_audits_it() {
         "--log-file",
         &log_s,
     ]);
+    let control = daemon.control.to_str().expect("utf-8 path").to_owned();
+    let control = control.as_str();
     // Three connections to our server; two clients close theirs: two server sockets in
     // CLOSE_WAIT, one ESTABLISHED.
     let (servers, mut clients) = ns.run(move || {
@@ -87,8 +89,8 @@ fn kill_destroys_exactly_the_old_close_wait_sockets_and_audits_it() {
         "1s",
         "--port",
         &ps,
-        "--addr",
-        &addr,
+        "--control-socket",
+        control,
     ];
     let young = tcpstate(&[
         "kill",
@@ -98,8 +100,8 @@ fn kill_destroys_exactly_the_old_close_wait_sockets_and_audits_it() {
         "1h",
         "--port",
         &ps,
-        "--addr",
-        &addr,
+        "--control-socket",
+        control,
         "--dry-run",
     ]);
     assert!(young.status.success(), "{young:?}");
@@ -198,7 +200,7 @@ fn a_dry_run_without_root_does_not_call_roots_sockets_unheld() {
         .arg(&bin)
         .args(["kill", "--state", "close_wait", "--lport"])
         .arg(p.to_string())
-        .args(["--addr", "127.0.0.1:1", "--dry-run"])
+        .args(["--control-socket", "/nonexistent/control.sock", "--dry-run"])
         .output()
         .expect("run as nobody");
     let _ = std::fs::remove_dir_all(&dir);
@@ -210,4 +212,126 @@ fn a_dry_run_without_root_does_not_call_roots_sockets_unheld() {
         !listed.contains("held by no process") && listed.contains("without root"),
         "{listed}"
     );
+}
+
+/// Issue 21.1: a local user who answers where root's kill asks for ages must not choose what
+/// it destroys, nor where root writes. Here `nobody` serves the control-socket protocol in a
+/// directory anyone can write, claims both CLOSE_WAIT sockets are 11 days old and names a log
+/// of its choosing; kill refuses to trust it, in one line, and touches nothing.
+#[test]
+fn kill_takes_no_ages_from_a_process_that_is_not_root() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("needs root: to make the sockets and to drop to another user");
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let l = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+    let p = l.local_addr().expect("addr").port();
+    let clients: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", p)).expect("connect"))
+        .collect();
+    let servers: Vec<TcpStream> = (0..2).map(|_| l.accept().expect("accept").0).collect();
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .and_then(|l| {
+            l.to_str()?
+                .trim_start_matches("net:[")
+                .trim_end_matches(']')
+                .parse::<u32>()
+                .ok()
+        })
+        .expect("our netns inode");
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let dir = std::env::temp_dir().join(format!("tcpstate-kill-fake-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).expect("chmod dir");
+    let sock = dir.join("control.sock");
+    let planted = dir.join("planted.log");
+    let sockets: Vec<Value> = servers
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "netns": netns,
+                "saddr": "127.0.0.1", "sport": p,
+                "daddr": "127.0.0.1", "dport": s.peer_addr().expect("peer").port(),
+                "age_ms": 1e9, "age_is_lower_bound": false,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({"log_file": planted, "sockets": sockets}).to_string();
+    let fake = r#"
+import os, socket, sys
+path, body = sys.argv[1], sys.argv[2].encode()
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+os.chmod(path, 0o666)
+s.listen(16)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    c.close()
+"#;
+    // The system's python: one under root's home (pyenv) is out of nobody's reach.
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("python3");
+    let mut server = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            python,
+            "-c",
+            fake,
+        ])
+        .arg(&sock)
+        .arg(&body)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 as nobody");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().expect("stdout")),
+        &mut ready,
+    )
+    .expect("fake server");
+    assert_eq!(ready, "ready\n");
+
+    let out = tcpstate(&[
+        "kill",
+        "--state",
+        "close_wait",
+        "--older-than",
+        "10m",
+        "--lport",
+        &p.to_string(),
+        "--control-socket",
+        sock.to_str().expect("utf-8 path"),
+    ]);
+    let _ = server.kill();
+    let _ = server.wait();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let still = servers
+        .iter()
+        .filter(|s| {
+            // A destroyed socket fails a write with ECONNABORTED; a live CLOSE_WAIT takes it.
+            (&**s).write(b"x").is_ok()
+        })
+        .count();
+    let planted_exists = planted.exists();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("served by uid 65534, not root"),
+        "says why: {err}"
+    );
+    assert_eq!(still, 2, "nothing destroyed: {}", stdout(&out));
+    assert!(!planted_exists, "root wrote where nobody chose");
 }

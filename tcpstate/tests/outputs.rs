@@ -460,3 +460,89 @@ fn ten_thousand_idle_connections_leave_a_scrape_answering() {
         after.saturating_sub(before)
     );
 }
+
+/// Issue 21.4: a thousand clients that dribble a request head, a byte a second, and reconnect
+/// whenever they are closed, do not keep Prometheus out: every scrape is answered.
+#[test]
+fn a_thousand_slowloris_clients_leave_every_scrape_answered() {
+    if !require_bpf() {
+        return;
+    }
+    use std::io::Write as _;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    const CLIENTS: usize = 1000;
+    let mport = free_port();
+    let daemon = Daemon::start(&[
+        "--no-seed",
+        "--port",
+        "1",
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reconnects = Arc::new(AtomicU64::new(0));
+    let attacker = {
+        let (stop, reconnects) = (Arc::clone(&stop), Arc::clone(&reconnects));
+        std::thread::spawn(move || {
+            const HEAD: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            let open = || {
+                let s = TcpStream::connect(("127.0.0.1", mport)).ok()?;
+                s.set_nonblocking(true).ok()?;
+                Some((s, 0usize))
+            };
+            let mut clients: Vec<Option<(TcpStream, usize)>> =
+                (0..CLIENTS).map(|_| open()).collect();
+            while !stop.load(Ordering::Relaxed) {
+                for c in &mut clients {
+                    let alive = c.as_mut().is_some_and(|(s, sent)| {
+                        let mut b = [0u8; 64];
+                        // Anything but "nothing yet" (EOF, a reset, an error answer) means
+                        // the daemon is done with it: reopen.
+                        let closed = !matches!(
+                            (&*s).read(&mut b),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                        );
+                        let wrote = s.write(&HEAD[*sent % HEAD.len()..][..1]).is_ok();
+                        *sent += 1;
+                        !closed && wrote
+                    });
+                    if !alive {
+                        reconnects.fetch_add(1, Ordering::Relaxed);
+                        *c = open();
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    // Let every slow client connect and start its head.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut answered = 0;
+    let mut failed = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(("127.0.0.1", mport)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut resp = String::new();
+        let r = s
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .and_then(|()| s.read_to_string(&mut resp));
+        match r {
+            Ok(_) if resp.contains("tcpstate_events_total") => answered += 1,
+            Ok(_) => failed.push(format!("answer without metrics: {resp:.80}")),
+            Err(e) => failed.push(e.to_string()),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = attacker.join();
+    daemon.stop();
+    assert_eq!(answered, 20, "failed scrapes: {failed:?}");
+    assert!(
+        reconnects.load(Ordering::Relaxed) > 0,
+        "the slow clients were never closed: the test did not fill the daemon"
+    );
+}

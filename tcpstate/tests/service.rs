@@ -30,6 +30,8 @@ fn notifies_systemd_survives_sighup_and_summarises_on_sigusr1() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
         .args(["run", "--quiet", "--log-file"])
         .arg(dir.join("t.jsonl"))
+        .arg("--control-socket")
+        .arg(dir.join("control.sock"))
         .env("NOTIFY_SOCKET", &sock_path)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -404,6 +404,8 @@ impl Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
             .args(["run", "--format", "json", "--metrics-addr"])
             .arg(format!("127.0.0.1:{mport}"))
+            .arg("--control-socket")
+            .arg(common::control_socket())
             .args([
                 "--threshold",
                 "close_wait=2s",

@@ -128,13 +128,12 @@ impl Daemon {
             Collector::spawn(rings, doorbell, signals, tx).context("cannot start the collector")?;
         let (rtx, replies) = mpsc::unbounded_channel();
         let workers = Workers::spawn(2, rtx).context("cannot start the kernel-table workers")?;
-        let http = match args.metrics_addr {
-            None => None,
-            Some(addr) => Some(http::start(addr).await?),
-        };
+        let sinks = setup::sinks(&args)?;
+        // Last: everything that can refuse to start has, so a refused start leaves no socket.
+        let http = Some(setup::endpoints(&args)?);
         Ok(Self {
             tracker: Tracker::new(setup::tracker_config(&args)),
-            sinks: setup::sinks(&args)?,
+            sinks,
             http,
             probe,
             collector,

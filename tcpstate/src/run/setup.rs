@@ -10,7 +10,8 @@ use crate::{
     cli::RunArgs,
     output::{
         Sinks, Stdout,
-        http::Request,
+        escape::escape,
+        http::{self, Request},
         logfile::{LogFile, LogOptions},
     },
     tracker::{Config, thresholds::Thresholds},
@@ -111,6 +112,28 @@ pub(super) fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
         }
     };
     Ok(Sinks::new(stdout, log, args.stats_interval))
+}
+
+/// The HTTP endpoint (if asked for) and the control socket, both feeding one channel of page
+/// requests to the loop.
+pub(super) fn endpoints(args: &RunArgs) -> anyhow::Result<mpsc::Receiver<Request>> {
+    let (tx, rx) = mpsc::channel(16);
+    if let Some(addr) = args.metrics_addr {
+        http::start(addr, tx.clone())?;
+    }
+    match crate::control::bind(&args.control_socket)? {
+        crate::control::Bound::Listening(l) => http::start_control(l, tx).with_context(|| {
+            format!(
+                "cannot serve the control socket {}",
+                escape(&args.control_socket.to_string_lossy())
+            )
+        })?,
+        crate::control::Bound::Taken => crate::warn(format_args!(
+            "another daemon serves the control socket {}: `tcpstate kill` talks to that one (give this one --control-socket)",
+            args.control_socket.display()
+        )),
+    }
+    Ok(rx)
 }
 
 pub(super) async fn next_request(rx: &mut Option<mpsc::Receiver<Request>>) -> Option<Request> {

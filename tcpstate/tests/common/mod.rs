@@ -138,6 +138,19 @@ pub struct Daemon {
     child: Child,
     lines: mpsc::Receiver<String>,
     pub records: Vec<Value>,
+    /// Its control socket (`tcpstate kill --control-socket`).
+    pub control: std::path::PathBuf,
+}
+
+/// A control-socket path no other daemon of any test uses.
+pub fn control_socket() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "tcpstate-test-{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 impl Daemon {
@@ -147,9 +160,14 @@ impl Daemon {
 
     /// As [`start`](Self::start), its stderr sent to `stderr` (a file the test reads).
     pub fn start_with_stderr(args: &[&str], stderr: Stdio) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
-            .args(["run", "--format", "json"])
-            .args(args)
+        // Each daemon its own control socket: tests run side by side.
+        let control = control_socket();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tcpstate"));
+        cmd.args(["run", "--format", "json"]).args(args);
+        if !args.contains(&"--control-socket") {
+            cmd.arg("--control-socket").arg(&control);
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -168,6 +186,7 @@ impl Daemon {
             child,
             lines,
             records: Vec::new(),
+            control,
         };
         d.wait_for(Duration::from_secs(30), |r| r["type"] == "started")
             .unwrap_or_else(|| panic!("tcpstate did not start: {:?}", d.records));
@@ -213,6 +232,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.control);
     }
 }
 
