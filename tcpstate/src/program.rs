@@ -95,10 +95,10 @@ impl KernelCounters {
 pub enum LoadError {
     #[error("this kernel has no BPF ring buffer (needs Linux 5.8 or later)")]
     NoRingBuf,
-    #[error("{what}: {source}{}", hint(*.needs_root))]
+    #[error("{what}: {cause}{}", hint(*.needs_root))]
     Kernel {
         what: &'static str,
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: Box<dyn std::error::Error + Send + Sync>,
         /// The kernel said EPERM or EACCES.
         needs_root: bool,
     },
@@ -167,7 +167,7 @@ fn kernel<E: std::error::Error + Send + Sync + 'static>(
     move |e| LoadError::Kernel {
         what,
         needs_root: refused(&e),
-        source: Box::new(e),
+        cause: Box::new(e),
     }
 }
 

@@ -133,6 +133,28 @@ fn unwritable_log_path_is_one_clear_line() {
 }
 
 #[test]
+fn a_metrics_port_in_use_is_said_once() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // the root check comes first; covered by not_root_is_one_clear_line
+    }
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr").to_string();
+    let sock = std::env::temp_dir().join(format!("tcpstate-cli-{}.sock", std::process::id()));
+    let (code, _, err) = tcpstate(&[
+        "run",
+        "--metrics-addr",
+        &addr,
+        "--control-socket",
+        sock.to_str().expect("utf-8 path"),
+    ]);
+    let _ = std::fs::remove_file(&sock);
+    assert_eq!(code, 1, "{err}");
+    one_clear_line(&err, &format!("cannot listen on --metrics-addr {addr}"));
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+}
+
+#[test]
 fn status_without_a_daemon_says_so() {
     let (code, _, err) = tcpstate(&["status", "--addr", "127.0.0.1:1"]);
     assert_eq!(code, 1);

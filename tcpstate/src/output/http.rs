@@ -53,15 +53,16 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 const MAX_HEAD: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on --metrics-addr {addr}: {source}")]
+#[error("cannot listen on --metrics-addr {addr}: {cause}")]
 pub struct BindError {
     addr: SocketAddr,
-    source: std::io::Error,
+    /// Not a `source`: it is said in the message, and a source would be said again.
+    cause: std::io::Error,
 }
 
 /// Binds and starts serving; requests go to `tx`.
 pub fn start(addr: SocketAddr, tx: mpsc::Sender<Request>) -> Result<(), BindError> {
-    let listener = listen(addr).map_err(|source| BindError { addr, source })?;
+    let listener = listen(addr).map_err(|cause| BindError { addr, cause })?;
     if !addr.ip().is_loopback() {
         crate::warn(format_args!(
             "--metrics-addr {addr} is not a loopback address: /status shows process names and addresses to anyone who can reach it"
