@@ -14,6 +14,7 @@ pub mod clock;
 pub mod collector;
 pub mod control;
 pub mod decode;
+pub mod features;
 pub mod kernel_table;
 pub mod kill;
 pub mod output;

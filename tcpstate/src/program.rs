@@ -64,8 +64,9 @@ pub struct Probe {
     pub doorbell: Option<RingBuf<MapData>>,
     /// Retransmit and reset events.
     pub signals: Option<RingBuf<MapData>>,
-    /// The hooks attached, by name.
-    pub hooks: Vec<&'static str>,
+    /// The optional hooks asked for, by name, each with the error that kept it from
+    /// attaching (`None`: attached).
+    pub hooks: Vec<(&'static str, Option<String>)>,
     stats: PerCpuArray<MapData, u64>,
     prog_fd: std::os::fd::OwnedFd,
 }
@@ -203,8 +204,11 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
     {
         // An optional hook this kernel lacks costs its information, not the daemon.
         match attach_hook(&mut ebpf, &btf, name) {
-            Ok(()) => hooks.push(name),
-            Err(e) => crate::warn(format_args!("not watching {name}: {e}")),
+            Ok(()) => hooks.push((name, None)),
+            Err(e) => {
+                crate::warn(format_args!("not watching {name}: {e}"));
+                hooks.push((name, Some(e.to_string())));
+            }
         }
     }
     let (rings, doorbell, signals, stats) = take_maps(&mut ebpf, &geo)?;

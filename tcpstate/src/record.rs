@@ -73,6 +73,9 @@ pub struct Started {
     pub ring_bytes: u32,
     /// Sockets found in the kernel's table at start-up.
     pub seeded: u64,
+    /// Each optional capability, on or off with the reason (older logs have none).
+    #[serde(default)]
+    pub features: Vec<crate::features::Feature>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -124,6 +124,9 @@ pub struct Report {
     /// Records stdout's reader did not take in time.
     #[serde(default)]
     pub stdout_dropped: u64,
+    /// Each optional capability, on or off with the reason.
+    #[serde(default)]
+    pub features: Vec<crate::features::Feature>,
 }
 
 impl TopWorkload {
@@ -205,6 +208,7 @@ impl Report {
             timewait_refused: tracker.timewait_refused(),
             log_dropped: c.log_dropped,
             stdout_dropped: c.stdout_dropped,
+            features: Vec::new(),
         }
     }
 
@@ -234,6 +238,22 @@ impl Report {
             "failed connects {}, resets {}",
             self.failed_connects, self.resets
         );
+        let off: Vec<&crate::features::Feature> = self.features.iter().filter(|f| !f.on).collect();
+        if off.is_empty() {
+            if !self.features.is_empty() {
+                s.push_str("features: all on\n");
+            }
+        } else {
+            s.push_str("features off:\n");
+            for f in off {
+                let _ = writeln!(
+                    s,
+                    "  {}: {}",
+                    escape(&f.name),
+                    escape(f.why_off.as_deref().unwrap_or("no reason given"))
+                );
+            }
+        }
         if self.open_anomalies.is_empty() {
             s.push_str("open anomalies: none\n");
         } else {
@@ -487,6 +507,7 @@ mod tests {
             timewait_refused: 0,
             log_dropped: 0,
             stdout_dropped: 0,
+            features: Vec::new(),
         }
     }
 

@@ -316,6 +316,93 @@ fn metrics_pass_promtool_and_prometheus_sees_close_wait_and_status_shows_it() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Issue 22.5: each optional capability is said on or off, with the reason, in the `started`
+/// record, on `/metrics` and on `status`: here the reset hooks are turned off by flag, and
+/// what this kernel has (the host's) is on.
+#[test]
+fn the_feature_report_says_what_is_off_and_why_everywhere() {
+    if !require_bpf() {
+        return;
+    }
+    let mport = free_port();
+    let daemon = Daemon::start(&[
+        "--no-seed",
+        "--port",
+        "1",
+        "--resets=false",
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let started = daemon
+        .records
+        .iter()
+        .find(|r| r["type"] == "started")
+        .cloned()
+        .expect("started");
+    let features: Vec<(String, bool, Option<String>)> = started["features"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no features: {started}"))
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap_or("?").to_owned(),
+                f["on"].as_bool().expect("on"),
+                f["why_off"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = features.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "cgroup_attribution",
+            "timewait_overflow",
+            "time_wait_pressure",
+            "retransmit_hooks",
+            "reset_hooks",
+            "sock_diag",
+            "syn_recv_tracking",
+            "sock_destroy"
+        ]
+    );
+    for (name, on, why) in &features {
+        if name == "reset_hooks" {
+            assert_eq!(
+                (on, why.as_deref()),
+                (&false, Some("turned off (--resets=false)"))
+            );
+        } else {
+            // The host's kernel (6.x with BTF, cgroups, tcp_diag and INET_DIAG_DESTROY).
+            assert!(on, "{name} is off on the host: {why:?}");
+            assert_eq!(why, &None);
+        }
+    }
+    let body = http_get(mport, "/metrics");
+    for (name, on, _) in &features {
+        let line = format!(
+            "tcpstate_feature_enabled{{feature=\"{name}\"}} {}\n",
+            u8::from(*on)
+        );
+        assert!(body.contains(&line), "{line} in {body}");
+    }
+    let st = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["status", "--addr", &format!("127.0.0.1:{mport}")])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        text.contains("features off:\n  reset_hooks: turned off (--resets=false)\n"),
+        "{text}"
+    );
+    let json = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["status", "--json", "--addr", &format!("127.0.0.1:{mport}")])
+        .output()
+        .expect("status --json");
+    let v: Value = serde_json::from_slice(&json.stdout).expect("status JSON");
+    assert_eq!(v["features"], started["features"]);
+    drop(daemon.stop());
+}
+
 /// One raw HTTP exchange: what was sent, everything read back until the server closes or
 /// goes quiet.
 fn exchange(port: u16, request: &[u8]) -> Vec<u8> {

@@ -76,10 +76,17 @@ struct Snapshot {
     workloads: Vec<(Labels, Counts)>,
     /// Cgroups holding closing sockets or open anomalies (how many the top N summarise).
     workload_cgroups: u64,
+    /// Each optional capability and whether it is on (why not: the `started` record).
+    features: Vec<(String, bool)>,
 }
 
 /// The exposition. `workloads` is [`crate::workload::top::top_of`] the tracker's cgroups.
-pub fn render(tracker: &Tracker, counters: Counters, workloads: Vec<(Labels, Counts)>) -> String {
+pub fn render(
+    tracker: &Tracker,
+    counters: Counters,
+    workloads: Vec<(Labels, Counts)>,
+    features: &[crate::features::Feature],
+) -> String {
     let agg = tracker.stats();
     let live = TcpState::ALL
         .into_iter()
@@ -151,6 +158,7 @@ pub fn render(tracker: &Tracker, counters: Counters, workloads: Vec<(Labels, Cou
         counters,
         workloads,
         workload_cgroups: tracker.by_cgroup().count() as u64,
+        features: features.iter().map(|f| (f.name.clone(), f.on)).collect(),
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snap));
@@ -213,6 +221,16 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt:
 impl Snapshot {
     /// The per-label families: sockets, transitions, durations, anomalies.
     fn families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let mut m = e.encode_descriptor(
+            "tcpstate_feature_enabled",
+            "1 when an optional capability is on on this kernel with these flags; why one is off is in the started record and on tcpstate status",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, on) in &self.features {
+            ConstGauge::new(i64::from(*on))
+                .encode(m.encode_family(&[("feature", name.as_str())])?)?;
+        }
         let mut m = e.encode_descriptor(
             "tcpstate_sockets",
             "Sockets in each TCP state now, as ss -tan counts them (TIME_WAIT and orphaned FIN_WAIT2 mini-sockets, SYN_RECV request sockets included)",
@@ -547,7 +565,7 @@ mod tests {
         let mut counts = Counts::default();
         counts.closing[0] = 1;
         counts.anomalies_open = 1;
-        let text = render(&tracker, Counters::default(), vec![(hostile, counts)]);
+        let text = render(&tracker, Counters::default(), vec![(hostile, counts)], &[]);
         assert!(
             !text.chars().any(|c| c.is_control() && c != '\n'),
             "{text:?}"

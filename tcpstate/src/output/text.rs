@@ -87,6 +87,15 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
                 s.ring_bytes / 1024,
                 s.seeded
             );
+            // Only what is off: on a kernel with everything, the line stays as it was.
+            for f in s.features.iter().filter(|f| !f.on) {
+                let _ = write!(
+                    out,
+                    "; {} off: {}",
+                    escape(&f.name),
+                    escape(f.why_off.as_deref().unwrap_or("no reason given"))
+                );
+            }
             paint(out, RESET);
         }
         Record::Stopped(s) => {

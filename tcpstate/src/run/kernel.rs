@@ -285,13 +285,14 @@ impl Daemon {
             self.tracker.holder_verified(&a, task);
         }
         if let Some((open, reply)) = answer {
-            let report = Report::build(
+            let mut report = Report::build(
                 &self.tracker,
                 self.counters(),
                 (&open, &mut self.workloads),
                 self.clock,
                 self.started.elapsed().as_secs_f64(),
             );
+            report.features.clone_from(&self.features);
             let _ = reply.send(serde_json::to_string(&report).unwrap_or_default());
         }
         self.release();

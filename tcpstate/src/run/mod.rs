@@ -24,6 +24,7 @@ use crate::{
     cli::RunArgs,
     clock::{WallClock, monotonic_ns},
     collector::{Batch, Collector},
+    features::{Found, Hooks},
     kernel_table::{Dump, Job, Reply, Workers},
     output::{
         Sinks,
@@ -106,6 +107,8 @@ struct Daemon {
     seed_facts: Vec<Fact>,
     /// Cgroup id -> unit, container, pod.
     workloads: Workloads,
+    /// What this kernel and these flags allow, found at start-up.
+    features: Vec<crate::features::Feature>,
 }
 
 impl Daemon {
@@ -128,6 +131,36 @@ impl Daemon {
             Collector::spawn(rings, doorbell, signals, tx).context("cannot start the collector")?;
         let (rtx, replies) = mpsc::unbounded_channel();
         let workers = Workers::spawn(2, rtx).context("cannot start the kernel-table workers")?;
+        let features = {
+            let hooks_of = |names: &[&str]| -> Vec<(&'static str, Option<String>)> {
+                probe
+                    .hooks
+                    .iter()
+                    .filter(|(n, _)| names.contains(n))
+                    .cloned()
+                    .collect()
+            };
+            let (retransmits, resets) = (
+                hooks_of(&tcpstate_common::RETRANSMIT_HOOKS),
+                hooks_of(&tcpstate_common::RESET_HOOKS),
+            );
+            let (sock_diag, sock_destroy) = crate::features::probe_sock_diag();
+            let asked = |on: bool, flag, hooks| {
+                if on {
+                    Hooks::Asked(hooks)
+                } else {
+                    Hooks::NotAsked(flag)
+                }
+            };
+            crate::features::report(&Found {
+                offsets: &offsets,
+                retransmit_hooks: asked(args.retransmits, "--retransmits=false", &retransmits),
+                reset_hooks: asked(args.resets, "--resets=false", &resets),
+                pressure: setup::tracker_config(&args).pressure.is_some(),
+                sock_diag,
+                sock_destroy,
+            })
+        };
         let sinks = setup::sinks(&args)?;
         // Last: everything that can refuse to start has, so a refused start leaves no socket.
         let http = Some(setup::endpoints(&args)?);
@@ -152,6 +185,7 @@ impl Daemon {
             warned_full: false,
             seed_facts: Vec::new(),
             workloads,
+            features,
             args,
         })
     }
@@ -172,6 +206,7 @@ impl Daemon {
             pid: std::process::id(),
             ring_bytes: u32::try_from(self.probe.ring_bytes()).unwrap_or(u32::MAX),
             seeded,
+            features: self.features.clone(),
         }));
         // What the snapshot raised is said after `started`, so no record predates it.
         let mut seed_facts = std::mem::take(&mut self.seed_facts);
@@ -450,7 +485,12 @@ impl Daemon {
                     &mut self.workloads,
                     usize::from(self.args.metrics_top),
                 );
-                let _ = reply.send(metrics::render(&self.tracker, self.counters(), top));
+                let _ = reply.send(metrics::render(
+                    &self.tracker,
+                    self.counters(),
+                    top,
+                    &self.features,
+                ));
             }
             Page::Status => {
                 let open = self.tracker.open_anomalies(monotonic_ns());

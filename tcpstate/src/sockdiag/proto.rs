@@ -208,6 +208,32 @@ impl Diag {
         }
     }
 
+    /// Whether this kernel destroys sockets on request (`CONFIG_INET_DIAG_DESTROY`) and lets
+    /// us ask (`CAP_NET_ADMIN`): a destroy of a tuple no socket can have (port 0 at both
+    /// ends) is answered ENOENT when it can, EOPNOTSUPP or EPERM when not. Nothing is touched.
+    pub fn can_destroy(&mut self) -> io::Result<()> {
+        let t = Tuple::new(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            0,
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            0,
+        );
+        let mut none: Vec<DiagSocket> = Vec::new();
+        match self.request(
+            family_of(&t),
+            ALL_STATES,
+            socket_id(&t),
+            ExtensionFlags::empty(),
+            Mode::Destroy,
+            &mut none,
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+            // Nothing can have that tuple; an answer of "done" still means it can destroy.
+            Ok(()) => Ok(()),
+        }
+    }
+
     fn lookup_into<S: Sink>(
         &mut self,
         t: &Tuple,

@@ -68,6 +68,7 @@ fn others() -> Vec<Record> {
             pid: 1,
             ring_bytes: 4 << 20,
             seeded: 3,
+            features: Vec::new(),
         }),
         Record::Suppressed(Suppressed { ts, transitions: 5 }),
         Record::Stopped(Stopped {
