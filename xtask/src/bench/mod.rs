@@ -11,6 +11,7 @@
 mod bpfstats;
 mod churn;
 mod clock;
+mod floor;
 mod interrupt;
 mod latency;
 mod memory;
@@ -33,7 +34,7 @@ use anyhow::{Context as _, Result, bail};
 use self::churn::{Churn, ChurnResult, PROBE_PORT};
 use self::latency::{LogTail, percentile};
 use self::netns::Netns;
-use self::report::{Header, Report, Sample, Summary, TracerResult};
+use self::report::{FloorSummary, Header, Report, Sample, Summary, TracerResult};
 use self::sysctl::SysctlGuard;
 use self::tracer::{Tools, Tracer};
 use crate::cmd::{euid, show, which};
@@ -67,6 +68,10 @@ pub struct BenchArgs {
     /// Skip the main comparison (untraced, tcpstate, tcpstates, bpftrace).
     #[arg(long)]
     skip_main: bool,
+    /// Only these rows of the main comparison, by slug (untraced always runs), e.g.
+    /// `--only floor,tcpstate-default` to iterate on the program's cost quickly.
+    #[arg(long, value_delimiter = ',', value_name = "SLUGS")]
+    only: Vec<String>,
     /// Extra arguments for this build's tcpstate in every row (experiments).
     #[arg(long, allow_hyphen_values = true, value_name = "ARGS")]
     tcpstate_args: Option<String>,
@@ -103,6 +108,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let started = Instant::now();
+    if let Some(unknown) = args
+        .only
+        .iter()
+        .find(|o| !Tracer::ALL.iter().any(|t| t.slug() == o.as_str()))
+    {
+        let slugs: Vec<&str> = Tracer::ALL.iter().map(|t| t.slug()).collect();
+        bail!(
+            "--only {unknown}: no such row (one of {})",
+            slugs.join(", ")
+        );
+    }
     let uid = euid()?;
     if uid != 0 {
         bail!(
@@ -173,6 +189,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             total_runtime_s: started.elapsed().as_secs_f64(),
         },
         notes: notes(&tools, &results, server_errors),
+        floor: (!args.skip_main).then(|| floor_summary(&results)),
         tracers: results,
         memory,
         timewait,
@@ -186,7 +203,61 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     print!("{markdown}");
     io::stdout().flush().context("cannot write to stdout")?;
+    if let Some(warning) = report.floor.as_ref().and_then(|f| f.warning.as_ref()) {
+        eprintln!("\nbench: warning: {warning}");
+    }
     Ok(())
+}
+
+/// Where the committed floor ratio lives; update it with a bench run's figure when a
+/// change moves the program's cost on purpose.
+const BASELINE_FILE: &str = "xtask/bench-baseline.json";
+/// A ratio this much over the baseline is a warning, not a failure: these VMs are noisy.
+const REGRESSION_TOLERANCE: f64 = 0.10;
+
+#[derive(serde::Deserialize)]
+struct Baseline {
+    floor_ratio: f64,
+}
+
+fn floor_summary(results: &[TracerResult]) -> FloorSummary {
+    let median_of = |t: Tracer| {
+        results
+            .iter()
+            .find(|r| r.name == t.slug())
+            .map(|r| &r.median)
+    };
+    let tcpstate = median_of(Tracer::TcpstateDefault);
+    let ratio = tcpstate.and_then(|m| m.floor_ratio);
+    let path = crate::cmd::workspace_root().join(BASELINE_FILE);
+    let baseline = fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        .and_then(|text| {
+            serde_json::from_str::<Baseline>(&text)
+                .map_err(|e| format!("cannot parse {}: {e}", path.display()))
+        });
+    let (baseline_ratio, warning) = match (baseline, ratio) {
+        (Err(e), _) => (None, Some(format!("no baseline to compare with: {e}"))),
+        (Ok(b), Some(r)) if r > b.floor_ratio * (1.0 + REGRESSION_TOLERANCE) => (
+            Some(b.floor_ratio),
+            Some(format!(
+                "tcpstate's program costs {r:.2}x the floor, more than {:.0}% over the \
+                 baseline {:.2}x ({BASELINE_FILE}): a regression, or this VM's noise (run \
+                 again with more --rounds)",
+                REGRESSION_TOLERANCE * 100.0,
+                b.floor_ratio
+            )),
+        ),
+        (Ok(b), _) => (Some(b.floor_ratio), None),
+    };
+    FloorSummary {
+        tracer: Tracer::TcpstateDefault.label(),
+        ns_per_event: tcpstate.and_then(|m| m.bpf_ns_per_event),
+        floor_ns_per_event: median_of(Tracer::Floor).and_then(|m| m.bpf_ns_per_event),
+        ratio,
+        baseline_ratio,
+        warning,
+    }
 }
 
 /// The tracers this run compares, built and installed as needed.
@@ -217,18 +288,32 @@ fn main_rounds(
         .map(|&t| TracerResult {
             name: t.slug(),
             label: t.label(),
-            command: t
-                .command(tools, Path::new("<tmp>/tcpstate.jsonl"))
-                .map(|c| match t {
-                    Tracer::Tcpstates | Tracer::Bpftrace => format!("{} > /dev/null", show(&c)),
-                    _ => show(&c),
-                }),
+            command: match t {
+                Tracer::Floor => Some(format!(
+                    "(xtask) {}: r0 = 0; exit, tp_btf/inet_sock_set_state",
+                    floor::PROG_NAME
+                )),
+                _ => t
+                    .command(tools, Path::new("<tmp>/tcpstate.jsonl"))
+                    .map(|c| match t {
+                        Tracer::Tcpstates | Tracer::Bpftrace => {
+                            format!("{} > /dev/null", show(&c))
+                        }
+                        _ => show(&c),
+                    }),
+            },
             skipped: match t {
                 Tracer::Tcpstates if tools.tcpstates.is_none() => {
                     Some("libbpf-tools is not installed".to_owned())
                 }
                 Tracer::Bpftrace if tools.bpftrace.is_none() => {
                     Some("bpftrace is not installed".to_owned())
+                }
+                _ if t != Tracer::Untraced
+                    && !args.only.is_empty()
+                    && !args.only.iter().any(|o| o == t.slug()) =>
+                {
+                    Some("not in --only".to_owned())
                 }
                 _ => None,
             },
@@ -269,8 +354,13 @@ fn main_rounds(
         }
     }
     let untraced = results[0].rounds.clone();
+    let floor: Vec<Sample> = results
+        .iter()
+        .find(|r| r.name == Tracer::Floor.slug())
+        .map(|r| r.rounds.clone())
+        .unwrap_or_default();
     for result in &mut results {
-        result.summarize(&untraced);
+        result.summarize(&untraced, &floor);
     }
     Ok(results)
 }
@@ -375,6 +465,9 @@ pub(super) fn measure(
         let load = churn_checked(churn, duration)?;
         return Ok(churn_sample(round, &load));
     }
+    if tracer == Tracer::Floor {
+        return measure_floor(round, tools, churn, duration);
+    }
     let running = tracer::start(tracer, tools, dir, churn)?;
     let (pid, ids) = (running.pid, running.ids());
     let cpu_before = procstat::cpu_seconds(pid)?;
@@ -437,6 +530,26 @@ pub(super) fn measure(
     Ok(sample)
 }
 
+/// The floor row: the same window as a tracer's, around xtask's own empty program.
+fn measure_floor(round: u32, tools: &Tools, churn: &Churn, duration: Duration) -> Result<Sample> {
+    let floor = floor::attach()?;
+    let ids = [floor.id];
+    tracer::confirm_attached(tools, churn, &ids)?;
+    let before = bpfstats::totals(&bpfstats::snapshot(&tools.bpftool)?, &ids);
+    let load = churn_checked(churn, duration)?;
+    thread::sleep(SETTLE);
+    let bpf = bpfstats::totals(&bpfstats::snapshot(&tools.bpftool)?, &ids).since(before);
+    drop(floor);
+    let mut sample = churn_sample(round, &load);
+    sample.bpf_events = Some(bpf.run_cnt);
+    sample.bpf_run_time_ns = Some(bpf.run_time_ns);
+    sample.bpf_ns_per_event =
+        (bpf.run_cnt > 0).then(|| bpf.run_time_ns as f64 / bpf.run_cnt as f64);
+    sample.events_per_s = Some(bpf.run_cnt as f64 / load.elapsed.as_secs_f64());
+    sample.bpf_recursion_misses = Some(bpf.recursion_misses);
+    Ok(sample)
+}
+
 fn churn_checked(churn: &Churn, duration: Duration) -> Result<ChurnResult> {
     let load = churn.run(duration)?;
     interrupt::check()?;
@@ -483,6 +596,13 @@ fn notes(tools: &Tools, results: &[TracerResult], server_errors: u64) -> Vec<Str
          program(s) in `bpftool prog show --json` (kernel.bpf_stats_enabled=1), from readiness \
          to stop. The tracepoint is global: other TCP activity on the host counts too."
             .to_owned(),
+        format!(
+            "× floor: the program's ns/event over the floor row's in the same round (an empty \
+             tp_btf program on the same tracepoint, loaded by xtask), median over rounds; \
+             the ratio cancels most of this VM's drift. A ratio more than {:.0}% over \
+             {BASELINE_FILE} prints a warning at the end.",
+            REGRESSION_TOLERANCE * 100.0
+        ),
         "daemon CPU µs/event: utime+stime of the tracer process over the same window (clock-tick \
          resolution) divided by those events. Peak RSS: VmHWM just before stopping."
             .to_owned(),

@@ -13,7 +13,24 @@ pub struct Report {
     pub tracers: Vec<TracerResult>,
     pub memory: Option<MemoryResult>,
     pub timewait: Option<TimewaitResult>,
+    /// tcpstate's program against the floor row, and against the committed baseline.
+    pub floor: Option<FloorSummary>,
     pub notes: Vec<String>,
+}
+
+/// "ns/event, floor ns/event, ratio" for tcpstate with defaults: the figure no feature may
+/// move unseen.
+#[derive(Debug, Serialize)]
+pub struct FloorSummary {
+    pub tracer: &'static str,
+    pub ns_per_event: Option<f64>,
+    pub floor_ns_per_event: Option<f64>,
+    /// Median over rounds of this round's ns/event over the same round's floor.
+    pub ratio: Option<f64>,
+    /// The committed figure (`xtask/bench-baseline.json`), when it could be read.
+    pub baseline_ratio: Option<f64>,
+    /// Set when `ratio` exceeds the baseline by more than the tolerance.
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,6 +96,8 @@ pub struct Summary {
     pub paired_ratio: Option<f64>,
     pub events_per_s: Option<f64>,
     pub bpf_ns_per_event: Option<f64>,
+    /// Median over rounds of BPF ns/event over the same round's floor row.
+    pub floor_ratio: Option<f64>,
     pub cpu_us_per_event: Option<f64>,
     pub peak_rss_mib: Option<f64>,
     /// Sums over rounds.
@@ -132,8 +151,8 @@ fn sum<T: std::iter::Sum<T>>(values: impl IntoIterator<Item = Option<T>>) -> Opt
 
 impl TracerResult {
     /// Fills `median` from `rounds`; `untraced` holds the untraced run's
-    /// rounds.
-    pub fn summarize(&mut self, untraced: &[Sample]) {
+    /// rounds, `floor` the floor row's (empty where there is none).
+    pub fn summarize(&mut self, untraced: &[Sample], floor: &[Sample]) {
         let r = &self.rounds;
         let conns_per_s = median(r.iter().map(|s| Some(s.conns_per_s)));
         let untraced_median = median(untraced.iter().map(|s| Some(s.conns_per_s)));
@@ -149,6 +168,14 @@ impl TracerResult {
             paired_ratio: median(paired),
             events_per_s: median(r.iter().map(|s| s.events_per_s)),
             bpf_ns_per_event: median(r.iter().map(|s| s.bpf_ns_per_event)),
+            floor_ratio: median(r.iter().map(|s| {
+                let f = floor
+                    .iter()
+                    .find(|f| f.round == s.round)?
+                    .bpf_ns_per_event?;
+                let ns = s.bpf_ns_per_event?;
+                (f > 0.0).then(|| ns / f)
+            })),
             cpu_us_per_event: median(r.iter().map(|s| s.cpu_us_per_event)),
             peak_rss_mib: median(r.iter().map(|s| s.peak_rss_kib.map(|k| k as f64 / 1024.0))),
             dropped: sum(r.iter().map(|s| s.dropped)),
@@ -204,13 +231,13 @@ pub fn markdown(report: &Report) -> String {
     );
     md.push_str(
         "| tracer | conn/s | vs untraced | vs untraced, paired | events/s | BPF ns/event \
-         | daemon CPU µs/event | peak RSS MiB | ring drops | recursion misses \
+         | × floor | daemon CPU µs/event | peak RSS MiB | ring drops | recursion misses \
          | log latency p50 / p99 ms (n) |\n",
     );
-    md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     for t in &report.tracers {
         if let Some(reason) = &t.skipped {
-            let _ = writeln!(md, "| {} | skipped: {reason} ||||||||||", t.label);
+            let _ = writeln!(md, "| {} | skipped: {reason} |||||||||||", t.label);
             continue;
         }
         let m = &t.median;
@@ -223,19 +250,24 @@ pub fn markdown(report: &Report) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             t.label,
             num(m.conns_per_s, 0),
             percent(m.ratio_to_untraced),
             percent(m.paired_ratio),
             num(m.events_per_s, 0),
             num(m.bpf_ns_per_event, 0),
+            m.floor_ratio
+                .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}x")),
             num(m.cpu_us_per_event, 2),
             num(m.peak_rss_mib, 1),
             count(m.dropped),
             count(m.recursion_misses),
             latency,
         );
+    }
+    if let Some(f) = &report.floor {
+        let _ = writeln!(md, "\n{}", floor_line(f));
     }
     if !report.notes.is_empty() {
         md.push('\n');
@@ -250,6 +282,20 @@ pub fn markdown(report: &Report) -> String {
         timewait_markdown(&mut md, tw);
     }
     md
+}
+
+/// "tcpstate (default log): 180 ns/event, floor 57 ns/event, ratio 3.16x (baseline 2.00x)".
+pub fn floor_line(f: &FloorSummary) -> String {
+    format!(
+        "**{}: {} ns/event, floor {} ns/event, ratio {}** (baseline {})",
+        f.tracer,
+        num(f.ns_per_event, 0),
+        num(f.floor_ns_per_event, 0),
+        f.ratio
+            .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}x")),
+        f.baseline_ratio
+            .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}x")),
+    )
 }
 
 fn memory_markdown(md: &mut String, mem: &MemoryResult) {

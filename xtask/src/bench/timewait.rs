@@ -82,7 +82,7 @@ pub fn run(
     }
     let untraced = rows[0].rounds.clone();
     for row in &mut rows {
-        row.summarize(&untraced);
+        row.summarize(&untraced, &[]);
     }
     Ok(TimewaitResult {
         rows,

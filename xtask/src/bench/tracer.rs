@@ -23,6 +23,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tracer {
     Untraced,
+    /// An empty program on the same tracepoint, loaded by xtask (`floor.rs`): the kernel's
+    /// own cost per event, which tcpstate's is reported against.
+    Floor,
     TcpstateDefault,
     /// Default flags without the retransmit and reset hooks.
     TcpstateNoHooks,
@@ -46,8 +49,9 @@ pub const TIMEWAIT_METRICS_PORT: u16 = 19464;
 
 impl Tracer {
     /// In the order each round runs them.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Untraced,
+        Self::Floor,
         Self::TcpstateDefault,
         Self::TcpstateNoHooks,
         Self::TcpstateFullLog,
@@ -59,6 +63,7 @@ impl Tracer {
     pub fn label(self) -> &'static str {
         match self {
             Self::Untraced => "untraced",
+            Self::Floor => "floor: empty tp_btf program (reference)",
             Self::TcpstateDefault => "tcpstate (default log)",
             Self::TcpstateNoHooks => "tcpstate --retransmits=false --resets=false",
             Self::TcpstateFullLog => "tcpstate --log-rate 0",
@@ -78,6 +83,7 @@ impl Tracer {
     pub fn slug(self) -> &'static str {
         match self {
             Self::Untraced => "untraced",
+            Self::Floor => "floor",
             Self::TcpstateDefault => "tcpstate-default",
             Self::TcpstateNoHooks => "tcpstate-no-hooks",
             Self::TcpstateFullLog => "tcpstate-full-log",
@@ -118,10 +124,10 @@ impl Tracer {
         matches!(self, Self::TcpstateDefault | Self::TcpstateFullLog)
     }
 
-    /// The command line, as reported; None for `Untraced`.
+    /// The command line, as reported; None for `Untraced` and `Floor` (no process).
     pub fn command(self, tools: &Tools, log: &Path) -> Option<Command> {
         let mut cmd = match self {
-            Self::Untraced => return None,
+            Self::Untraced | Self::Floor => return None,
             Self::Tcpstates => {
                 let tcpstates = tools.tcpstates.as_ref()?;
                 match &tools.stdbuf {
@@ -373,7 +379,7 @@ pub fn start(tracer: Tracer, tools: &Tools, dir: &Path, churn: &Churn) -> Result
 
 /// A program can show in bpftool before it is attached: make probe
 /// connections until its run count moves.
-fn confirm_attached(tools: &Tools, churn: &Churn, ids: &[u32]) -> Result<()> {
+pub(super) fn confirm_attached(tools: &Tools, churn: &Churn, ids: &[u32]) -> Result<()> {
     let base = bpfstats::totals(&bpfstats::snapshot(&tools.bpftool)?, ids).run_cnt;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
