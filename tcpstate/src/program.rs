@@ -68,7 +68,33 @@ pub struct Probe {
     /// attaching (`None`: attached).
     pub hooks: Vec<(&'static str, Option<String>)>,
     stats: PerCpuArray<MapData, u64>,
-    prog_fd: std::os::fd::OwnedFd,
+    /// The transition program's fd first, then each attached hook's: their kernel counters.
+    prog_fds: Vec<(&'static str, std::os::fd::OwnedFd)>,
+}
+
+/// What one program has cost, as the kernel counts it (`run_time_ns`, `run_cnt` of
+/// BPF_OBJ_GET_INFO_BY_FD): totals since load, moving only while kernel.bpf_stats_enabled
+/// is on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramCost {
+    pub program: &'static str,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// The programs' costs, and whether the kernel is counting them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BpfCosts {
+    /// kernel.bpf_stats_enabled; None when unreadable.
+    pub stats_enabled: Option<bool>,
+    pub programs: Vec<ProgramCost>,
+}
+
+/// kernel.bpf_stats_enabled. Counting costs every BPF program on the host two clock reads per
+/// run, so it is the operator's call: tcpstate reads it, never sets it.
+pub fn bpf_stats_enabled() -> Option<bool> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok()?;
+    Some(text.trim() != "0")
 }
 
 /// What the kernel side counted.
@@ -191,7 +217,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
     };
     let mut ebpf = load_object(opts, &geo)?;
     let btf = aya::Btf::from_sys_fs().map_err(kernel("cannot parse the kernel's BTF"))?;
-    let prog_fd = attach(&mut ebpf, &btf)?;
+    let mut prog_fds = vec![(PROGRAM, attach(&mut ebpf, &btf)?)];
     let mut hooks = Vec::new();
     let wanted = [
         (opts.retransmits, RETRANSMIT_HOOKS),
@@ -204,7 +230,10 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
     {
         // An optional hook this kernel lacks costs its information, not the daemon.
         match attach_hook(&mut ebpf, &btf, name) {
-            Ok(()) => hooks.push((name, None)),
+            Ok(fd) => {
+                hooks.push((name, None));
+                prog_fds.push((name, fd));
+            }
             Err(e) => {
                 crate::warn(format_args!("not watching {name}: {e}"));
                 hooks.push((name, Some(e.to_string())));
@@ -220,7 +249,7 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
         signals: Some(signals),
         hooks,
         stats,
-        prog_fd,
+        prog_fds,
     })
 }
 
@@ -258,8 +287,13 @@ fn load_object(opts: &LoadOptions, geo: &Geometry) -> Result<Ebpf, LoadError> {
         .map_err(kernel("cannot load the eBPF object"))
 }
 
-/// Loads and attaches one of the optional hooks (a BTF tracepoint of the same name).
-fn attach_hook(ebpf: &mut Ebpf, btf: &aya::Btf, name: &str) -> Result<(), LoadError> {
+/// Loads and attaches one of the optional hooks (a BTF tracepoint of the same name); returns
+/// its fd (for its counters).
+fn attach_hook(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    name: &str,
+) -> Result<std::os::fd::OwnedFd, LoadError> {
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(name)
         .ok_or_else(|| LoadError::Object(format!("program {name} missing")))?
@@ -268,7 +302,11 @@ fn attach_hook(ebpf: &mut Ebpf, btf: &aya::Btf, name: &str) -> Result<(), LoadEr
     prog.load(name, btf)
         .map_err(kernel("the kernel refused the hook"))?;
     prog.attach().map_err(kernel("cannot attach the hook"))?;
-    Ok(())
+    prog.fd()
+        .map_err(kernel("cannot get the hook's fd"))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(kernel("cannot duplicate the hook's fd"))
 }
 
 /// Verifies, loads and attaches the program; returns its fd (for its counters).
@@ -357,7 +395,10 @@ impl Probe {
                 .map(|v| v.iter().sum::<u64>())
                 .unwrap_or(0)
         };
-        let info = prog_info(self.prog_fd.as_raw_fd());
+        let info = self
+            .prog_fds
+            .first()
+            .and_then(|(_, fd)| prog_info(fd.as_raw_fd()));
         KernelCounters {
             ringbuf_full: sum(stat::RINGBUF_FULL),
             recursion_misses: info.map_or(0, |i| i.recursion_misses),
@@ -367,8 +408,30 @@ impl Probe {
     }
 }
 
-/// BPF_OBJ_GET_INFO_BY_FD, for the counter aya's ProgramInfo does not
-/// expose (recursion_misses).
+impl Probe {
+    /// Every attached program's run time and count; one syscall each, so for scrapes, not
+    /// for the event path.
+    pub fn costs(&self) -> BpfCosts {
+        BpfCosts {
+            stats_enabled: bpf_stats_enabled(),
+            programs: self
+                .prog_fds
+                .iter()
+                .filter_map(|&(program, ref fd)| {
+                    let info = prog_info(fd.as_raw_fd())?;
+                    Some(ProgramCost {
+                        program,
+                        run_time_ns: info.run_time_ns,
+                        run_cnt: info.run_cnt,
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD: one call gives the recursion misses (which aya's ProgramInfo does
+/// not expose) and the run time and count.
 fn prog_info(fd: i32) -> Option<aya_obj::generated::bpf_prog_info> {
     // SAFETY: bpf_prog_info is plain old data; zero is a valid value.
     let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };

@@ -127,6 +127,40 @@ pub struct Report {
     /// Each optional capability, on or off with the reason.
     #[serde(default)]
     pub features: Vec<crate::features::Feature>,
+    /// kernel.bpf_stats_enabled: whether the kernel counts what tcpstate's programs cost
+    /// (None: unknown).
+    #[serde(default)]
+    pub bpf_stats_enabled: Option<bool>,
+    /// Each program's runs and time since load, while bpf_stats is on.
+    #[serde(default)]
+    pub bpf_programs: Vec<BpfProgram>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct BpfProgram {
+    pub program: String,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+}
+
+impl Report {
+    /// The programs' costs; the per-program figures only while the kernel counts them.
+    pub fn set_bpf(&mut self, costs: &crate::program::BpfCosts) {
+        self.bpf_stats_enabled = costs.stats_enabled;
+        self.bpf_programs = if costs.stats_enabled == Some(true) {
+            costs
+                .programs
+                .iter()
+                .map(|p| BpfProgram {
+                    program: p.program.to_owned(),
+                    run_cnt: p.run_cnt,
+                    run_time_ns: p.run_time_ns,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+    }
 }
 
 impl TopWorkload {
@@ -209,6 +243,8 @@ impl Report {
             log_dropped: c.log_dropped,
             stdout_dropped: c.stdout_dropped,
             features: Vec::new(),
+            bpf_stats_enabled: None,
+            bpf_programs: Vec::new(),
         }
     }
 
@@ -238,6 +274,30 @@ impl Report {
             "failed connects {}, resets {}",
             self.failed_connects, self.resets
         );
+        match self.bpf_stats_enabled {
+            Some(true) => {
+                let programs: Vec<String> = self
+                    .bpf_programs
+                    .iter()
+                    .map(|p| {
+                        let per_run = p
+                            .run_time_ns
+                            .checked_div(p.run_cnt)
+                            .map_or_else(|| "not run".to_owned(), |ns| format!("{ns} ns/run"));
+                        format!("{} {per_run} ({} runs)", escape(&p.program), p.run_cnt)
+                    })
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "bpf_stats: on (tcpstate_bpf_* on /metrics): {}",
+                    programs.join(", ")
+                );
+            }
+            Some(false) => s.push_str(
+                "bpf_stats: off (sysctl -w kernel.bpf_stats_enabled=1 to measure what tcpstate's programs cost)\n",
+            ),
+            None => {}
+        }
         let off: Vec<&crate::features::Feature> = self.features.iter().filter(|f| !f.on).collect();
         if off.is_empty() {
             if !self.features.is_empty() {
@@ -508,6 +568,8 @@ mod tests {
             log_dropped: 0,
             stdout_dropped: 0,
             features: Vec::new(),
+            bpf_stats_enabled: None,
+            bpf_programs: Vec::new(),
         }
     }
 

@@ -176,6 +176,113 @@ fn rotation_by_rename_and_copytruncate_loses_no_record() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// kernel.bpf_stats_enabled on for a test, restored on drop. The sysctl is host-wide: a
+/// bench or another test may flip it meanwhile, which this cannot prevent.
+struct BpfStatsOn {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStatsOn {
+    fn enable() -> Self {
+        let before = std::fs::read_to_string(BPF_STATS).expect("read kernel.bpf_stats_enabled");
+        std::fs::write(BPF_STATS, "1").expect("set kernel.bpf_stats_enabled=1");
+        Self { before }
+    }
+}
+
+impl Drop for BpfStatsOn {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.before.trim());
+    }
+}
+
+/// `name{program="..."} value` in a Prometheus exposition, as a number.
+fn sample(body: &str, name: &str, program: &str) -> Option<f64> {
+    let prefix = format!("{name}{{program=\"{program}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn promtool_check_metrics(body: &str) {
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(
+            "promtool (Debian package prometheus) must be installed: cargo xtask setup does it",
+        );
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("feed promtool");
+    let out = check.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 19: what the agent costs in the kernel, per program, on /metrics and the status page.
+#[test]
+fn bpf_program_cost_is_on_metrics_while_bpf_stats_is_on() {
+    if !require_bpf() {
+        return;
+    }
+    let _stats = BpfStatsOn::enable();
+    let ns = Netns::new();
+    let p = port(11000);
+    let mport = free_port();
+    let mut daemon = Daemon::start(&[
+        "--port",
+        &p.to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    churn(&ns, p, 20);
+    daemon
+        .wait_for(Duration::from_secs(5), |r| {
+            r["type"] == "transition" && r["new"] == "CLOSE"
+        })
+        .expect("a transition to CLOSE");
+
+    let body = http_get(mport, "/metrics");
+    assert!(body.contains("tcpstate_bpf_stats_enabled 1\n"), "{body}");
+    let runs = sample(&body, "tcpstate_bpf_run_count_total", "inet_sock_set_state");
+    let time = sample(
+        &body,
+        "tcpstate_bpf_run_time_seconds_total",
+        "inet_sock_set_state",
+    );
+    assert!(runs.is_some_and(|n| n > 0.0), "{body}");
+    assert!(time.is_some_and(|t| t > 0.0), "{body}");
+    // The hooks are exported too, each under its own name.
+    assert!(
+        sample(&body, "tcpstate_bpf_run_count_total", "tcp_send_reset").is_some(),
+        "{body}"
+    );
+    promtool_check_metrics(&body);
+
+    let st = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["status", "--addr", &format!("127.0.0.1:{mport}")])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(st.status.success(), "{text}");
+    assert!(text.contains("bpf_stats: on"), "{text}");
+    assert!(text.contains("inet_sock_set_state "), "{text}");
+    daemon.stop();
+}
+
 #[test]
 fn metrics_pass_promtool_and_prometheus_sees_close_wait_and_status_shows_it() {
     if !require_bpf() {
@@ -213,29 +320,7 @@ fn metrics_pass_promtool_and_prometheus_sees_close_wait_and_status_shows_it() {
         body.contains("tcpstate_sockets{state=\"CLOSE_WAIT\"} 3"),
         "{body}"
     );
-    let mut check = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect(
-            "promtool (Debian package prometheus) must be installed: cargo xtask setup does it",
-        );
-    use std::io::Write as _;
-    check
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(body.as_bytes())
-        .expect("feed promtool");
-    let out = check.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check_metrics(&body);
 
     // tcpstate status names the anomaly and its holder.
     let st = Command::new(env!("CARGO_BIN_EXE_tcpstate"))

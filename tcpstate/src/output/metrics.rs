@@ -78,6 +78,8 @@ struct Snapshot {
     workload_cgroups: u64,
     /// Each optional capability and whether it is on (why not: the `started` record).
     features: Vec<(String, bool)>,
+    /// The programs' own cost, from the kernel's counters.
+    bpf: crate::program::BpfCosts,
 }
 
 /// The exposition. `workloads` is [`crate::workload::top::top_of`] the tracker's cgroups.
@@ -86,6 +88,7 @@ pub fn render(
     counters: Counters,
     workloads: Vec<(Labels, Counts)>,
     features: &[crate::features::Feature],
+    bpf: crate::program::BpfCosts,
 ) -> String {
     let agg = tracker.stats();
     let live = TcpState::ALL
@@ -159,6 +162,7 @@ pub fn render(
         workloads,
         workload_cgroups: tracker.by_cgroup().count() as u64,
         features: features.iter().map(|f| (f.name.clone(), f.on)).collect(),
+        bpf,
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snap));
@@ -289,6 +293,7 @@ impl Snapshot {
             ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
         }
         self.workload_families(e)?;
+        self.bpf_families(e)?;
         let [retransmits, sent, received] = &self.signals;
         for (name, help, values) in [
             (
@@ -473,6 +478,44 @@ impl Snapshot {
 }
 
 impl Snapshot {
+    /// What the agent costs in the kernel: each program's run time and count. The kernel
+    /// counts only while kernel.bpf_stats_enabled is on, so they are exported only then (a
+    /// counter frozen while it is off would read as a program that stopped running).
+    fn bpf_families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let Some(on) = self.bpf.stats_enabled else {
+            return Ok(());
+        };
+        gauge(
+            e,
+            "tcpstate_bpf_stats_enabled",
+            "1 when kernel.bpf_stats_enabled is on, so tcpstate_bpf_run_time_seconds_total and tcpstate_bpf_run_count_total are exported",
+            i64::from(on),
+        )?;
+        if !on {
+            return Ok(());
+        }
+        let mut m = e.encode_descriptor(
+            "tcpstate_bpf_run_time_seconds",
+            "Time the kernel spent in each of tcpstate's BPF programs since it loaded them, while kernel.bpf_stats_enabled was on (run_time_ns)",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &self.bpf.programs {
+            ConstCounter::new(p.run_time_ns as f64 / 1e9)
+                .encode(m.encode_family(&[("program", p.program)])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "tcpstate_bpf_run_count",
+            "Runs of each of tcpstate's BPF programs since it loaded them, while kernel.bpf_stats_enabled was on (run_cnt)",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &self.bpf.programs {
+            ConstCounter::new(p.run_cnt).encode(m.encode_family(&[("program", p.program)])?)?;
+        }
+        Ok(())
+    }
+
     /// Per-workload gauges, bounded to --metrics-top workloads plus `other`.
     fn workload_families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         // Label values come from cgroup names, which anyone with a delegated subtree chooses:
@@ -565,7 +608,13 @@ mod tests {
         let mut counts = Counts::default();
         counts.closing[0] = 1;
         counts.anomalies_open = 1;
-        let text = render(&tracker, Counters::default(), vec![(hostile, counts)], &[]);
+        let text = render(
+            &tracker,
+            Counters::default(),
+            vec![(hostile, counts)],
+            &[],
+            crate::program::BpfCosts::default(),
+        );
         assert!(
             !text.chars().any(|c| c.is_control() && c != '\n'),
             "{text:?}"
@@ -576,6 +625,47 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"pod_uid="\\xc2\\x9b2J""#), "{text}");
+    }
+
+    #[test]
+    fn bpf_costs_are_exported_only_while_the_kernel_counts_them() {
+        let tracker = Tracker::new(Config {
+            capacity: 16,
+            timewait_capacity: 16,
+            thresholds: Thresholds::none(),
+            leak_threshold: 2,
+            pressure: None,
+            accept_queue_full: None,
+            orphan_pressure: None,
+        });
+        let costs = |on| crate::program::BpfCosts {
+            stats_enabled: Some(on),
+            programs: vec![crate::program::ProgramCost {
+                program: "inet_sock_set_state",
+                run_time_ns: 1_500_000_000,
+                run_cnt: 7,
+            }],
+        };
+        let render = |c| to_prometheus_text(&render(&tracker, Counters::default(), vec![], &[], c));
+        let on = render(costs(true));
+        assert!(on.contains("tcpstate_bpf_stats_enabled 1\n"), "{on}");
+        assert!(
+            on.contains(
+                "tcpstate_bpf_run_time_seconds_total{program=\"inet_sock_set_state\"} 1.5\n"
+            ),
+            "{on}"
+        );
+        assert!(
+            on.contains("tcpstate_bpf_run_count_total{program=\"inet_sock_set_state\"} 7\n"),
+            "{on}"
+        );
+        let off = render(costs(false));
+        assert!(off.contains("tcpstate_bpf_stats_enabled 0\n"), "{off}");
+        assert!(!off.contains("tcpstate_bpf_run_count_total{"), "{off}");
+        assert!(
+            !off.contains("tcpstate_bpf_run_time_seconds_total{"),
+            "{off}"
+        );
     }
 
     #[test]

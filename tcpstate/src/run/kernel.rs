@@ -293,6 +293,7 @@ impl Daemon {
                 self.started.elapsed().as_secs_f64(),
             );
             report.features.clone_from(&self.features);
+            report.set_bpf(&self.probe.costs());
             let _ = reply.send(serde_json::to_string(&report).unwrap_or_default());
         }
         self.release();

@@ -490,6 +490,7 @@ impl Daemon {
                     self.counters(),
                     top,
                     &self.features,
+                    self.probe.costs(),
                 ));
             }
             Page::Status => {
