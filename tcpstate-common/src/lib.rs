@@ -19,19 +19,21 @@ pub struct Event {
     pub skaddr: u64,
     /// The socket's cgroup v2 id (`sk_cgrp_data.cgroup->kn->id`: the
     /// cgroup of the task that created it, or of the listener for an
-    /// accepted socket, even in softirq), read only on the events that
-    /// create a socket, like `netns`; 0 on the others and when the kernel
-    /// has no socket cgroup data.
+    /// accepted socket, even in softirq), written only on the events that
+    /// create a socket, like `netns` (elsewhere the slot holds stale bytes:
+    /// read it through `is_birth`); 0 when the kernel has no socket cgroup
+    /// data.
     pub cgroup: u64,
-    /// Source (local) address; IPv4 uses the first 4 bytes.
+    /// Source (local) address; IPv4 uses the first 4 bytes (the rest is not
+    /// written: stale bytes).
     pub saddr: [u8; 16],
-    /// Destination (remote) address; IPv4 uses the first 4 bytes.
+    /// Destination (remote) address; IPv4 uses the first 4 bytes, as `saddr`.
     pub daddr: [u8; 16],
     /// Thread group id (the userspace pid) of the task on the CPU.
     pub pid: u32,
-    /// Network namespace inode of the socket (`sk->sk_net->ns.inum`), read
+    /// Network namespace inode of the socket (`sk->sk_net->ns.inum`), written
     /// only on the events that create a socket (old state CLOSE or
-    /// LISTEN); 0 on the others.
+    /// LISTEN; see `is_birth`); stale bytes on the others.
     pub netns: u32,
     /// Host byte order (the program swaps them).
     pub sport: u16,
@@ -45,6 +47,15 @@ pub struct Event {
     pub newstate: u8,
     /// `comm` of the task on the CPU, NUL padded.
     pub comm: [u8; 16],
+}
+
+impl Event {
+    /// Whether this transition creates a socket (old state CLOSE or LISTEN): the only events
+    /// whose `netns` and `cgroup` the program writes. Skipping those reads and stores on the
+    /// other events is part of what keeps the program near the cost of an empty one.
+    pub const fn is_birth(&self) -> bool {
+        self.oldstate == 7 || self.oldstate == 10
+    }
 }
 
 #[cfg(feature = "user")]

@@ -150,15 +150,23 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).skaddr = sk as u64;
-        (*ev).cgroup = cgroup_at_birth(sk, oldstate);
+        // Only births carry the cgroup and namespace; on the other events the slot keeps
+        // whatever an older event left there and userspace ignores it (`decode`), so most
+        // events skip those reads, branches and stores.
+        if oldstate == TCP_CLOSE || oldstate == TCP_LISTEN {
+            (*ev).cgroup = cgroup_at_birth(sk);
+            (*ev).netns = netns_at_birth(sk);
+        }
         let saddr = (&raw mut (*ev).saddr).cast::<u64>();
-        saddr.write(s0);
-        saddr.add(1).write(s1);
         let daddr = (&raw mut (*ev).daddr).cast::<u64>();
+        saddr.write(s0);
         daddr.write(d0);
-        daddr.add(1).write(d1);
+        // An IPv4 address is the first 4 bytes; userspace zeroes the rest of the slot.
+        if family == AF_INET6 {
+            saddr.add(1).write(s1);
+            daddr.add(1).write(d1);
+        }
         (*ev).pid = field(task, cfg!(off.tgid), 0);
-        (*ev).netns = netns_at_birth(sk, oldstate);
         (*ev).sport = sport;
         (*ev).dport = dport;
         (*ev).family = family as u8;
@@ -316,10 +324,6 @@ unsafe fn write_signal(
 fn ports_if_wanted(sk: *const u8) -> Option<(u16, u16, u16)> {
     // SAFETY (all `field` calls): offsets resolved from this kernel's BTF.
     let family: u16 = unsafe { field(sk, cfg!(off.family), 0) };
-    let filter_family = cfg!(filters.family);
-    if filter_family != 0 && family != filter_family {
-        return None;
-    }
     let sport = u16::from_be(unsafe { field(sk, cfg!(off.sport), 0) });
     let dport = u16::from_be(unsafe { field(sk, cfg!(off.dport), 0) });
     wanted(family, sport, dport).then_some((family, sport, dport))
@@ -367,15 +371,12 @@ unsafe fn addresses(sk: *const u8, family: u16, saddr4: u32) -> (u64, u64, u64, 
     }
 }
 
-/// The socket's network namespace inode, on the events that create a socket (CLOSE ->
-/// SYN_SENT/LISTEN, LISTEN -> SYN_RECV); 0 on the others. A socket's namespace never changes,
+/// The socket's network namespace inode, read only on the events that create a socket (CLOSE ->
+/// SYN_SENT/LISTEN, LISTEN -> SYN_RECV). A socket's namespace never changes,
 /// and `ns.inum` shares a cache line with the namespace's refcount, which every socket creation
 /// bumps: the load misses and cost ~50 ns/event. Userspace remembers it per socket.
 #[inline(always)]
-fn netns_at_birth(sk: *const u8, oldstate: i32) -> u32 {
-    if oldstate != TCP_CLOSE && oldstate != TCP_LISTEN {
-        return 0;
-    }
+fn netns_at_birth(sk: *const u8) -> u32 {
     // SAFETY (all `field` calls): offsets resolved from this kernel's BTF.
     let net: u64 = unsafe { field(sk, cfg!(off.net), 0) };
     if net == 0 {
@@ -390,9 +391,9 @@ fn netns_at_birth(sk: *const u8, oldstate: i32) -> u32 {
 /// is born in softirq, on whatever task the CPU was running, and inherits its listener's
 /// cgroup. 0 when the kernel keeps no cgroup in its sockets.
 #[inline(always)]
-fn cgroup_at_birth(sk: *const u8, oldstate: i32) -> u64 {
+fn cgroup_at_birth(sk: *const u8) -> u64 {
     let sk_off = cfg!(off.sk_cgroup);
-    if sk_off == 0 || (oldstate != TCP_CLOSE && oldstate != TCP_LISTEN) {
+    if sk_off == 0 {
         return 0;
     }
     // SAFETY (all `field` calls): offsets resolved from this kernel's BTF; each loaded

@@ -95,7 +95,7 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
     let family = Family::from_af(u16::from(ev.family)).ok_or(DecodeError::Family(ev.family))?;
     let (mut saddr, mut daddr) = (ev.saddr, ev.daddr);
     if family == Family::V4 {
-        // The program leaves the rest of an IPv4 slot zero; make sure.
+        // The program writes only an IPv4 address's 4 bytes; the rest of the slot is stale.
         saddr[4..].fill(0);
         daddr[4..].fill(0);
     }
@@ -112,6 +112,10 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
     } else {
         ev.newstate
     };
+    // The program writes these on births only; elsewhere the slot holds an older event's.
+    // A signal's record is written whole, with both 0.
+    let birth = sig.is_none() && ev.is_birth();
+    let (netns, cgroup) = if birth { (ev.netns, ev.cgroup) } else { (0, 0) };
     Ok(Transition {
         ts_ns: ev.ts_ns,
         sk: ev.skaddr,
@@ -131,8 +135,8 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
         },
         pid: ev.pid,
         comm: Comm(ev.comm),
-        netns: ev.netns,
-        cgroup: ev.cgroup,
+        netns,
+        cgroup,
         signal: sig,
     })
 }
@@ -182,6 +186,23 @@ mod tests {
         assert_eq!((t.old, t.new), (TcpState::SynSent, TcpState::Established));
         assert_eq!(t.comm.as_str(), "curl");
         assert_eq!(t.sk, 0xffff_8880_1234_5678);
+    }
+
+    #[test]
+    fn only_births_carry_netns_and_cgroup() {
+        let mut ev = event();
+        ev.cgroup = 77;
+        ev.oldstate = 2; // SYN_SENT -> ESTABLISHED: the slot's netns and cgroup are stale
+        let t = decode(&bytes(&ev)).expect("decodes");
+        assert_eq!((t.netns, t.cgroup), (0, 0));
+        ev.oldstate = 7; // CLOSE -> SYN_SENT: a birth
+        ev.newstate = 2;
+        let t = decode(&bytes(&ev)).expect("decodes");
+        assert_eq!((t.netns, t.cgroup), (4026531840, 77));
+        ev.oldstate = 10; // LISTEN -> SYN_RECV
+        ev.newstate = 3;
+        let t = decode(&bytes(&ev)).expect("decodes");
+        assert_eq!((t.netns, t.cgroup), (4026531840, 77));
     }
 
     #[test]
