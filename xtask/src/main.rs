@@ -2,6 +2,7 @@
 //! (alias in .cargo/config.toml).
 
 mod bench;
+mod btf_fixtures;
 mod cmd;
 mod fuzz;
 mod setup;
@@ -65,6 +66,10 @@ enum Task {
     /// integration tests in each; prints a kernel x test matrix. Fetches and
     /// caches kernels and tools under <target>/vmtest (needs root).
     Vmtest(vmtest::VmtestArgs),
+    /// Fetch Debian's 5.10, 6.1, 6.12 and newest 7.x amd64 kernels and arm64 6.1 (cached
+    /// under <target>/vmtest) and write their BTF, gzipped, to tcpstate/src/btf/fixtures/
+    /// for the offset resolver's unit tests (needs root).
+    BtfFixtures,
     /// Set up, then run the fuzz targets (cargo-fuzz, nightly) from the
     /// checked-in corpus: every target, or the one named.
     Fuzz {
@@ -96,6 +101,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::bench(&args),
         Task::Vmtest(args) => vmtest::vmtest(&args, true),
         Task::Dist => dist(),
+        Task::BtfFixtures => btf_fixtures::btf_fixtures(),
         Task::Soak {
             minutes,
             established,

@@ -37,7 +37,7 @@ use crate::setup::apt_get_install;
 
 /// What `cargo xtask test` boots: Debian 12's kernel, and the newest 7.x that
 /// Debian serves (sid or trixie-backports, whichever is newer).
-pub const DEFAULT_KERNELS: &[&str] = &["6.1", "7"];
+pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12", "7"];
 
 /// The integration test binaries run in each guest: between them they load
 /// every program, attach every hook and read every BTF-resolved offset
@@ -87,7 +87,7 @@ const NOT_APPLICABLE: &[NotApplicable] = &[];
 pub struct VmtestArgs {
     /// Kernel version to boot, as Debian serves it: `6.1`, `6.12`, `7.2`,
     /// `5.10`, or a major (`7`: the newest 7.x). Repeatable.
-    /// Default: 6.1 and the newest 7.x.
+    /// Default: 6.1, 6.12 and the newest 7.x.
     #[arg(long = "kernel")]
     pub kernels: Vec<String>,
     /// Integration test binary to run in each guest (repeatable); default:
@@ -118,18 +118,18 @@ impl Default for VmtestArgs {
 }
 
 /// A kernel unpacked in the cache.
-struct Kernel {
+pub(crate) struct Kernel {
     spec: String,
     /// `uname -r`, e.g. 6.1.0-50-amd64.
-    release: String,
+    pub(crate) release: String,
     /// Debian package version, e.g. 6.1.176-1.
-    version: String,
-    suite: String,
+    pub(crate) version: String,
+    pub(crate) suite: String,
     root: PathBuf,
 }
 
 impl Kernel {
-    fn vmlinuz(&self) -> PathBuf {
+    pub(crate) fn vmlinuz(&self) -> PathBuf {
         self.root
             .join("boot")
             .join(format!("vmlinuz-{}", self.release))
@@ -140,7 +140,7 @@ impl Kernel {
     }
 
     /// (major, minor) of the package version.
-    fn major_minor(&self) -> (u32, u32) {
+    pub(crate) fn major_minor(&self) -> (u32, u32) {
         let mut parts = self.version.split(['.', '-', '+', '~']);
         let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
         (next(), next())
@@ -465,15 +465,20 @@ fn ensure_venv(dir: &Path) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------
 // Kernels
 
-/// Apt with its own sources, lists and cache under `<dir>/apt`.
-struct Apt {
+/// Apt with its own sources, lists and cache under `<dir>/apt` (amd64) or
+/// `<dir>/apt-<arch>`, so that one architecture's lists never shadow another's.
+pub(crate) struct Apt {
     dir: PathBuf,
+    arch: String,
     updated: bool,
 }
 
 impl Apt {
-    fn new(dir: &Path) -> Result<Self> {
-        let apt = dir.join("apt");
+    pub(crate) fn new(dir: &Path, arch: &str) -> Result<Self> {
+        let apt = match arch {
+            "amd64" => dir.join("apt"),
+            _ => dir.join(format!("apt-{arch}")),
+        };
         for sub in ["lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(apt.join(sub))
                 .with_context(|| format!("cannot create {}", apt.join(sub).display()))?;
@@ -486,8 +491,13 @@ impl Apt {
             .with_context(|| format!("cannot write {}", apt.join("sources.list").display()))?;
         Ok(Self {
             dir: apt,
+            arch: arch.to_owned(),
             updated: false,
         })
+    }
+
+    pub(crate) fn arch(&self) -> &str {
+        &self.arch
     }
 
     fn command(&self, program: &str) -> Command {
@@ -503,7 +513,7 @@ impl Apt {
             "-o",
             &opt("Dir::Cache", &self.dir.join("cache")),
             "-o",
-            "APT::Architecture=amd64",
+            &format!("APT::Architecture={}", self.arch),
             // Downloads land in our own directory, which _apt may not reach.
             "-o",
             "APT::Sandbox::User=root",
@@ -566,14 +576,14 @@ fn ensure_kernels(dir: &Path, specs: &[String]) -> Result<Vec<Kernel>> {
         }
         let apt = match &mut apt {
             Some(apt) => apt,
-            None => apt.insert(Apt::new(dir)?),
+            None => apt.insert(Apt::new(dir, "amd64")?),
         };
         kernels.push(fetch_kernel(apt, dir, spec, &root)?);
     }
     Ok(kernels)
 }
 
-fn read_kernel(spec: &str, root: &Path) -> Option<Kernel> {
+pub(crate) fn read_kernel(spec: &str, root: &Path) -> Option<Kernel> {
     let text = fs::read_to_string(root.join("kernel.txt")).ok()?;
     let field = |key: &str| {
         text.lines()
@@ -590,16 +600,18 @@ fn read_kernel(spec: &str, root: &Path) -> Option<Kernel> {
     kernel.vmlinuz().is_file().then_some(kernel)
 }
 
-fn fetch_kernel(apt: &mut Apt, dir: &Path, spec: &str, root: &Path) -> Result<Kernel> {
-    let what = format!("kernel {spec}");
+/// Fetches and unpacks the newest kernel of `spec` for `apt`'s architecture into `root`.
+pub(crate) fn fetch_kernel(apt: &mut Apt, dir: &Path, spec: &str, root: &Path) -> Result<Kernel> {
+    let arch = apt.arch.clone();
+    let what = format!("kernel {spec} {arch}");
     apt.update()?;
-    // The newest linux-image-amd64 among the suites whose version is the spec.
+    // The newest linux-image-<arch> among the suites whose version is the spec.
     let prefix = format!("{spec}.");
     let mut best: Option<(String, String)> = None;
     let mut served = Vec::new();
     for suite in SUITES {
         let Some(version) = apt
-            .show(&format!("linux-image-amd64/{suite}"))
+            .show(&format!("linux-image-{arch}/{suite}"))
             .and_then(|f| f.get("Version").cloned())
         else {
             continue;
@@ -622,7 +634,7 @@ fn fetch_kernel(apt: &mut Apt, dir: &Path, spec: &str, root: &Path) -> Result<Ke
     // (6.1: vmlinuz and modules in one package; 7.x: linux-image- depends on
     // linux-binary-, linux-modules- and linux-base- of one version).
     let mut wanted: Vec<String> = Vec::new();
-    let mut queue = vec![format!("linux-image-amd64={version}")];
+    let mut queue = vec![format!("linux-image-{arch}={version}")];
     while let Some(pkg) = queue.pop() {
         let fields = apt
             .show(&pkg)
@@ -656,14 +668,18 @@ fn fetch_kernel(apt: &mut Apt, dir: &Path, spec: &str, root: &Path) -> Result<Ke
         }
     }
     if wanted.is_empty() {
-        bail!("linux-image-amd64={version} ({suite}) depends on no kernel package");
+        bail!("linux-image-{arch}={version} ({suite}) depends on no kernel package");
     }
     step(
         &what,
         format_args!("fetching {version} from {suite}: {}", wanted.join(" ")),
     );
 
-    let staging = dir.join("kernels").join(format!(".{spec}.tmp"));
+    let staging = dir.join("kernels").join(format!(
+        ".{}.tmp",
+        root.file_name()
+            .map_or_else(|| spec.into(), |n| n.to_string_lossy())
+    ));
     if staging.exists() {
         fs::remove_dir_all(&staging)
             .with_context(|| format!("cannot remove {}", staging.display()))?;
@@ -691,8 +707,8 @@ fn fetch_kernel(apt: &mut Apt, dir: &Path, spec: &str, root: &Path) -> Result<Ke
     let release = fs::read_dir(&modules_parent)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|name| name.ends_with("-amd64"))
-        .context("no lib/modules/<release>-amd64 in the kernel packages")?;
+        .find(|name| name.ends_with(&format!("-{arch}")))
+        .with_context(|| format!("no lib/modules/<release>-{arch} in the kernel packages"))?;
     let vmlinuz = [
         unpacked.join("boot").join(format!("vmlinuz-{release}")),
         modules_parent.join(&release).join("vmlinuz"),

@@ -139,4 +139,4 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

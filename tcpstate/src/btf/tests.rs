@@ -368,9 +368,134 @@ fn running_kernel_offsets() {
     assert_eq!(off.net_inum % 4, 0, "{off:?}");
     assert_ne!(off.sport, off.dport, "{off:?}");
     assert_ne!(off.comm, 0, "{off:?}");
-    assert_ne!(
-        off.tw_refcount, 0,
-        "this kernel embeds its death row: {off:?}"
-    );
+    // The death row is embedded (and so resolvable) from 6.0 on; before, 0 is right.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    if (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 0) {
+        assert_ne!(
+            off.tw_refcount, 0,
+            "{release}: the death row is embedded: {off:?}"
+        );
+    } else {
+        assert_eq!(
+            off.tw_refcount, 0,
+            "{release}: the death row is a pointer: {off:?}"
+        );
+    }
     assert_eq!((off.flag_dead, off.flag_done), (0, 1), "{off:?}");
+}
+
+/// The BTF of a kernel users run, checked in gzipped by `cargo xtask btf-fixtures` (the
+/// packages are listed in `fixtures/SOURCES`).
+pub(crate) fn fixture(name: &str) -> Offsets {
+    let path = format!(
+        "{}/src/btf/fixtures/{name}.btf.gz",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let gz = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut data)
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    offsets_in_blob(&data).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// `struct sock_common` has kept its head since 4.x on every architecture: a change here
+/// means the resolver, not the kernel, moved.
+fn assert_common_head(name: &str, off: &Offsets) {
+    let head = (
+        off.daddr,
+        off.rcv_saddr,
+        off.dport,
+        off.num,
+        off.family,
+        off.state,
+        off.net,
+        off.daddr6,
+        off.saddr6,
+        off.flag_dead,
+        off.flag_done,
+    );
+    assert_eq!(
+        head,
+        (0, 4, 12, 14, 16, 18, 48, 56, 72, 0, 1),
+        "{name}: {off:?}"
+    );
+}
+
+#[test]
+fn debian_5_10_has_no_embedded_death_row_and_no_cgroup_pointer() {
+    let off = fixture("5.10-amd64");
+    assert_common_head("5.10", &off);
+    // Before 6.0 `net.ipv4.tcp_death_row` is a pointer, and before 5.15 `sk_cgrp_data` is a
+    // tagged union with no `cgroup` member: both optional groups resolve to 0, which the
+    // program reads as "skip", and the feature report names as off.
+    assert_eq!((off.tw_refcount, off.tw_max), (0, 0), "{off:?}");
+    assert_eq!(
+        (off.sk_cgroup, off.cgroup_kn, off.kn_id),
+        (0, 0, 0),
+        "{off:?}"
+    );
+    assert_eq!(
+        (off.sport, off.saddr, off.sk_err, off.sk_flags, off.net_inum),
+        (776, 768, 568, 96, 136)
+    );
+    assert_eq!((off.tgid, off.comm), (2236, 2736));
+}
+
+#[test]
+fn debian_6_1_amd64() {
+    let off = fixture("6.1-amd64");
+    assert_common_head("6.1", &off);
+    assert_eq!(
+        (off.sport, off.saddr, off.sk_err, off.sk_flags, off.net_inum),
+        (804, 784, 544, 96, 144)
+    );
+    assert_eq!((off.tw_refcount, off.tw_max), (704, 776));
+    assert_eq!((off.sk_cgroup, off.cgroup_kn, off.kn_id), (648, 248, 104));
+    assert_eq!((off.tgid, off.comm), (2420, 2976));
+}
+
+#[test]
+fn debian_6_1_arm64_differs_from_amd64_only_in_the_task() {
+    let arm = fixture("6.1-arm64");
+    let amd = fixture("6.1-amd64");
+    assert_common_head("6.1 arm64", &arm);
+    assert_eq!((arm.tgid, arm.comm), (1356, 1912));
+    assert_eq!(
+        Offsets {
+            tgid: amd.tgid,
+            comm: amd.comm,
+            ..arm
+        },
+        amd
+    );
+}
+
+#[test]
+fn debian_6_12_amd64() {
+    let off = fixture("6.12-amd64");
+    assert_common_head("6.12", &off);
+    assert_eq!(
+        (off.sport, off.saddr, off.sk_err, off.sk_flags, off.net_inum),
+        (806, 800, 284, 96, 136)
+    );
+    assert_eq!((off.tw_refcount, off.tw_max), (832, 904));
+    assert_eq!((off.sk_cgroup, off.cgroup_kn, off.kn_id), (672, 256, 96));
+    assert_eq!((off.tgid, off.comm), (2436, 2976));
+}
+
+#[test]
+fn debian_7_3_amd64() {
+    let off = fixture("7.3-amd64");
+    assert_common_head("7.3", &off);
+    assert_eq!(
+        (off.sport, off.saddr, off.sk_err, off.sk_flags, off.net_inum),
+        (830, 824, 284, 96, 280)
+    );
+    assert_eq!((off.tw_refcount, off.tw_max), (1152, 1224));
+    assert_eq!((off.sk_cgroup, off.cgroup_kn, off.kn_id), (688, 296, 96));
+    assert_eq!((off.tgid, off.comm), (2876, 3408));
 }
