@@ -185,6 +185,11 @@ pub struct Offsets {
     pub sk_cgroup: u32,
     pub cgroup_kn: u32,
     pub kn_id: u32,
+    /// 1 when the kernel has `bpf_get_current_task_btf` (5.11+): the task's
+    /// tgid and comm are then two plain loads. 0 on older kernels, where the
+    /// program calls `bpf_get_current_pid_tgid` and `bpf_get_current_comm`
+    /// instead; the verifier never visits the branch this kernel cannot run.
+    pub task_btf: u32,
 }
 
 /// Everything the program is loaded with: the read-only global `CONFIG`,
@@ -199,6 +204,8 @@ pub struct Config {
     pub slot_bits: u32,
     pub filters: Filters,
     pub off: Offsets,
+    /// Explicit padding to a multiple of 8 (Pod: every byte initialised).
+    pub pad: u32,
 }
 
 impl Config {
@@ -236,13 +243,15 @@ impl Config {
             sk_cgroup: 0,
             cgroup_kn: 0,
             kn_id: 0,
+            task_btf: 0,
         },
+        pad: 0,
     };
 }
 
-// No implicit padding (Pod): 8 + 4 + 8 + 23 * 4 = 112, a multiple of 8 (the struct is
+// No implicit padding (Pod): 8 + 4 + 8 + 24 * 4 + 4 = 120, a multiple of 8 (the struct is
 // copied into the object as bytes, and every byte of a Pod must be initialised).
-const _: () = assert!(core::mem::size_of::<Config>() == 112);
+const _: () = assert!(core::mem::size_of::<Config>() == 120);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers only, no padding (size assertion above).

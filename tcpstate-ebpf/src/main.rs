@@ -143,8 +143,6 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let newstate: i32 = ctx.arg(2);
     // SAFETY: a BTF socket pointer and this kernel's offsets.
     let (s0, s1, d0, d1) = unsafe { addresses(sk, family, cfg!(off.saddr)) };
-    // SAFETY: a BTF task pointer to the current task, always valid.
-    let task = unsafe { generated::bpf_get_current_task_btf() } as *const u8;
     // SAFETY: `ev` is a free Event-sized slot of this CPU's ring (head - tail
     // < slots): userspace does not read it until `head` moves past it.
     unsafe {
@@ -166,7 +164,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             saddr.add(1).write(s1);
             daddr.add(1).write(d1);
         }
-        (*ev).pid = field(task, cfg!(off.tgid), 0);
+        write_current(ev);
         (*ev).sport = sport;
         (*ev).dport = dport;
         (*ev).family = family as u8;
@@ -177,12 +175,6 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         };
         (*ev).oldstate = oldstate as u8;
         (*ev).newstate = newstate as u8;
-        // `comm` straight from the task: two loads instead of the
-        // bpf_get_current_comm() copy (~75 ns here).
-        let comm = (&raw mut (*ev).comm).cast::<u64>();
-        let c = cfg!(off.comm);
-        comm.write(field(task, c, 0));
-        comm.add(1).write(field(task, c, 8));
     }
     // SAFETY: `pos` is this CPU's entry.
     let published = unsafe { publish(&raw mut (*pos).head, head) };
@@ -289,8 +281,6 @@ unsafe fn write_signal(
     let ev = slot.as_mut_ptr();
     // SAFETY: a BTF pointer and this kernel's offsets.
     let (s0, s1, d0, d1) = unsafe { addresses(sk, family, saddr4) };
-    // SAFETY: a BTF task pointer to the current task, always valid.
-    let task = unsafe { generated::bpf_get_current_task_btf() } as *const u8;
     // SAFETY: `ev` is the reserved, Event-sized record.
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();
@@ -302,7 +292,7 @@ unsafe fn write_signal(
         let daddr = (&raw mut (*ev).daddr).cast::<u64>();
         daddr.write(d0);
         daddr.add(1).write(d1);
-        (*ev).pid = field(task, cfg!(off.tgid), 0);
+        write_current(ev);
         (*ev).netns = 0;
         (*ev).sport = sport;
         (*ev).dport = dport;
@@ -310,13 +300,39 @@ unsafe fn write_signal(
         (*ev).close = 0;
         (*ev).oldstate = state;
         (*ev).newstate = what;
-        let comm = (&raw mut (*ev).comm).cast::<u64>();
-        let c = cfg!(off.comm);
-        comm.write(field(task, c, 0));
-        comm.add(1).write(field(task, c, 8));
     }
     // Userspace drains it with the rings; no wake-up per event.
     slot.submit(u64::from(BPF_RB_NO_WAKEUP));
+}
+
+/// The current task's tgid and comm into `ev`.
+///
+/// # Safety
+/// `ev` points to an Event-sized slot this program owns.
+#[inline(always)]
+unsafe fn write_current(ev: *mut Event) {
+    // A constant to the verifier: it walks only the branch this kernel has, so 5.10, which lacks
+    // bpf_get_current_task_btf, never sees the call, and 5.11+ pays nothing for the other.
+    if cfg!(off.task_btf) != 0 {
+        // SAFETY: a BTF task pointer to the current task, always valid; offsets from its BTF;
+        // `ev` per the caller.
+        unsafe {
+            let task = generated::bpf_get_current_task_btf() as *const u8;
+            (*ev).pid = field(task, cfg!(off.tgid), 0);
+            // `comm` straight from the task: two loads instead of the
+            // bpf_get_current_comm() copy (~75 ns here).
+            let comm = (&raw mut (*ev).comm).cast::<u64>();
+            let c = cfg!(off.comm);
+            comm.write(field(task, c, 0));
+            comm.add(1).write(field(task, c, 8));
+        }
+    } else {
+        // SAFETY: no preconditions; `comm` is 16 writable bytes of `ev`.
+        unsafe {
+            (*ev).pid = (generated::bpf_get_current_pid_tgid() >> 32) as u32;
+            generated::bpf_get_current_comm((&raw mut (*ev).comm).cast(), 16);
+        }
+    }
 }
 
 /// The socket's family and ports, unless a kernel filter leaves it out.

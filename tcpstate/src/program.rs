@@ -280,6 +280,7 @@ fn load_object(opts: &LoadOptions, geo: &Geometry) -> Result<Ebpf, LoadError> {
                 slot_bits: geo.bits,
                 filters: opts.filters,
                 off: opts.offsets,
+                pad: 0,
             },
             true,
         )

@@ -442,6 +442,7 @@ fn the_feature_report_says_what_is_off_and_why_everywhere() {
         [
             "cgroup_attribution",
             "timewait_overflow",
+            "task_btf",
             "time_wait_pressure",
             "retransmit_hooks",
             "reset_hooks",

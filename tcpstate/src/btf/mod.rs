@@ -104,6 +104,11 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
         ))
     };
     let (sk_cgroup, cgroup_kn, kn_id) = cgroup().unwrap_or((0, 0, 0));
+    // The helper's id is in the kernel's own `enum bpf_func_id` from the release that added it.
+    let task_btf = u32::from(
+        btf.enum_value("bpf_func_id", "BPF_FUNC_get_current_task_btf")
+            .is_ok(),
+    );
     let flag = |name: &str| -> Result<u32, String> {
         let v = btf.enum_value("sock_flags", name)?;
         u32::try_from(v)
@@ -135,6 +140,7 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
         sk_cgroup,
         cgroup_kn,
         kn_id,
+        task_btf,
     })
 }
 

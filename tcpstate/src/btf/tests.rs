@@ -258,6 +258,7 @@ fn synthetic_offsets() {
             sk_cgroup: 0,
             cgroup_kn: 0,
             kn_id: 0,
+            task_btf: 0,
             family: 16,
             dport: 12,
             sport: 792,
@@ -386,6 +387,7 @@ fn running_kernel_offsets() {
         );
     }
     assert_eq!((off.flag_dead, off.flag_done), (0, 1), "{off:?}");
+    assert_eq!(off.task_btf, 1, "the host runs 5.11+: {off:?}");
 }
 
 /// The BTF of a kernel users run, checked in gzipped by `cargo xtask btf-fixtures` (the
@@ -433,6 +435,8 @@ fn debian_5_10_has_no_embedded_death_row_and_no_cgroup_pointer() {
     // tagged union with no `cgroup` member: both optional groups resolve to 0, which the
     // program reads as "skip", and the feature report names as off.
     assert_eq!((off.tw_refcount, off.tw_max), (0, 0), "{off:?}");
+    // Nor bpf_get_current_task_btf (5.11): the program takes the helper-call branch.
+    assert_eq!(off.task_btf, 0, "{off:?}");
     assert_eq!(
         (off.sk_cgroup, off.cgroup_kn, off.kn_id),
         (0, 0, 0),
@@ -449,6 +453,7 @@ fn debian_5_10_has_no_embedded_death_row_and_no_cgroup_pointer() {
 fn debian_6_1_amd64() {
     let off = fixture("6.1-amd64");
     assert_common_head("6.1", &off);
+    assert_eq!(off.task_btf, 1);
     assert_eq!(
         (off.sport, off.saddr, off.sk_err, off.sk_flags, off.net_inum),
         (804, 784, 544, 96, 144)
@@ -478,6 +483,7 @@ fn debian_6_1_arm64_differs_from_amd64_only_in_the_task() {
 fn debian_6_12_amd64() {
     let off = fixture("6.12-amd64");
     assert_common_head("6.12", &off);
+    assert_eq!(off.task_btf, 1);
     assert_eq!(
         (off.sport, off.saddr, off.sk_err, off.sk_flags, off.net_inum),
         (806, 800, 284, 96, 136)
@@ -491,6 +497,7 @@ fn debian_6_12_amd64() {
 fn debian_7_3_amd64() {
     let off = fixture("7.3-amd64");
     assert_common_head("7.3", &off);
+    assert_eq!(off.task_btf, 1);
     assert_eq!(
         (off.sport, off.saddr, off.sk_err, off.sk_flags, off.net_inum),
         (830, 824, 284, 96, 280)
