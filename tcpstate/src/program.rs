@@ -130,7 +130,7 @@ pub enum LoadError {
         needs_root: bool,
     },
     #[error(
-        "this kernel has no inet_sock_set_state tracepoint in its BTF ({0}); tcpstate needs Linux 5.12 or later"
+        "this kernel has no inet_sock_set_state tracepoint in its BTF ({0}); tcpstate needs Linux 5.10 or later (5.12 off x86_64) built with CONFIG_DEBUG_INFO_BTF"
     )]
     NoTracepoint(aya::programs::ProgramError),
     /// The verifier's log is hundreds of lines: `why` is its last ones, on one line.

@@ -114,6 +114,7 @@ struct Daemon {
 impl Daemon {
     async fn start(args: RunArgs) -> anyhow::Result<Self> {
         let offsets = btf::kernel_offsets()?;
+        setup::cgroup_filter_possible(args.cgroup.as_deref(), &offsets)?;
         let workloads = Workloads::new(setup::hierarchy(&args)?);
         let filters = setup::filters(&args);
         let mut probe = program::load(&LoadOptions {

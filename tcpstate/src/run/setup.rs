@@ -53,6 +53,21 @@ pub(super) fn hierarchy(args: &RunArgs) -> anyhow::Result<Option<Hierarchy>> {
     Ok(h)
 }
 
+/// `--cgroup` on a kernel whose events carry no cgroup would keep nothing: refused by name.
+pub(super) fn cgroup_filter_possible(
+    cgroup: Option<&str>,
+    offsets: &tcpstate_common::Offsets,
+) -> anyhow::Result<()> {
+    if let Some(path) = cgroup
+        && offsets.sk_cgroup == 0
+    {
+        anyhow::bail!(
+            "--cgroup {path}: this kernel's BTF has no sock.sk_cgrp_data.cgroup (Linux 5.15+ with CONFIG_SOCK_CGROUP_DATA), so no socket's cgroup can be known"
+        );
+    }
+    Ok(())
+}
+
 /// Whether cgroup `path` is `want` or below it.
 pub(super) fn under(path: &str, want: &str) -> bool {
     want == "/"
@@ -186,7 +201,20 @@ pub(super) fn raise_fd_limit() {
 
 #[cfg(test)]
 mod tests {
-    use super::under;
+    use super::{cgroup_filter_possible, under};
+
+    #[test]
+    fn a_cgroup_filter_on_a_kernel_without_socket_cgroups_is_refused_by_name() {
+        let old = crate::btf::tests::fixture("5.10-amd64");
+        let e = cgroup_filter_possible(Some("/system.slice"), &old)
+            .expect_err("5.10 has no socket cgroup")
+            .to_string();
+        assert!(e.starts_with("--cgroup /system.slice: "), "{e}");
+        assert!(e.contains("5.15"), "{e}");
+        assert!(cgroup_filter_possible(None, &old).is_ok());
+        let new = crate::btf::tests::fixture("6.1-amd64");
+        assert!(cgroup_filter_possible(Some("/system.slice"), &new).is_ok());
+    }
 
     #[test]
     fn a_cgroup_filter_keeps_its_subtree_only() {
