@@ -24,6 +24,7 @@ use crate::{
     cli::RunArgs,
     clock::{WallClock, monotonic_ns},
     collector::{Batch, Collector},
+    decode::Decoded,
     features::{Found, Hooks},
     kernel_table::{Dump, Job, Reply, Workers},
     output::{
@@ -310,14 +311,13 @@ impl Daemon {
         self.tally.undecodable += batch.undecodable;
         let filtered = self.tally.filtered;
         let mut facts = Vec::new();
-        for t in &batch.transitions {
+        for d in &batch.decoded {
             // --netns: the kernel reads a socket's namespace only at its birth, so later
             // events are matched through the table; a socket born elsewhere is never tracked.
             if let Some(ns) = self.args.netns {
-                let of = if t.netns != 0 {
-                    t.netns
-                } else {
-                    self.tracker.netns_of(t.sk)
+                let of = match d.netns() {
+                    0 => self.tracker.netns_of(d.sk()),
+                    n => n,
                 };
                 if of != ns {
                     self.tally.filtered += 1;
@@ -326,21 +326,25 @@ impl Daemon {
             }
             // --cgroup: the same, by the cgroup's path (the cgroup or below it).
             if self.args.cgroup.is_some() {
-                let id = if t.cgroup != 0 {
-                    t.cgroup
-                } else {
-                    self.tracker.cgroup_of(t.sk)
+                let id = match d.cgroup() {
+                    0 => self.tracker.cgroup_of(d.sk()),
+                    id => id,
                 };
                 if !self.wanted_cgroup(id) {
                     self.tally.filtered += 1;
                     continue;
                 }
             }
-            self.tracker.on_transition(t, &mut facts);
+            match d {
+                Decoded::Transition(t) => {
+                    self.tracker.on_transition(t, &mut facts);
+                }
+                Decoded::Signal(s) => self.tracker.on_signal(s, &mut facts),
+            }
             self.write_facts(&mut facts, now);
         }
         // Activity for the idle re-read: events that reached the tracker.
-        let applied = batch.transitions.len() as u64 - (self.tally.filtered - filtered);
+        let applied = batch.decoded.len() as u64 - (self.tally.filtered - filtered);
         self.tally.since_sweep += applied;
         self.tally.since_reconcile += applied;
         self.watermark_ns = batch.watermark_ns;

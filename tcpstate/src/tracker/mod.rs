@@ -193,11 +193,8 @@ impl Tracker {
         k
     }
 
-    /// Applies one transition (or a signal about a socket).
+    /// Applies one transition.
     pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Fact>) -> Applied {
-        if let Some(s) = t.signal {
-            return self.on_signal(t, s, out);
-        }
         if !self.half_born.is_empty()
             && let Some(mut m) = self.half_born.remove(&t.sk)
         {
@@ -253,7 +250,7 @@ impl Tracker {
                 let closed = Closed {
                     state: t.old,
                     netns,
-                    tuple: tuple_of(t, &e),
+                    tuple: tuple_of(&t.tuple, &e),
                     owner: e.owner().map(|o| self.task(o)),
                     retrans: e.retrans,
                 };
@@ -265,7 +262,7 @@ impl Tracker {
                 let active = e.has(flag::ACTIVE);
                 self.enter_timewait(
                     netns,
-                    &tuple_of(t, &e),
+                    &tuple_of(&t.tuple, &e),
                     t.ts_ns,
                     MetTimeWait::Event,
                     active,
@@ -667,10 +664,9 @@ fn is_birth(t: &Transition) -> bool {
     t.old == TcpState::Close || (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
 }
 
-/// The socket's tuple at its end: the event's, or the entry's when the
-/// event lacks the local end.
-fn tuple_of(t: &Transition, e: &Entry) -> Tuple {
-    if t.tuple.sport == 0 { e.tuple } else { t.tuple }
+/// The socket's tuple: the event's, or the entry's when the event lacks the local end.
+fn tuple_of(event: &Tuple, e: &Entry) -> Tuple {
+    if event.sport == 0 { e.tuple } else { *event }
 }
 
 /// A threshold as nanoseconds, saturating: `--threshold` accepts huge
