@@ -19,8 +19,8 @@ impl Reorder {
     /// Takes the freshly drained events; returns every event with
     /// `ts_ns < cutoff_ns`, oldest first, and holds the rest.
     pub fn release(&mut self, fresh: &mut Vec<Event>, cutoff_ns: u64) -> Vec<Event> {
-        // Moves rather than copies where it can: the events are 80 bytes
-        // and this runs for every one of them.
+        // Moves rather than copies where it can: an event is
+        // `size_of::<Event>()` bytes and this runs for every one of them.
         if self.held.is_empty() {
             std::mem::swap(&mut self.held, fresh);
         } else {
