@@ -25,8 +25,8 @@ use crate::{
 /// What a worker can be asked.
 #[derive(Debug)]
 pub enum Job {
-    /// Every socket in every namespace (or one), with fd holders: start-up.
-    Seed { only: Option<u32> },
+    /// Every socket in every namespace, with fd holders: start-up.
+    Seed,
     /// Dumps of these namespaces: reconciliation. Without `timewait`, TIME_WAIT mini-sockets
     /// are left out of the dump (the kernel skips them by state before formatting anything):
     /// on a busy client host they are most of the sockets.
@@ -111,7 +111,6 @@ pub struct Confirmed {
 pub enum Reply {
     Seeded {
         sockets: Vec<KernelSocket>,
-        host: u32,
     },
     Reconciled(Dump),
     Confirmed(Confirmed),
@@ -175,7 +174,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
         };
         ns.prune();
         let reply = match job {
-            Job::Seed { only } => seed(&mut ns, only),
+            Job::Seed => seed(&mut ns),
             Job::Reconcile {
                 namespaces,
                 timewait,
@@ -227,14 +226,9 @@ fn kernel_socket(netns: u32, s: &DiagSocket) -> Option<KernelSocket> {
     })
 }
 
-fn seed(ns: &mut Namespaces, only: Option<u32>) -> Reply {
-    let host = ns.home();
-    let namespaces: Vec<u32> = match only {
-        Some(n) => vec![n],
-        None => ns.all(),
-    };
+fn seed(ns: &mut Namespaces) -> Reply {
     let mut found: Vec<(u32, DiagSocket)> = Vec::new();
-    for netns in namespaces {
+    for netns in ns.all() {
         if let Some(socks) = dump(ns, netns, ALL_STATES) {
             found.extend(socks.into_iter().map(|s| (netns, s)));
         }
@@ -248,7 +242,7 @@ fn seed(ns: &mut Namespaces, only: Option<u32>) -> Reply {
             Some(k)
         })
         .collect();
-    Reply::Seeded { sockets, host }
+    Reply::Seeded { sockets }
 }
 
 fn reconcile(

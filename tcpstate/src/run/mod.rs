@@ -272,12 +272,12 @@ impl Daemon {
         if self.args.no_seed {
             return 0;
         }
-        if !self.workers.submit(Job::Seed { only: None }) {
+        if !self.workers.submit(Job::Seed) {
             return 0;
         }
         loop {
             match self.replies.recv().await {
-                Some(Reply::Seeded { sockets, host }) => {
+                Some(Reply::Seeded { sockets }) => {
                     let f = setup::filters(&self.args);
                     let only = self.args.netns;
                     let sockets = sockets
@@ -292,7 +292,6 @@ impl Daemon {
                         .filter(|s| only.is_none_or(|ns| ns == s.netns))
                         .filter(|s| self.wanted_cgroup(s.cgroup))
                         .collect::<Vec<_>>();
-                    let _ = host;
                     let n = self
                         .tracker
                         .seed(sockets, monotonic_ns(), &mut self.seed_facts);
