@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, mpsc},
+    time::Duration,
 };
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -529,6 +530,15 @@ fn look_listener(
 }
 
 const LISTEN: u32 = 1 << TcpState::Listen as u32;
+
+/// The host's FIN_WAIT2 timeout (`tcp_fin_timeout`), 60s (the kernel's default) when it
+/// cannot be read. Here, not beside the thresholds it sets: the tracker reads no files.
+pub fn host_fin_timeout() -> Duration {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(60), Duration::from_secs)
+}
 
 /// Host-wide counts: `tcp_max_orphans` and `tcp_mem` exist only in the first namespace, and
 /// sockstat's orphan and memory counts are global. Read from this thread's namespace, the
