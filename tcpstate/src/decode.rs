@@ -195,35 +195,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-
-    fn event() -> Event {
-        let mut saddr = [0u8; 16];
-        saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
-        let mut daddr = [0u8; 16];
-        daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
-        Event {
-            cgroup: 0,
-            ts_ns: 42,
-            skaddr: 0xffff_8880_1234_5678,
-            saddr,
-            daddr,
-            pid: 1234,
-            netns: 4026531840,
-            sport: 40000,
-            dport: 8080,
-            family: 2,
-            close: 0,
-            oldstate: 2,
-            newstate: 1,
-            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
-        }
-    }
-
-    fn bytes(ev: &Event) -> Vec<u8> {
-        // SAFETY: Event is repr(C) without padding.
-        unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()) }
-            .to_vec()
-    }
+    use crate::fixtures::{event, event_bytes};
 
     fn transition(bytes: &[u8]) -> Transition {
         match decode(bytes) {
@@ -234,7 +206,7 @@ mod tests {
 
     #[test]
     fn decodes_ipv4() {
-        let t = transition(&bytes(&event()));
+        let t = transition(&event_bytes(&event()));
         assert_eq!(t.tuple.family, Family::V4);
         assert_eq!(t.tuple.saddr(), "10.0.0.1".parse::<IpAddr>().expect("addr"));
         assert_eq!(t.tuple.daddr(), "10.0.0.2".parse::<IpAddr>().expect("addr"));
@@ -249,15 +221,15 @@ mod tests {
         let mut ev = event();
         ev.cgroup = 77;
         ev.oldstate = 2; // SYN_SENT -> ESTABLISHED: the slot's netns and cgroup are stale
-        let t = transition(&bytes(&ev));
+        let t = transition(&event_bytes(&ev));
         assert_eq!((t.netns, t.cgroup), (0, 0));
         ev.oldstate = 7; // CLOSE -> SYN_SENT: a birth
         ev.newstate = 2;
-        let t = transition(&bytes(&ev));
+        let t = transition(&event_bytes(&ev));
         assert_eq!((t.netns, t.cgroup), (4026531840, 77));
         ev.oldstate = 10; // LISTEN -> SYN_RECV
         ev.newstate = 3;
-        let t = transition(&bytes(&ev));
+        let t = transition(&event_bytes(&ev));
         assert_eq!((t.netns, t.cgroup), (4026531840, 77));
     }
 
@@ -270,7 +242,7 @@ mod tests {
             .parse::<std::net::Ipv6Addr>()
             .expect("addr")
             .octets();
-        let t = transition(&bytes(&ev));
+        let t = transition(&event_bytes(&ev));
         assert_eq!(t.tuple.family, Family::V6);
         assert_eq!(t.tuple.saddr().to_string(), "::1");
         assert_eq!(t.tuple.daddr().to_string(), "fd00::2");
@@ -287,7 +259,7 @@ mod tests {
             (close::FIN_WAIT2, Ending::FinWait2),
         ] {
             ev.close = byte;
-            assert_eq!(transition(&bytes(&ev)).ending, want);
+            assert_eq!(transition(&event_bytes(&ev)).ending, want);
         }
     }
 
@@ -304,7 +276,7 @@ mod tests {
             (signal::RESET_RECEIVED, SignalKind::ResetReceived),
         ] {
             ev.newstate = byte;
-            let Ok(Decoded::Signal(s)) = decode(&bytes(&ev)) else {
+            let Ok(Decoded::Signal(s)) = decode(&event_bytes(&ev)) else {
                 panic!("{byte:#x} is not a signal");
             };
             assert_eq!(
@@ -316,7 +288,7 @@ mod tests {
         // One after an abortive close: state CLOSE, which is not a birth.
         ev.oldstate = 7;
         ev.newstate = signal::RESET_SENT;
-        let d = decode(&bytes(&ev)).expect("decodes");
+        let d = decode(&event_bytes(&ev)).expect("decodes");
         assert_eq!((d.netns(), d.cgroup()), (0, 0));
     }
 
@@ -325,9 +297,9 @@ mod tests {
         assert_eq!(decode(&[0u8; 10]), Err(DecodeError::Size(10)));
         let mut ev = event();
         ev.family = 1;
-        assert_eq!(decode(&bytes(&ev)), Err(DecodeError::Family(1)));
+        assert_eq!(decode(&event_bytes(&ev)), Err(DecodeError::Family(1)));
         let mut ev = event();
         ev.newstate = 99;
-        assert_eq!(decode(&bytes(&ev)), Err(DecodeError::State(99)));
+        assert_eq!(decode(&event_bytes(&ev)), Err(DecodeError::State(99)));
     }
 }

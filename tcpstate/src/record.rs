@@ -628,31 +628,8 @@ mod opt_comm {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
     use super::*;
-
-    pub(crate) fn transition() -> TransitionRecord {
-        TransitionRecord {
-            workload: None,
-            ts: UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789),
-            sk: 0xffff_8880_0abc_0000,
-            family: Family::V4,
-            saddr: "127.0.0.1".parse().expect("addr"),
-            sport: 40000,
-            daddr: "127.0.0.1".parse().expect("addr"),
-            dport: 8080,
-            old: TcpState::SynSent,
-            new: TcpState::Established,
-            pid: 77,
-            comm: Comm::new("curl"),
-            prev_state_ms: Some(0.25),
-            netns: 4026531840,
-            via: None,
-            reason: None,
-            retransmits: None,
-        }
-    }
+    use crate::fixtures::transition;
 
     #[test]
     fn transition_json_is_the_contract() {
