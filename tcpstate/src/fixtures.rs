@@ -10,6 +10,7 @@ use crate::{
     record::{AnomalyRecord, OwnerSource, TransitionRecord},
     socket::{Comm, Family},
     state::TcpState,
+    tracker::Kind,
 };
 
 /// 2026-11-18T11:06:40.123456789Z.
@@ -87,7 +88,7 @@ pub fn anomaly() -> AnomalyRecord {
         workload: None,
         holder_cgroup: None,
         ts: UNIX_EPOCH + Duration::new(1_795_000_000, 0),
-        kind: "close_wait".into(),
+        kind: Kind::Lingering(TcpState::CloseWait),
         state: TcpState::CloseWait,
         age_ms: 61_500.0,
         age_is_lower_bound: false,

@@ -10,6 +10,7 @@ use crate::{
         Vitals,
     },
     state::TcpState,
+    tracker::Kind,
     workload::Workload,
 };
 
@@ -243,7 +244,7 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
     in_workload(&mut owner, a.workload.as_deref());
     in_netns(&mut owner, a.netns);
     let at_least = if a.age_is_lower_bound { ">=" } else { "" };
-    let queue_full = a.kind == "accept_queue_full";
+    let queue_full = a.kind == Kind::AcceptQueueFull;
     if let Some(o) = &a.orphans {
         write_orphans(out, label, a, o);
         return;
@@ -692,7 +693,7 @@ mod tests {
             s.contains("never accepted: in the accept queue of port 8080, listener held by pid 812 (server), 2 of a backlog of 4 waiting"),
             "{s}"
         );
-        q.kind = "accept_queue_full".into();
+        q.kind = Kind::AcceptQueueFull;
         q.state = TcpState::Listen;
         q.owner_source = OwnerSource::Fd;
         s.clear();

@@ -221,8 +221,8 @@ fn close_wait_anomaly_fires_at_threshold_once_and_resolves_with_age() {
         panic!("expected an anomaly, got {out:?}");
     };
     assert_eq!(
-        (a.kind.as_str(), a.state, a.age_ms),
-        ("close_wait", CloseWait, 2000.0)
+        (a.kind, a.state, a.age_ms),
+        (Kind::Lingering(CloseWait), CloseWait, 2000.0)
     );
     assert_eq!((a.sport, a.dport, a.sk), (8080, 5000, SERVER_SK));
     assert_eq!(
@@ -312,8 +312,8 @@ fn client_owner_comes_from_connect_not_softirq() {
         panic!("{out:?}");
     };
     assert_eq!(
-        (a.kind.as_str(), a.pid, a.sport),
-        ("fin_wait2", Some(99), 5000)
+        (a.kind, a.pid, a.sport),
+        (Kind::Lingering(FinWait2), Some(99), 5000)
     );
 }
 
