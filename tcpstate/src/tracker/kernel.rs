@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{
-    Fact, MetTimeWait, Resolution, Tracker, Via,
+    Fact, MetTimeWait, PeerKeyHasher, Resolution, Tracker, Via,
     backlog::Listening,
     orphans::{HostTcp, closing_by_owner},
     pressure::NetnsInfo,
@@ -39,20 +39,18 @@ pub struct KernelSocket {
     pub cgroup: u64,
 }
 
-type Seeded = foldhash::quality::RandomState;
-
 /// What a reconciliation dump says is alive in one network namespace. The
 /// sets hold every socket of a busy host (hundreds of thousands of
-/// TIME_WAIT), keyed by tuples peers choose: a seeded fast hasher.
+/// TIME_WAIT), keyed by tuples peers choose: [`PeerKeyHasher`].
 #[derive(Debug, Default)]
 pub struct Alive {
     /// Full sockets.
-    pub tuples: HashSet<Tuple, Seeded>,
+    pub tuples: HashSet<Tuple, PeerKeyHasher>,
     /// SYN_SENT sockets by remote end: the tracepoint shows local port 0
     /// when a connect starts, so those entries match on the remote only.
-    pub connecting: HashMap<([u8; 16], u16), Vec<Tuple>, Seeded>,
+    pub connecting: HashMap<([u8; 16], u16), Vec<Tuple>, PeerKeyHasher>,
     /// Mini-sockets and their substate.
-    pub minis: HashMap<Tuple, (TcpState, u32), Seeded>,
+    pub minis: HashMap<Tuple, (TcpState, u32), PeerKeyHasher>,
     /// Request sockets (SYN_RECV mini-sockets).
     pub requests: u64,
     /// The dump included TIME_WAIT mini-sockets (else they are not judged).

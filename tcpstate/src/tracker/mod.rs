@@ -107,6 +107,12 @@ const MAX_HALF_BORN: usize = 65_536;
 /// How long a birth's record waits for the child's next event.
 const HALF_BORN_WAIT_NS: u64 = 1_000_000_000;
 
+/// The hasher of maps keyed by what peers choose (tuples, destinations): keyed at random
+/// per map, so a peer cannot aim its ports at one bucket, and several times cheaper than
+/// SipHash, which showed in the profile (foldhash's quality variant). Not "seeded": that
+/// word means the start-up snapshot here (`flag::SEEDED`).
+pub(crate) type PeerKeyHasher = foldhash::quality::RandomState;
+
 /// Keys below this are ours, not kernel addresses (which live in the top
 /// half of the address space): snapshot sockets and mini-sockets.
 const SYNTHETIC_LIMIT: u64 = 1 << 48;
@@ -123,7 +129,7 @@ pub struct Tracker {
     listeners: rustc_hash::FxHashMap<(u32, u16), OwnerRef>,
     /// Snapshot sockets not yet seen in an event, by tuple without the
     /// namespace (events only carry it when a socket is born).
-    seeded: HashMap<Tuple, Vec<u64>, foldhash::quality::RandomState>,
+    seeded: HashMap<Tuple, Vec<u64>, PeerKeyHasher>,
     /// Namespaces whose port range and `tcp_tw_reuse` the pressure rule
     /// wants and does not have yet.
     unknown_netns: std::collections::HashSet<u32>,
@@ -131,7 +137,7 @@ pub struct Tracker {
     /// (synthetic) keys in the table. Peers choose half of each tuple, so a
     /// seeded hasher (foldhash: every server that closes first passes
     /// through here, and SipHash showed in the profile).
-    orphans: HashMap<(u32, Tuple), u64, foldhash::quality::RandomState>,
+    orphans: HashMap<(u32, Tuple), u64, PeerKeyHasher>,
     next_key: u64,
     backlog: BacklogRule,
     orphan_rule: OrphanRule,
