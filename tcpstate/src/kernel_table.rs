@@ -19,7 +19,7 @@ use crate::{
     socket::{Comm, Tuple, Vitals},
     state::TcpState,
     tracker::{
-        AcceptQueue, Alive, Found, HostTcp, KernelSocket, Listening, NetnsInfo, Probe, ProbeResult,
+        AcceptQueue, Alive, Found, HostTcp, KernelSocket, Listening, NetnsInfo, Sweep, Swept,
     },
 };
 
@@ -47,7 +47,7 @@ pub enum Job {
         dump_start_ns: u64,
     },
     /// Exact lookups of mini-sockets: the sweep.
-    Probe(Probe),
+    Sweep(Sweep),
     /// Who holds each socket's fd now.
     Owners {
         ticket: u64,
@@ -115,7 +115,7 @@ pub enum Reply {
     },
     Reconciled(Dump),
     Confirmed(Confirmed),
-    Probed(ProbeResult),
+    Swept(Swept),
     Owners {
         ticket: u64,
         holders: Vec<Holder>,
@@ -186,7 +186,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
                 suspects,
                 dump_start_ns,
             } => Reply::Confirmed(confirm(&mut ns, &suspects, dump_start_ns)),
-            Job::Probe(p) => Reply::Probed(probe(&mut ns, &p)),
+            Job::Sweep(p) => Reply::Swept(sweep(&mut ns, &p)),
             Job::Owners { ticket, sockets } => owners(&mut ns, ticket, &sockets),
             Job::Settings { netns } => Reply::Settings {
                 netns,
@@ -357,8 +357,8 @@ fn found(ns: &mut Namespaces, netns: u32, t: &Tuple) -> Option<Found> {
 /// The sweep's lookups. TIME_WAIT timers fire in the order they were set, so the mini-sockets
 /// that are gone are a prefix of the oldest-first list: a binary search finds it with
 /// log2(n) + 1 lookups instead of n.
-fn probe(ns: &mut Namespaces, p: &Probe) -> ProbeResult {
-    let mut r = ProbeResult {
+fn sweep(ns: &mut Namespaces, p: &Sweep) -> Swept {
+    let mut r = Swept {
         netns: p.netns,
         done_ns: 0,
         timewait_gone: 0,

@@ -51,7 +51,7 @@ pub use self::{
     facts::{
         AcceptQueue, Anomaly, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side, Task, Via,
     },
-    kernel::{Alive, Found, KernelSocket, Probe, ProbeResult},
+    kernel::{Alive, Found, KernelSocket, Sweep, Swept},
     orphans::HostTcp,
     pressure::NetnsInfo,
 };
