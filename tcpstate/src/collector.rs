@@ -18,7 +18,7 @@ use tokio::sync::mpsc::Sender;
 
 use crate::{
     clock::monotonic_ns,
-    decode::{self, Transition},
+    decode::{self, Decoded},
     reorder::Reorder,
     ring::EventRings,
 };
@@ -32,10 +32,10 @@ const HOLDBACK_NS: u64 = 1_000_000;
 /// When events are held back, the next drain comes this soon.
 const HELD_RETRY: Duration = Duration::from_millis(5);
 
-/// Transitions in time order, and what came with them.
+/// Transitions and signals in time order, and what came with them.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub transitions: Vec<Transition>,
+    pub decoded: Vec<Decoded>,
     /// Events read from the rings (decoded or not).
     pub events: u64,
     pub undecodable: u64,
@@ -113,7 +113,7 @@ fn collect(
         }
         let ready = reorder.release(&mut fresh, cutoff);
         let mut batch = Batch {
-            transitions: Vec::with_capacity(ready.len()),
+            decoded: Vec::with_capacity(ready.len()),
             events: ready.len() as u64,
             undecodable: 0,
             watermark_ns: cutoff,
@@ -121,7 +121,7 @@ fn collect(
         };
         for ev in &ready {
             match decode::from_event(ev) {
-                Ok(t) => batch.transitions.push(t),
+                Ok(d) => batch.decoded.push(d),
                 Err(_) => batch.undecodable += 1,
             }
         }

@@ -1,4 +1,4 @@
-//! Ring-buffer records -> [`Transition`].
+//! Ring-buffer records -> [`Decoded`]: a [`Transition`], or a [`Signal`] about a socket.
 
 use tcpstate_common::{Event, close, signal};
 
@@ -40,14 +40,59 @@ impl Ending {
     }
 }
 
-/// Not a transition: what the retransmit and reset hooks saw happen to a socket.
+/// What the retransmit and reset hooks saw happen to a socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Signal {
+pub enum SignalKind {
     Retransmit,
     /// A listener's SYN-ACK sent again; `sk` is the listener, the tuple the connection's.
     SynackRetransmit,
     ResetSent,
     ResetReceived,
+}
+
+/// A retransmit or reset: the socket stays in `state`. The program sends these through the
+/// transition record (`newstate` above every TCP state), but nothing downstream may count one
+/// as a move between states, so it gets a type of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signal {
+    pub ts_ns: u64,
+    pub sk: u64,
+    pub tuple: Tuple,
+    /// The socket's state when it happened.
+    pub state: TcpState,
+    pub kind: SignalKind,
+}
+
+/// One ring record, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Transition(Transition),
+    Signal(Signal),
+}
+
+impl Decoded {
+    pub fn sk(&self) -> u64 {
+        match self {
+            Decoded::Transition(t) => t.sk,
+            Decoded::Signal(s) => s.sk,
+        }
+    }
+
+    /// The socket's namespace when the record carries it (births only; 0 otherwise).
+    pub fn netns(&self) -> u32 {
+        match self {
+            Decoded::Transition(t) => t.netns,
+            Decoded::Signal(_) => 0,
+        }
+    }
+
+    /// The socket's cgroup when the record carries it (births only; 0 otherwise).
+    pub fn cgroup(&self) -> u64 {
+        match self {
+            Decoded::Transition(t) => t.cgroup,
+            Decoded::Signal(_) => 0,
+        }
+    }
 }
 
 /// One decoded transition. `ts_ns` stays on the kernel's monotonic clock;
@@ -67,8 +112,6 @@ pub struct Transition {
     pub netns: u32,
     /// The socket's cgroup v2 id; like `netns`, only on events that create a socket.
     pub cgroup: u64,
-    /// Set for a signal, not a transition: `old` and `new` are then both the socket's state.
-    pub signal: Option<Signal>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -82,7 +125,7 @@ pub enum DecodeError {
 }
 
 /// Decodes raw bytes (what a fuzzer or a foreign ring hands us).
-pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     if bytes.len() < size_of::<Event>() {
         return Err(DecodeError::Size(bytes.len()));
     }
@@ -91,7 +134,7 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
     from_event(&ev)
 }
 
-pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
+pub fn from_event(ev: &Event) -> Result<Decoded, DecodeError> {
     let family = Family::from_af(u16::from(ev.family)).ok_or(DecodeError::Family(ev.family))?;
     let (mut saddr, mut daddr) = (ev.saddr, ev.daddr);
     if family == Family::V4 {
@@ -99,35 +142,42 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
         saddr[4..].fill(0);
         daddr[4..].fill(0);
     }
+    let tuple = Tuple {
+        family,
+        saddr,
+        daddr,
+        sport: ev.sport,
+        dport: ev.dport,
+    };
     let state = |n| TcpState::from_kernel(n).ok_or(DecodeError::State(n));
-    let sig = match ev.newstate {
-        signal::RETRANSMIT => Some(Signal::Retransmit),
-        signal::SYNACK_RETRANSMIT => Some(Signal::SynackRetransmit),
-        signal::RESET_SENT => Some(Signal::ResetSent),
-        signal::RESET_RECEIVED => Some(Signal::ResetReceived),
+    let kind = match ev.newstate {
+        signal::RETRANSMIT => Some(SignalKind::Retransmit),
+        signal::SYNACK_RETRANSMIT => Some(SignalKind::SynackRetransmit),
+        signal::RESET_SENT => Some(SignalKind::ResetSent),
+        signal::RESET_RECEIVED => Some(SignalKind::ResetReceived),
         _ => None,
     };
-    let new = if sig.is_some() {
-        ev.oldstate
-    } else {
-        ev.newstate
-    };
+    if let Some(kind) = kind {
+        return Ok(Decoded::Signal(Signal {
+            ts_ns: ev.ts_ns,
+            sk: ev.skaddr,
+            tuple,
+            state: state(ev.oldstate)?,
+            kind,
+        }));
+    }
     // The program writes these on births only; elsewhere the slot holds an older event's.
-    // A signal's record is written whole, with both 0.
-    let birth = sig.is_none() && ev.is_birth();
-    let (netns, cgroup) = if birth { (ev.netns, ev.cgroup) } else { (0, 0) };
-    Ok(Transition {
+    let (netns, cgroup) = if ev.is_birth() {
+        (ev.netns, ev.cgroup)
+    } else {
+        (0, 0)
+    };
+    Ok(Decoded::Transition(Transition {
         ts_ns: ev.ts_ns,
         sk: ev.skaddr,
-        tuple: Tuple {
-            family,
-            saddr,
-            daddr,
-            sport: ev.sport,
-            dport: ev.dport,
-        },
+        tuple,
         old: state(ev.oldstate)?,
-        new: state(new)?,
+        new: state(ev.newstate)?,
         ending: match ev.close {
             close::TIME_WAIT => Ending::TimeWait,
             close::FIN_WAIT2 => Ending::FinWait2,
@@ -137,8 +187,7 @@ pub fn from_event(ev: &Event) -> Result<Transition, DecodeError> {
         comm: Comm(ev.comm),
         netns,
         cgroup,
-        signal: sig,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -146,39 +195,18 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
+    use crate::fixtures::{event, event_bytes};
 
-    fn event() -> Event {
-        let mut saddr = [0u8; 16];
-        saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
-        let mut daddr = [0u8; 16];
-        daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
-        Event {
-            cgroup: 0,
-            ts_ns: 42,
-            skaddr: 0xffff_8880_1234_5678,
-            saddr,
-            daddr,
-            pid: 1234,
-            netns: 4026531840,
-            sport: 40000,
-            dport: 8080,
-            family: 2,
-            close: 0,
-            oldstate: 2,
-            newstate: 1,
-            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+    fn transition(bytes: &[u8]) -> Transition {
+        match decode(bytes) {
+            Ok(Decoded::Transition(t)) => t,
+            other => panic!("not a transition: {other:?}"),
         }
-    }
-
-    fn bytes(ev: &Event) -> Vec<u8> {
-        // SAFETY: Event is repr(C) without padding.
-        unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()) }
-            .to_vec()
     }
 
     #[test]
     fn decodes_ipv4() {
-        let t = decode(&bytes(&event())).expect("decodes");
+        let t = transition(&event_bytes(&event()));
         assert_eq!(t.tuple.family, Family::V4);
         assert_eq!(t.tuple.saddr(), "10.0.0.1".parse::<IpAddr>().expect("addr"));
         assert_eq!(t.tuple.daddr(), "10.0.0.2".parse::<IpAddr>().expect("addr"));
@@ -193,15 +221,15 @@ mod tests {
         let mut ev = event();
         ev.cgroup = 77;
         ev.oldstate = 2; // SYN_SENT -> ESTABLISHED: the slot's netns and cgroup are stale
-        let t = decode(&bytes(&ev)).expect("decodes");
+        let t = transition(&event_bytes(&ev));
         assert_eq!((t.netns, t.cgroup), (0, 0));
         ev.oldstate = 7; // CLOSE -> SYN_SENT: a birth
         ev.newstate = 2;
-        let t = decode(&bytes(&ev)).expect("decodes");
+        let t = transition(&event_bytes(&ev));
         assert_eq!((t.netns, t.cgroup), (4026531840, 77));
         ev.oldstate = 10; // LISTEN -> SYN_RECV
         ev.newstate = 3;
-        let t = decode(&bytes(&ev)).expect("decodes");
+        let t = transition(&event_bytes(&ev));
         assert_eq!((t.netns, t.cgroup), (4026531840, 77));
     }
 
@@ -214,7 +242,7 @@ mod tests {
             .parse::<std::net::Ipv6Addr>()
             .expect("addr")
             .octets();
-        let t = decode(&bytes(&ev)).expect("decodes");
+        let t = transition(&event_bytes(&ev));
         assert_eq!(t.tuple.family, Family::V6);
         assert_eq!(t.tuple.saddr().to_string(), "::1");
         assert_eq!(t.tuple.daddr().to_string(), "fd00::2");
@@ -231,8 +259,37 @@ mod tests {
             (close::FIN_WAIT2, Ending::FinWait2),
         ] {
             ev.close = byte;
-            assert_eq!(decode(&bytes(&ev)).expect("decodes").ending, want);
+            assert_eq!(transition(&event_bytes(&ev)).ending, want);
         }
+    }
+
+    /// A retransmit or reset comes out as a signal in the socket's state, never as a
+    /// transition from that state to itself.
+    #[test]
+    fn retransmits_and_resets_are_signals_not_transitions() {
+        let mut ev = event();
+        ev.oldstate = 4; // FIN_WAIT1
+        for (byte, kind) in [
+            (signal::RETRANSMIT, SignalKind::Retransmit),
+            (signal::SYNACK_RETRANSMIT, SignalKind::SynackRetransmit),
+            (signal::RESET_SENT, SignalKind::ResetSent),
+            (signal::RESET_RECEIVED, SignalKind::ResetReceived),
+        ] {
+            ev.newstate = byte;
+            let Ok(Decoded::Signal(s)) = decode(&event_bytes(&ev)) else {
+                panic!("{byte:#x} is not a signal");
+            };
+            assert_eq!(
+                (s.kind, s.state, s.sk),
+                (kind, TcpState::FinWait1, ev.skaddr)
+            );
+            assert_eq!((s.tuple.sport, s.tuple.dport), (40000, 8080));
+        }
+        // One after an abortive close: state CLOSE, which is not a birth.
+        ev.oldstate = 7;
+        ev.newstate = signal::RESET_SENT;
+        let d = decode(&event_bytes(&ev)).expect("decodes");
+        assert_eq!((d.netns(), d.cgroup()), (0, 0));
     }
 
     #[test]
@@ -240,9 +297,9 @@ mod tests {
         assert_eq!(decode(&[0u8; 10]), Err(DecodeError::Size(10)));
         let mut ev = event();
         ev.family = 1;
-        assert_eq!(decode(&bytes(&ev)), Err(DecodeError::Family(1)));
+        assert_eq!(decode(&event_bytes(&ev)), Err(DecodeError::Family(1)));
         let mut ev = event();
         ev.newstate = 99;
-        assert_eq!(decode(&bytes(&ev)), Err(DecodeError::State(99)));
+        assert_eq!(decode(&event_bytes(&ev)), Err(DecodeError::State(99)));
     }
 }

@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, mpsc},
+    time::Duration,
 };
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -18,15 +19,15 @@ use crate::{
     socket::{Comm, Tuple, Vitals},
     state::TcpState,
     tracker::{
-        AcceptQueue, Alive, Found, HostTcp, KernelSocket, Listening, NetnsInfo, Probe, ProbeResult,
+        AcceptQueue, Alive, Found, HostTcp, KernelSocket, Listening, NetnsInfo, Sweep, Swept,
     },
 };
 
 /// What a worker can be asked.
 #[derive(Debug)]
 pub enum Job {
-    /// Every socket in every namespace (or one), with fd holders: start-up.
-    Seed { only: Option<u32> },
+    /// Every socket in every namespace, with fd holders: start-up.
+    Seed,
     /// Dumps of these namespaces: reconciliation. Without `timewait`, TIME_WAIT mini-sockets
     /// are left out of the dump (the kernel skips them by state before formatting anything):
     /// on a busy client host they are most of the sockets.
@@ -46,7 +47,7 @@ pub enum Job {
         dump_start_ns: u64,
     },
     /// Exact lookups of mini-sockets: the sweep.
-    Probe(Probe),
+    Sweep(Sweep),
     /// Who holds each socket's fd now.
     Owners {
         ticket: u64,
@@ -111,11 +112,10 @@ pub struct Confirmed {
 pub enum Reply {
     Seeded {
         sockets: Vec<KernelSocket>,
-        host: u32,
     },
     Reconciled(Dump),
     Confirmed(Confirmed),
-    Probed(ProbeResult),
+    Swept(Swept),
     Owners {
         ticket: u64,
         holders: Vec<Holder>,
@@ -175,7 +175,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
         };
         ns.prune();
         let reply = match job {
-            Job::Seed { only } => seed(&mut ns, only),
+            Job::Seed => seed(&mut ns),
             Job::Reconcile {
                 namespaces,
                 timewait,
@@ -186,7 +186,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
                 suspects,
                 dump_start_ns,
             } => Reply::Confirmed(confirm(&mut ns, &suspects, dump_start_ns)),
-            Job::Probe(p) => Reply::Probed(probe(&mut ns, &p)),
+            Job::Sweep(p) => Reply::Swept(sweep(&mut ns, &p)),
             Job::Owners { ticket, sockets } => owners(&mut ns, ticket, &sockets),
             Job::Settings { netns } => Reply::Settings {
                 netns,
@@ -227,14 +227,9 @@ fn kernel_socket(netns: u32, s: &DiagSocket) -> Option<KernelSocket> {
     })
 }
 
-fn seed(ns: &mut Namespaces, only: Option<u32>) -> Reply {
-    let host = ns.home();
-    let namespaces: Vec<u32> = match only {
-        Some(n) => vec![n],
-        None => ns.all(),
-    };
+fn seed(ns: &mut Namespaces) -> Reply {
     let mut found: Vec<(u32, DiagSocket)> = Vec::new();
-    for netns in namespaces {
+    for netns in ns.all() {
         if let Some(socks) = dump(ns, netns, ALL_STATES) {
             found.extend(socks.into_iter().map(|s| (netns, s)));
         }
@@ -248,7 +243,7 @@ fn seed(ns: &mut Namespaces, only: Option<u32>) -> Reply {
             Some(k)
         })
         .collect();
-    Reply::Seeded { sockets, host }
+    Reply::Seeded { sockets }
 }
 
 fn reconcile(
@@ -362,8 +357,8 @@ fn found(ns: &mut Namespaces, netns: u32, t: &Tuple) -> Option<Found> {
 /// The sweep's lookups. TIME_WAIT timers fire in the order they were set, so the mini-sockets
 /// that are gone are a prefix of the oldest-first list: a binary search finds it with
 /// log2(n) + 1 lookups instead of n.
-fn probe(ns: &mut Namespaces, p: &Probe) -> ProbeResult {
-    let mut r = ProbeResult {
+fn sweep(ns: &mut Namespaces, p: &Sweep) -> Swept {
+    let mut r = Swept {
         netns: p.netns,
         done_ns: 0,
         timewait_gone: 0,
@@ -535,6 +530,15 @@ fn look_listener(
 }
 
 const LISTEN: u32 = 1 << TcpState::Listen as u32;
+
+/// The host's FIN_WAIT2 timeout (`tcp_fin_timeout`), 60s (the kernel's default) when it
+/// cannot be read. Here, not beside the thresholds it sets: the tracker reads no files.
+pub fn host_fin_timeout() -> Duration {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(60), Duration::from_secs)
+}
 
 /// Host-wide counts: `tcp_max_orphans` and `tcp_mem` exist only in the first namespace, and
 /// sockstat's orphan and memory counts are global. Read from this thread's namespace, the

@@ -15,6 +15,8 @@ pub mod collector;
 pub mod control;
 pub mod decode;
 pub mod features;
+#[cfg(test)]
+mod fixtures;
 pub mod kernel_table;
 pub mod kill;
 pub mod output;

@@ -11,7 +11,7 @@ use crate::{
     clock::WallClock,
     socket::{Comm, Family},
     state::TcpState,
-    tracker::{Anomaly, Fact, Leak, Moved, Owner as Blame, Resolution},
+    tracker::{Anomaly, Fact, Kind, Leak, Moved, Owner as Blame, Resolution},
     workload::Workload,
 };
 
@@ -294,8 +294,10 @@ pub struct Owner {
 pub struct AnomalyRecord {
     #[serde(with = "ts")]
     pub ts: SystemTime,
-    /// The state name in lower case (`close_wait`, `fin_wait2`, ...).
-    pub kind: String,
+    /// The state name in lower case (`close_wait`, `fin_wait2`, ...) or the rule's
+    /// (`accept_queue_full`, ...).
+    #[serde(with = "kind")]
+    pub kind: Kind,
     #[serde(with = "state")]
     pub state: TcpState,
     pub age_ms: f64,
@@ -493,7 +495,7 @@ impl AnomalyRecord {
         };
         Self {
             ts: clock.to_system(a.ts_ns),
-            kind: a.kind.name().to_owned(),
+            kind: a.kind,
             state: a.state,
             age_ms: a.ts_ns.saturating_sub(a.since_ns) as f64 / 1e6,
             age_is_lower_bound: a.lower_bound,
@@ -595,6 +597,20 @@ mod state {
     }
 }
 
+mod kind {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    use crate::tracker::Kind;
+
+    pub fn serialize<S: Serializer>(k: &Kind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(k.name())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Kind, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        Kind::parse(s).ok_or_else(|| D::Error::custom(format!("unknown anomaly kind {s:?}")))
+    }
+}
+
 mod comm {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -628,31 +644,8 @@ mod opt_comm {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
     use super::*;
-
-    pub(crate) fn transition() -> TransitionRecord {
-        TransitionRecord {
-            workload: None,
-            ts: UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789),
-            sk: 0xffff_8880_0abc_0000,
-            family: Family::V4,
-            saddr: "127.0.0.1".parse().expect("addr"),
-            sport: 40000,
-            daddr: "127.0.0.1".parse().expect("addr"),
-            dport: 8080,
-            old: TcpState::SynSent,
-            new: TcpState::Established,
-            pid: 77,
-            comm: Comm::new("curl"),
-            prev_state_ms: Some(0.25),
-            netns: 4026531840,
-            via: None,
-            reason: None,
-            retransmits: None,
-        }
-    }
+    use crate::fixtures::transition;
 
     #[test]
     fn transition_json_is_the_contract() {
@@ -678,6 +671,54 @@ mod tests {
             serde_json::from_str::<Record>(&line).expect("parses"),
             Record::Transition(t)
         );
+    }
+
+    /// The names are a contract: logs, `tail` and alerting rules match on them.
+    #[test]
+    fn anomaly_kinds_keep_their_names() {
+        use crate::fixtures::anomaly;
+        let mut kinds: Vec<Kind> = TcpState::ALL.into_iter().map(Kind::Lingering).collect();
+        kinds.extend([
+            Kind::TimeWaitPressure,
+            Kind::AcceptQueueFull,
+            Kind::OrphanPressure,
+        ]);
+        let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "established",
+                "syn_sent",
+                "syn_recv",
+                "fin_wait1",
+                "fin_wait2",
+                "time_wait",
+                "close",
+                "close_wait",
+                "last_ack",
+                "listen",
+                "closing",
+                "new_syn_recv",
+                "time_wait_pressure",
+                "accept_queue_full",
+                "orphan_pressure"
+            ]
+        );
+        for k in kinds {
+            let rec = Record::Anomaly(AnomalyRecord {
+                kind: k,
+                ..anomaly()
+            });
+            let line = serde_json::to_string(&rec).expect("serialises");
+            assert!(
+                line.contains(&format!(r#""kind":"{}""#, k.name())),
+                "{line}"
+            );
+            assert_eq!(serde_json::from_str::<Record>(&line).expect("parses"), rec);
+        }
+        let line = serde_json::to_string(&Record::Anomaly(anomaly())).expect("serialises");
+        let typo = line.replace(r#""kind":"close_wait""#, r#""kind":"closewait""#);
+        assert!(serde_json::from_str::<Record>(&typo).is_err(), "{typo}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ impl Reorder {
     /// Takes the freshly drained events; returns every event with
     /// `ts_ns < cutoff_ns`, oldest first, and holds the rest.
     pub fn release(&mut self, fresh: &mut Vec<Event>, cutoff_ns: u64) -> Vec<Event> {
-        // Moves rather than copies where it can: the events are 80 bytes
-        // and this runs for every one of them.
+        // Moves rather than copies where it can: an event is
+        // `size_of::<Event>()` bytes and this runs for every one of them.
         if self.held.is_empty() {
             std::mem::swap(&mut self.held, fresh);
         } else {
@@ -43,25 +43,7 @@ impl Reorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ev(ts_ns: u64, skaddr: u64) -> Event {
-        Event {
-            cgroup: 0,
-            ts_ns,
-            skaddr,
-            saddr: [0; 16],
-            daddr: [0; 16],
-            pid: 0,
-            netns: 0,
-            sport: 0,
-            dport: 0,
-            family: 2,
-            close: 0,
-            oldstate: 1,
-            newstate: 4,
-            comm: [0; 16],
-        }
-    }
+    use crate::fixtures::event_at as ev;
 
     fn keys(v: &[Event]) -> Vec<(u64, u64)> {
         v.iter().map(|e| (e.ts_ns, e.skaddr)).collect()
@@ -103,25 +85,7 @@ mod properties {
     use proptest::prelude::*;
 
     use super::*;
-
-    fn ev(ts_ns: u64, skaddr: u64) -> Event {
-        Event {
-            cgroup: 0,
-            ts_ns,
-            skaddr,
-            saddr: [0; 16],
-            daddr: [0; 16],
-            pid: 0,
-            netns: 0,
-            sport: 0,
-            dport: 0,
-            family: 2,
-            close: 0,
-            oldstate: 1,
-            newstate: 4,
-            comm: [0; 16],
-        }
-    }
+    use crate::fixtures::event_at as ev;
 
     proptest! {
         /// Per-CPU streams, each in order, drained in random chunks with a

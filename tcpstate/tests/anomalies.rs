@@ -192,7 +192,9 @@ fn a_socket_nobody_accepted_is_blamed_on_its_listener() {
         return;
     }
     let ns = Netns::new();
-    let p = port(27000);
+    // Its own port: tests in this binary run at once, and `port()` offsets every base by the
+    // same pid.
+    let p = port(27500);
     let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=1s"]);
     let listener = never_accepting_listener(&ns, p, 4);
     // Two clients connect and close: the kernel completes both handshakes, the peers' FINs
@@ -235,7 +237,11 @@ fn a_socket_nobody_accepted_is_blamed_on_its_listener() {
     let records = daemon.stop();
     let resolved = records
         .iter()
-        .filter(|r| r["type"] == "anomaly_resolved" && r["resolution"] == "left_state")
+        .filter(|r| {
+            r["type"] == "anomaly_resolved"
+                && r["resolution"] == "left_state"
+                && r["netns"] == ns.inode
+        })
         .count();
     assert_eq!(resolved, 2, "{records:?}");
 }

@@ -1,5 +1,6 @@
 //! The compact summary printed on SIGUSR1 and at exit: sockets per state (as `ss -tan` would
-//! count them), time in state, transition counts.
+//! count them), time in state, transition counts, retransmits and resets (apart: the socket
+//! did not change state).
 
 use std::fmt::Write as _;
 
@@ -40,6 +41,27 @@ pub fn summary(t: &Tracker) -> String {
     for (n, a, b) in pairs {
         let _ = write!(s, "\n  {:<12} -> {:<12} {n}", a.name(), b.name());
     }
+    let by_state = |counts: &[u64; TcpState::COUNT]| {
+        let total: u64 = counts.iter().sum();
+        let mut s = total.to_string();
+        if total != 0 {
+            let each: Vec<String> = TcpState::ALL
+                .into_iter()
+                .filter(|st| counts[*st as usize] != 0)
+                .map(|st| format!("{} {}", st.name(), counts[st as usize]))
+                .collect();
+            let _ = write!(s, " ({})", each.join(", "));
+        }
+        s
+    };
+    let _ = write!(
+        s,
+        "\nretransmits and resets: retransmits {}, SYN-ACK retransmits {}, resets sent {}, resets received {}",
+        by_state(&stats.retransmits),
+        stats.synack_retransmits,
+        by_state(&stats.resets_sent),
+        by_state(&stats.resets_received),
+    );
     let raised: u64 = stats.anomalies_raised.iter().sum::<u64>()
         + t.pressure_raised()
         + t.backlog_raised()

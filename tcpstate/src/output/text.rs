@@ -10,6 +10,7 @@ use crate::{
         Vitals,
     },
     state::TcpState,
+    tracker::Kind,
     workload::Workload,
 };
 
@@ -243,7 +244,7 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
     in_workload(&mut owner, a.workload.as_deref());
     in_netns(&mut owner, a.netns);
     let at_least = if a.age_is_lower_bound { ">=" } else { "" };
-    let queue_full = a.kind == "accept_queue_full";
+    let queue_full = a.kind == Kind::AcceptQueueFull;
     if let Some(o) = &a.orphans {
         write_orphans(out, label, a, o);
         return;
@@ -469,33 +470,22 @@ pub fn endpoint(addr: IpAddr, port: u16) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
     use super::*;
     use crate::{
+        fixtures,
         record::{AcceptQueue, Owner},
         socket::{Comm, Family},
     };
 
+    /// Over IPv6, which the columns must fit; no namespace, which the line would name.
     fn transition() -> TransitionRecord {
+        let lo: IpAddr = "::1".parse().expect("addr");
         TransitionRecord {
-            workload: None,
-            ts: UNIX_EPOCH + Duration::new(1_795_000_000, 123_456_789),
-            sk: 1,
             family: Family::V6,
-            saddr: "::1".parse().expect("addr"),
-            sport: 40000,
-            daddr: "::1".parse().expect("addr"),
-            dport: 8080,
-            old: TcpState::SynSent,
-            new: TcpState::Established,
-            pid: 77,
-            comm: Comm::new("curl"),
-            prev_state_ms: Some(0.25),
+            saddr: lo,
+            daddr: lo,
             netns: 0,
-            via: None,
-            reason: None,
-            retransmits: None,
+            ..fixtures::transition()
         }
     }
 
@@ -515,37 +505,19 @@ mod tests {
         assert!(!s.contains('\x1b'), "transitions are never coloured");
     }
 
+    /// An orphan: nobody holds it, its last owner is known, its age only from the snapshot.
     fn anomaly() -> AnomalyRecord {
         AnomalyRecord {
-            workload: None,
-            holder_cgroup: None,
-            ts: UNIX_EPOCH + Duration::new(1_795_000_000, 0),
-            kind: "close_wait".into(),
-            state: TcpState::CloseWait,
-            age_ms: 61_500.0,
             age_is_lower_bound: true,
-            sk: 1,
-            family: Family::V4,
-            saddr: "10.0.0.1".parse().expect("addr"),
-            sport: 8080,
-            daddr: "10.0.0.2".parse().expect("addr"),
-            dport: 5555,
             netns: 0,
             pid: None,
             comm: None,
             owner_source: OwnerSource::None,
-            holders: Vec::new(),
             last_owner: Some(Owner {
                 pid: 9,
                 comm: Comm::new("server"),
             }),
-            accept_queue: None,
-            vitals: None,
-            orphans: None,
-            resolution: None,
-            count: None,
-            port_range: None,
-            tw_reuse: None,
+            ..fixtures::anomaly()
         }
     }
 
@@ -721,7 +693,7 @@ mod tests {
             s.contains("never accepted: in the accept queue of port 8080, listener held by pid 812 (server), 2 of a backlog of 4 waiting"),
             "{s}"
         );
-        q.kind = "accept_queue_full".into();
+        q.kind = Kind::AcceptQueueFull;
         q.state = TcpState::Listen;
         q.owner_source = OwnerSource::Fd;
         s.clear();

@@ -9,7 +9,7 @@ use crate::{clock::monotonic_ns, status::Report};
 pub(super) enum Parked {
     Reconciled(Dump),
     Confirmed(Confirmed),
-    Probed(crate::tracker::ProbeResult),
+    Swept(crate::tracker::Swept),
 }
 
 impl Parked {
@@ -17,7 +17,7 @@ impl Parked {
         match self {
             Parked::Reconciled(d) => d.started_ns,
             Parked::Confirmed(c) => c.done_ns,
-            Parked::Probed(p) => p.done_ns,
+            Parked::Swept(p) => p.done_ns,
         }
     }
 }
@@ -29,7 +29,7 @@ pub(super) struct InFlight {
     pub(super) reconcile: bool,
     /// Reconciliations started, for `--full-reconcile-every`.
     pub(super) reconciles: u64,
-    pub(super) probes: usize,
+    pub(super) sweeps: usize,
     pub(super) settings: std::collections::HashSet<u32>,
     pub(super) listeners: bool,
     pub(super) host_tcp: bool,
@@ -46,10 +46,10 @@ impl Daemon {
     /// Checks mini-sockets with the kernel, and re-reads its table when things went quiet.
     pub(super) fn sweep(&mut self) {
         let now = monotonic_ns();
-        if self.jobs.probes == 0 {
-            for p in self.tracker.probes(now) {
-                if self.workers.submit(Job::Probe(p)) {
-                    self.jobs.probes += 1;
+        if self.jobs.sweeps == 0 {
+            for p in self.tracker.sweep_lookups(now) {
+                if self.workers.submit(Job::Sweep(p)) {
+                    self.jobs.sweeps += 1;
                 }
             }
         }
@@ -143,9 +143,9 @@ impl Daemon {
                 self.jobs.parked.push_back(Parked::Confirmed(c));
                 self.unpark();
             }
-            Reply::Probed(r) => {
-                self.jobs.probes = self.jobs.probes.saturating_sub(1);
-                self.jobs.parked.push_back(Parked::Probed(r));
+            Reply::Swept(r) => {
+                self.jobs.sweeps = self.jobs.sweeps.saturating_sub(1);
+                self.jobs.parked.push_back(Parked::Swept(r));
                 self.unpark();
             }
             Reply::Owners {
@@ -208,9 +208,9 @@ impl Daemon {
                     self.publish(facts);
                     self.reconciliation_done(c.dump_start_ns);
                 }
-                Parked::Probed(r) => {
+                Parked::Swept(r) => {
                     let mut facts = Vec::new();
-                    self.tracker.apply_probe(&r, &mut facts);
+                    self.tracker.apply_sweep(&r, &mut facts);
                     self.publish(facts);
                 }
             }

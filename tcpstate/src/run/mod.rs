@@ -24,6 +24,7 @@ use crate::{
     cli::RunArgs,
     clock::{WallClock, monotonic_ns},
     collector::{Batch, Collector},
+    decode::Decoded,
     features::{Found, Hooks},
     kernel_table::{Dump, Job, Reply, Workers},
     output::{
@@ -272,12 +273,12 @@ impl Daemon {
         if self.args.no_seed {
             return 0;
         }
-        if !self.workers.submit(Job::Seed { only: None }) {
+        if !self.workers.submit(Job::Seed) {
             return 0;
         }
         loop {
             match self.replies.recv().await {
-                Some(Reply::Seeded { sockets, host }) => {
+                Some(Reply::Seeded { sockets }) => {
                     let f = setup::filters(&self.args);
                     let only = self.args.netns;
                     let sockets = sockets
@@ -292,7 +293,6 @@ impl Daemon {
                         .filter(|s| only.is_none_or(|ns| ns == s.netns))
                         .filter(|s| self.wanted_cgroup(s.cgroup))
                         .collect::<Vec<_>>();
-                    let _ = host;
                     let n = self
                         .tracker
                         .seed(sockets, monotonic_ns(), &mut self.seed_facts);
@@ -311,14 +311,13 @@ impl Daemon {
         self.tally.undecodable += batch.undecodable;
         let filtered = self.tally.filtered;
         let mut facts = Vec::new();
-        for t in &batch.transitions {
+        for d in &batch.decoded {
             // --netns: the kernel reads a socket's namespace only at its birth, so later
             // events are matched through the table; a socket born elsewhere is never tracked.
             if let Some(ns) = self.args.netns {
-                let of = if t.netns != 0 {
-                    t.netns
-                } else {
-                    self.tracker.netns_of(t.sk)
+                let of = match d.netns() {
+                    0 => self.tracker.netns_of(d.sk()),
+                    n => n,
                 };
                 if of != ns {
                     self.tally.filtered += 1;
@@ -327,21 +326,25 @@ impl Daemon {
             }
             // --cgroup: the same, by the cgroup's path (the cgroup or below it).
             if self.args.cgroup.is_some() {
-                let id = if t.cgroup != 0 {
-                    t.cgroup
-                } else {
-                    self.tracker.cgroup_of(t.sk)
+                let id = match d.cgroup() {
+                    0 => self.tracker.cgroup_of(d.sk()),
+                    id => id,
                 };
                 if !self.wanted_cgroup(id) {
                     self.tally.filtered += 1;
                     continue;
                 }
             }
-            self.tracker.on_transition(t, &mut facts);
+            match d {
+                Decoded::Transition(t) => {
+                    self.tracker.on_transition(t, &mut facts);
+                }
+                Decoded::Signal(s) => self.tracker.on_signal(s, &mut facts),
+            }
             self.write_facts(&mut facts, now);
         }
         // Activity for the idle re-read: events that reached the tracker.
-        let applied = batch.transitions.len() as u64 - (self.tally.filtered - filtered);
+        let applied = batch.decoded.len() as u64 - (self.tally.filtered - filtered);
         self.tally.since_sweep += applied;
         self.tally.since_reconcile += applied;
         self.watermark_ns = batch.watermark_ns;

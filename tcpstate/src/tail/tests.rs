@@ -4,46 +4,16 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::{lines::*, *};
 use crate::{
-    record::{AnomalyRecord, LeakRecord, Owner, OwnerSource, Started, Stopped, Suppressed},
-    socket::Family,
+    fixtures::anomaly,
+    record::{LeakRecord, Owner, OwnerSource, Started, Stopped, Suppressed},
+    socket::Comm,
+    state::TcpState,
 };
-use crate::{socket::Comm, state::TcpState};
 
 const TRANSITION: &str = r#"{"type":"transition","ts":"2026-11-23T22:47:00.072509318Z","sk":"0xffff888105db8000","family":"ipv4","saddr":"127.0.0.1","sport":43052,"daddr":"127.0.0.1","dport":18080,"old":"SYN_SENT","new":"ESTABLISHED","pid":14949,"comm":"python3","prev_state_ms":0.088936,"netns":4026531833}"#;
 
 fn transition() -> Record {
     serde_json::from_str(TRANSITION).expect("the example parses")
-}
-
-fn anomaly() -> AnomalyRecord {
-    AnomalyRecord {
-        workload: None,
-        holder_cgroup: None,
-        ts: UNIX_EPOCH + Duration::new(1_795_000_000, 0),
-        kind: "close_wait".into(),
-        state: TcpState::CloseWait,
-        age_ms: 61_500.0,
-        age_is_lower_bound: false,
-        sk: 0xffff_8881_05db_8000,
-        family: Family::V4,
-        saddr: "10.0.0.1".parse().expect("addr"),
-        sport: 8080,
-        daddr: "10.0.0.2".parse().expect("addr"),
-        dport: 5555,
-        netns: 4026531833,
-        pid: Some(900),
-        comm: Some(Comm::new("server")),
-        owner_source: OwnerSource::Fd,
-        holders: Vec::new(),
-        last_owner: None,
-        accept_queue: None,
-        vitals: None,
-        orphans: None,
-        resolution: None,
-        count: None,
-        port_range: None,
-        tw_reuse: None,
-    }
 }
 
 fn leak() -> Record {

@@ -143,12 +143,27 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The name records and metric labels carry (`close_wait`, `accept_queue_full`): a
+    /// contract with whoever reads the log, never renamed.
     pub fn name(self) -> &'static str {
         match self {
             Self::Lingering(st) => st.kind(),
             Self::TimeWaitPressure => "time_wait_pressure",
             Self::AcceptQueueFull => "accept_queue_full",
             Self::OrphanPressure => "orphan_pressure",
+        }
+    }
+
+    /// The kind of that [`name`](Self::name); None for a name no kind has.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "time_wait_pressure" => Some(Self::TimeWaitPressure),
+            "accept_queue_full" => Some(Self::AcceptQueueFull),
+            "orphan_pressure" => Some(Self::OrphanPressure),
+            other => TcpState::ALL
+                .into_iter()
+                .find(|st| st.kind() == other)
+                .map(Self::Lingering),
         }
     }
 }

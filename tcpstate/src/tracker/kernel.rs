@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{
-    Fact, MetTimeWait, Resolution, Tracker, Via,
+    Fact, MetTimeWait, PeerKeyHasher, Resolution, Tracker, Via,
     backlog::Listening,
     orphans::{HostTcp, closing_by_owner},
     pressure::NetnsInfo,
@@ -39,20 +39,18 @@ pub struct KernelSocket {
     pub cgroup: u64,
 }
 
-type Seeded = foldhash::quality::RandomState;
-
 /// What a reconciliation dump says is alive in one network namespace. The
 /// sets hold every socket of a busy host (hundreds of thousands of
-/// TIME_WAIT), keyed by tuples peers choose: a seeded fast hasher.
+/// TIME_WAIT), keyed by tuples peers choose: [`PeerKeyHasher`].
 #[derive(Debug, Default)]
 pub struct Alive {
     /// Full sockets.
-    pub tuples: HashSet<Tuple, Seeded>,
+    pub tuples: HashSet<Tuple, PeerKeyHasher>,
     /// SYN_SENT sockets by remote end: the tracepoint shows local port 0
     /// when a connect starts, so those entries match on the remote only.
-    pub connecting: HashMap<([u8; 16], u16), Vec<Tuple>, Seeded>,
+    pub connecting: HashMap<([u8; 16], u16), Vec<Tuple>, PeerKeyHasher>,
     /// Mini-sockets and their substate.
-    pub minis: HashMap<Tuple, (TcpState, u32), Seeded>,
+    pub minis: HashMap<Tuple, (TcpState, u32), PeerKeyHasher>,
     /// Request sockets (SYN_RECV mini-sockets).
     pub requests: u64,
     /// The dump included TIME_WAIT mini-sockets (else they are not judged).
@@ -80,9 +78,10 @@ impl Alive {
     }
 }
 
-/// Mini-sockets of one namespace to check with exact lookups.
+/// The sweep of one namespace: its mini-sockets to check with exact lookups. (Not
+/// `Probe`: that is the loaded eBPF program, `program::Probe`.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Probe {
+pub struct Sweep {
     pub netns: u32,
     /// TIME_WAIT mini-sockets past their 2MSL, oldest first. Their timers
     /// fire in the order they were set, so the ones gone are a prefix: a
@@ -101,14 +100,15 @@ pub enum Found {
     Absent,
 }
 
+/// What a [`Sweep`]'s lookups found.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeResult {
+pub struct Swept {
     pub netns: u32,
     /// When the lookups were done (monotonic ns): what they found is
     /// reported at that time, and applied only once every event before it
     /// has been.
     pub done_ns: u64,
-    /// How many of `Probe::timewait`, from the oldest, are gone.
+    /// How many of `Sweep::timewait`, from the oldest, are gone.
     pub timewait_gone: usize,
     pub timewait: Vec<Tuple>,
     pub orphans: Vec<(Tuple, Found)>,
@@ -507,14 +507,14 @@ impl Tracker {
 
     /// The lookups a sweep at `now_ns` should make: TIME_WAIT mini-sockets
     /// past their 2MSL and FIN_WAIT2 mini-sockets, per namespace.
-    pub fn probes(&mut self, now_ns: u64) -> Vec<Probe> {
-        let mut by_ns: HashMap<u32, Probe> = HashMap::new();
+    pub fn sweep_lookups(&mut self, now_ns: u64) -> Vec<Sweep> {
+        let mut by_ns: HashMap<u32, Sweep> = HashMap::new();
         for s in self.timewait.due(now_ns) {
             by_ns
                 .entry(s.netns)
-                .or_insert_with(|| Probe {
+                .or_insert_with(|| Sweep {
                     netns: s.netns,
-                    ..Probe::default()
+                    ..Sweep::default()
                 })
                 .timewait
                 .push(s.tuple);
@@ -526,21 +526,21 @@ impl Tracker {
             .collect();
         orphans.sort_unstable_by_key(|&(n, since, _)| (n, since));
         for (n, _, t) in orphans {
-            let p = by_ns.entry(n).or_insert_with(|| Probe {
+            let p = by_ns.entry(n).or_insert_with(|| Sweep {
                 netns: n,
-                ..Probe::default()
+                ..Sweep::default()
             });
             if p.orphans.len() < MAX_ORPHAN_LOOKUPS {
                 p.orphans.push(t);
             }
         }
-        let mut v: Vec<Probe> = by_ns.into_values().filter(|p| p.netns != 0).collect();
+        let mut v: Vec<Sweep> = by_ns.into_values().filter(|p| p.netns != 0).collect();
         v.sort_by_key(|p| p.netns);
         v
     }
 
     /// Applies what a sweep's lookups found.
-    pub fn apply_probe(&mut self, r: &ProbeResult, out: &mut Vec<Fact>) {
+    pub fn apply_sweep(&mut self, r: &Swept, out: &mut Vec<Fact>) {
         let now_ns = r.done_ns;
         if r.netns_gone {
             self.netns_gone(r.netns, now_ns, out);

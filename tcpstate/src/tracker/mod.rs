@@ -51,7 +51,7 @@ pub use self::{
     facts::{
         AcceptQueue, Anomaly, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side, Task, Via,
     },
-    kernel::{Alive, Found, KernelSocket, Probe, ProbeResult},
+    kernel::{Alive, Found, KernelSocket, Sweep, Swept},
     orphans::HostTcp,
     pressure::NetnsInfo,
 };
@@ -107,6 +107,12 @@ const MAX_HALF_BORN: usize = 65_536;
 /// How long a birth's record waits for the child's next event.
 const HALF_BORN_WAIT_NS: u64 = 1_000_000_000;
 
+/// The hasher of maps keyed by what peers choose (tuples, destinations): keyed at random
+/// per map, so a peer cannot aim its ports at one bucket, and several times cheaper than
+/// SipHash, which showed in the profile (foldhash's quality variant). Not "seeded": that
+/// word means the start-up snapshot here (`flag::SEEDED`).
+pub(crate) type PeerKeyHasher = foldhash::quality::RandomState;
+
 /// Keys below this are ours, not kernel addresses (which live in the top
 /// half of the address space): snapshot sockets and mini-sockets.
 const SYNTHETIC_LIMIT: u64 = 1 << 48;
@@ -123,7 +129,7 @@ pub struct Tracker {
     listeners: rustc_hash::FxHashMap<(u32, u16), OwnerRef>,
     /// Snapshot sockets not yet seen in an event, by tuple without the
     /// namespace (events only carry it when a socket is born).
-    seeded: HashMap<Tuple, Vec<u64>, foldhash::quality::RandomState>,
+    seeded: HashMap<Tuple, Vec<u64>, PeerKeyHasher>,
     /// Namespaces whose port range and `tcp_tw_reuse` the pressure rule
     /// wants and does not have yet.
     unknown_netns: std::collections::HashSet<u32>,
@@ -131,7 +137,7 @@ pub struct Tracker {
     /// (synthetic) keys in the table. Peers choose half of each tuple, so a
     /// seeded hasher (foldhash: every server that closes first passes
     /// through here, and SipHash showed in the profile).
-    orphans: HashMap<(u32, Tuple), u64, foldhash::quality::RandomState>,
+    orphans: HashMap<(u32, Tuple), u64, PeerKeyHasher>,
     next_key: u64,
     backlog: BacklogRule,
     orphan_rule: OrphanRule,
@@ -193,11 +199,8 @@ impl Tracker {
         k
     }
 
-    /// Applies one transition (or a signal about a socket).
+    /// Applies one transition.
     pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Fact>) -> Applied {
-        if let Some(s) = t.signal {
-            return self.on_signal(t, s, out);
-        }
         if !self.half_born.is_empty()
             && let Some(mut m) = self.half_born.remove(&t.sk)
         {
@@ -253,7 +256,7 @@ impl Tracker {
                 let closed = Closed {
                     state: t.old,
                     netns,
-                    tuple: tuple_of(t, &e),
+                    tuple: tuple_of(&t.tuple, &e),
                     owner: e.owner().map(|o| self.task(o)),
                     retrans: e.retrans,
                 };
@@ -265,7 +268,7 @@ impl Tracker {
                 let active = e.has(flag::ACTIVE);
                 self.enter_timewait(
                     netns,
-                    &tuple_of(t, &e),
+                    &tuple_of(&t.tuple, &e),
                     t.ts_ns,
                     MetTimeWait::Event,
                     active,
@@ -667,10 +670,9 @@ fn is_birth(t: &Transition) -> bool {
     t.old == TcpState::Close || (t.old, t.new) == (TcpState::Listen, TcpState::SynRecv)
 }
 
-/// The socket's tuple at its end: the event's, or the entry's when the
-/// event lacks the local end.
-fn tuple_of(t: &Transition, e: &Entry) -> Tuple {
-    if t.tuple.sport == 0 { e.tuple } else { t.tuple }
+/// The socket's tuple: the event's, or the entry's when the event lacks the local end.
+fn tuple_of(event: &Tuple, e: &Entry) -> Tuple {
+    if event.sport == 0 { e.tuple } else { *event }
 }
 
 /// A threshold as nanoseconds, saturating: `--threshold` accepts huge

@@ -8,11 +8,10 @@
 
 use std::collections::HashMap;
 
-/// Destinations are partly chosen by peers: a seeded hasher, cheaper than
-/// SipHash (this runs for every TIME_WAIT that ends).
-type Seeded = foldhash::quality::RandomState;
-
-use super::facts::{Anomaly, Fact, Kind, Owner, Pressure, Resolution};
+use super::{
+    PeerKeyHasher,
+    facts::{Anomaly, Fact, Kind, Owner, Pressure, Resolution},
+};
 use crate::{
     socket::{Family, Tuple},
     state::TcpState,
@@ -65,7 +64,8 @@ pub struct PressureRule {
     fraction: Option<f64>,
     info: HashMap<u32, NetnsInfo>,
     default: NetnsInfo,
-    counts: HashMap<Dest, Count, Seeded>,
+    /// Looked up for every TIME_WAIT that ends; peers choose half of each destination.
+    counts: HashMap<Dest, Count, PeerKeyHasher>,
     untracked: u64,
     raised_total: u64,
 }

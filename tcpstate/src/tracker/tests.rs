@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::Duration};
 use super::*;
 use crate::{
     clock::WallClock,
-    decode::Ending,
+    decode::{Ending, Signal, SignalKind},
     record::{OwnerSource, Record},
     socket::Comm,
     state::TcpState::*,
@@ -49,7 +49,6 @@ fn at(sk: u64, ts: u64) -> Transition {
         pid: 0,
         comm: Comm::default(),
         netns: 7,
-        signal: None,
     }
 }
 
@@ -222,8 +221,8 @@ fn close_wait_anomaly_fires_at_threshold_once_and_resolves_with_age() {
         panic!("expected an anomaly, got {out:?}");
     };
     assert_eq!(
-        (a.kind.as_str(), a.state, a.age_ms),
-        ("close_wait", CloseWait, 2000.0)
+        (a.kind, a.state, a.age_ms),
+        (Kind::Lingering(CloseWait), CloseWait, 2000.0)
     );
     assert_eq!((a.sport, a.dport, a.sk), (8080, 5000, SERVER_SK));
     assert_eq!(
@@ -313,8 +312,8 @@ fn client_owner_comes_from_connect_not_softirq() {
         panic!("{out:?}");
     };
     assert_eq!(
-        (a.kind.as_str(), a.pid, a.sport),
-        ("fin_wait2", Some(99), 5000)
+        (a.kind, a.pid, a.sport),
+        (Kind::Lingering(FinWait2), Some(99), 5000)
     );
 }
 
@@ -807,14 +806,19 @@ mod model {
     }
 }
 
-fn signal(mut t: Transition, s: crate::decode::Signal) -> Transition {
-    t.signal = Some(s);
-    t
+/// A retransmit or reset on socket `sk` in `state`, on loopback ports 5000 -> 80.
+fn signal(sk: u64, ts: u64, state: TcpState, kind: SignalKind) -> Signal {
+    Signal {
+        ts_ns: ts,
+        sk,
+        tuple: at(sk, ts).ports(5000, 80).tuple,
+        state,
+        kind,
+    }
 }
 
 #[test]
 fn retransmits_ride_on_the_socket_and_a_late_reset_names_it_as_it_was() {
-    use crate::decode::Signal;
     let mut t = tracker(16);
     let mut out = Vec::new();
     let sk = 0xffff_0001;
@@ -824,11 +828,10 @@ fn retransmits_ride_on_the_socket_and_a_late_reset_names_it_as_it_was() {
         &mut out,
     );
     for ts in [3, 4] {
-        let r = signal(
-            at(sk, ts).go(Established, Established).ports(5000, 80),
-            Signal::Retransmit,
+        t.on_signal(
+            &signal(sk, ts, Established, SignalKind::Retransmit),
+            &mut out,
         );
-        t.on_transition(&r, &mut out);
     }
     out.clear();
     // An abortive close: CLOSE first, the reset after it.
@@ -838,11 +841,7 @@ fn retransmits_ride_on_the_socket_and_a_late_reset_names_it_as_it_was() {
     };
     assert_eq!(m.retransmits, 2);
     out.clear();
-    let rst = signal(
-        at(sk, 6).go(Close, Close).ports(5000, 80),
-        Signal::ResetSent,
-    );
-    t.on_transition(&rst, &mut out);
+    t.on_signal(&signal(sk, 6, Close, SignalKind::ResetSent), &mut out);
     let [Fact::Reset(r)] = &out[..] else {
         panic!("{out:?}")
     };
@@ -861,6 +860,43 @@ fn retransmits_ride_on_the_socket_and_a_late_reset_names_it_as_it_was() {
         (2, 1, 0)
     );
     assert_eq!(t.tracked(), 0, "a signal never creates a socket");
+}
+
+/// Retransmits and resets are counted apart from transitions: a socket that retransmits in
+/// FIN_WAIT1 did not move from FIN_WAIT1 to FIN_WAIT1.
+#[test]
+fn the_summary_counts_retransmits_and_resets_apart_from_transitions() {
+    let mut t = tracker(16);
+    let mut out = Vec::new();
+    let sk = 0xffff_0002;
+    t.on_transition(&at(sk, 1).go(Close, SynSent).by(42, "client"), &mut out);
+    t.on_transition(
+        &at(sk, 2).go(SynSent, Established).ports(5000, 80),
+        &mut out,
+    );
+    t.on_transition(
+        &at(sk, 3).go(Established, FinWait1).ports(5000, 80),
+        &mut out,
+    );
+    for ts in 4..7 {
+        t.on_signal(&signal(sk, ts, FinWait1, SignalKind::Retransmit), &mut out);
+    }
+    t.on_signal(
+        &signal(sk, 7, FinWait1, SignalKind::ResetReceived),
+        &mut out,
+    );
+    let s = t.stats();
+    let moves: u64 = s.transitions.iter().flatten().sum();
+    assert_eq!(moves, 3, "only the three moves: {:?}", s.transitions);
+    let text = crate::output::summary::summary(&t);
+    assert!(!text.contains("FIN_WAIT1    -> FIN_WAIT1"), "{text}");
+    assert!(
+        text.contains(
+            "\nretransmits and resets: retransmits 3 (FIN_WAIT1 3), SYN-ACK retransmits 0, \
+             resets sent 0, resets received 1 (FIN_WAIT1 1)\n"
+        ),
+        "{text}"
+    );
 }
 
 /// Sockets met mid-life carry no namespace: a dump of every namespace places each in the one

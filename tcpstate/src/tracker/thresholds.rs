@@ -34,14 +34,6 @@ impl Thresholds {
         t
     }
 
-    /// The host's FIN_WAIT2 timeout, 60s when it cannot be read.
-    pub fn host_fin_timeout() -> Duration {
-        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map_or(Duration::from_secs(60), Duration::from_secs)
-    }
-
     pub fn get(&self, st: TcpState) -> Option<Duration> {
         self.0[st as usize]
     }

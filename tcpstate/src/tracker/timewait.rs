@@ -4,15 +4,13 @@
 //! and the time it entered TIME_WAIT, no more: IPv4 and IPv6 keys are kept
 //! apart so an IPv4 entry costs 24 bytes plus the hash table's overhead.
 //!
-//! The peer chooses half of every tuple, so the maps use a randomly seeded
-//! hasher (foldhash's quality variant: HashDoS-resistant enough for keys an
-//! attacker only partly controls, and several times cheaper than SipHash,
-//! which showed in the profile at 10k+ connections a second).
+//! The peer chooses half of every tuple, so the maps use [`PeerKeyHasher`]
+//! (HashDoS-resistant enough for keys an attacker only partly controls, and
+//! several times cheaper than SipHash at 10k+ connections a second).
 
 use std::collections::HashMap;
 
-type Hasher = foldhash::quality::RandomState;
-
+use super::PeerKeyHasher;
 use crate::socket::{Family, Tuple};
 
 /// How long a TIME_WAIT mini-socket lives (`TCP_TIMEWAIT_LEN`, a kernel
@@ -112,8 +110,8 @@ pub struct TimeWaitSocket {
 
 #[derive(Debug)]
 pub struct TimeWaitTable {
-    v4: HashMap<V4, u64, Hasher>,
-    v6: HashMap<V6, u64, Hasher>,
+    v4: HashMap<V4, u64, PeerKeyHasher>,
+    v6: HashMap<V6, u64, PeerKeyHasher>,
     capacity: usize,
     refused: u64,
     /// No entry entered TIME_WAIT before this: a sweep skips the scan until
@@ -239,7 +237,7 @@ pub enum Insert {
 
 /// One hash of the key whatever happens.
 fn put<K: std::hash::Hash + Eq>(
-    m: &mut HashMap<K, u64, Hasher>,
+    m: &mut HashMap<K, u64, PeerKeyHasher>,
     k: K,
     stamp: u64,
     full: bool,
