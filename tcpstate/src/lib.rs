@@ -19,6 +19,7 @@ pub mod features;
 mod fixtures;
 pub mod kernel_table;
 pub mod kill;
+pub mod memory;
 pub mod output;
 pub mod procfs;
 pub mod program;

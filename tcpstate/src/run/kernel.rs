@@ -237,8 +237,19 @@ impl Daemon {
                     .reconcile(*ns, a, dump.started_ns, now, &mut facts),
             );
         }
+        // A namespace let go frees its sock_diag socket and its share of the table.
+        let let_go = !dump.gone.is_empty();
         for ns in dump.gone {
             self.tracker.netns_gone(ns, now, &mut facts);
+        }
+        let dumped: usize = dump
+            .alive
+            .iter()
+            .map(|(_, a)| a.tuples.len() + a.minis.len())
+            .sum();
+        drop(dump.alive);
+        if dumped >= crate::memory::TRIM_AFTER || let_go {
+            crate::memory::give_back();
         }
         self.publish(facts);
         if !suspects.is_empty()

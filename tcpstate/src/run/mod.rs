@@ -293,9 +293,13 @@ impl Daemon {
                         .filter(|s| only.is_none_or(|ns| ns == s.netns))
                         .filter(|s| self.wanted_cgroup(s.cgroup))
                         .collect::<Vec<_>>();
+                    let big = sockets.len() >= crate::memory::TRIM_AFTER;
                     let n = self
                         .tracker
                         .seed(sockets, monotonic_ns(), &mut self.seed_facts);
+                    if big {
+                        crate::memory::give_back();
+                    }
                     return n;
                 }
                 Some(other) => self.on_reply(other),

@@ -118,6 +118,13 @@ impl Diag {
         Ok(out)
     }
 
+    /// [`dump`](Self::dump), each socket handed to `each` as it is parsed: a dump of a million
+    /// TIME_WAIT sockets is never held whole.
+    pub fn dump_each(&mut self, states: u32, each: impl FnMut(DiagSocket)) -> io::Result<()> {
+        let mut sink = Each { each, n: 0 };
+        self.dump_into(states, &mut sink)
+    }
+
     /// [`dump`](Self::dump), each socket with its cookie, for [`destroy_listed`](Self::destroy_listed).
     pub fn dump_with_cookies(&mut self, states: u32) -> io::Result<Vec<(DiagSocket, Cookie)>> {
         let mut out = Vec::new();
@@ -400,6 +407,23 @@ impl Sink for Vec<DiagSocket> {
 
     fn count(&self) -> usize {
         self.len()
+    }
+}
+
+/// A sink that keeps nothing: each socket goes to a closure.
+struct Each<F> {
+    each: F,
+    n: usize,
+}
+
+impl<F: FnMut(DiagSocket)> Sink for Each<F> {
+    fn put(&mut self, s: DiagSocket, _: &[u8]) {
+        self.n += 1;
+        (self.each)(s);
+    }
+
+    fn count(&self) -> usize {
+        self.n
     }
 }
 
