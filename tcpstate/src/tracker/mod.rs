@@ -11,7 +11,8 @@
 //! - `signals.rs`: retransmits and resets (`recent.rs`: the last closes, for late resets);
 //! - `minisock.rs`: the second half of the close, after `tcp_time_wait()`;
 //! - `kernel.rs`: seeding, reconciliation, sock_diag answers, listener polls, host readings;
-//! - `table.rs`, `timewait.rs`: the two tables and their counts;
+//! - `table.rs`, `timewait.rs`: the two tables and their counts (`cgroups.rs`,
+//!   `destinations.rs`: per workload and per destination);
 //! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`, `backlog.rs`, `orphans.rs`:
 //!   the rules;
 //! - `view.rs`: what the outputs read; `stats.rs`: counters for the life of the daemon.
@@ -19,6 +20,7 @@
 pub mod backlog;
 pub mod cgroups;
 pub mod deadlines;
+pub mod destinations;
 pub mod facts;
 mod kernel;
 pub mod leak;
@@ -400,10 +402,11 @@ impl Tracker {
     fn create(&mut self, t: &Transition) {
         let owner = attribute(&mut self.comms, &self.listeners, t, t.netns, None);
         // Opened by connect(): its local port is an ephemeral one.
-        let active = if (t.old, t.new) == (TcpState::Close, TcpState::SynSent) {
-            flag::ACTIVE
-        } else {
-            0
+        let active = match (t.old, t.new) {
+            (TcpState::Close, TcpState::SynSent) => flag::ACTIVE,
+            // A listener's child, at its birth or first seen completing its handshake.
+            (TcpState::Listen | TcpState::SynRecv, _) => flag::ACCEPTED,
+            _ => 0,
         };
         let mut e = Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN | active)
             .with_owner(owner);
