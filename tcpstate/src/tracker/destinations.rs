@@ -88,6 +88,14 @@ impl Dest {
         }
     }
 
+    /// In a sentence: `10.0.3.7:5432`, `inbound to :8080`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Outbound { .. } => self.addr(),
+            Self::Inbound { .. } => format!("inbound to {}", self.addr()),
+        }
+    }
+
     pub fn direction(&self) -> &'static str {
         match self {
             Self::Outbound { .. } => "outbound",
@@ -316,6 +324,8 @@ mod tests {
         );
         assert_eq!(Dest::of(&t, true).addr(), ":8080");
         assert_eq!(Dest::of(&t, true).direction(), "inbound");
+        assert_eq!(Dest::of(&t, true).describe(), "inbound to :8080");
+        assert_eq!(to(5432).describe(), "10.0.3.7:5432");
         assert_eq!(Dest::of(&t, false).addr(), "[fd00::2]:40000");
     }
 

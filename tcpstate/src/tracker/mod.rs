@@ -15,8 +15,10 @@
 //!   `destinations.rs`: per workload and per destination);
 //! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`, `backlog.rs`, `orphans.rs`:
 //!   the rules;
-//! - `view.rs`: what the outputs read; `stats.rs`: counters for the life of the daemon.
+//! - `view.rs`: what the outputs read (`ages.rs`: the ages of live sockets, when asked);
+//!   `stats.rs`: counters for the life of the daemon.
 
+pub mod ages;
 pub mod backlog;
 pub mod cgroups;
 pub mod deadlines;
@@ -51,7 +53,8 @@ use self::{
 pub use self::{
     backlog::Listening,
     facts::{
-        AcceptQueue, Anomaly, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side, Task, Via,
+        AcceptQueue, Anomaly, DestCount, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side,
+        Task, Via,
     },
     kernel::{Alive, Found, KernelSocket, Sweep, Swept},
     orphans::HostTcp,
@@ -654,6 +657,14 @@ impl Tracker {
             orphans: None,
             holder_cgroup: None,
             other_holders: Vec::new(),
+            destination: destinations::STATES
+                .contains(&e.state)
+                .then(|| {
+                    let dest = e.dest();
+                    let same_state = self.table.destinations().count(&dest, e.state);
+                    DestCount { dest, same_state }
+                })
+                .filter(|d| d.same_state > 0),
         }
     }
 }

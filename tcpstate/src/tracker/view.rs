@@ -152,6 +152,11 @@ impl Tracker {
         self.table.get(sk).map_or(0, |e| e.cgroup)
     }
 
+    /// Sockets per destination and holder.
+    pub fn destinations(&self) -> &super::destinations::Destinations {
+        self.table.destinations()
+    }
+
     /// Top owners of lingering sockets: (task, state, count).
     pub fn top_owners(&self, n: usize) -> Vec<(Task, TcpState, u64)> {
         self.table
