@@ -47,15 +47,15 @@ impl Ages {
         self.counts.iter().sum()
     }
 
-    /// (upper bound, sockets at most that old): a Prometheus histogram's buckets.
-    pub fn cumulative(&self) -> Vec<(f64, u64)> {
+    /// (upper bound, sockets in the bucket it closes), not cumulative: prometheus-client
+    /// sums them into a histogram's `le` buckets itself. The last is `+Inf`, which it does
+    /// not add.
+    pub fn buckets(&self) -> Vec<(f64, u64)> {
         BUCKETS
             .iter()
             .copied()
-            .zip(self.counts.iter().scan(0u64, |acc, &n| {
-                *acc += n;
-                Some(*acc)
-            }))
+            .chain([f64::INFINITY])
+            .zip(self.counts)
             .collect()
     }
 }

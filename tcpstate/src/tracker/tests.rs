@@ -1472,10 +1472,11 @@ fn ages_are_bucketed_per_state_at_the_time_asked() {
         .expect("bucket");
     assert_eq!(cw.counts[i], 3);
     assert_eq!(cw.count(), 3);
-    let cumulative = cw.cumulative();
-    assert_eq!(cumulative[i - 1], (3600.0, 0));
-    assert_eq!(cumulative[i], (7200.0, 3));
-    assert_eq!(cumulative.last(), Some(&(14400.0, 3)));
+    let buckets = cw.buckets();
+    assert_eq!(buckets[i - 1], (3600.0, 0));
+    assert_eq!(buckets[i], (7200.0, 3));
+    assert_eq!(buckets[ages::BUCKETS.len() - 1], (14400.0, 0));
+    assert_eq!(buckets.last(), Some(&(f64::INFINITY, 0)));
     assert!((cw.sum_s - 3.0 * 3600.998).abs() < 0.01, "{}", cw.sum_s);
     let sw = ages.iter().find(|a| a.state == SynSent).expect("listed");
     assert_eq!(sw.count(), 0);
