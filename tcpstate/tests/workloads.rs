@@ -11,81 +11,19 @@ use std::{
     os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
-use common::{Daemon, Netns, free_port, http_get, port, require_bpf};
+use common::{
+    Daemon, Netns,
+    cgroups::{Cgroups, join},
+    free_port, http_get, port, require_bpf,
+};
 use serde_json::Value;
 
 const ID: &str = "3f2a9c1e5b7d4f6a8c0e2b4d6f8a0c2e4b6d8f0a2c4e6b8d0f2a4c6e8b0d2f4a";
 const ID2: &str = "9b8a7c6d5e4f30211203f4e5d6c7b8a99a8b7c6d5e4f3021b2c3d4e5f6a7b8c9";
 const UID: &str = "0c6f1a2b-3d4e-4f50-8a9b-0c1d2e3f4a5b";
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// The unified hierarchy's mount point, found as the daemon finds it.
-fn cgroup2_mount() -> PathBuf {
-    tcpstate::workload::Hierarchy::find()
-        .expect("this test needs a cgroup2 (unified) hierarchy mounted")
-        .mount()
-        .to_owned()
-}
-
-/// A subtree of cgroups for one test, under `/tcpstate-test-PID-N`; removed on drop.
-struct Cgroups {
-    mount: PathBuf,
-    root: PathBuf,
-    made: Vec<PathBuf>,
-}
-
-impl Cgroups {
-    fn new() -> Self {
-        let mount = cgroup2_mount();
-        let name = format!(
-            "tcpstate-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let root = mount.join(name);
-        std::fs::create_dir(&root).unwrap_or_else(|e| panic!("mkdir {}: {e}", root.display()));
-        Self {
-            mount,
-            made: vec![root.clone()],
-            root,
-        }
-    }
-
-    /// Makes `rel` (and its parents) below the test's root; the path as the daemon reports it.
-    fn make(&mut self, rel: &str) -> (PathBuf, String) {
-        let mut p = self.root.clone();
-        for part in rel.split('/') {
-            p.push(part);
-            if !p.exists() {
-                std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-                self.made.push(p.clone());
-            }
-        }
-        let shown = format!(
-            "/{}",
-            p.strip_prefix(&self.mount).expect("under mount").display()
-        );
-        (p, shown)
-    }
-
-    fn remove(&mut self, p: &Path) {
-        std::fs::remove_dir(p).unwrap_or_else(|e| panic!("rmdir {}: {e}", p.display()));
-        self.made.retain(|m| m != p);
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for p in self.made.iter().rev() {
-            let _ = std::fs::remove_dir(p);
-        }
-    }
-}
 
 /// This process's own cgroup path.
 fn own_cgroup() -> String {
@@ -94,25 +32,6 @@ fn own_cgroup() -> String {
         .find_map(|l| l.strip_prefix("0::"))
         .expect("a unified line")
         .to_owned()
-}
-
-/// Moves the calling process (after fork, before exec) into the cgroup whose `cgroup.procs`
-/// is `procs`: raw syscalls only, as a forked child of a threaded process must.
-fn join(procs: &CString) -> std::io::Result<()> {
-    // SAFETY: a NUL-terminated path; the fd is closed below.
-    let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: writes one byte from a static buffer to our fd.
-    let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-    // SAFETY: our fd.
-    unsafe { libc::close(fd) };
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// A process in cgroup `cg` and namespace `ns` that connects to 127.0.0.1:`p` and holds the
