@@ -172,6 +172,10 @@ fn close_wait_piles_are_named_by_destination_and_holder() {
         "{metrics}"
     );
     eprintln!("tcpstate status:\n{text}");
+    eprintln!(
+        "/metrics:\n{}",
+        samples(&metrics, "tcpstate_destination_sockets").join("\n")
+    );
     let said = format!("payments-api.service holds 40 CLOSE_WAIT to 127.0.0.1:{big}");
     assert!(text.contains(&said), "{said} in {text}");
     let raised = raised.expect("a close_wait anomaly to the big upstream");
