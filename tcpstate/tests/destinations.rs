@@ -6,50 +6,30 @@
 mod common;
 
 use std::{
-    ffi::CString,
-    io::{BufRead as _, BufReader},
     net::TcpListener,
-    os::{
-        fd::{FromRawFd as _, OwnedFd},
-        unix::{ffi::OsStrExt as _, process::CommandExt as _},
-    },
-    process::{Child, Command, Stdio},
+    os::fd::{FromRawFd as _, OwnedFd},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use common::{
     Daemon, Netns,
-    cgroups::{Cgroups, join},
+    cgroups::{Cgroups, holder_in},
     free_port, http_get, ip, port, require_bpf, veth_pair,
 };
 use serde_json::Value;
 
 /// A process in cgroup `unit` (under the test's own subtree) and namespace `ns` that opens
-/// `n` connections to each 127.0.0.1:port of `to` and holds them all (bash's /dev/tcp, then
-/// `exec sleep`, which keeps the fds). Returns once every one is connected.
+/// `n` connections to each 127.0.0.1:port of `to` and holds them all.
 fn holder(cgs: &mut Cgroups, unit: &str, ns: &Netns, to: &[(u16, u32)]) -> Child {
     let (dir, _) = cgs.make(unit);
-    let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).expect("path");
     let opens: Vec<String> = to
         .iter()
         .map(|(p, n)| {
             format!("for i in $(seq {n}); do exec {{fd}}<>/dev/tcp/127.0.0.1/{p} || exit 1; done")
         })
         .collect();
-    let mut c = ns.command("bash");
-    c.args([
-        "-c",
-        &format!("{} && echo connected && exec sleep 60", opens.join(" && ")),
-    ])
-    .stdout(Stdio::piped());
-    // SAFETY: `join` makes raw syscalls only.
-    unsafe { c.pre_exec(move || join(&procs)) };
-    let mut child = c.spawn().expect("spawn bash");
-    let mut line = String::new();
-    let out = child.stdout.take().expect("stdout");
-    BufReader::new(out).read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "connected", "{unit} did not connect");
-    child
+    holder_in(&dir, ns, &opens.join(" && "))
 }
 
 /// Polls `/status` until `done` says yes; the last answer.

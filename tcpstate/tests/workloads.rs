@@ -6,17 +6,16 @@ mod common;
 
 use std::{
     ffi::CString,
-    io::{BufRead as _, BufReader},
     net::TcpListener,
-    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
+    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Child,
     time::Duration,
 };
 
 use common::{
     Daemon, Netns,
-    cgroups::{Cgroups, join},
+    cgroups::{Cgroups, holder_in, join},
     free_port, http_get, port, require_bpf,
 };
 use serde_json::Value;
@@ -38,21 +37,7 @@ fn own_cgroup() -> String {
 /// socket (bash's /dev/tcp, then `exec sleep`: one process, which never closes it). Returns
 /// once it is connected.
 fn client_in(cg: &Path, ns: &Netns, p: u16) -> Child {
-    let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_bytes()).expect("path");
-    let mut c = ns.command("bash");
-    c.args([
-        "-c",
-        &format!("exec 3<>/dev/tcp/127.0.0.1/{p} && echo connected && exec sleep 60"),
-    ])
-    .stdout(Stdio::piped());
-    // SAFETY: `join` makes raw syscalls only.
-    unsafe { c.pre_exec(move || join(&procs)) };
-    let mut child = c.spawn().expect("spawn bash");
-    let mut line = String::new();
-    let out = child.stdout.take().expect("stdout");
-    BufReader::new(out).read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "connected", "client in {}", cg.display());
-    child
+    holder_in(cg, ns, &format!("exec 3<>/dev/tcp/127.0.0.1/{p}"))
 }
 
 fn stop(mut c: Child) {

@@ -2,9 +2,14 @@
 
 use std::{
     ffi::CString,
+    io::{BufRead as _, BufReader},
+    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
+    process::{Child, Stdio},
     sync::atomic::{AtomicU32, Ordering},
 };
+
+use super::Netns;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -88,4 +93,22 @@ pub fn join(procs: &CString) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// A bash in cgroup `cg` and namespace `ns` that runs `opens` (which opens connections with
+/// `/dev/tcp`), then `exec sleep`, which keeps the fds: one process holding every socket,
+/// never closing one. Returns once `opens` succeeded.
+pub fn holder_in(cg: &Path, ns: &Netns, opens: &str) -> Child {
+    let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_bytes()).expect("path");
+    let mut c = ns.command("bash");
+    c.args(["-c", &format!("{opens} && echo connected && exec sleep 60")])
+        .stdout(Stdio::piped());
+    // SAFETY: `join` makes raw syscalls only.
+    unsafe { c.pre_exec(move || join(&procs)) };
+    let mut child = c.spawn().expect("spawn bash");
+    let mut line = String::new();
+    let out = child.stdout.take().expect("stdout");
+    BufReader::new(out).read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "connected", "holder in {}", cg.display());
+    child
 }
