@@ -1481,3 +1481,37 @@ fn ages_are_bucketed_per_state_at_the_time_asked() {
     let sw = ages.iter().find(|a| a.state == SynSent).expect("listed");
     assert_eq!(sw.count(), 0);
 }
+
+#[test]
+fn snapshot_sockets_on_a_listening_port_count_as_inbound() {
+    let mut t = tracker(100);
+    t.seed(
+        [
+            kernel_socket(7, Listen, 8080, 0),
+            kernel_socket(7, CloseWait, 8080, 5000),
+            kernel_socket(7, CloseWait, 40000, 443),
+            // A server's TIME_WAIT holds its listening port; a client's, an ephemeral one.
+            kernel_socket(7, TimeWait, 8080, 5001),
+            kernel_socket(7, TimeWait, 40001, 443),
+        ],
+        10 * S,
+        &mut Vec::new(),
+    );
+    let mut top: Vec<(String, TcpState, u32)> = t
+        .destinations()
+        .top_holders(10)
+        .into_iter()
+        .map(|(d, _, st, n)| (d.describe(), st, n))
+        .collect();
+    top.sort_by_key(|(d, st, _)| (d.clone(), *st as u8));
+    assert_eq!(
+        top,
+        [
+            ("127.0.0.1:443".to_owned(), TimeWait, 1),
+            ("127.0.0.1:443".to_owned(), CloseWait, 1),
+            ("inbound to :8080".to_owned(), TimeWait, 1),
+            ("inbound to :8080".to_owned(), CloseWait, 1),
+        ]
+    );
+    assert_eq!(t.destinations().sum(), dest_recount(&t));
+}
