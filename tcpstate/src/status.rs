@@ -199,7 +199,7 @@ impl Report {
         uptime_s: f64,
     ) -> Self {
         let agg = tracker.stats();
-        let (top_destinations, destinations) = destinations::top(tracker, names);
+        let (top_destinations, destinations) = destinations::top(tracker, names, now_ns);
         Self {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s,

@@ -33,6 +33,13 @@ pub struct TopDestination {
     pub direction: String,
     pub state: String,
     pub count: u32,
+    /// Connections to the destination (every holder's) opened per second, over the last
+    /// whole 10 s.
+    #[serde(default)]
+    pub opened_per_s: f64,
+    /// And closed per second.
+    #[serde(default)]
+    pub closed_per_s: f64,
 }
 
 impl TopDestination {
@@ -43,12 +50,20 @@ impl TopDestination {
         } else {
             format!("to {}", escape(&self.destination))
         };
-        format!(
+        let mut s = format!(
             "{} holds {} {} {to}",
             escape(&self.holder),
             self.count,
             escape(&self.state)
-        )
+        );
+        if self.opened_per_s > 0.0 || self.closed_per_s > 0.0 {
+            let _ = write!(
+                s,
+                " ({:.1} new/s, {:.1} closed/s there)",
+                self.opened_per_s, self.closed_per_s
+            );
+        }
+        s
     }
 }
 
@@ -82,18 +97,27 @@ pub struct AgeBucket {
     pub count: u64,
 }
 
-/// The top destinations, their holders named through `names`.
-pub fn top(tracker: &Tracker, names: &mut Workloads) -> (Vec<TopDestination>, DestinationTotals) {
+/// The top destinations as of `now_ns`, their holders named through `names`.
+pub fn top(
+    tracker: &Tracker,
+    names: &mut Workloads,
+    now_ns: u64,
+) -> (Vec<TopDestination>, DestinationTotals) {
     let d = tracker.destinations();
     let top = d
         .top_holders(STATUS_DESTINATIONS)
         .into_iter()
-        .map(|(dest, h, st, count)| TopDestination {
-            holder: holder_name(tracker, names, h, st),
-            destination: dest.addr(),
-            direction: dest.direction().to_owned(),
-            state: st.name().to_owned(),
-            count,
+        .map(|(dest, h, st, count)| {
+            let (opened_per_s, closed_per_s) = tracker.flow_rate(&dest, now_ns);
+            TopDestination {
+                holder: holder_name(tracker, names, h, st),
+                destination: dest.addr(),
+                direction: dest.direction().to_owned(),
+                state: st.name().to_owned(),
+                count,
+                opened_per_s,
+                closed_per_s,
+            }
         })
         .collect();
     let totals = DestinationTotals {
@@ -224,10 +248,22 @@ mod tests {
             direction: "outbound".into(),
             state: "CLOSE_WAIT".into(),
             count: 412,
+            opened_per_s: 0.0,
+            closed_per_s: 0.0,
         };
         assert_eq!(
             d.sentence(),
             "payments-api.service holds 412 CLOSE_WAIT to 10.0.3.7:5432"
+        );
+        let churn = TopDestination {
+            state: "TIME_WAIT".into(),
+            opened_per_s: 670.0,
+            closed_per_s: 669.9,
+            ..d.clone()
+        };
+        assert_eq!(
+            churn.sentence(),
+            "payments-api.service holds 412 TIME_WAIT to 10.0.3.7:5432 (670.0 new/s, 669.9 closed/s there)"
         );
         let d = TopDestination {
             holder: "nginx\x1b".into(),

@@ -292,6 +292,87 @@ impl Destinations {
     }
 }
 
+/// How long a window of [`Flows`] lasts: rates are over the last whole one.
+pub const FLOW_WINDOW_NS: u64 = 10_000_000_000;
+
+/// Connections opened and closed to one destination in a window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub opened: u32,
+    pub closed: u32,
+}
+
+/// Connections opened (connect(), or a listener's new child) and closed per destination, in
+/// fixed windows of [`FLOW_WINDOW_NS`]: a status page reads the last whole window as a rate
+/// without counting anything itself. Two windows of at most [`MAX_DESTINATIONS`] each, the
+/// rest summed apart, so churn to ever-new destinations stays bounded.
+#[derive(Debug, Default)]
+pub struct Flows {
+    current: HashMap<Dest, Flow, PeerKeyHasher>,
+    current_other: Flow,
+    previous: HashMap<Dest, Flow, PeerKeyHasher>,
+    previous_other: Flow,
+    /// When `current` began (a multiple of the window).
+    start_ns: u64,
+}
+
+impl Flows {
+    /// Counts a connection to `dest` opened (or closed) at `ts_ns`. O(1); once a window, a
+    /// swap and a clear of the older map.
+    pub fn count(&mut self, dest: Dest, ts_ns: u64, opened: bool) {
+        self.roll(ts_ns);
+        let full = self.current.len() >= MAX_DESTINATIONS;
+        let f = match self.current.get_mut(&dest) {
+            Some(f) => f,
+            None if !full => self.current.entry(dest).or_default(),
+            None => &mut self.current_other,
+        };
+        let n = if opened { &mut f.opened } else { &mut f.closed };
+        *n = n.saturating_add(1);
+    }
+
+    fn roll(&mut self, now_ns: u64) {
+        let start = now_ns - now_ns % FLOW_WINDOW_NS;
+        if start <= self.start_ns {
+            return;
+        }
+        if start == self.start_ns + FLOW_WINDOW_NS {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.previous_other = self.current_other;
+        } else {
+            // Whole windows passed without a connection: the last of them was empty.
+            self.previous.clear();
+            self.previous_other = Flow::default();
+        }
+        self.current.clear();
+        self.current_other = Flow::default();
+        self.start_ns = start;
+    }
+
+    /// The last whole window before `now_ns`: its flows per destination and the rest's.
+    fn last_window(&self, now_ns: u64) -> Option<(&HashMap<Dest, Flow, PeerKeyHasher>, Flow)> {
+        let start = now_ns - now_ns % FLOW_WINDOW_NS;
+        if start == self.start_ns {
+            Some((&self.previous, self.previous_other))
+        } else if start == self.start_ns + FLOW_WINDOW_NS {
+            Some((&self.current, self.current_other))
+        } else {
+            None
+        }
+    }
+
+    /// Connections to `dest` opened and closed per second over the last whole window
+    /// before `now_ns` (0 for a destination past the cap, counted in the rest).
+    pub fn rate(&self, dest: &Dest, now_ns: u64) -> (f64, f64) {
+        let f = self
+            .last_window(now_ns)
+            .and_then(|(m, _)| m.get(dest).copied())
+            .unwrap_or_default();
+        let per_s = |n: u32| f64::from(n) * 1e9 / FLOW_WINDOW_NS as f64;
+        (per_s(f.opened), per_s(f.closed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,5 +506,42 @@ mod tests {
             [("10.0.3.7:2".to_owned(), 40), ("10.0.3.7:1".to_owned(), 5)]
         );
         assert_eq!(rest[1], 4);
+    }
+
+    #[test]
+    fn flows_are_rates_over_the_last_whole_window() {
+        let w = FLOW_WINDOW_NS;
+        let mut f = Flows::default();
+        for i in 0..100 {
+            f.count(to(80), w + i * 1_000_000, true);
+        }
+        for i in 0..50 {
+            f.count(to(80), w + i * 1_000_000, false);
+        }
+        assert_eq!(
+            f.rate(&to(80), w + 5),
+            (0.0, 0.0),
+            "the window is not whole yet"
+        );
+        assert_eq!(f.rate(&to(80), 2 * w + 5), (10.0, 5.0));
+        f.count(to(443), 2 * w + 7, true);
+        assert_eq!(f.rate(&to(80), 2 * w + 9), (10.0, 5.0));
+        assert_eq!(f.rate(&to(80), 3 * w), (0.0, 0.0), "nothing since");
+        f.count(to(443), 5 * w, true);
+        assert_eq!(
+            f.rate(&to(443), 5 * w + 1),
+            (0.0, 0.0),
+            "the windows between were empty"
+        );
+    }
+
+    #[test]
+    fn flows_to_ever_new_destinations_stay_within_the_cap() {
+        let mut f = Flows::default();
+        for port in 0..=u16::MAX {
+            f.count(to(port), 1, true);
+        }
+        assert_eq!(f.current.len(), MAX_DESTINATIONS);
+        assert_eq!(f.current_other.opened as usize, 65_536 - MAX_DESTINATIONS);
     }
 }

@@ -154,6 +154,8 @@ pub struct Tracker {
     /// Births reported with their listener's tuple, whose record waits for the child's next
     /// event (see `on_unknown`). Keyed by kernel address, which no peer chooses.
     half_born: rustc_hash::FxHashMap<u64, Moved>,
+    /// Connections opened and closed per destination, for their rates.
+    flows: destinations::Flows,
     /// Sockets refused at birth because the table was full.
     refused: u64,
     /// An event was lost and no reconciliation has run since: the table
@@ -182,6 +184,7 @@ impl Tracker {
             unknown_netns: std::collections::HashSet::new(),
             orphans: HashMap::default(),
             next_key: 1,
+            flows: destinations::Flows::default(),
             refused: 0,
             incomplete: false,
             stats: Stats::new(),
@@ -231,6 +234,9 @@ impl Tracker {
                 _ => return self.on_unknown(t, out),
             },
         };
+        if t.new == TcpState::Close {
+            self.flows.count(e.dest(), t.ts_ns, false);
+        }
         let netns = if e.netns == 0 { t.netns } else { e.netns };
         let cgroup = if e.cgroup == 0 { t.cgroup } else { e.cgroup };
         let seen = e.state == t.old && e.has(flag::ENTRY_SEEN);
@@ -411,6 +417,11 @@ impl Tracker {
             (TcpState::Listen | TcpState::SynRecv, _) => flag::ACCEPTED,
             _ => 0,
         };
+        if matches!(t.old, TcpState::Close | TcpState::Listen) && active != 0 {
+            // Counted whether or not the table has room: a rate of births, not of entries.
+            let dest = destinations::Dest::of(&t.tuple, active == flag::ACCEPTED);
+            self.flows.count(dest, t.ts_ns, true);
+        }
         let mut e = Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN | active)
             .with_owner(owner);
         e.cgroup = t.cgroup;

@@ -1515,3 +1515,39 @@ fn snapshot_sockets_on_a_listening_port_count_as_inbound() {
     );
     assert_eq!(t.destinations().sum(), dest_recount(&t));
 }
+
+#[test]
+fn connections_opened_and_closed_per_destination_are_a_rate() {
+    let w = destinations::FLOW_WINDOW_NS;
+    let mut t = tracker(1000);
+    let mut out = Vec::new();
+    // 200 short connections to :5432 in one window, closed first by us: 20/s each way.
+    for i in 0..200u64 {
+        let sk = 0xffff_0000_3000_0000 + i * 0x40;
+        let ts = w + i * 10 * MS;
+        let sport = 40000 + i as u16;
+        let mut end = at(sk, ts + 3 * MS).go(FinWait2, Close).ports(sport, 5432);
+        end.ending = Ending::TimeWait;
+        for e in [
+            at(sk, ts)
+                .go(Close, SynSent)
+                .ports(sport, 5432)
+                .by(5, "proxy"),
+            at(sk, ts + MS).go(SynSent, Established).ports(sport, 5432),
+            at(sk, ts + 2 * MS)
+                .go(Established, FinWait1)
+                .ports(sport, 5432)
+                .by(5, "proxy"),
+            at(sk, ts + 2 * MS)
+                .go(FinWait1, FinWait2)
+                .ports(sport, 5432),
+            end,
+        ] {
+            t.on_transition(&e, &mut out);
+        }
+    }
+    let lo = "127.0.0.1".parse().expect("addr");
+    let dest = destinations::Dest::of(&Tuple::new(lo, 1, lo, 5432), false);
+    assert_eq!(t.flow_rate(&dest, 2 * w + MS), (20.0, 20.0));
+    assert_eq!(t.destinations().count(&dest, TimeWait), 200);
+}
