@@ -249,6 +249,11 @@ pub struct RunArgs {
     /// anomalies; the rest are summed under unit="other" (label cardinality stays bounded).
     #[arg(long, default_value_t = 20, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub metrics_top: u16,
+    /// Per-destination gauges (tcpstate_destination_sockets) for the N destinations with the
+    /// most sockets in SYN_SENT or a closing state; the rest are summed under
+    /// destination="other" (a scan of every port cannot grow the series).
+    #[arg(long, default_value_t = 20, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub metrics_top_destinations: u16,
     /// Print nothing on stdout (use with --log-file).
     #[arg(short, long)]
     pub quiet: bool,

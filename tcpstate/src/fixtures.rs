@@ -111,5 +111,6 @@ pub fn anomaly() -> AnomalyRecord {
         count: None,
         port_range: None,
         tw_reuse: None,
+        destination: None,
     }
 }

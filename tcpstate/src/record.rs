@@ -353,6 +353,30 @@ pub struct AnomalyRecord {
     pub port_range: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tw_reuse: Option<u8>,
+    /// For a socket in a state counted per destination: where it goes and how many sockets
+    /// to there are in the same state ("one of 412 to the same upstream").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Destination>,
+}
+
+/// A destination as records and `status` name it, and the sockets to it in one state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// `10.0.3.7:5432`; for an accepted socket, the local listening port, `:8080`.
+    pub addr: String,
+    /// `outbound` (this host connected) or `inbound` (it accepted).
+    pub direction: String,
+    pub same_state: u32,
+}
+
+impl From<crate::tracker::DestCount> for Destination {
+    fn from(d: crate::tracker::DestCount) -> Self {
+        Self {
+            addr: d.dest.addr(),
+            direction: d.dest.direction().to_owned(),
+            same_state: d.same_state,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -520,6 +544,7 @@ impl AnomalyRecord {
             count: p.map(|p| p.count),
             port_range: p.map(|p| p.range),
             tw_reuse: p.map(|p| p.tw_reuse),
+            destination: a.destination.map(Destination::from),
         }
     }
 }

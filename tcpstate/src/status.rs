@@ -1,6 +1,8 @@
 //! `tcpstate status`: what an operator wants at 3 a.m., from the running
 //! daemon's `/status` endpoint.
 
+pub mod destinations;
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -104,6 +106,14 @@ pub struct Report {
     /// Closing sockets and open anomalies by unit, container and pod, most first.
     #[serde(default)]
     pub top_workloads: Vec<TopWorkload>,
+    /// Sockets in SYN_SENT or a closing state by destination and holder, most first.
+    #[serde(default)]
+    pub top_destinations: Vec<destinations::TopDestination>,
+    #[serde(default)]
+    pub destinations: destinations::DestinationTotals,
+    /// The current ages of the sockets in SYN_SENT and each closing state.
+    #[serde(default)]
+    pub socket_ages: Vec<destinations::AgeHistogram>,
     pub tracked: u64,
     pub capacity: u64,
     pub refused: u64,
@@ -179,16 +189,17 @@ impl TopWorkload {
 }
 
 impl Report {
-    /// The report; `open` are the open anomalies (owners checked by the caller), their
-    /// cgroups named through `names`.
+    /// The report as of `now_ns`; `open` are the open anomalies (owners checked by the
+    /// caller), their cgroups named through `names`.
     pub fn build(
         tracker: &Tracker,
         c: Counters,
         (open, names): (&[Anomaly], &mut Workloads),
-        clock: WallClock,
+        (clock, now_ns): (WallClock, u64),
         uptime_s: f64,
     ) -> Self {
         let agg = tracker.stats();
+        let (top_destinations, destinations) = destinations::top(tracker, names, now_ns);
         Self {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s,
@@ -220,6 +231,9 @@ impl Report {
                     anomalies_open: c.anomalies_open,
                 })
                 .collect(),
+            top_destinations,
+            destinations,
+            socket_ages: destinations::ages(tracker, now_ns),
             top_owners: tracker
                 .top_owners(10)
                 .into_iter()
@@ -343,6 +357,12 @@ impl Report {
                 );
             }
         }
+        destinations::write_text(
+            &mut s,
+            &self.top_destinations,
+            &self.destinations,
+            &self.socket_ages,
+        );
         if !self.top_owners.is_empty() {
             s.push_str("top owners of lingering sockets:\n");
             for o in &self.top_owners {
@@ -548,6 +568,9 @@ mod tests {
             sockets: [(state.to_owned(), 1)].into(),
             open_anomalies: Vec::new(),
             top_owners: Vec::new(),
+            top_destinations: Vec::new(),
+            destinations: destinations::DestinationTotals::default(),
+            socket_ages: Vec::new(),
             top_workloads: vec![TopWorkload {
                 unit: "x.service".into(),
                 container_id: String::new(),

@@ -207,6 +207,7 @@ mod tests {
             orphans: None,
             holder_cgroup: None,
             other_holders: Vec::new(),
+            destination: None,
         }
     }
 

@@ -40,7 +40,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{Netns, free_port, http_get, port, require_bpf};
+use common::{Netns, cgroups::join, free_port, http_get, port, require_bpf};
 use serde_json::Value;
 
 /// The threshold of every planted state (close_wait, fin_wait2, syn_sent).
@@ -156,24 +156,6 @@ impl Drop for Cgroup {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-}
-
-/// Moves the calling process (after fork, before exec) into the cgroup: raw syscalls only.
-fn join(procs: &CString) -> std::io::Result<()> {
-    // SAFETY: a NUL-terminated path; the fd is closed below.
-    let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: writes one byte from a static buffer to our fd.
-    let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-    // SAFETY: our fd.
-    unsafe { libc::close(fd) };
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

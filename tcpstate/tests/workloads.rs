@@ -6,86 +6,23 @@ mod common;
 
 use std::{
     ffi::CString,
-    io::{BufRead as _, BufReader},
     net::TcpListener,
-    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
+    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    process::Child,
     time::Duration,
 };
 
-use common::{Daemon, Netns, free_port, http_get, port, require_bpf};
+use common::{
+    Daemon, Netns,
+    cgroups::{Cgroups, holder_in, join},
+    free_port, http_get, port, require_bpf,
+};
 use serde_json::Value;
 
 const ID: &str = "3f2a9c1e5b7d4f6a8c0e2b4d6f8a0c2e4b6d8f0a2c4e6b8d0f2a4c6e8b0d2f4a";
 const ID2: &str = "9b8a7c6d5e4f30211203f4e5d6c7b8a99a8b7c6d5e4f3021b2c3d4e5f6a7b8c9";
 const UID: &str = "0c6f1a2b-3d4e-4f50-8a9b-0c1d2e3f4a5b";
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// The unified hierarchy's mount point, found as the daemon finds it.
-fn cgroup2_mount() -> PathBuf {
-    tcpstate::workload::Hierarchy::find()
-        .expect("this test needs a cgroup2 (unified) hierarchy mounted")
-        .mount()
-        .to_owned()
-}
-
-/// A subtree of cgroups for one test, under `/tcpstate-test-PID-N`; removed on drop.
-struct Cgroups {
-    mount: PathBuf,
-    root: PathBuf,
-    made: Vec<PathBuf>,
-}
-
-impl Cgroups {
-    fn new() -> Self {
-        let mount = cgroup2_mount();
-        let name = format!(
-            "tcpstate-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let root = mount.join(name);
-        std::fs::create_dir(&root).unwrap_or_else(|e| panic!("mkdir {}: {e}", root.display()));
-        Self {
-            mount,
-            made: vec![root.clone()],
-            root,
-        }
-    }
-
-    /// Makes `rel` (and its parents) below the test's root; the path as the daemon reports it.
-    fn make(&mut self, rel: &str) -> (PathBuf, String) {
-        let mut p = self.root.clone();
-        for part in rel.split('/') {
-            p.push(part);
-            if !p.exists() {
-                std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-                self.made.push(p.clone());
-            }
-        }
-        let shown = format!(
-            "/{}",
-            p.strip_prefix(&self.mount).expect("under mount").display()
-        );
-        (p, shown)
-    }
-
-    fn remove(&mut self, p: &Path) {
-        std::fs::remove_dir(p).unwrap_or_else(|e| panic!("rmdir {}: {e}", p.display()));
-        self.made.retain(|m| m != p);
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for p in self.made.iter().rev() {
-            let _ = std::fs::remove_dir(p);
-        }
-    }
-}
 
 /// This process's own cgroup path.
 fn own_cgroup() -> String {
@@ -96,44 +33,11 @@ fn own_cgroup() -> String {
         .to_owned()
 }
 
-/// Moves the calling process (after fork, before exec) into the cgroup whose `cgroup.procs`
-/// is `procs`: raw syscalls only, as a forked child of a threaded process must.
-fn join(procs: &CString) -> std::io::Result<()> {
-    // SAFETY: a NUL-terminated path; the fd is closed below.
-    let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: writes one byte from a static buffer to our fd.
-    let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-    // SAFETY: our fd.
-    unsafe { libc::close(fd) };
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// A process in cgroup `cg` and namespace `ns` that connects to 127.0.0.1:`p` and holds the
 /// socket (bash's /dev/tcp, then `exec sleep`: one process, which never closes it). Returns
 /// once it is connected.
 fn client_in(cg: &Path, ns: &Netns, p: u16) -> Child {
-    let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_bytes()).expect("path");
-    let mut c = ns.command("bash");
-    c.args([
-        "-c",
-        &format!("exec 3<>/dev/tcp/127.0.0.1/{p} && echo connected && exec sleep 60"),
-    ])
-    .stdout(Stdio::piped());
-    // SAFETY: `join` makes raw syscalls only.
-    unsafe { c.pre_exec(move || join(&procs)) };
-    let mut child = c.spawn().expect("spawn bash");
-    let mut line = String::new();
-    let out = child.stdout.take().expect("stdout");
-    BufReader::new(out).read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "connected", "client in {}", cg.display());
-    child
+    holder_in(cg, ns, &format!("exec 3<>/dev/tcp/127.0.0.1/{p}"))
 }
 
 fn stop(mut c: Child) {

@@ -1,7 +1,7 @@
 //! Prometheus exposition, rendered at scrape time from a snapshot of the
 //! tracker's aggregates: the event path pays nothing for metrics. Labels
-//! are bounded by construction (states, state pairs, anomaly kinds), and the per-workload
-//! ones by --metrics-top.
+//! are bounded by construction (states, state pairs, anomaly kinds), the per-workload
+//! ones by --metrics-top, the per-destination ones by --metrics-top-destinations.
 
 use prometheus_client::{
     collector::Collector,
@@ -14,7 +14,9 @@ use crate::{
     state::TcpState,
     tracker::{
         Tracker,
+        ages::Ages,
         cgroups::{CLOSING, Counts},
+        destinations::{self, Dest, STATES},
     },
     workload::top::Labels,
 };
@@ -76,17 +78,24 @@ struct Snapshot {
     workloads: Vec<(Labels, Counts)>,
     /// Cgroups holding closing sockets or open anomalies (how many the top N summarise).
     workload_cgroups: u64,
+    /// The top destinations' sockets per state, and the rest summed.
+    destinations: (Vec<(Dest, destinations::Counts)>, destinations::Counts),
+    /// Destinations counted by name (at most their cap).
+    destinations_tracked: u64,
+    /// The current ages of the sockets in each state counted per destination.
+    ages: Vec<Ages>,
     /// Each optional capability and whether it is on (why not: the `started` record).
     features: Vec<(String, bool)>,
     /// The programs' own cost, from the kernel's counters.
     bpf: crate::program::BpfCosts,
 }
 
-/// The exposition. `workloads` is [`crate::workload::top::top_of`] the tracker's cgroups.
+/// The exposition at `now_ns`. `workloads` is [`crate::workload::top::top_of`] the
+/// tracker's cgroups; `top_destinations`, how many destinations are named.
 pub fn render(
     tracker: &Tracker,
     counters: Counters,
-    workloads: Vec<(Labels, Counts)>,
+    (workloads, top_destinations, now_ns): (Vec<(Labels, Counts)>, usize, u64),
     features: &[crate::features::Feature],
     bpf: crate::program::BpfCosts,
 ) -> String {
@@ -161,6 +170,9 @@ pub fn render(
         counters,
         workloads,
         workload_cgroups: tracker.by_cgroup().count() as u64,
+        destinations: tracker.destinations().top(top_destinations),
+        destinations_tracked: tracker.destinations().len() as u64,
+        ages: tracker.ages(now_ns),
         features: features.iter().map(|f| (f.name.clone(), f.on)).collect(),
         bpf,
     };
@@ -293,6 +305,7 @@ impl Snapshot {
             ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
         }
         self.workload_families(e)?;
+        self.destination_families(e)?;
         self.bpf_families(e)?;
         let [retransmits, sent, received] = &self.signals;
         for (name, help, values) in [
@@ -561,6 +574,57 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Per-destination gauges, bounded to --metrics-top-destinations plus `other`, and the
+    /// ages of live sockets (a label per state, nothing more).
+    fn destination_families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let mut m = e.encode_descriptor(
+            "tcpstate_destination_sockets",
+            "Sockets in SYN_SENT or a closing state now, by destination: the remote address:port of connections this host opened (direction=\"outbound\"), the local listening port of those it accepted (\"inbound\"); the top --metrics-top-destinations, the rest under destination=\"other\"",
+            None,
+            MetricType::Gauge,
+        )?;
+        let (top, rest) = &self.destinations;
+        let named = top.iter().map(|(d, c)| (d.addr(), d.direction(), c));
+        let other = ("other".to_owned(), "other", rest);
+        for (dest, direction, counts) in named.chain(std::iter::once(other)) {
+            for (st, &n) in STATES.iter().zip(counts.iter()) {
+                if n == 0 {
+                    continue;
+                }
+                let set = [
+                    ("state", st.name()),
+                    ("destination", dest.as_str()),
+                    ("direction", direction),
+                ];
+                ConstGauge::new(i64::from(n)).encode(m.encode_family(&set)?)?;
+            }
+        }
+        gauge(
+            e,
+            "tcpstate_destinations",
+            "Destinations whose sockets are counted by name now (at most 4096; past that they are summed under destination=\"other\")",
+            self.destinations_tracked as i64,
+        )?;
+        let mut m = e.encode_descriptor(
+            "tcpstate_socket_age_seconds",
+            "The current ages of the live sockets in SYN_SENT and each closing state, at this scrape (a pile-up in one bucket is a timeout)",
+            None,
+            MetricType::Histogram,
+        )?;
+        for a in &self.ages {
+            m.encode_family(&[("state", a.state.name())])?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                a.sum_s,
+                a.count(),
+                &a.buckets(),
+                None,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 fn label_value(s: &str) -> String {
     crate::output::escape::escape_controls(s).into_owned()
 }
@@ -611,7 +675,7 @@ mod tests {
         let text = render(
             &tracker,
             Counters::default(),
-            vec![(hostile, counts)],
+            (vec![(hostile, counts)], 20, 0),
             &[],
             crate::program::BpfCosts::default(),
         );
@@ -625,6 +689,79 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"pod_uid="\\xc2\\x9b2J""#), "{text}");
+    }
+
+    /// A connect from 127.0.0.1 to 10.0.3.7:`dport` at `ts_ns`, stuck in SYN_SENT.
+    fn connect(tracker: &mut Tracker, sk: u64, dport: u16, ts_ns: u64) {
+        let t = crate::decode::Transition {
+            cgroup: 0,
+            ts_ns,
+            sk,
+            tuple: crate::socket::Tuple::new(
+                "127.0.0.1".parse().expect("addr"),
+                40000,
+                "10.0.3.7".parse().expect("addr"),
+                dport,
+            ),
+            old: TcpState::Close,
+            new: TcpState::SynSent,
+            ending: crate::decode::Ending::Closed { errno: 0 },
+            pid: 1,
+            comm: crate::socket::Comm::new("client"),
+            netns: 7,
+        };
+        tracker.on_transition(&t, &mut Vec::new());
+    }
+
+    #[test]
+    fn destinations_past_the_top_k_are_one_series_and_ages_a_histogram() {
+        let mut tracker = Tracker::new(Config {
+            capacity: 1000,
+            timewait_capacity: 16,
+            thresholds: Thresholds::none(),
+            leak_threshold: 2,
+            pressure: None,
+            accept_queue_full: None,
+            orphan_pressure: None,
+        });
+        let s = 1_000_000_000;
+        // Port 1 gets 5 sockets, port 2 gets 4, then 100 ports one each.
+        let mut sk = 0xffff_0000_0000_0000_u64;
+        for port in [1, 1, 1, 1, 1, 2, 2, 2, 2].into_iter().chain(3..103) {
+            sk += 0x40;
+            connect(&mut tracker, sk, port, 0);
+        }
+        let text = render(
+            &tracker,
+            Counters::default(),
+            (vec![], 2, 90 * s),
+            &[],
+            crate::program::BpfCosts::default(),
+        );
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tcpstate_destination_sockets{"))
+            .collect();
+        assert_eq!(
+            series,
+            [
+                r#"tcpstate_destination_sockets{state="SYN_SENT",destination="10.0.3.7:1",direction="outbound"} 5"#,
+                r#"tcpstate_destination_sockets{state="SYN_SENT",destination="10.0.3.7:2",direction="outbound"} 4"#,
+                r#"tcpstate_destination_sockets{state="SYN_SENT",destination="other",direction="other"} 100"#,
+            ],
+            "{text}"
+        );
+        assert!(text.contains("tcpstate_destinations 102\n"), "{text}");
+        // 90 s old: in the 300 s bucket, not the 60 s one.
+        for (le, n) in [("60.0", 0), ("300.0", 109), ("14400.0", 109), ("+Inf", 109)] {
+            let line =
+                format!(r#"tcpstate_socket_age_seconds_bucket{{le="{le}",state="SYN_SENT"}} {n}"#);
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(
+            text.contains(r#"tcpstate_socket_age_seconds_count{state="SYN_SENT"} 109"#),
+            "{text}"
+        );
     }
 
     #[test]
@@ -646,7 +783,15 @@ mod tests {
                 run_cnt: 7,
             }],
         };
-        let render = |c| to_prometheus_text(&render(&tracker, Counters::default(), vec![], &[], c));
+        let render = |c| {
+            to_prometheus_text(&render(
+                &tracker,
+                Counters::default(),
+                (vec![], 20, 0),
+                &[],
+                c,
+            ))
+        };
         let on = render(costs(true));
         assert!(on.contains("tcpstate_bpf_stats_enabled 1\n"), "{on}");
         assert!(

@@ -285,6 +285,16 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
             a.tw_reuse.unwrap_or(0)
         );
     }
+    if let Some(d) = &a.destination {
+        let to = match d.direction.as_str() {
+            "inbound" => format!("inbound to {}", escape(&d.addr)),
+            _ => format!("to {}", escape(&d.addr)),
+        };
+        let _ = match d.same_state {
+            0 | 1 => write!(out, "; the only {} {to}", a.state.name()),
+            n => write!(out, "; one of {n} {} {to}", a.state.name()),
+        };
+    }
     if let Some(v) = &a.vitals {
         for w in vital_signs(a.state, v, reader_of(a)) {
             let _ = write!(out, "; {w}");
@@ -519,6 +529,33 @@ mod tests {
             }),
             ..fixtures::anomaly()
         }
+    }
+
+    #[test]
+    fn anomaly_line_says_how_many_go_to_the_same_destination() {
+        let mut a = anomaly();
+        a.destination = Some(crate::record::Destination {
+            addr: "10.0.3.7:5432".into(),
+            direction: "outbound".into(),
+            same_state: 412,
+        });
+        let mut s = String::new();
+        write_record(&mut s, &Record::Anomaly(a.clone()), false);
+        assert!(
+            s.ends_with("(server); one of 412 CLOSE_WAIT to 10.0.3.7:5432\n"),
+            "{s}"
+        );
+        a.destination = Some(crate::record::Destination {
+            addr: ":8080".into(),
+            direction: "inbound".into(),
+            same_state: 1,
+        });
+        let mut s = String::new();
+        write_record(&mut s, &Record::Anomaly(a), false);
+        assert!(
+            s.ends_with("; the only CLOSE_WAIT inbound to :8080\n"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -300,7 +300,7 @@ impl Daemon {
                 &self.tracker,
                 self.counters(),
                 (&open, &mut self.workloads),
-                self.clock,
+                (self.clock, crate::clock::monotonic_ns()),
                 self.started.elapsed().as_secs_f64(),
             );
             report.features.clone_from(&self.features);

@@ -496,7 +496,11 @@ impl Daemon {
                 let _ = reply.send(metrics::render(
                     &self.tracker,
                     self.counters(),
-                    top,
+                    (
+                        top,
+                        usize::from(self.args.metrics_top_destinations),
+                        monotonic_ns(),
+                    ),
                     &self.features,
                     self.probe.costs(),
                 ));

@@ -158,6 +158,7 @@ fn anomaly((netns, tuple): (u32, Tuple), f: &Full, ts_ns: u64) -> Anomaly {
         orphans: None,
         holder_cgroup: None,
         other_holders: Vec::new(),
+        destination: None,
     }
 }
 

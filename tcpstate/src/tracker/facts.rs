@@ -221,6 +221,16 @@ pub struct Anomaly {
     pub holder_cgroup: Option<String>,
     /// Processes that hold the socket's fd too, besides the verified owner.
     pub other_holders: Vec<Task>,
+    /// For a socket in a state counted per destination: its destination, and how many
+    /// sockets to it are in the same state (this one included).
+    pub destination: Option<DestCount>,
+}
+
+/// A destination and the sockets to it in one state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestCount {
+    pub dest: super::destinations::Dest,
+    pub same_state: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -209,7 +209,13 @@ impl Tracker {
                 pid,
                 comm: self.comms.intern(comm),
             });
-            let flags = flag::SEEDED | if s.mini { flag::ORPHAN } else { 0 };
+            // A socket on a listening port was accepted; the rest were connected out (or
+            // are listeners, which no destination counts).
+            let accepted =
+                s.state != TcpState::Listen && listening.contains(&(s.netns, s.tuple.sport));
+            let flags = flag::SEEDED
+                | if s.mini { flag::ORPHAN } else { 0 }
+                | if accepted { flag::ACCEPTED } else { 0 };
             let mut e = Entry::new(s.tuple, s.netns, s.state, now_ns, flags).with_owner(owner);
             e.epoch = self.epoch();
             e.cgroup = s.cgroup;

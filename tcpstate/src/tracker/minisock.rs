@@ -6,7 +6,12 @@
 //! by asking the kernel (sock_diag), and each is reported with how it was
 //! observed (`Via`).
 
-use super::{Fact, MetTimeWait, Moved, Resolution, Tracker, Via, table::flag, timewait::Insert};
+use super::{
+    Fact, MetTimeWait, Moved, Resolution, Tracker, Via,
+    destinations::{Dest, Holder},
+    table::flag,
+    timewait::Insert,
+};
 use crate::{decode::Transition, socket::Tuple, state::TcpState};
 
 impl Tracker {
@@ -62,14 +67,25 @@ impl Tracker {
             MetTimeWait::Event => (false, since_ns),
             MetTimeWait::Seed { now_ns } | MetTimeWait::Dump { now_ns } => (true, now_ns),
         };
-        match self.timewait.insert(netns, tuple, since_ns, estimated) {
-            Insert::New if active => {
-                if netns != 0 && !self.pressure.knows(netns) {
-                    self.unknown_netns.insert(netns);
+        match self
+            .timewait
+            .insert(netns, tuple, since_ns, (estimated, active))
+        {
+            Insert::New => {
+                self.table.destinations_mut().account(
+                    Dest::of(tuple, !active),
+                    no_holder(),
+                    TcpState::TimeWait,
+                    true,
+                );
+                if active {
+                    if netns != 0 && !self.pressure.knows(netns) {
+                        self.unknown_netns.insert(netns);
+                    }
+                    // Said now: an anomaly is dated when tcpstate says it, never at a
+                    // mini-socket's estimated start (which can predate the daemon).
+                    self.pressure.add(netns, tuple, now_ns, out);
                 }
-                // Said now: an anomaly is dated when tcpstate says it, never at a
-                // mini-socket's estimated start (which can predate the daemon).
-                self.pressure.add(netns, tuple, now_ns, out);
             }
             // A socket is refused once: at its event, or at the start-up snapshot. Every
             // later dump meets the same untracked sockets again and must not count them anew.
@@ -92,6 +108,12 @@ impl Tracker {
         let Some(s) = self.timewait.remove(netns, tuple) else {
             return false;
         };
+        self.table.destinations_mut().account(
+            Dest::of(tuple, !s.active),
+            no_holder(),
+            TcpState::TimeWait,
+            false,
+        );
         self.pressure.remove(netns, tuple, ts_ns, out);
         let prev_ns = (!s.estimated).then(|| ts_ns.saturating_sub(s.since_ns));
         self.stats
@@ -250,5 +272,13 @@ impl Tracker {
         }
         // Its request sockets died with it too.
         self.requests.remove(&netns);
+    }
+}
+
+/// No process holds a TIME_WAIT mini-socket, and it keeps no cgroup.
+fn no_holder() -> Holder {
+    Holder {
+        cgroup: 0,
+        comm: Holder::NONE,
     }
 }

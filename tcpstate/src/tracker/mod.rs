@@ -11,14 +11,18 @@
 //! - `signals.rs`: retransmits and resets (`recent.rs`: the last closes, for late resets);
 //! - `minisock.rs`: the second half of the close, after `tcp_time_wait()`;
 //! - `kernel.rs`: seeding, reconciliation, sock_diag answers, listener polls, host readings;
-//! - `table.rs`, `timewait.rs`: the two tables and their counts;
+//! - `table.rs`, `timewait.rs`: the two tables and their counts (`cgroups.rs`,
+//!   `destinations.rs`: per workload and per destination);
 //! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`, `backlog.rs`, `orphans.rs`:
 //!   the rules;
-//! - `view.rs`: what the outputs read; `stats.rs`: counters for the life of the daemon.
+//! - `view.rs`: what the outputs read (`ages.rs`: the ages of live sockets, when asked);
+//!   `stats.rs`: counters for the life of the daemon.
 
+pub mod ages;
 pub mod backlog;
 pub mod cgroups;
 pub mod deadlines;
+pub mod destinations;
 pub mod facts;
 mod kernel;
 pub mod leak;
@@ -49,7 +53,8 @@ use self::{
 pub use self::{
     backlog::Listening,
     facts::{
-        AcceptQueue, Anomaly, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side, Task, Via,
+        AcceptQueue, Anomaly, DestCount, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side,
+        Task, Via,
     },
     kernel::{Alive, Found, KernelSocket, Sweep, Swept},
     orphans::HostTcp,
@@ -149,6 +154,8 @@ pub struct Tracker {
     /// Births reported with their listener's tuple, whose record waits for the child's next
     /// event (see `on_unknown`). Keyed by kernel address, which no peer chooses.
     half_born: rustc_hash::FxHashMap<u64, Moved>,
+    /// Connections opened and closed per destination, for their rates.
+    flows: destinations::Flows,
     /// Sockets refused at birth because the table was full.
     refused: u64,
     /// An event was lost and no reconciliation has run since: the table
@@ -177,6 +184,7 @@ impl Tracker {
             unknown_netns: std::collections::HashSet::new(),
             orphans: HashMap::default(),
             next_key: 1,
+            flows: destinations::Flows::default(),
             refused: 0,
             incomplete: false,
             stats: Stats::new(),
@@ -226,6 +234,9 @@ impl Tracker {
                 _ => return self.on_unknown(t, out),
             },
         };
+        if t.new == TcpState::Close {
+            self.flows.count(e.dest(), t.ts_ns, false);
+        }
         let netns = if e.netns == 0 { t.netns } else { e.netns };
         let cgroup = if e.cgroup == 0 { t.cgroup } else { e.cgroup };
         let seen = e.state == t.old && e.has(flag::ENTRY_SEEN);
@@ -400,11 +411,17 @@ impl Tracker {
     fn create(&mut self, t: &Transition) {
         let owner = attribute(&mut self.comms, &self.listeners, t, t.netns, None);
         // Opened by connect(): its local port is an ephemeral one.
-        let active = if (t.old, t.new) == (TcpState::Close, TcpState::SynSent) {
-            flag::ACTIVE
-        } else {
-            0
+        let active = match (t.old, t.new) {
+            (TcpState::Close, TcpState::SynSent) => flag::ACTIVE,
+            // A listener's child, at its birth or first seen completing its handshake.
+            (TcpState::Listen | TcpState::SynRecv, _) => flag::ACCEPTED,
+            _ => 0,
         };
+        if matches!(t.old, TcpState::Close | TcpState::Listen) && active != 0 {
+            // Counted whether or not the table has room: a rate of births, not of entries.
+            let dest = destinations::Dest::of(&t.tuple, active == flag::ACCEPTED);
+            self.flows.count(dest, t.ts_ns, true);
+        }
         let mut e = Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN | active)
             .with_owner(owner);
         e.cgroup = t.cgroup;
@@ -651,6 +668,14 @@ impl Tracker {
             orphans: None,
             holder_cgroup: None,
             other_holders: Vec::new(),
+            destination: destinations::STATES
+                .contains(&e.state)
+                .then(|| {
+                    let dest = e.dest();
+                    let same_state = self.table.destinations().count(&dest, e.state);
+                    DestCount { dest, same_state }
+                })
+                .filter(|d| d.same_state > 0),
         }
     }
 }

@@ -183,6 +183,7 @@ fn anomaly(host: HostTcp, by_owner: Vec<(Task, u64)>, since_ns: u64, ts_ns: u64)
         orphans: Some(OrphanPressure { host, by_owner }),
         holder_cgroup: None,
         other_holders: Vec::new(),
+        destination: None,
     }
 }
 

@@ -256,6 +256,7 @@ fn anomaly(d: &Dest, c: &Count, info: &NetnsInfo, ts_ns: u64) -> Anomaly {
         orphans: None,
         holder_cgroup: None,
         other_holders: Vec::new(),
+        destination: None,
     }
 }
 

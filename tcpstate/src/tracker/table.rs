@@ -9,7 +9,11 @@
 
 use std::collections::HashMap;
 
-use super::{cgroups::ByCgroup, leak::LeakCounts};
+use super::{
+    cgroups::ByCgroup,
+    destinations::{Dest, Destinations, Holder},
+    leak::LeakCounts,
+};
 use crate::{
     socket::{Comm, Tuple},
     state::TcpState,
@@ -38,6 +42,9 @@ pub mod flag {
     pub const ACTIVE: u8 = 16;
     /// The owner is the process an owner check found holding the fd, in the current state.
     pub const VERIFIED: u8 = 32;
+    /// Came from a listener (or shares a listener's port, in the start-up snapshot): its
+    /// destination is the local port, not the remote end.
+    pub const ACCEPTED: u8 = 64;
 }
 
 const NO_OWNER: u32 = u32::MAX;
@@ -101,6 +108,20 @@ impl Entry {
         self.flags & f != 0
     }
 
+    /// Where the socket goes, as the per-destination counts name it.
+    pub fn dest(&self) -> Dest {
+        Dest::of(&self.tuple, self.has(flag::ACCEPTED))
+    }
+
+    /// Who the per-destination counts say holds it: an orphan's last owner, since that is
+    /// whom an operator asks about.
+    pub fn dest_holder(&self) -> Holder {
+        Holder {
+            cgroup: self.cgroup,
+            comm: self.owner().map_or(Holder::NONE, |o| o.comm),
+        }
+    }
+
     /// The owner the leak rule counts: a process that still holds it.
     fn holder(&self) -> Option<OwnerRef> {
         if self.has(flag::ORPHAN) {
@@ -126,6 +147,9 @@ pub struct Table {
     anomalies_open: [u64; TcpState::COUNT],
     leaks: LeakCounts,
     by_cgroup: ByCgroup,
+    /// Of the full sockets and FIN_WAIT2 mini-sockets here, and of the TIME_WAIT
+    /// mini-sockets the tracker books in (see `Tracker::enter_timewait`).
+    destinations: Destinations,
 }
 
 impl Table {
@@ -137,6 +161,7 @@ impl Table {
             anomalies_open: [0; TcpState::COUNT],
             leaks: LeakCounts::default(),
             by_cgroup: ByCgroup::default(),
+            destinations: Destinations::default(),
         }
     }
 
@@ -149,6 +174,8 @@ impl Table {
         }
         self.by_cgroup
             .account(e.cgroup, e.state, e.has(flag::ANOMALY_OPEN), add);
+        self.destinations
+            .account(e.dest(), e.dest_holder(), e.state, add);
         if add {
             self.leaks.enter(e.holder(), e.state);
         } else {
@@ -238,6 +265,15 @@ impl Table {
 
     pub fn by_cgroup(&self) -> &ByCgroup {
         &self.by_cgroup
+    }
+
+    pub fn destinations(&self) -> &Destinations {
+        &self.destinations
+    }
+
+    /// For the TIME_WAIT mini-sockets, which live in their own table.
+    pub fn destinations_mut(&mut self) -> &mut Destinations {
+        &mut self.destinations
     }
 
     pub fn leaks_mut(&mut self) -> &mut LeakCounts {

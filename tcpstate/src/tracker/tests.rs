@@ -763,6 +763,7 @@ mod model {
                     }
                 }
                 prop_assert_eq!(t.table.counts(), t.table.recount());
+                prop_assert_eq!(t.destinations().sum(), super::dest_recount(&t));
             }
         }
     }
@@ -803,6 +804,7 @@ mod model {
             facts.clear();
         }
         assert_eq!(t.table.counts(), t.table.recount());
+        assert_eq!(t.destinations().sum(), super::dest_recount(&t));
     }
 }
 
@@ -1269,4 +1271,283 @@ fn a_portless_connect_takes_its_port_from_the_dump() {
     }
     t.reconcile(7, &alive, 2 * S, 2 * S, &mut out);
     assert_eq!(t.table.get(CLIENT_SK).map(|e| e.tuple.sport), Some(0));
+}
+
+/// The per-destination counts recomputed from both tables: what the incremental ones must
+/// sum to, whatever the cap folded.
+fn dest_recount(t: &Tracker) -> destinations::Counts {
+    destinations::STATES.map(|st| {
+        let full = t.table.iter().filter(|(_, e)| e.state == st).count();
+        let mini = if st == TimeWait { t.timewait.len() } else { 0 };
+        (full + mini) as u32
+    })
+}
+
+/// `n` connections by `comm` from ports `first..` to 127.0.0.1:`dport`, whose peer closed.
+fn close_waits(t: &mut Tracker, (first, n): (u16, u16), dport: u16, comm: &str) {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let sk = 0xffff_0000_1000_0000 + u64::from(dport) * 0x10_0000 + u64::from(i) * 0x40;
+        let sport = first + i;
+        for e in [
+            at(sk, 0)
+                .go(Close, SynSent)
+                .ports(sport, dport)
+                .by(42, comm),
+            at(sk, MS).go(SynSent, Established).ports(sport, dport),
+            at(sk, 2 * MS)
+                .go(Established, CloseWait)
+                .ports(sport, dport),
+        ] {
+            t.on_transition(&e, &mut out);
+        }
+    }
+}
+
+#[test]
+fn destinations_name_the_upstream_and_its_holder() {
+    let mut t = tracker(1000);
+    close_waits(&mut t, (40000, 3), 6379, "worker");
+    close_waits(&mut t, (41000, 40), 5432, "payments");
+    let top: Vec<(String, String, TcpState, u32)> = t
+        .destinations()
+        .top_holders(10)
+        .into_iter()
+        .map(|(d, h, st, n)| (d.describe(), t.comm(h.comm).as_str().into_owned(), st, n))
+        .collect();
+    assert_eq!(
+        top,
+        [
+            (
+                "127.0.0.1:5432".to_owned(),
+                "payments".to_owned(),
+                CloseWait,
+                40
+            ),
+            (
+                "127.0.0.1:6379".to_owned(),
+                "worker".to_owned(),
+                CloseWait,
+                3
+            ),
+        ]
+    );
+    // The anomalies each carry their destination's count.
+    let mut out = Vec::new();
+    expire(&mut t, 3 * S, &mut out);
+    assert_eq!(out.len(), 43);
+    let mut seen: Vec<(String, u32)> = out
+        .iter()
+        .filter_map(|r| match r {
+            Record::Anomaly(a) => a
+                .destination
+                .as_ref()
+                .map(|d| (d.addr.clone(), d.same_state)),
+            _ => None,
+        })
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        [
+            ("127.0.0.1:5432".to_owned(), 40),
+            ("127.0.0.1:6379".to_owned(), 3)
+        ]
+    );
+    // The holder closes them: LAST_ACK, then gone; nothing stays behind.
+    for i in 0..40u64 {
+        let sk = 0xffff_0000_1000_0000 + 5432 * 0x10_0000 + i * 0x40;
+        let sport = 41000 + i as u16;
+        let mut facts = Vec::new();
+        t.on_transition(
+            &at(sk, 4 * S)
+                .go(CloseWait, LastAck)
+                .ports(sport, 5432)
+                .by(42, "payments"),
+            &mut facts,
+        );
+        t.on_transition(
+            &at(sk, 5 * S).go(LastAck, Close).ports(sport, 5432),
+            &mut facts,
+        );
+    }
+    let top = t.destinations().top_holders(10);
+    assert_eq!(top.len(), 1, "{top:?}");
+    assert_eq!(t.destinations().len(), 1);
+    assert_eq!(t.destinations().sum(), dest_recount(&t));
+}
+
+#[test]
+fn accepted_sockets_count_under_their_listening_port_and_time_wait_under_its_peer() {
+    let mut t = tracker(100);
+    let (_, _) = run(
+        &mut t,
+        &[
+            at(LISTEN_SK, 0)
+                .go(Close, Listen)
+                .ports(8080, 0)
+                .by(7, "server"),
+            at(SERVER_SK, MS).go(Listen, SynRecv).ports(8080, 5000),
+            at(SERVER_SK, 2 * MS)
+                .go(SynRecv, Established)
+                .ports(8080, 5000),
+            at(SERVER_SK, 3 * MS)
+                .go(Established, CloseWait)
+                .ports(8080, 5000),
+            // A client of ours closes first: its TIME_WAIT counts under where it went.
+            at(CLIENT_SK, 0)
+                .go(Close, SynSent)
+                .ports(40000, 443)
+                .by(9, "curl"),
+            at(CLIENT_SK, MS).go(SynSent, Established).ports(40000, 443),
+            at(CLIENT_SK, 2 * MS)
+                .go(Established, FinWait1)
+                .ports(40000, 443)
+                .by(9, "curl"),
+            at(CLIENT_SK, 3 * MS)
+                .go(FinWait1, FinWait2)
+                .ports(40000, 443),
+        ],
+    );
+    let mut end = at(CLIENT_SK, 4 * MS).go(FinWait2, Close).ports(40000, 443);
+    end.ending = Ending::TimeWait;
+    t.on_transition(&end, &mut Vec::new());
+    let top: Vec<(String, TcpState, u32)> = t
+        .destinations()
+        .top_holders(10)
+        .into_iter()
+        .map(|(d, _, st, n)| (d.describe(), st, n))
+        .collect();
+    // Equal counts: outbound destinations first.
+    assert_eq!(
+        top,
+        [
+            ("127.0.0.1:443".to_owned(), TimeWait, 1),
+            ("inbound to :8080".to_owned(), CloseWait, 1),
+        ]
+    );
+    assert_eq!(t.destinations().sum(), dest_recount(&t));
+}
+
+#[test]
+fn a_scan_of_thousands_of_destinations_stays_within_the_cap() {
+    let n = destinations::MAX_DESTINATIONS + 2000;
+    let mut t = tracker(n + 10);
+    let mut out = Vec::new();
+    for i in 0..n as u64 {
+        let port = (i % 60_000) as u16 + 1;
+        let e = at(0xffff_0000_2000_0000 + i * 0x40, i)
+            .go(Close, SynSent)
+            .ports(40000, port)
+            .by(3, "scanner");
+        t.on_transition(&e, &mut out);
+    }
+    assert_eq!(t.destinations().len(), destinations::MAX_DESTINATIONS);
+    let (top, rest) = t.destinations().top(20);
+    assert_eq!(top.len(), 20);
+    assert_eq!(rest[0] as usize, n - 20, "SYN_SENT past the top 20 summed");
+    assert_eq!(t.destinations().sum(), dest_recount(&t));
+    for i in 0..n as u64 {
+        let port = (i % 60_000) as u16 + 1;
+        let e = at(0xffff_0000_2000_0000 + i * 0x40, S)
+            .go(SynSent, Close)
+            .ports(40000, port);
+        t.on_transition(&e, &mut out);
+    }
+    assert!(t.destinations().is_empty());
+    assert_eq!(t.destinations().other(), &destinations::Counts::default());
+}
+
+#[test]
+fn ages_are_bucketed_per_state_at_the_time_asked() {
+    let mut t = tracker(100);
+    close_waits(&mut t, (40000, 3), 5432, "app");
+    let ages = t.ages(3601 * S);
+    let cw = ages.iter().find(|a| a.state == CloseWait).expect("listed");
+    // 3601 s old: past the 1 h bucket, within 2 h.
+    let i = ages::BUCKETS
+        .iter()
+        .position(|&le| le == 7200.0)
+        .expect("bucket");
+    assert_eq!(cw.counts[i], 3);
+    assert_eq!(cw.count(), 3);
+    let buckets = cw.buckets();
+    assert_eq!(buckets[i - 1], (3600.0, 0));
+    assert_eq!(buckets[i], (7200.0, 3));
+    assert_eq!(buckets[ages::BUCKETS.len() - 1], (14400.0, 0));
+    assert_eq!(buckets.last(), Some(&(f64::INFINITY, 0)));
+    assert!((cw.sum_s - 3.0 * 3600.998).abs() < 0.01, "{}", cw.sum_s);
+    let sw = ages.iter().find(|a| a.state == SynSent).expect("listed");
+    assert_eq!(sw.count(), 0);
+}
+
+#[test]
+fn snapshot_sockets_on_a_listening_port_count_as_inbound() {
+    let mut t = tracker(100);
+    t.seed(
+        [
+            kernel_socket(7, Listen, 8080, 0),
+            kernel_socket(7, CloseWait, 8080, 5000),
+            kernel_socket(7, CloseWait, 40000, 443),
+            // A server's TIME_WAIT holds its listening port; a client's, an ephemeral one.
+            kernel_socket(7, TimeWait, 8080, 5001),
+            kernel_socket(7, TimeWait, 40001, 443),
+        ],
+        10 * S,
+        &mut Vec::new(),
+    );
+    let mut top: Vec<(String, TcpState, u32)> = t
+        .destinations()
+        .top_holders(10)
+        .into_iter()
+        .map(|(d, _, st, n)| (d.describe(), st, n))
+        .collect();
+    top.sort_by_key(|(d, st, _)| (d.clone(), *st as u8));
+    assert_eq!(
+        top,
+        [
+            ("127.0.0.1:443".to_owned(), TimeWait, 1),
+            ("127.0.0.1:443".to_owned(), CloseWait, 1),
+            ("inbound to :8080".to_owned(), TimeWait, 1),
+            ("inbound to :8080".to_owned(), CloseWait, 1),
+        ]
+    );
+    assert_eq!(t.destinations().sum(), dest_recount(&t));
+}
+
+#[test]
+fn connections_opened_and_closed_per_destination_are_a_rate() {
+    let w = destinations::FLOW_WINDOW_NS;
+    let mut t = tracker(1000);
+    let mut out = Vec::new();
+    // 200 short connections to :5432 in one window, closed first by us: 20/s each way.
+    for i in 0..200u64 {
+        let sk = 0xffff_0000_3000_0000 + i * 0x40;
+        let ts = w + i * 10 * MS;
+        let sport = 40000 + i as u16;
+        let mut end = at(sk, ts + 3 * MS).go(FinWait2, Close).ports(sport, 5432);
+        end.ending = Ending::TimeWait;
+        for e in [
+            at(sk, ts)
+                .go(Close, SynSent)
+                .ports(sport, 5432)
+                .by(5, "proxy"),
+            at(sk, ts + MS).go(SynSent, Established).ports(sport, 5432),
+            at(sk, ts + 2 * MS)
+                .go(Established, FinWait1)
+                .ports(sport, 5432)
+                .by(5, "proxy"),
+            at(sk, ts + 2 * MS)
+                .go(FinWait1, FinWait2)
+                .ports(sport, 5432),
+            end,
+        ] {
+            t.on_transition(&e, &mut out);
+        }
+    }
+    let lo = "127.0.0.1".parse().expect("addr");
+    let dest = destinations::Dest::of(&Tuple::new(lo, 1, lo, 5432), false);
+    assert_eq!(t.flow_rate(&dest, 2 * w + MS), (20.0, 20.0));
+    assert_eq!(t.destinations().count(&dest, TimeWait), 200);
 }

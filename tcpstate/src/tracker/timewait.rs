@@ -23,6 +23,13 @@ pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 /// time is an estimate from the kernel's timer.
 const ESTIMATED: u64 = 1 << 63;
 
+/// The next bit: the connection was opened by connect() (its destination is the remote end;
+/// else the local listening port). Kept from the first insert of a tuple, so the socket
+/// leaves the destination it was counted under.
+const ACTIVE: u64 = 1 << 62;
+
+const FLAGS: u64 = ESTIMATED | ACTIVE;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct V4 {
     netns: u32,
@@ -106,6 +113,8 @@ pub struct TimeWaitSocket {
     pub since_ns: u64,
     /// `since_ns` is estimated (a socket that predates the daemon).
     pub estimated: bool,
+    /// Opened by connect().
+    pub active: bool,
 }
 
 #[derive(Debug)]
@@ -142,10 +151,18 @@ impl TimeWaitTable {
         self.refused
     }
 
-    /// Adds a mini-socket. Re-adding the same tuple replaces it (the kernel
-    /// has one per tuple).
-    pub fn insert(&mut self, netns: u32, t: &Tuple, since_ns: u64, estimated: bool) -> Insert {
-        let stamp = (since_ns & !ESTIMATED) | if estimated { ESTIMATED } else { 0 };
+    /// Adds a mini-socket; `active`: opened by connect(). Re-adding the same tuple replaces
+    /// it (the kernel has one per tuple).
+    pub fn insert(
+        &mut self,
+        netns: u32,
+        t: &Tuple,
+        since_ns: u64,
+        (estimated, active): (bool, bool),
+    ) -> Insert {
+        let stamp = (since_ns & !FLAGS)
+            | if estimated { ESTIMATED } else { 0 }
+            | if active { ACTIVE } else { 0 };
         let full = self.len() >= self.capacity;
         let r = match t.family {
             Family::V4 => put(&mut self.v4, v4(netns, t), stamp, full),
@@ -200,8 +217,8 @@ impl TimeWaitTable {
             return Vec::new();
         }
         let stamps = self.v4.values().chain(self.v6.values());
-        self.oldest = stamps.map(|s| s & !ESTIMATED).min().unwrap_or(u64::MAX);
-        let is_due = |stamp: u64| stamp & !ESTIMATED <= limit;
+        self.oldest = stamps.map(|s| s & !FLAGS).min().unwrap_or(u64::MAX);
+        let is_due = |stamp: u64| stamp & !FLAGS <= limit;
         let mut v: Vec<TimeWaitSocket> = self
             .v4
             .iter()
@@ -245,7 +262,8 @@ fn put<K: std::hash::Hash + Eq>(
     use std::collections::hash_map::Entry;
     match m.entry(k) {
         Entry::Occupied(mut o) => {
-            o.insert(stamp);
+            let active = *o.get() & ACTIVE;
+            o.insert((stamp & !ACTIVE) | active);
             Insert::Replaced
         }
         Entry::Vacant(_) if full => Insert::Full,
@@ -260,8 +278,9 @@ fn socket(netns: u32, tuple: Tuple, stamp: u64) -> TimeWaitSocket {
     TimeWaitSocket {
         netns,
         tuple,
-        since_ns: stamp & !ESTIMATED,
+        since_ns: stamp & !FLAGS,
         estimated: stamp & ESTIMATED != 0,
+        active: stamp & ACTIVE != 0,
     }
 }
 
@@ -277,11 +296,20 @@ mod tests {
     #[test]
     fn both_families_round_trip_and_are_bounded() {
         let mut tw = TimeWaitTable::new(2);
-        assert_eq!(tw.insert(7, &tuple("10.0.0.1", 1), 5, false), Insert::New);
-        assert_eq!(tw.insert(7, &tuple("fd00::1", 2), 6, true), Insert::New);
-        assert_eq!(tw.insert(7, &tuple("10.0.0.1", 3), 7, false), Insert::Full);
         assert_eq!(
-            tw.insert(7, &tuple("10.0.0.1", 1), 8, false),
+            tw.insert(7, &tuple("10.0.0.1", 1), 5, (false, true)),
+            Insert::New
+        );
+        assert_eq!(
+            tw.insert(7, &tuple("fd00::1", 2), 6, (true, false)),
+            Insert::New
+        );
+        assert_eq!(
+            tw.insert(7, &tuple("10.0.0.1", 3), 7, (false, false)),
+            Insert::Full
+        );
+        assert_eq!(
+            tw.insert(7, &tuple("10.0.0.1", 1), 8, (false, false)),
             Insert::Replaced
         );
         assert_eq!(tw.len(), 2);
@@ -290,15 +318,16 @@ mod tests {
         assert_eq!(tw.get(8, &tuple("fd00::1", 2)), None, "other netns");
         let s = tw.remove(7, &tuple("10.0.0.1", 1)).expect("v4");
         assert_eq!(s.since_ns, 8);
+        assert!(s.active, "a replacement keeps the first insert's direction");
         assert_eq!(s.tuple, tuple("10.0.0.1", 1));
     }
 
     #[test]
     fn due_lists_expired_oldest_first() {
         let mut tw = TimeWaitTable::new(10);
-        tw.insert(7, &tuple("10.0.0.1", 2), 20, false);
-        tw.insert(7, &tuple("10.0.0.1", 1), 10, false);
-        tw.insert(7, &tuple("10.0.0.1", 3), 30, false);
+        tw.insert(7, &tuple("10.0.0.1", 2), 20, (false, false));
+        tw.insert(7, &tuple("10.0.0.1", 1), 10, (false, false));
+        tw.insert(7, &tuple("10.0.0.1", 3), 30, (false, false));
         let due = tw.due(TIMEWAIT_LEN_NS + 25);
         assert_eq!(
             due.iter().map(|s| s.tuple.sport).collect::<Vec<_>>(),

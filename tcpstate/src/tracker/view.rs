@@ -152,6 +152,17 @@ impl Tracker {
         self.table.get(sk).map_or(0, |e| e.cgroup)
     }
 
+    /// Sockets per destination and holder.
+    pub fn destinations(&self) -> &super::destinations::Destinations {
+        self.table.destinations()
+    }
+
+    /// Connections to `dest` opened and closed per second, over the last whole window
+    /// before `now_ns`.
+    pub fn flow_rate(&self, dest: &super::destinations::Dest, now_ns: u64) -> (f64, f64) {
+        self.flows.rate(dest, now_ns)
+    }
+
     /// Top owners of lingering sockets: (task, state, count).
     pub fn top_owners(&self, n: usize) -> Vec<(Task, TcpState, u64)> {
         self.table

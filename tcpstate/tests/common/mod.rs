@@ -15,6 +15,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod cgroups;
+
 /// BPF tests need root. They fail loudly rather than pass by skipping,
 /// unless TCPSTATE_SKIP_BPF_TESTS=1 opts out on purpose.
 pub fn require_bpf() -> bool {

@@ -1,0 +1,308 @@
+//! "Which upstream?": sockets counted per destination and holder, from real connections in a
+//! namespace this test makes, as `status` (JSON and text), `/metrics` and the anomaly records
+//! say them; and a scan of thousands of destinations, which must not grow the series or the
+//! daemon's map past their caps.
+
+mod common;
+
+use std::{
+    net::TcpListener,
+    os::fd::{FromRawFd as _, OwnedFd},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use common::{
+    Daemon, Netns,
+    cgroups::{Cgroups, holder_in},
+    free_port, http_get, ip, port, require_bpf, veth_pair,
+};
+use serde_json::Value;
+
+/// A process in cgroup `unit` (under the test's own subtree) and namespace `ns` that opens
+/// `n` connections to each 127.0.0.1:port of `to` and holds them all.
+fn holder(cgs: &mut Cgroups, unit: &str, ns: &Netns, to: &[(u16, u32)]) -> Child {
+    let (dir, _) = cgs.make(unit);
+    let opens: Vec<String> = to
+        .iter()
+        .map(|(p, n)| {
+            format!("for i in $(seq {n}); do exec {{fd}}<>/dev/tcp/127.0.0.1/{p} || exit 1; done")
+        })
+        .collect();
+    holder_in(&dir, ns, &opens.join(" && "))
+}
+
+/// Polls `/status` until `done` says yes; the last answer.
+fn status_until(mport: u16, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body = http_get(mport, "/status");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `/metrics` lines of one family's samples.
+fn samples<'a>(metrics: &'a str, family: &str) -> Vec<&'a str> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .collect()
+}
+
+/// 40 CLOSE_WAIT sockets to one upstream and 3 to another, all held by one process in
+/// `payments-api.service`: status puts them in that order with exact counts, in those words,
+/// `/metrics` has both series, and each anomaly says how many share its destination.
+#[test]
+fn close_wait_piles_are_named_by_destination_and_holder() {
+    if !require_bpf() {
+        return;
+    }
+    let mut cgs = Cgroups::new();
+    let ns = Netns::new();
+    let (big, small) = (port(19000), port(19600));
+    let mport = free_port();
+    let netns = format!("/run/netns/{}", ns.name);
+    let mut daemon = Daemon::start(&[
+        "--netns",
+        &netns,
+        "--threshold",
+        "close_wait=1s",
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let listeners =
+        ns.run(move || [big, small].map(|p| TcpListener::bind(("127.0.0.1", p)).expect("bind")));
+    let client = holder(
+        &mut cgs,
+        "system.slice/payments-api.service",
+        &ns,
+        &[(big, 40), (small, 3)],
+    );
+    // The server closes its ends: the client, which never will, sits in CLOSE_WAIT.
+    for (l, n) in listeners.iter().zip([40, 3]) {
+        for _ in 0..n {
+            drop(l.accept().expect("accept"));
+        }
+    }
+    let close_waits = |v: &Value| -> Vec<(String, String, String, u64)> {
+        v["top_destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["state"] == "CLOSE_WAIT")
+            .map(|d| {
+                (
+                    d["holder"].as_str().unwrap_or("?").to_owned(),
+                    d["destination"].as_str().unwrap_or("?").to_owned(),
+                    d["direction"].as_str().unwrap_or("?").to_owned(),
+                    d["count"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let status = status_until(mport, "43 CLOSE_WAIT", |v| {
+        close_waits(v).iter().map(|d| d.3).sum::<u64>() == 43
+    });
+    let unit = "payments-api.service".to_owned();
+    assert_eq!(
+        close_waits(&status),
+        [
+            (
+                unit.clone(),
+                format!("127.0.0.1:{big}"),
+                "outbound".to_owned(),
+                40
+            ),
+            (unit, format!("127.0.0.1:{small}"), "outbound".to_owned(), 3),
+        ],
+        "{status:#}"
+    );
+    let metrics = http_get(mport, "/metrics");
+    let text = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["status", "--addr", &format!("127.0.0.1:{mport}")])
+        .output()
+        .expect("tcpstate status");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    let raised = daemon.wait_for(Duration::from_secs(10), |r| {
+        r["type"] == "anomaly" && r["kind"] == "close_wait" && r["dport"] == big
+    });
+    let mut c = client;
+    let _ = c.kill();
+    let _ = c.wait();
+    daemon.stop();
+
+    for (p, n) in [(big, 40), (small, 3)] {
+        let line = format!(
+            r#"tcpstate_destination_sockets{{state="CLOSE_WAIT",destination="127.0.0.1:{p}",direction="outbound"}} {n}"#
+        );
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+    assert!(
+        samples(&metrics, "tcpstate_socket_age_seconds_count")
+            .iter()
+            .any(
+                |l| l.starts_with(r#"tcpstate_socket_age_seconds_count{state="CLOSE_WAIT"}"#)
+                    && l.ends_with(" 43")
+            ),
+        "{metrics}"
+    );
+    eprintln!("tcpstate status:\n{text}");
+    eprintln!(
+        "/metrics:\n{}",
+        samples(&metrics, "tcpstate_destination_sockets").join("\n")
+    );
+    let said = format!("payments-api.service holds 40 CLOSE_WAIT to 127.0.0.1:{big}");
+    assert!(text.contains(&said), "{said} in {text}");
+    let raised = raised.expect("a close_wait anomaly to the big upstream");
+    eprintln!("anomaly: {raised}");
+    assert_eq!(
+        raised["destination"],
+        serde_json::json!({
+            "addr": format!("127.0.0.1:{big}"),
+            "direction": "outbound",
+            "same_state": 40,
+        }),
+        "{raised:#}"
+    );
+}
+
+/// Raises this process's open-file limit to at least `n` (a scan holds that many sockets).
+fn allow_fds(n: u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
+    assert!(
+        r.rlim_max >= n,
+        "RLIMIT_NOFILE hard limit {} < {n}",
+        r.rlim_max
+    );
+    r.rlim_cur = r.rlim_cur.max(n);
+    // SAFETY: a valid rlimit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) }, 0);
+}
+
+/// A non-blocking connect to 10.9.`a`.`b`:80, left in SYN_SENT (its SYN is dropped).
+fn syn_sent(a: u8, b: u8) -> OwnedFd {
+    // SAFETY: plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 80u16.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_be_bytes([10, 9, a, b]).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid sockaddr_in of its size.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&raw const sin).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    assert!(
+        rc == -1 && e.raw_os_error() == Some(libc::EINPROGRESS),
+        "connect: {e}"
+    );
+    owned
+}
+
+/// 5,000 connections to 5,000 distinct destinations: /metrics keeps --metrics-top-destinations
+/// of them plus `other`, whose sum is every socket, and the daemon names at most 4096.
+#[test]
+fn a_scan_of_thousands_of_destinations_stays_within_the_caps() {
+    if !require_bpf() {
+        return;
+    }
+    const N: u16 = 5000;
+    const K: usize = 20;
+    allow_fds(u64::from(N) + 256);
+    let ns = Netns::new();
+    // The peer routes 10.9/16 into a blackhole, which drops without a word (no ICMP): every
+    // SYN is lost and every connect stays in SYN_SENT.
+    let peer = Netns::new();
+    veth_pair(&ns, &peer, "sc", "10.8.0");
+    ip(&[
+        "-n",
+        &ns.name,
+        "route",
+        "add",
+        "10.9.0.0/16",
+        "via",
+        "10.8.0.2",
+    ]);
+    ip(&["-n", &peer.name, "route", "add", "blackhole", "10.9.0.0/16"]);
+    let st = peer
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()
+        .expect("sysctl");
+    assert!(st.success(), "sysctl ip_forward: {st}");
+    let mport = free_port();
+    let netns = format!("/run/netns/{}", ns.name);
+    let _daemon = Daemon::start(&[
+        "--netns",
+        &netns,
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+        "--metrics-top-destinations",
+        &K.to_string(),
+    ]);
+    let socks = ns.run(move || {
+        (0..N)
+            .map(|i| syn_sent((i / 250 + 1) as u8, (i % 250 + 2) as u8))
+            .collect::<Vec<OwnedFd>>()
+    });
+    let status = status_until(mport, "5000 SYN_SENT", |v| {
+        v["sockets"]["SYN_SENT"].as_u64() == Some(u64::from(N))
+    });
+    let metrics = http_get(mport, "/metrics");
+    drop(socks);
+
+    let series = samples(&metrics, "tcpstate_destination_sockets");
+    let destinations: std::collections::BTreeSet<&str> = series
+        .iter()
+        .filter_map(|l| l.split("destination=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        destinations.len() <= K + 1,
+        "{} series: {series:#?}",
+        series.len()
+    );
+    assert!(destinations.contains("other"), "{series:#?}");
+    let sum: u64 = series
+        .iter()
+        .filter(|l| l.contains(r#"state="SYN_SENT""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(sum, u64::from(N), "{series:#?}");
+    assert!(
+        metrics.lines().any(|l| l == "tcpstate_destinations 4096"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("tcpstate_destinations "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(status["destinations"]["tracked"], 4096, "{status:#}");
+    assert_eq!(status["destinations"]["cap"], 4096);
+    assert_eq!(
+        status["destinations"]["other"]["SYN_SENT"],
+        u64::from(N) - 4096,
+        "{status:#}"
+    );
+}
