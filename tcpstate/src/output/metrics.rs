@@ -123,10 +123,20 @@ pub fn render(
                 if h.is_empty() {
                     return None;
                 }
-                let buckets = BUCKETS
+                // prometheus-client sums the buckets it is given: per-bucket counts, then
+                // what lies above the last bound as +Inf (running totals here were summed
+                // twice, and a bucket could exceed _count).
+                let mut below = 0;
+                let mut buckets: Vec<(f64, u64)> = BUCKETS
                     .iter()
-                    .map(|&le| (le, h.count_between(0, (le * 1e6) as u64)))
+                    .map(|&le| {
+                        let upto = h.count_between(0, (le * 1e6) as u64).min(h.len());
+                        let n = upto.saturating_sub(below);
+                        below = below.max(upto);
+                        (le, n)
+                    })
                     .collect();
+                buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
                 let sum = h.mean() * h.len() as f64 / 1e6;
                 Some((s.name(), sum, h.len(), buckets))
             })
@@ -711,6 +721,71 @@ mod tests {
             netns: 7,
         };
         tracker.on_transition(&t, &mut Vec::new());
+    }
+
+    #[test]
+    fn state_durations_are_cumulative_once_and_end_at_inf() {
+        let mut tracker = Tracker::new(Config {
+            capacity: 1000,
+            timewait_capacity: 16,
+            thresholds: Thresholds::none(),
+            leak_threshold: 2,
+            pressure: None,
+            accept_queue_full: None,
+            orphan_pressure: None,
+        });
+        let s = 1_000_000_000;
+        // SYN_SENT for 0.2 s, 2 s and 2 h (past the last bound).
+        for (i, lived) in [s / 5, 2 * s, 7200 * s].into_iter().enumerate() {
+            let sk = 0xffff_0000_0000_0000_u64 + 0x40 * (i as u64 + 1);
+            connect(&mut tracker, sk, 443, 0);
+            tracker.on_transition(&established(sk, lived), &mut Vec::new());
+        }
+        let text = render(
+            &tracker,
+            Counters::default(),
+            (vec![], 2, 0),
+            &[],
+            crate::program::BpfCosts::default(),
+        );
+        for (le, n) in [
+            ("0.1", 0),
+            ("0.5", 1),
+            ("1.0", 1),
+            ("5.0", 2),
+            ("3600.0", 2),
+            ("+Inf", 3),
+        ] {
+            let line = format!(
+                r#"tcpstate_state_duration_seconds_bucket{{le="{le}",state="SYN_SENT"}} {n}"#
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(
+            text.contains(r#"tcpstate_state_duration_seconds_count{state="SYN_SENT"} 3"#),
+            "{text}"
+        );
+    }
+
+    /// The connect of [`connect`] completing at `ts_ns`.
+    fn established(sk: u64, ts_ns: u64) -> crate::decode::Transition {
+        crate::decode::Transition {
+            cgroup: 0,
+            ts_ns,
+            sk,
+            tuple: crate::socket::Tuple::new(
+                "127.0.0.1".parse().expect("addr"),
+                40000,
+                "10.0.3.7".parse().expect("addr"),
+                443,
+            ),
+            old: TcpState::SynSent,
+            new: TcpState::Established,
+            ending: crate::decode::Ending::Closed { errno: 0 },
+            pid: 1,
+            comm: crate::socket::Comm::new("client"),
+            netns: 0,
+        }
     }
 
     #[test]
