@@ -79,7 +79,7 @@ pub fn run(tcpstate: &Path, netns: &Netns, dir: &Path, conns: u64) -> Result<Mem
     eprintln!("bench: memory run: starting {command}");
     let mut child = ChildGuard::spawn(&mut cmd)?;
     let pid = child.pid();
-    let before = wait_for_status(&mut child, addr)?;
+    let before = wait_for_status_of(&mut child, addr)?;
     let rss_before = procstat::status_kib(pid, "VmRSS:")?;
     let tracked_before = field(&before, "tracked")?;
     let table_before = field(&before, "table_bytes")?;
@@ -211,7 +211,7 @@ fn setrlimit(limit: &libc::rlimit) -> io::Result<()> {
     Ok(())
 }
 
-fn free_loopback_port() -> Result<SocketAddr> {
+pub(super) fn free_loopback_port() -> Result<SocketAddr> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .context("cannot bind 127.0.0.1:0 to find a free port")?;
     Ok(listener.local_addr()?)
@@ -240,7 +240,10 @@ fn hold(netns: &Netns, port: u16, pairs: u64) -> Result<(TcpListener, Vec<TcpStr
     Ok((listener, streams))
 }
 
-fn wait_for_status(child: &mut ChildGuard, addr: SocketAddr) -> Result<serde_json::Value> {
+pub(super) fn wait_for_status_of(
+    child: &mut ChildGuard,
+    addr: SocketAddr,
+) -> Result<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         interrupt::check()?;
@@ -305,7 +308,7 @@ fn get_status(addr: SocketAddr) -> Result<serde_json::Value> {
     serde_json::from_str(body).with_context(|| format!("http://{addr}/status: body is not JSON"))
 }
 
-fn field(status: &serde_json::Value, key: &str) -> Result<u64> {
+pub(super) fn field(status: &serde_json::Value, key: &str) -> Result<u64> {
     status
         .get(key)
         .and_then(serde_json::Value::as_u64)

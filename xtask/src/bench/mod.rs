@@ -21,6 +21,7 @@ mod report;
 mod sysctl;
 mod timewait;
 mod tracer;
+mod twmem;
 
 use std::fs;
 use std::io::{self, Write as _};
@@ -61,6 +62,10 @@ pub struct BenchArgs {
     /// Skip the memory run.
     #[arg(long)]
     skip_memory: bool,
+    /// TIME_WAIT sockets made for the TIME_WAIT memory run (peak RSS while the daemon seeds
+    /// them and reconciles with full dumps, against its table's size); 0 skips it.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(0..=4_000_000))]
+    timewait_memory: u64,
     /// Skip the TIME_WAIT run (hundreds of thousands of TIME_WAIT sockets, this build
     /// against --baseline).
     #[arg(long)]
@@ -161,6 +166,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     };
 
     interrupt::check()?;
+    let timewait_memory = if args.timewait_memory == 0 {
+        None
+    } else {
+        Some(twmem::run(
+            &tools.tcpstate,
+            &work.path,
+            args.timewait_memory,
+        )?)
+    };
+
+    interrupt::check()?;
     let timewait = if args.skip_timewait {
         None
     } else {
@@ -193,6 +209,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         tracers: results,
         memory,
         timewait,
+        timewait_memory,
     };
     let markdown = report::markdown(&report);
     let json = serde_json::to_string_pretty(&report).context("cannot serialise the report")?;

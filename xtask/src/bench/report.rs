@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::memory::MemoryResult;
 use super::timewait::TimewaitResult;
+use super::twmem::TwMemResult;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -13,6 +14,7 @@ pub struct Report {
     pub tracers: Vec<TracerResult>,
     pub memory: Option<MemoryResult>,
     pub timewait: Option<TimewaitResult>,
+    pub timewait_memory: Option<TwMemResult>,
     /// tcpstate's program against the floor row, and against the committed baseline.
     pub floor: Option<FloorSummary>,
     pub notes: Vec<String>,
@@ -280,6 +282,9 @@ pub fn markdown(report: &Report) -> String {
     }
     if let Some(tw) = &report.timewait {
         timewait_markdown(&mut md, tw);
+    }
+    if let Some(twm) = &report.timewait_memory {
+        md.push_str(&twm.markdown());
     }
     md
 }
