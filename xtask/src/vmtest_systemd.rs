@@ -33,7 +33,8 @@ use crate::cmd::{euid, run, show, step};
 use crate::vmtest::{self, Kernel, secs};
 
 /// What the guest's root holds beyond minbase: systemd as init, and the tools the check
-/// script runs (ss, python3 for traffic and JSON, modprobe for the diag modules).
+/// script runs (ss, python3 for traffic and JSON, modprobe for the diag modules, logrotate
+/// for packaging/logrotate.conf).
 const PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
@@ -43,6 +44,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
     "python3",
+    "logrotate",
 ];
 const SUITE: &str = "bookworm";
 
@@ -57,11 +59,15 @@ const CHECKS: &[&str] = &[
     "ebpf_loaded",
     "transitions",
     "owner_other_unit",
+    "owner_other_netns",
     "clients",
     "journald",
     "reload",
+    "logrotate",
     "restart_after_kill9",
     "stop",
+    "usage_error_not_restarted",
+    "start_failures_give_up",
 ];
 
 #[derive(clap::Args)]
@@ -264,9 +270,15 @@ fn guest_root(dir: &Path, base: &Path, kernel: &Kernel, binary: &Path) -> Result
             .arg(root.join(to)))
     };
     install(binary, "usr/local/bin/tcpstate", "0755")?;
+    let packaging = crate::cmd::workspace_root().join("packaging");
     install(
-        &crate::cmd::workspace_root().join("packaging/tcpstate.service"),
+        &packaging.join("tcpstate.service"),
         "etc/systemd/system/tcpstate.service",
+        "0644",
+    )?;
+    install(
+        &packaging.join("logrotate.conf"),
+        "etc/logrotate.d/tcpstate",
         "0644",
     )?;
     let script = root.join("root/check.sh");

@@ -60,8 +60,9 @@ say_env "kernel $(uname -r); $(systemctl --version | head -1); system state $(sy
 modprobe inet_diag; modprobe tcp_diag
 
 # 0. systemd's own lint of the unit as shipped.
-v=$(systemd-analyze verify /etc/systemd/system/tcpstate.service 2>&1)
-check unit_verify $([ -z "$v" ] && echo 0 || echo 1) "systemd-analyze verify: ${v:-no warnings}"
+# --man=no: the guest has no man-db to resolve Documentation=man:tcpstate(1) with.
+v=$(systemd-analyze verify --man=no /etc/systemd/system/tcpstate.service 2>&1)
+check unit_verify $([ -z "$v" ] && echo 0 || echo 1) "systemd-analyze verify --man=no: ${v:-no warnings}"
 
 # 1. Type=notify: start returns once the daemon said READY=1, which it sends after the
 # `started` record is written. So the record must be in the log the moment start returns.
@@ -117,37 +118,50 @@ else
     check transitions 1 "no TIME_WAIT transition for :47001 within 20 s; log has $(wc -l <"$LOG") lines; last: $(tail -2 "$LOG")"
 fi
 
-# 5. Reading /proc of another unit's processes: a CLOSE_WAIT socket held by a process of a
+# 5. Reading /proc of other units' processes: a CLOSE_WAIT socket held by a process of a
 # transient service (python3) is reported past its 60 s threshold with owner_source fd and
-# that process's pid.
-systemd-run --unit=sdtest-holder.service --quiet python3 -c '
-import socket, time
+# that process's pid. A second holder runs with PrivateNetwork=yes: its socket is in another
+# network namespace, so the anomaly's vitals (sock_diag) need setns() into it, which
+# RestrictNamespaces=net and CAP_SYS_ADMIN must allow.
+HOLDER='
+import socket, sys
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 47002)); srv.listen(8)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(8)
 held = []
 while True:
     a, _ = srv.accept(); held.append(a)
 '
-for i in $(seq 1 40); do ss -Hltn 'sport = :47002' | grep -q . && break; sleep 0.5; done
+systemd-run --unit=sdtest-holder.service --quiet python3 -c "$HOLDER" 47002
+systemd-run --unit=sdtest-netns-holder.service -p PrivateNetwork=yes --quiet python3 -c "$HOLDER" 47004
 HPID=$(prop sdtest-holder MainPID)
-python3 -c 'import socket; socket.create_connection(("127.0.0.1", 47002)).close()'
-if ev=$(wait_for 150 'r["type"]=="anomaly" and r["state"]=="CLOSE_WAIT" and r["sport"]==47002'); then
-    got=$(echo "$ev" | python3 -c '
+NPID=$(prop sdtest-netns-holder MainPID)
+for i in $(seq 1 40); do ss -Hltn 'sport = :47002' | grep -q . && break; sleep 0.5; done
+for i in $(seq 1 40); do nsenter -t "$NPID" -n ss -Hltn 'sport = :47004' | grep -q . && break; sleep 0.5; done
+CONNECT='import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1]))).close()'
+python3 -c "$CONNECT" 47002
+nsenter -t "$NPID" -n python3 -c "$CONNECT" 47004
+SUMMARY='
 import json,sys
 r=json.loads(sys.stdin.read())
-print(r.get("pid"), r.get("comm"), r.get("owner_source"), r.get("unit"), r.get("holder_cgroup"))')
-    set -- $got
-    ok=$([ "$1" = "$HPID" ] && [ "$3" = fd ] && echo 0 || echo 1)
-    check owner_other_unit "$ok" "holder sdtest-holder.service MainPID $HPID; CLOSE_WAIT anomaly after $(echo "$ev" | python3 -c 'import json,sys; print(round(json.loads(sys.stdin.read())["age_ms"]/1000))') s names pid $1 comm $2 owner_source $3 unit $4 holder_cgroup $5"
-else
-    check owner_other_unit 1 "no CLOSE_WAIT anomaly for :47002 within 150 s (holder pid $HPID, ss: $(ss -Htn 'sport = :47002' | head -2))"
-fi
+print(r.get("pid"), r.get("comm"), r.get("owner_source"), r.get("unit"), r.get("netns"), "yes" if r.get("vitals") else "no", round(r["age_ms"]/1000))'
+for what in "47002 $HPID sdtest-holder owner_other_unit" "47004 $NPID sdtest-netns-holder owner_other_netns"; do
+    set -- $what
+    port=$1 pid=$2 unit=$3 name=$4
+    if ev=$(wait_for 150 "r[\"type\"]==\"anomaly\" and r[\"state\"]==\"CLOSE_WAIT\" and r[\"sport\"]==$port"); then
+        set -- $(echo "$ev" | python3 -c "$SUMMARY")
+        ok=$([ "$1" = "$pid" ] && [ "$3" = fd ] && [ "$6" = yes ] && echo 0 || echo 1)
+        [ "$unit" = sdtest-netns-holder ] && [ "$5" = "$(stat -L -c %i /proc/1/ns/net)" ] && ok=1
+        check "$name" "$ok" "$unit.service MainPID $pid: CLOSE_WAIT anomaly after $7 s names pid $1 comm $2 owner_source $3 unit $4 netns $5 (host's $(stat -L -c %i /proc/1/ns/net)) vitals $6"
+    else
+        check "$name" 1 "no CLOSE_WAIT anomaly for :$port within 150 s (holder pid $pid)"
+    fi
+done
 # The daemon's own clients against the unit's endpoints: `tcpstate status` (the
 # --metrics-addr) and `tcpstate kill --dry-run` (asks /run/tcpstate/control.sock for ages).
 st=$(tcpstate status 2>&1); strc=$?
 kl=$(tcpstate kill --state close_wait --older-than 1s --port 47002 --dry-run 2>&1); klrc=$?
 check clients $([ $strc = 0 ] && [ $klrc = 0 ] && echo 0 || echo 1) "tcpstate status rc=$strc: $(echo "$st" | head -3 | tr '\n' '|' | cut -c1-200); tcpstate kill --dry-run rc=$klrc: $(echo "$kl" | tr '\n' '|' | cut -c1-250)"
-systemctl stop sdtest-holder.service
+systemctl stop sdtest-holder.service sdtest-netns-holder.service
 
 # 6. journald holds what the daemon itself writes: SIGUSR1 makes it print its summary on
 # stderr, which the journal must show under the unit with the daemon's pid.
@@ -163,7 +177,7 @@ check journald $([ "$after" -gt "$before" ] && echo 0 || echo 1) "journalctl -u 
 
 # 7. systemctl reload: SIGHUP, the same process stays up and reopens its log. The log is
 # moved away first; after the reload the daemon writes to a new file at the path.
-mv "$LOG" "$LOG.1"
+mv "$LOG" "$LOG.moved"
 systemctl reload tcpstate.service
 rc=$?
 python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",47003)); s.listen(); c=socket.create_connection(("127.0.0.1",47003)); a,_=s.accept(); c.close(); a.close()'
@@ -174,6 +188,17 @@ PID2=$(prop tcpstate MainPID)
 state="$(prop tcpstate ActiveState)/$(prop tcpstate SubState)"
 check reload $([ $rc = 0 ] && [ "$PID2" = "$PID" ] && [ "$state" = active/running ] && [ $got = 0 ] && echo 0 || echo 1) \
     "systemctl reload rc=$rc; MainPID $PID -> $PID2; state $state; new log file: $([ -f "$LOG" ] && echo "$(wc -l <"$LOG") lines" || echo missing), next connection's record in it: $([ $got = 0 ] && echo yes || echo no)"
+
+# 7b. packaging/logrotate.conf as installed: a forced rotation renames the log and its
+# postrotate signals the unit; the same process goes on writing at the path.
+logrotate -f /etc/logrotate.d/tcpstate
+rc=$?
+python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",47005)); s.listen(); c=socket.create_connection(("127.0.0.1",47005)); a,_=s.accept(); c.close(); a.close()'
+ev=$(wait_for 20 'r["type"]=="transition" and 47005 in (r["sport"], r["dport"])')
+got=$?
+PID3=$(prop tcpstate MainPID)
+check logrotate $([ $rc = 0 ] && [ "$PID3" = "$PID" ] && [ $got = 0 ] && [ -f "$LOG.1" ] && echo 0 || echo 1) \
+    "logrotate -f rc=$rc; rotated: $(cd /var/log/tcpstate && ls | tr '\n' ' '); MainPID $PID -> $PID3; next connection's record in the new file: $([ $got = 0 ] && echo yes || echo no)"
 
 # 8. kill -9: Restart=on-failure brings it back (RestartSec=2s), as a new process that
 # writes a new `started` record.
@@ -197,6 +222,35 @@ res=$(prop tcpstate Result)
 code="$(prop tcpstate ExecMainCode)/$(prop tcpstate ExecMainStatus)"
 check stop $([ $rc = 0 ] && [ "$res" = success ] && [[ "$last" == *'"type":"stopped"'* ]] && echo 0 || echo 1) \
     "systemctl stop rc=$rc; Result=$res; ExecMain code/status $code; last log line: $last"
+
+# 10. Failures that a restart cannot cure. A drop-in (in /run, removed after) replaces
+# ExecStart; the rest of the unit is as shipped.
+dropin=/run/systemd/system/tcpstate.service.d
+mkdir -p "$dropin"
+bad_start() { # ExecStart...
+    printf '[Service]\nExecStart=\nExecStart=%s\n' "$*" >"$dropin/vmtest.conf"
+    systemctl daemon-reload
+    systemctl reset-failed tcpstate.service 2>/dev/null
+    systemctl start tcpstate.service 2>/dev/null
+}
+# 10a. A usage error (exit 2: a mistyped flag in an edited ExecStart) is not retried.
+bad_start /usr/local/bin/tcpstate run --no-such-flag
+sleep 8
+check usage_error_not_restarted $([ "$(prop tcpstate NRestarts)" = 0 ] && [ "$(prop tcpstate ActiveState)" = failed ] && echo 0 || echo 1) \
+    "ExecStart with an unknown flag: exit $(prop tcpstate ExecMainStatus), state $(prop tcpstate ActiveState)/$(prop tcpstate SubState), NRestarts $(prop tcpstate NRestarts) after 8 s; journal: $(journalctl -u tcpstate -o cat --no-pager | grep 'tcpstate: error' | tail -1 | cut -c1-150)"
+# 10b. A daemon that fails at every start (here: its log under the read-only /usr) gives up
+# after a few tries instead of restarting every RestartSec forever.
+bad_start /usr/local/bin/tcpstate run --quiet --log-file /usr/lib/tcpstate-vmtest/t.jsonl
+for i in $(seq 1 90); do
+    [ "$(prop tcpstate Result)" = start-limit-hit ] && break
+    sleep 1
+done
+check start_failures_give_up $([ "$(prop tcpstate Result)" = start-limit-hit ] && echo 0 || echo 1) \
+    "ExecStart failing at each start: after ${i} s Result=$(prop tcpstate Result), state $(prop tcpstate ActiveState)/$(prop tcpstate SubState), NRestarts $(prop tcpstate NRestarts), StartLimitBurst $(prop tcpstate StartLimitBurst) per $(prop tcpstate StartLimitIntervalUSec); journal: $(journalctl -u tcpstate -o cat --no-pager | grep 'tcpstate: error' | tail -1 | cut -c1-150)"
+systemctl stop tcpstate.service 2>/dev/null
+rm -rf "$dropin"
+systemctl daemon-reload
+systemctl reset-failed tcpstate.service 2>/dev/null
 
 echo "@@vmtest-systemd journal of tcpstate.service:"
 journalctl -u tcpstate --no-pager -o short-monotonic | tail -40
