@@ -122,8 +122,10 @@ pub fn vmtest_systemd(args: &VmtestSystemdArgs) -> Result<()> {
         .args(["--rw", "--systemd"])
         .arg("--append")
         .arg(
+            // The journal also goes to the console, so the guest log has it after a failure
+            // (the guest's own journal stays in its memory).
             "systemd.run=/root/check.sh systemd.run_success_action=poweroff \
-             systemd.run_failure_action=poweroff",
+             systemd.run_failure_action=poweroff systemd.journald.forward_to_console=1",
         );
     println!(
         "\n==> xtask vmtest-systemd: kernel {} ({}), {} vCPUs, {}, root {} (log: {})",
