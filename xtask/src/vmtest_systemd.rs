@@ -1,18 +1,22 @@
 //! `cargo xtask vmtest-systemd`: packaging/tcpstate.service, as shipped, run by a real
 //! systemd in a QEMU guest (Debian 12's kernel and userland), and checked from inside:
 //! Type=notify readiness, LimitNOFILE, the hardening against what the daemon needs (its
-//! eBPF program, /proc of other units' processes), real transitions in the log, the
-//! daemon's own clients, journald, reload (SIGHUP), Restart= after `kill -9`, and stop.
+//! eBPF program, /proc of other units' processes, sock_diag in another unit's network
+//! namespace), real transitions in the log, the daemon's own clients, journald, reload
+//! (SIGHUP) and packaging/logrotate.conf, Restart= after `kill -9`, stop, and the failures
+//! no restart cures (a usage error; a start that always fails).
 //!
 //! The host's root cannot be the guest's here (virtme-ng's `--systemd` wants to create
 //! `/lib/modules` on it, read-only, and the host's own units would boot too), so the guest
 //! gets its own Debian root:
 //! - `<target>/vmtest/rootfs/bookworm-systemd/`: `debootstrap --variant=minbase` of
-//!   bookworm with systemd and what the checks use (iproute2, python3, kmod, procps),
+//!   bookworm with systemd and what the checks use (iproute2, python3, kmod, procps,
+//!   logrotate),
 //!   made once (about 1.5 min) and cached; `.packages` says what it holds, and a change of
 //!   [`PACKAGES`] makes it again;
 //! - `<target>/vmtest/systemd/root/`: a fresh copy for each run, with the kernel's modules,
-//!   the release binary in /usr/local/bin, the unit in /etc/systemd/system and the check
+//!   the release binary in /usr/local/bin, the unit in /etc/systemd/system,
+//!   packaging/logrotate.conf in /etc/logrotate.d and the check
 //!   script (`vmtest_systemd_check.sh`) in /root. virtme-ng boots it read-write over 9p with
 //!   `--systemd`; systemd runs the script itself (`systemd.run=`, then powers off), and the
 //!   script writes `@@check NAME pass|FAIL EVIDENCE` lines to the console and to
