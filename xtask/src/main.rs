@@ -9,6 +9,7 @@ mod setup;
 mod soak;
 mod test;
 mod vmtest;
+mod vmtest_systemd;
 
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -66,6 +67,11 @@ enum Task {
     /// integration tests in each; prints a kernel x test matrix. Fetches and
     /// caches kernels and tools under <target>/vmtest (needs root).
     Vmtest(vmtest::VmtestArgs),
+    /// Build, then run packaging/tcpstate.service under a real systemd in a QEMU guest
+    /// (Debian 12's kernel and a debootstrapped root, cached under <target>/vmtest) and
+    /// check readiness, limits, hardening, tracing, owners, journald, reload, restart and
+    /// stop; one line per check (needs root).
+    VmtestSystemd(vmtest_systemd::VmtestSystemdArgs),
     /// Fetch Debian's 5.10, 6.1, 6.12 and newest 7.x amd64 kernels and arm64 6.1 (cached
     /// under <target>/vmtest) and write their BTF, gzipped, to tcpstate/src/btf/fixtures/
     /// for the offset resolver's unit tests (needs root).
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
         Task::Test { no_lint, args } => test::test(no_lint, &args),
         Task::Bench(args) => bench::bench(&args),
         Task::Vmtest(args) => vmtest::vmtest(&args, true),
+        Task::VmtestSystemd(args) => vmtest_systemd::vmtest_systemd(&args),
         Task::Dist => dist(),
         Task::BtfFixtures => btf_fixtures::btf_fixtures(),
         Task::Soak {

@@ -67,9 +67,9 @@ const VIRTME_NG_VERSION: &str = "1.42";
 /// it. Today: bullseye 5.10, bookworm 6.1, trixie 6.12, sid 7.2,
 /// trixie-backports 7.3.
 const SUITES: &[&str] = &["bullseye", "bookworm", "trixie", "trixie-backports", "sid"];
-const MIRROR: &str = "http://deb.debian.org/debian";
+pub(crate) const MIRROR: &str = "http://deb.debian.org/debian";
 const SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+pub(crate) const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Tests that cannot work on some kernels for a known reason: reported as
 /// "not applicable: REASON" in the matrix (never as a pass) and not run
@@ -158,7 +158,12 @@ impl Kernel {
             .join(format!("vmlinuz-{}", self.release))
     }
 
-    fn label(&self) -> String {
+    /// `lib/modules/<release>` of the unpacked packages.
+    pub(crate) fn modules_dir(&self) -> PathBuf {
+        self.root.join("lib").join("modules").join(&self.release)
+    }
+
+    pub(crate) fn label(&self) -> String {
         format!("{} ({} {})", self.spec, self.version, self.suite)
     }
 
@@ -277,7 +282,7 @@ fn any_failed(matrix: &[(String, Duration, BTreeMap<String, Cell>)]) -> bool {
         .any(|c| matches!(c.verdict, Verdict::Fail { .. }))
 }
 
-fn secs(d: Duration) -> String {
+pub(crate) fn secs(d: Duration) -> String {
     format!("{:.0} s", d.as_secs_f64())
 }
 
@@ -285,7 +290,7 @@ fn secs(d: Duration) -> String {
 // Host tools
 
 /// qemu, busybox, udev and the virtme-ng venv. Returns the venv's `bin/`.
-fn ensure_host_tools(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn ensure_host_tools(dir: &Path) -> Result<PathBuf> {
     ensure_qemu(dir)?;
     // virtme-ng builds its initramfs with busybox.
     ensure_package("busybox", &["busybox-static"])?;
@@ -293,7 +298,7 @@ fn ensure_host_tools(dir: &Path) -> Result<PathBuf> {
     ensure_venv(dir)
 }
 
-fn ensure_package(bin: &str, packages: &[&str]) -> Result<()> {
+pub(crate) fn ensure_package(bin: &str, packages: &[&str]) -> Result<()> {
     let what = format!("{bin} ({})", packages.join(" "));
     if let Some(path) = which(bin) {
         step(&what, format_args!("present ({})", path.display()));
@@ -576,7 +581,7 @@ fn version_gt(a: &str, b: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn ensure_kernels(dir: &Path, specs: &[String]) -> Result<Vec<Kernel>> {
+pub(crate) fn ensure_kernels(dir: &Path, specs: &[String]) -> Result<Vec<Kernel>> {
     let mut apt: Option<Apt> = None;
     let mut kernels = Vec::new();
     for spec in specs {
@@ -836,6 +841,24 @@ fn vng_command(
     kvm: bool,
     exec: &str,
 ) -> Command {
+    let mut cmd = vng_base(vng_bin, kernel, cpus, memory, kvm);
+    cmd.args([
+        "--cwd",
+        &workspace_root().join("tcpstate").to_string_lossy(),
+    ]);
+    cmd.args(["--exec", exec]);
+    cmd
+}
+
+/// vng booting `kernel` over 9p (TCG unless `kvm`), with the venv's `bin/` first on its PATH
+/// (vng runs `virtme-run` from there); the caller adds the root and what runs.
+pub(crate) fn vng_base(
+    vng_bin: &Path,
+    kernel: &Kernel,
+    cpus: u32,
+    memory: &str,
+    kvm: bool,
+) -> Command {
     let mut cmd = Command::new(vng_bin.join("vng"));
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut new_path = std::ffi::OsString::from(vng_bin);
@@ -846,15 +869,10 @@ fn vng_command(
         .arg(kernel.vmlinuz())
         .args(["--cpus", &cpus.to_string(), "--memory", memory])
         // The generic kernels have 9p; virtiofsd is not in bookworm.
-        .arg("--force-9p")
-        .args([
-            "--cwd",
-            &workspace_root().join("tcpstate").to_string_lossy(),
-        ]);
+        .arg("--force-9p");
     if !kvm {
         cmd.arg("--disable-kvm");
     }
-    cmd.args(["--exec", exec]);
     cmd
 }
 
@@ -862,7 +880,7 @@ fn vng_command(
 /// `timeout` passes (then its process group is killed). Each line goes to
 /// `on_line` with the time since start. Returns the exit code (None: killed
 /// or signalled).
-fn run_streaming(
+pub(crate) fn run_streaming(
     cmd: &mut Command,
     timeout: Duration,
     mut on_line: impl FnMut(&str),
@@ -937,7 +955,7 @@ fn run_streaming(
 /// Whether KVM boots a guest here. `/dev/kvm` can exist and still not run a
 /// normal kernel (a nested "PVM" hypervisor hangs or aborts), so a tiny guest
 /// is tried once; the verdict is cached per host kernel.
-fn kvm_works(dir: &Path, vng: &Path, kernel: &Kernel) -> Result<bool> {
+pub(crate) fn kvm_works(dir: &Path, vng: &Path, kernel: &Kernel) -> Result<bool> {
     const WHAT: &str = "KVM";
     if !Path::new("/dev/kvm").exists() {
         step(WHAT, "no /dev/kvm; guests run under QEMU's TCG (emulation)");
@@ -985,7 +1003,7 @@ fn kvm_works(dir: &Path, vng: &Path, kernel: &Kernel) -> Result<bool> {
 }
 
 /// Shell-quotes for the guest's /bin/sh.
-fn sh_quote(s: &str) -> String {
+pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
