@@ -21,6 +21,7 @@ enum Step {
     Command(Command),
     FuzzSmoke,
     Vmtest,
+    VmtestSystemd,
 }
 
 pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
@@ -67,6 +68,10 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         steps.push(("fuzz smoke", Step::FuzzSmoke));
         if !vmtest_opted_out {
             steps.push(("kernel matrix (vmtest)", Step::Vmtest));
+            steps.push((
+                "the unit under systemd (vmtest-systemd)",
+                Step::VmtestSystemd,
+            ));
         }
     }
 
@@ -99,6 +104,16 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
                 );
                 vmtest::vmtest(&vmtest::VmtestArgs::default(), false)
             }
+            Step::VmtestSystemd => {
+                println!(
+                    "\n==> xtask test [{}/{total}] {name}: packaging/tcpstate.service on Debian 12 \
+                     ({VMTEST_ENV}=0 skips it)",
+                    index + 1
+                );
+                crate::vmtest_systemd::vmtest_systemd(
+                    &crate::vmtest_systemd::VmtestSystemdArgs::default(),
+                )
+            }
         };
         times.push((name, t.elapsed()));
         println!(
@@ -114,7 +129,8 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     if whole && vmtest_opted_out {
         println!(
             "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-             !!! {VMTEST_ENV}=0: the kernel matrix (vmtest) was NOT run: this change\n\
+             !!! {VMTEST_ENV}=0: the kernel matrix (vmtest) and the unit under systemd\n\
+             !!! (vmtest-systemd) were NOT run: this change\n\
              !!! is proven on the host's kernel only. CI runs it.\n\
              !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
         );
