@@ -467,11 +467,25 @@ fn failed_connects_say_why() {
             .expect("ip");
         assert!(st.success(), "ip {args:?}");
     };
-    // A subnet where nobody answers ARP: SYNs go nowhere.
+    // A subnet where SYNs go nowhere.
     ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
     ip(&["addr", "add", "10.98.0.1/24", "dev", "v0"]);
     ip(&["link", "set", "v0", "up"]);
     ip(&["link", "set", "v1", "up"]);
+    // A permanent neighbour entry: the SYNs leave for a MAC nobody has, so the connect can
+    // only time out. Left to ARP, the neighbour's failure (EHOSTUNREACH, about 3 s) raced the
+    // SYN timeout, and under emulation it sometimes won.
+    ip(&[
+        "neigh",
+        "add",
+        "10.98.0.77",
+        "lladdr",
+        "02:00:00:00:00:77",
+        "dev",
+        "v0",
+        "nud",
+        "permanent",
+    ]);
     let st = ns
         .command("sysctl")
         .args(["-qw", "net.ipv4.tcp_syn_retries=1"])

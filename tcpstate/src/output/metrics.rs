@@ -663,17 +663,22 @@ mod tests {
     use super::*;
     use crate::tracker::{Config, thresholds::Thresholds};
 
-    #[test]
-    fn label_values_carry_no_control_characters() {
-        let tracker = Tracker::new(Config {
-            capacity: 16,
+    /// A tracker with no thresholds or host rules: only what a test feeds it.
+    fn quiet_tracker(capacity: usize) -> Tracker {
+        Tracker::new(Config {
+            capacity,
             timewait_capacity: 16,
             thresholds: Thresholds::none(),
             leak_threshold: 2,
             pressure: None,
             accept_queue_full: None,
             orphan_pressure: None,
-        });
+        })
+    }
+
+    #[test]
+    fn label_values_carry_no_control_characters() {
+        let tracker = quiet_tracker(16);
         let hostile = Labels {
             unit: "evil\x1b[31m\x07\\x2d.service".into(),
             container_id: String::new(),
@@ -701,9 +706,14 @@ mod tests {
         assert!(text.contains(r#"pod_uid="\\xc2\\x9b2J""#), "{text}");
     }
 
-    /// A connect from 127.0.0.1 to 10.0.3.7:`dport` at `ts_ns`, stuck in SYN_SENT.
-    fn connect(tracker: &mut Tracker, sk: u64, dport: u16, ts_ns: u64) {
-        let t = crate::decode::Transition {
+    /// Socket `sk`, 127.0.0.1:40000 -> 10.0.3.7:`dport`, moving `old` -> `new` at `ts_ns`.
+    fn moved(
+        sk: u64,
+        dport: u16,
+        (old, new): (TcpState, TcpState),
+        ts_ns: u64,
+    ) -> crate::decode::Transition {
+        crate::decode::Transition {
             cgroup: 0,
             ts_ns,
             sk,
@@ -713,33 +723,31 @@ mod tests {
                 "10.0.3.7".parse().expect("addr"),
                 dport,
             ),
-            old: TcpState::Close,
-            new: TcpState::SynSent,
+            old,
+            new,
             ending: crate::decode::Ending::Closed { errno: 0 },
             pid: 1,
             comm: crate::socket::Comm::new("client"),
             netns: 7,
-        };
+        }
+    }
+
+    /// A connect to 10.0.3.7:`dport` at `ts_ns`, stuck in SYN_SENT.
+    fn connect(tracker: &mut Tracker, sk: u64, dport: u16, ts_ns: u64) {
+        let t = moved(sk, dport, (TcpState::Close, TcpState::SynSent), ts_ns);
         tracker.on_transition(&t, &mut Vec::new());
     }
 
     #[test]
     fn state_durations_are_cumulative_once_and_end_at_inf() {
-        let mut tracker = Tracker::new(Config {
-            capacity: 1000,
-            timewait_capacity: 16,
-            thresholds: Thresholds::none(),
-            leak_threshold: 2,
-            pressure: None,
-            accept_queue_full: None,
-            orphan_pressure: None,
-        });
+        let mut tracker = quiet_tracker(1000);
         let s = 1_000_000_000;
         // SYN_SENT for 0.2 s, 2 s and 2 h (past the last bound).
         for (i, lived) in [s / 5, 2 * s, 7200 * s].into_iter().enumerate() {
             let sk = 0xffff_0000_0000_0000_u64 + 0x40 * (i as u64 + 1);
             connect(&mut tracker, sk, 443, 0);
-            tracker.on_transition(&established(sk, lived), &mut Vec::new());
+            let up = moved(sk, 443, (TcpState::SynSent, TcpState::Established), lived);
+            tracker.on_transition(&up, &mut Vec::new());
         }
         let text = render(
             &tracker,
@@ -767,38 +775,9 @@ mod tests {
         );
     }
 
-    /// The connect of [`connect`] completing at `ts_ns`.
-    fn established(sk: u64, ts_ns: u64) -> crate::decode::Transition {
-        crate::decode::Transition {
-            cgroup: 0,
-            ts_ns,
-            sk,
-            tuple: crate::socket::Tuple::new(
-                "127.0.0.1".parse().expect("addr"),
-                40000,
-                "10.0.3.7".parse().expect("addr"),
-                443,
-            ),
-            old: TcpState::SynSent,
-            new: TcpState::Established,
-            ending: crate::decode::Ending::Closed { errno: 0 },
-            pid: 1,
-            comm: crate::socket::Comm::new("client"),
-            netns: 0,
-        }
-    }
-
     #[test]
     fn destinations_past_the_top_k_are_one_series_and_ages_a_histogram() {
-        let mut tracker = Tracker::new(Config {
-            capacity: 1000,
-            timewait_capacity: 16,
-            thresholds: Thresholds::none(),
-            leak_threshold: 2,
-            pressure: None,
-            accept_queue_full: None,
-            orphan_pressure: None,
-        });
+        let mut tracker = quiet_tracker(1000);
         let s = 1_000_000_000;
         // Port 1 gets 5 sockets, port 2 gets 4, then 100 ports one each.
         let mut sk = 0xffff_0000_0000_0000_u64;
@@ -841,15 +820,7 @@ mod tests {
 
     #[test]
     fn bpf_costs_are_exported_only_while_the_kernel_counts_them() {
-        let tracker = Tracker::new(Config {
-            capacity: 16,
-            timewait_capacity: 16,
-            thresholds: Thresholds::none(),
-            leak_threshold: 2,
-            pressure: None,
-            accept_queue_full: None,
-            orphan_pressure: None,
-        });
+        let tracker = quiet_tracker(16);
         let costs = |on| crate::program::BpfCosts {
             stats_enabled: Some(on),
             programs: vec![crate::program::ProgramCost {
