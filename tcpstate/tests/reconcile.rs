@@ -46,10 +46,7 @@ fn pin_to_cpu(cpu: usize) {
 /// A daemon with a 4 KiB ring (about 46 events per CPU) that reconciles every second, and
 /// the port its `/status` answers on.
 fn small_ring_daemon(p: u16, extra: &[&str]) -> (Daemon, u16) {
-    let mport = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
+    let mport = common::free_port();
     let addr = format!("127.0.0.1:{mport}");
     let p = p.to_string();
     let mut args = vec![

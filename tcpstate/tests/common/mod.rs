@@ -277,10 +277,23 @@ pub fn port(base: u16) -> u16 {
 
 /// A free port on the host's loopback (for --metrics-addr).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    // The port is free only until the listener closes: two tests of one binary asking at
+    // once could be handed the same one (the kernel may reuse a port just released), and one
+    // daemon then cannot listen (seen in CI on 6.12). No port is handed out twice.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// GET a page from the daemon's HTTP endpoint; the body.
