@@ -4,8 +4,8 @@
 //! draining of the rings.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, mpsc},
+    collections::{HashMap, VecDeque},
+    sync::mpsc,
     time::Duration,
 };
 
@@ -110,6 +110,11 @@ pub struct Confirmed {
 
 #[derive(Debug)]
 pub enum Reply {
+    /// Part of the start-up snapshot; more follows.
+    SeedPart {
+        sockets: Vec<KernelSocket>,
+    },
+    /// The last part of the start-up snapshot.
     Seeded {
         sockets: Vec<KernelSocket>,
     },
@@ -138,66 +143,136 @@ pub enum Reply {
     },
 }
 
-/// The pool: `submit` queues a job for the first free worker.
+/// Which worker thread a job waits for. A dump of a namespace with tens of thousands of
+/// sockets (or of a thousand namespaces) takes seconds; an owner check or a sweep takes
+/// milliseconds. In one queue the quick jobs waited behind the dumps: on a busy host anomalies
+/// were named by a guess instead of the fd, and TIME_WAIT sockets the kernel had freed stayed
+/// counted until their sweep came through. Each lane is served in order by its own thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Whole-table dumps: seed, reconciliation, listener polls.
+    Dumps = 0,
+    /// Exact lookups, many per job: the mini-socket sweep, a reconciliation's confirmations.
+    Lookups = 1,
+    /// Jobs a rule waits for, each a handful of reads: owner checks (an anomaly is not
+    /// reported until its check answers), a namespace's settings (the TIME_WAIT pressure rule
+    /// needs its port range), the host's TCP counts.
+    Quick = 2,
+}
+
+impl Lane {
+    const ALL: [Lane; 3] = [Lane::Dumps, Lane::Lookups, Lane::Quick];
+
+    fn name(self) -> &'static str {
+        match self {
+            Lane::Dumps => "tcpstate-dumps",
+            Lane::Lookups => "tcpstate-lookup",
+            Lane::Quick => "tcpstate-quick",
+        }
+    }
+}
+
+impl Job {
+    pub fn lane(&self) -> Lane {
+        match self {
+            Job::Seed | Job::Reconcile { .. } | Job::Listeners { .. } => Lane::Dumps,
+            Job::Confirm { .. } | Job::Sweep(_) => Lane::Lookups,
+            Job::Owners { .. } | Job::Settings { .. } | Job::HostTcp => Lane::Quick,
+        }
+    }
+}
+
+/// The workers: one thread per [`Lane`], each with its own queue.
 pub struct Workers {
-    tx: mpsc::Sender<Job>,
+    lanes: [mpsc::Sender<Job>; 3],
 }
 
 impl Workers {
-    pub fn spawn(n: usize, replies: UnboundedSender<Reply>) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..n.max(1) {
-            let rx = Arc::clone(&rx);
+    pub fn spawn(replies: &UnboundedSender<Reply>) -> std::io::Result<Self> {
+        let spawn_lane = |lane: Lane| -> std::io::Result<mpsc::Sender<Job>> {
+            let (tx, rx) = mpsc::channel::<Job>();
             let replies = replies.clone();
             std::thread::Builder::new()
-                .name(format!("tcpstate-kt{i}"))
+                .name(lane.name().to_owned())
                 .spawn(move || worker(&rx, &replies))?;
-        }
-        Ok(Self { tx })
+            Ok(tx)
+        };
+        let [a, b, c] = Lane::ALL;
+        Ok(Self {
+            lanes: [spawn_lane(a)?, spawn_lane(b)?, spawn_lane(c)?],
+        })
     }
 
-    /// Queues a job; false when the workers are gone.
+    /// Queues a job on its lane; false when its worker is gone.
     pub fn submit(&self, job: Job) -> bool {
-        self.tx.send(job).is_ok()
+        self.lanes[job.lane() as usize].send(job).is_ok()
     }
 }
 
-fn worker(rx: &Mutex<mpsc::Receiver<Job>>, replies: &UnboundedSender<Reply>) {
+fn worker(rx: &mpsc::Receiver<Job>, replies: &UnboundedSender<Reply>) {
     let mut ns = Namespaces::new();
+    // Jobs taken off the queue while gathering owner checks, run next in their order.
+    let mut next: VecDeque<Job> = VecDeque::new();
     loop {
-        let job = {
-            let Ok(rx) = rx.lock() else { return };
-            match rx.recv() {
+        let job = match next.pop_front() {
+            Some(job) => job,
+            None => match rx.recv() {
                 Ok(job) => job,
                 Err(_) => return,
-            }
+            },
         };
         ns.prune();
-        let reply = match job {
-            Job::Seed => seed(&mut ns),
-            Job::Reconcile {
-                namespaces,
-                timewait,
-                everywhere,
-                filters,
-            } => reconcile(&mut ns, namespaces, (timewait, everywhere), filters),
-            Job::Confirm {
-                suspects,
-                dump_start_ns,
-            } => Reply::Confirmed(confirm(&mut ns, &suspects, dump_start_ns)),
-            Job::Sweep(p) => Reply::Swept(sweep(&mut ns, &p)),
-            Job::Owners { ticket, sockets } => owners(&mut ns, ticket, &sockets),
-            Job::Settings { netns } => Reply::Settings {
-                netns,
-                info: settings(&mut ns, netns),
-            },
-            Job::Listeners { namespaces } => listeners(&mut ns, &namespaces),
-            Job::HostTcp => Reply::HostTcp(host_tcp()),
+        let out = match job {
+            Job::Owners { ticket, sockets } => {
+                let mut checks = vec![(ticket, sockets)];
+                while let Ok(job) = rx.try_recv() {
+                    match job {
+                        Job::Owners { ticket, sockets } => checks.push((ticket, sockets)),
+                        other => next.push_back(other),
+                    }
+                }
+                owners(&mut ns, checks)
+            }
+            other => vec![run(&mut ns, other, replies)],
         };
-        if replies.send(reply).is_err() {
-            return;
+        for reply in out {
+            if replies.send(reply).is_err() {
+                return;
+            }
         }
+    }
+}
+
+fn run(ns: &mut Namespaces, job: Job, replies: &UnboundedSender<Reply>) -> Reply {
+    match job {
+        Job::Seed => seed(ns, replies),
+        Job::Reconcile {
+            namespaces,
+            timewait,
+            everywhere,
+            filters,
+        } => reconcile(ns, namespaces, (timewait, everywhere), filters),
+        Job::Confirm {
+            suspects,
+            dump_start_ns,
+        } => Reply::Confirmed(confirm(ns, &suspects, dump_start_ns)),
+        Job::Sweep(p) => Reply::Swept(sweep(ns, &p)),
+        Job::Owners { ticket, sockets } => {
+            owners(ns, vec![(ticket, sockets)])
+                .pop()
+                .unwrap_or(Reply::Owners {
+                    ticket,
+                    holders: Vec::new(),
+                    vitals: Vec::new(),
+                    unreadable: 0,
+                })
+        }
+        Job::Settings { netns } => Reply::Settings {
+            netns,
+            info: settings(ns, netns),
+        },
+        Job::Listeners { namespaces } => listeners(ns, &namespaces),
+        Job::HostTcp => Reply::HostTcp(host_tcp()),
     }
 }
 
@@ -240,14 +315,23 @@ fn kernel_socket(netns: u32, s: &DiagSocket) -> Option<KernelSocket> {
     })
 }
 
-fn seed(ns: &mut Namespaces) -> Reply {
-    // Streamed into the list the tracker takes, with only the inodes beside it: a list of the
-    // dump's own records as well doubled the start-up peak at a million sockets (21.10).
+/// TIME_WAIT mini-sockets sent to the daemon at a time during the start-up snapshot.
+const SEED_PART: usize = 65_536;
+
+/// The start-up snapshot, in parts: full sockets (listeners among them) with their holders
+/// first, then TIME_WAIT mini-sockets in parts of [`SEED_PART`] as they are dumped, then
+/// [`Reply::Seeded`]. A busy client host has a million mini-sockets: held all at once beside
+/// the table being built from them, they were most of the daemon's start-up peak (21.10).
+/// Full sockets are dumped first, so one that enters TIME_WAIT between the dumps is in both
+/// (its event then finds it), never in neither.
+fn seed(ns: &mut Namespaces, replies: &UnboundedSender<Reply>) -> Reply {
+    const TIME_WAIT: u32 = 1 << TcpState::TimeWait as u32;
     let mut sockets: Vec<KernelSocket> = Vec::new();
     let mut inodes: Vec<(usize, u32)> = Vec::new();
-    for netns in ns.all() {
+    let namespaces = ns.all();
+    for &netns in &namespaces {
         let (from, inodes_from) = (sockets.len(), inodes.len());
-        let whole = dump_each(ns, netns, ALL_STATES, |s| {
+        let whole = dump_each(ns, netns, ALL_STATES & !TIME_WAIT, |s| {
             if let Some(k) = kernel_socket(netns, &s) {
                 if s.inode != 0 {
                     inodes.push((sockets.len(), s.inode));
@@ -267,7 +351,28 @@ fn seed(ns: &mut Namespaces) -> Reply {
             k.owner = holders.first(inode);
         }
     }
-    Reply::Seeded { sockets }
+    drop((holders, inodes));
+    if replies.send(Reply::SeedPart { sockets }).is_err() {
+        return Reply::Seeded {
+            sockets: Vec::new(),
+        };
+    }
+    let mut part: Vec<KernelSocket> = Vec::new();
+    for netns in namespaces {
+        // A namespace whose dump fails midway keeps the parts already sent: unlike full
+        // sockets, a mini-socket is harmless to hold (its sweep finds it gone).
+        dump_each(ns, netns, TIME_WAIT, |s| {
+            if let Some(k) = kernel_socket(netns, &s) {
+                part.push(k);
+            }
+            if part.len() >= SEED_PART {
+                let _ = replies.send(Reply::SeedPart {
+                    sockets: std::mem::take(&mut part),
+                });
+            }
+        });
+    }
+    Reply::Seeded { sockets: part }
 }
 
 fn reconcile(
@@ -605,53 +710,68 @@ fn listeners(ns: &mut Namespaces, namespaces: &[u32]) -> Reply {
     }
 }
 
-fn owners(ns: &mut Namespaces, ticket: u64, sockets: &[(u32, Tuple)]) -> Reply {
+/// Owner checks, several tickets at once: every socket is looked up, then one walk of `/proc`
+/// answers them all. The walk is the cost (every fd of every process: 0.1 s with 40k socket
+/// fds), so checks that queued up while one ran share the next walk instead of each waiting
+/// for a walk of its own.
+fn owners(ns: &mut Namespaces, checks: Vec<(u64, Vec<(u32, Tuple)>)>) -> Vec<Reply> {
     let mut listeners = HashMap::new();
-    let mut vitals = vec![None; sockets.len()];
-    let looked: Vec<Looked> = sockets
-        .iter()
-        .zip(vitals.iter_mut())
-        .map(|((netns, t), v)| {
-            if t.dport == 0 && t.daddr().is_unspecified() {
-                look_listener(ns, &mut listeners, *netns, t)
-            } else {
-                look(ns, &mut listeners, *netns, t, v)
-            }
+    let looked: Vec<(u64, Vec<Looked>, Vec<Option<Vitals>>)> = checks
+        .into_iter()
+        .map(|(ticket, sockets)| {
+            let mut vitals = vec![None; sockets.len()];
+            let looked = sockets
+                .iter()
+                .zip(vitals.iter_mut())
+                .map(|((netns, t), v)| {
+                    if t.dport == 0 && t.daddr().is_unspecified() {
+                        look_listener(ns, &mut listeners, *netns, t)
+                    } else {
+                        look(ns, &mut listeners, *netns, t, v)
+                    }
+                })
+                .collect();
+            (ticket, looked, vitals)
         })
         .collect();
-    let found = procfs::holders_of(looked.iter().filter_map(|l| match l {
-        Looked::Socket(i) => Some(*i),
-        Looked::Queued(l) => Some(l.inode),
-        Looked::Unknown => None,
-    }));
+    let found = procfs::holders_of(
+        looked
+            .iter()
+            .flat_map(|(_, l, _)| l)
+            .filter_map(|l| match l {
+                Looked::Socket(i) => Some(*i),
+                Looked::Queued(l) => Some(l.inode),
+                Looked::Unknown => None,
+            }),
+    );
     let holder_of = |inode: u32| found.first(inode);
-    let holders = looked
-        .iter()
-        .map(|l| match *l {
-            Looked::Unknown => Holder::Unknown,
-            Looked::Socket(i) => match holder_of(i) {
-                Some((pid, comm)) => Holder::Process {
-                    pid,
-                    comm,
-                    cgroup: crate::workload::cgroup_of_pid(pid),
-                    others: found.others(i),
-                },
-                // Orphaned, unless part of /proc could not be read.
-                None if found.unreadable == 0 => Holder::Nobody,
-                None => Holder::Unknown,
+    let holder = |l: &Looked| match *l {
+        Looked::Unknown => Holder::Unknown,
+        Looked::Socket(i) => match holder_of(i) {
+            Some((pid, comm)) => Holder::Process {
+                pid,
+                comm,
+                cgroup: crate::workload::cgroup_of_pid(pid),
+                others: found.others(i),
             },
-            Looked::Queued(l) => Holder::AcceptQueue {
-                listener: holder_of(l.inode),
-                queue: l.queue,
-            },
+            // Orphaned, unless part of /proc could not be read.
+            None if found.unreadable == 0 => Holder::Nobody,
+            None => Holder::Unknown,
+        },
+        Looked::Queued(l) => Holder::AcceptQueue {
+            listener: holder_of(l.inode),
+            queue: l.queue,
+        },
+    };
+    looked
+        .into_iter()
+        .map(|(ticket, looked, vitals)| Reply::Owners {
+            ticket,
+            holders: looked.iter().map(holder).collect(),
+            vitals,
+            unreadable: found.unreadable,
         })
-        .collect();
-    Reply::Owners {
-        ticket,
-        holders,
-        vitals,
-        unreadable: found.unreadable,
-    }
+        .collect()
 }
 
 /// Settings of `netns` (0: the daemon's own namespace, the default for all).
@@ -675,6 +795,37 @@ fn settings(ns: &mut Namespaces, netns: u32) -> Option<NetnsInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rule_never_waits_behind_a_dump() {
+        let t = Tuple::new(
+            "10.0.0.1".parse().expect("addr"),
+            1,
+            "10.0.0.2".parse().expect("addr"),
+            2,
+        );
+        let dumps = [
+            Job::Seed,
+            Job::Listeners { namespaces: vec![] },
+            Job::Reconcile {
+                namespaces: vec![],
+                timewait: true,
+                everywhere: true,
+                filters: tcpstate_common::Filters::default(),
+            },
+        ];
+        let quick = [
+            Job::Owners {
+                ticket: 1,
+                sockets: vec![(1, t)],
+            },
+            Job::Settings { netns: 1 },
+            Job::HostTcp,
+        ];
+        assert!(dumps.iter().all(|j| j.lane() == Lane::Dumps));
+        assert!(quick.iter().all(|j| j.lane() == Lane::Quick));
+        assert_eq!(Job::Sweep(Sweep::default()).lane(), Lane::Lookups);
+    }
 
     fn listener(addr: &str, port: u16, inode: u32) -> DiagSocket {
         let any = if addr.contains(':') { "::" } else { "0.0.0.0" };

@@ -43,6 +43,16 @@ pub(super) struct InFlight {
 }
 
 impl Daemon {
+    /// Asks for the settings of namespaces met for the first time: the TIME_WAIT pressure rule
+    /// judges a namespace by its own port range, so this is asked every tick, not every sweep.
+    pub(super) fn ask_settings(&mut self) {
+        for netns in self.tracker.netns_without_info() {
+            if self.jobs.settings.insert(netns) {
+                self.workers.submit(Job::Settings { netns });
+            }
+        }
+    }
+
     /// Checks mini-sockets with the kernel, and re-reads its table when things went quiet.
     pub(super) fn sweep(&mut self) {
         let now = monotonic_ns();
@@ -63,11 +73,6 @@ impl Daemon {
         {
             self.jobs.host_tcp = true;
             self.jobs.since_host_tcp = 0;
-        }
-        for netns in self.tracker.netns_without_info() {
-            if self.jobs.settings.insert(netns) {
-                self.workers.submit(Job::Settings { netns });
-            }
         }
         // A quiet moment after activity: one full re-read makes the counts exact (TIME_WAIT
         // killed early by an RST, request sockets), at no cost while traffic flows.
@@ -188,7 +193,7 @@ impl Daemon {
                     self.publish(facts);
                 }
             }
-            Reply::Seeded { .. } => {}
+            Reply::SeedPart { .. } | Reply::Seeded { .. } => {}
         }
     }
 

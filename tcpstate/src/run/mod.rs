@@ -132,7 +132,7 @@ impl Daemon {
         let collector =
             Collector::spawn(rings, doorbell, signals, tx).context("cannot start the collector")?;
         let (rtx, replies) = mpsc::unbounded_channel();
-        let workers = Workers::spawn(2, rtx).context("cannot start the kernel-table workers")?;
+        let workers = Workers::spawn(&rtx).context("cannot start the kernel-table workers")?;
         let features = {
             let hooks_of = |names: &[&str]| -> Vec<(&'static str, Option<String>)> {
                 probe
@@ -276,34 +276,40 @@ impl Daemon {
         if !self.workers.submit(Job::Seed) {
             return 0;
         }
+        let mut n = 0;
         loop {
-            match self.replies.recv().await {
-                Some(Reply::Seeded { sockets }) => {
-                    let f = setup::filters(&self.args);
-                    let only = self.args.netns;
-                    let sockets = sockets
-                        .into_iter()
-                        .filter(|s| {
-                            f.admits(
-                                s.tuple.family == crate::socket::Family::V6,
-                                s.tuple.sport,
-                                s.tuple.dport,
-                            )
-                        })
-                        .filter(|s| only.is_none_or(|ns| ns == s.netns))
-                        .filter(|s| self.wanted_cgroup(s.cgroup))
-                        .collect::<Vec<_>>();
-                    let big = sockets.len() >= crate::memory::TRIM_AFTER;
-                    let n = self
-                        .tracker
-                        .seed(sockets, monotonic_ns(), &mut self.seed_facts);
-                    if big {
-                        crate::memory::give_back();
-                    }
-                    return n;
+            let (sockets, last) = match self.replies.recv().await {
+                Some(Reply::SeedPart { sockets }) => (sockets, false),
+                Some(Reply::Seeded { sockets }) => (sockets, true),
+                Some(other) => {
+                    self.on_reply(other);
+                    continue;
                 }
-                Some(other) => self.on_reply(other),
-                None => return 0,
+                None => return n,
+            };
+            let f = setup::filters(&self.args);
+            let only = self.args.netns;
+            let sockets = sockets
+                .into_iter()
+                .filter(|s| {
+                    f.admits(
+                        s.tuple.family == crate::socket::Family::V6,
+                        s.tuple.sport,
+                        s.tuple.dport,
+                    )
+                })
+                .filter(|s| only.is_none_or(|ns| ns == s.netns))
+                .filter(|s| self.wanted_cgroup(s.cgroup))
+                .collect::<Vec<_>>();
+            n += self
+                .tracker
+                .seed(sockets, monotonic_ns(), &mut self.seed_facts);
+            if last {
+                self.tracker.seed_done();
+                if n >= crate::memory::TRIM_AFTER as u64 {
+                    crate::memory::give_back();
+                }
+                return n;
             }
         }
     }
@@ -465,6 +471,7 @@ impl Daemon {
                 self.start_reconcile(true);
             }
         }
+        self.ask_settings();
         let mut facts = Vec::new();
         self.tracker.expire(now, &mut facts);
         self.publish(facts);

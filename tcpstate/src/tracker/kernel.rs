@@ -180,12 +180,31 @@ impl Tracker {
     ) -> u64 {
         let sockets: Vec<KernelSocket> = sockets.into_iter().collect();
         // A mini-socket on a listening port is a server's: its port is not
-        // ephemeral.
-        let listening: HashSet<(u32, u16)> = sockets
-            .iter()
-            .filter(|s| s.state == TcpState::Listen)
-            .map(|s| (s.netns, s.tuple.sport))
-            .collect();
+        // ephemeral. The listeners may have come in an earlier part.
+        self.seed_listening.extend(
+            sockets
+                .iter()
+                .filter(|s| s.state == TcpState::Listen)
+                .map(|s| (s.netns, s.tuple.sport)),
+        );
+        let listening = std::mem::take(&mut self.seed_listening);
+        let n = self.seed_part(sockets, &listening, now_ns, out);
+        self.seed_listening = listening;
+        n
+    }
+
+    /// The start-up snapshot is in: what it needed to remember goes.
+    pub fn seed_done(&mut self) {
+        self.seed_listening = HashSet::new();
+    }
+
+    fn seed_part(
+        &mut self,
+        sockets: Vec<KernelSocket>,
+        listening: &HashSet<(u32, u16)>,
+        now_ns: u64,
+        out: &mut Vec<Fact>,
+    ) -> u64 {
         let mut n = 0;
         for s in sockets {
             if s.request {

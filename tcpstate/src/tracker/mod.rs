@@ -37,7 +37,7 @@ pub mod thresholds;
 pub mod timewait;
 mod view;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use self::{
     backlog::BacklogRule,
@@ -151,6 +151,9 @@ pub struct Tracker {
     pressure: PressureRule,
     /// Request sockets per namespace, from the last dump.
     requests: HashMap<u32, u64>,
+    /// Listening ports (namespace, port) of the start-up snapshot so far: the snapshot comes
+    /// in parts, listeners first, and a TIME_WAIT mini-socket on one is a server's.
+    seed_listening: HashSet<(u32, u16)>,
     /// Births reported with their listener's tuple, whose record waits for the child's next
     /// event (see `on_unknown`). Keyed by kernel address, which no peer chooses.
     half_born: rustc_hash::FxHashMap<u64, Moved>,
@@ -174,6 +177,7 @@ impl Tracker {
             orphan_rule: OrphanRule::new(cfg.orphan_pressure),
             recent: RecentCloses::default(),
             requests: HashMap::new(),
+            seed_listening: HashSet::new(),
             half_born: rustc_hash::FxHashMap::default(),
             cfg,
             comms: Comms::default(),
