@@ -114,6 +114,11 @@ pub enum Reply {
     SeedPart {
         sockets: Vec<KernelSocket>,
     },
+    /// How many TIME_WAIT mini-sockets the parts to come hold per namespace, about (the
+    /// kernel's count).
+    SeedExpects {
+        timewait: Vec<(u32, usize)>,
+    },
     /// The last part of the start-up snapshot.
     Seeded {
         sockets: Vec<KernelSocket>,
@@ -152,11 +157,11 @@ pub enum Reply {
 pub enum Lane {
     /// Whole-table dumps: seed, reconciliation, listener polls.
     Dumps = 0,
-    /// Exact lookups, many per job: the mini-socket sweep, a reconciliation's confirmations.
+    /// Exact lookups and small reads: the mini-socket sweep, a reconciliation's confirmations,
+    /// a namespace's settings, the host's TCP counts. Reaching a namespace no process is in
+    /// walks every socket fd on the host, so these are not where owner checks wait.
     Lookups = 1,
-    /// Jobs a rule waits for, each a handful of reads: owner checks (an anomaly is not
-    /// reported until its check answers), a namespace's settings (the TIME_WAIT pressure rule
-    /// needs its port range), the host's TCP counts.
+    /// Owner checks: an anomaly is not reported until its check answers.
     Quick = 2,
 }
 
@@ -167,7 +172,7 @@ impl Lane {
         match self {
             Lane::Dumps => "tcpstate-dumps",
             Lane::Lookups => "tcpstate-lookup",
-            Lane::Quick => "tcpstate-quick",
+            Lane::Quick => "tcpstate-owners",
         }
     }
 }
@@ -176,8 +181,10 @@ impl Job {
     pub fn lane(&self) -> Lane {
         match self {
             Job::Seed | Job::Reconcile { .. } | Job::Listeners { .. } => Lane::Dumps,
-            Job::Confirm { .. } | Job::Sweep(_) => Lane::Lookups,
-            Job::Owners { .. } | Job::Settings { .. } | Job::HostTcp => Lane::Quick,
+            Job::Confirm { .. } | Job::Sweep(_) | Job::Settings { .. } | Job::HostTcp => {
+                Lane::Lookups
+            }
+            Job::Owners { .. } => Lane::Quick,
         }
     }
 }
@@ -357,6 +364,11 @@ fn seed(ns: &mut Namespaces, replies: &UnboundedSender<Reply>) -> Reply {
             sockets: Vec::new(),
         };
     }
+    let timewait: Vec<(u32, usize)> = namespaces
+        .iter()
+        .filter_map(|&n| Some((n, timewait_count(ns, n)?)))
+        .collect();
+    let _ = replies.send(Reply::SeedExpects { timewait });
     let mut part: Vec<KernelSocket> = Vec::new();
     for netns in namespaces {
         // A namespace whose dump fails midway keeps the parts already sent: unlike full
@@ -373,6 +385,15 @@ fn seed(ns: &mut Namespaces, replies: &UnboundedSender<Reply>) -> Reply {
         });
     }
     Reply::Seeded { sockets: part }
+}
+
+/// A namespace's TIME_WAIT count (`tw` in its `/proc/net/sockstat`).
+fn timewait_count(ns: &mut Namespaces, netns: u32) -> Option<usize> {
+    let text = ns.proc_net(netns, "sockstat")?;
+    let tcp = text.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = tcp.split_whitespace();
+    words.find(|w| *w == "tw")?;
+    words.next()?.parse().ok()
 }
 
 fn reconcile(
@@ -814,17 +835,18 @@ mod tests {
                 filters: tcpstate_common::Filters::default(),
             },
         ];
-        let quick = [
-            Job::Owners {
-                ticket: 1,
-                sockets: vec![(1, t)],
-            },
+        let lookups = [
+            Job::Sweep(Sweep::default()),
             Job::Settings { netns: 1 },
             Job::HostTcp,
         ];
         assert!(dumps.iter().all(|j| j.lane() == Lane::Dumps));
-        assert!(quick.iter().all(|j| j.lane() == Lane::Quick));
-        assert_eq!(Job::Sweep(Sweep::default()).lane(), Lane::Lookups);
+        assert!(lookups.iter().all(|j| j.lane() == Lane::Lookups));
+        let check = Job::Owners {
+            ticket: 1,
+            sockets: vec![(1, t)],
+        };
+        assert_eq!(check.lane(), Lane::Quick);
     }
 
     fn listener(addr: &str, port: u16, inode: u32) -> DiagSocket {

@@ -53,6 +53,20 @@ pub struct Tuple {
 }
 
 impl Tuple {
+    /// An IPv4 tuple from the four bytes of each address, as compact tables keep them.
+    pub fn v4(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16) -> Self {
+        let (mut s, mut d) = ([0; 16], [0; 16]);
+        s[..4].copy_from_slice(&saddr);
+        d[..4].copy_from_slice(&daddr);
+        Self {
+            family: Family::V4,
+            saddr: s,
+            daddr: d,
+            sport,
+            dport,
+        }
+    }
+
     pub fn new(saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16) -> Self {
         Self {
             family: Family::of(saddr),

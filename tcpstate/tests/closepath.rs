@@ -101,8 +101,10 @@ fn orphan_fin_wait2_lasts_until_the_peer_closes_then_time_wait_ends_by_reuse() {
         // The client closes first; the server holds CLOSE_WAIT 1.5 s.
         drop(c);
         std::thread::sleep(Duration::from_millis(1500));
-        drop(s);
+        // TIME_WAIT begins when the server's FIN reaches the client, after
+        // this close() is called: the reuse is timed from here.
         let closed = Instant::now();
+        drop(s);
         std::thread::sleep(Duration::from_millis(200));
         (l, closed)
     });
@@ -138,14 +140,16 @@ fn orphan_fin_wait2_lasts_until_the_peer_closes_then_time_wait_ends_by_reuse() {
         .and_then(|t| t["prev_state_ms"].as_f64())
         .expect("FIN_WAIT2 timed");
     // The server's CLOSE_WAIT less the delay of its ACK to our FIN (it is
-    // in pingpong mode: up to 200 ms, later under emulation).
+    // in pingpong mode: up to 200 ms, later under emulation). CLOSE_WAIT
+    // itself may start a little after the client's close() returned: the
+    // kernel can defer the FIN's delivery to ksoftirqd.
     let cw = ts
         .iter()
         .find(|t| t["dport"] == cp && t["old"] == "CLOSE_WAIT")
         .and_then(|t| t["prev_state_ms"].as_f64())
         .expect("CLOSE_WAIT timed");
     assert!(
-        cw >= 1500.0 && fw2 <= cw + 1.0 && cw - fw2 < 400.0,
+        cw >= 1450.0 && fw2 <= cw + 1.0 && cw - fw2 < 400.0,
         "ss showed FIN-WAIT-2 for the server's {cw} ms CLOSE_WAIT; we said {fw2} ms"
     );
     let tw = ts

@@ -4,7 +4,7 @@
 use super::{Daemon, Dump, Job, Reply};
 use crate::kernel_table::Confirmed;
 use crate::program::Admits as _;
-use crate::{clock::monotonic_ns, status::Report};
+use crate::{clock::monotonic_ns, status::Report, tracker::NetnsInfo};
 
 pub(super) enum Parked {
     Reconciled(Dump),
@@ -161,6 +161,9 @@ impl Daemon {
             } => self.owners_checked(ticket, &holders, &vitals, unreadable),
             Reply::Settings { netns, info } => {
                 self.jobs.settings.remove(&netns);
+                // A namespace that could not be read (gone, or reached only by walking every
+                // socket fd) is judged by the kernel's defaults, not asked again every tick.
+                let info = info.or((netns != 0).then_some(NetnsInfo::DEFAULT));
                 if let Some(info) = info {
                     if netns == 0 {
                         self.tracker.set_default_netns_info(info);
@@ -193,7 +196,7 @@ impl Daemon {
                     self.publish(facts);
                 }
             }
-            Reply::SeedPart { .. } | Reply::Seeded { .. } => {}
+            Reply::SeedPart { .. } | Reply::SeedExpects { .. } | Reply::Seeded { .. } => {}
         }
     }
 

@@ -281,6 +281,22 @@ impl Daemon {
             let (sockets, last) = match self.replies.recv().await {
                 Some(Reply::SeedPart { sockets }) => (sockets, false),
                 Some(Reply::Seeded { sockets }) => (sockets, true),
+                Some(Reply::SeedExpects { timewait }) => {
+                    // Room for the namespaces kept; none when a port or cgroup filter leaves
+                    // an unknown share out.
+                    let only = self.args.netns;
+                    if setup::filters(&self.args) == Default::default()
+                        && self.args.cgroup.is_none()
+                    {
+                        let n = timewait
+                            .iter()
+                            .filter(|(ns, _)| only.is_none_or(|o| o == *ns))
+                            .map(|(_, n)| n)
+                            .sum();
+                        self.tracker.seed_expects_timewait(n);
+                    }
+                    continue;
+                }
                 Some(other) => {
                     self.on_reply(other);
                     continue;

@@ -328,6 +328,18 @@ impl Namespaces {
         self.paths.remove(&netns);
     }
 
+    /// Reads `/proc/net/FILE` of the namespace: through `thread-self`, since `/proc/net` is the
+    /// main thread's view and this thread may be inside another namespace.
+    pub fn proc_net(&mut self, netns: u32, file: &str) -> Option<String> {
+        let path = format!("/proc/thread-self/net/{file}");
+        let read = || std::fs::read_to_string(&path).ok();
+        if netns == self.home {
+            return read();
+        }
+        let ns_path = self.path(netns)?;
+        within(&ns_path, read).ok().flatten()
+    }
+
     /// Reads a sysctl file (`/proc/sys/...`) as the namespace sees it.
     pub fn sysctl(&mut self, netns: u32, file: &str) -> Option<String> {
         let read = || std::fs::read_to_string(file).ok();
