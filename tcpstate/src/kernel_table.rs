@@ -54,7 +54,9 @@ pub enum Job {
         sockets: Vec<(u32, Tuple)>,
     },
     /// A namespace's port range and `tcp_tw_reuse`.
-    Settings { netns: u32 },
+    /// `walk`: may walk every socket fd to reach a namespace no process is in (the first
+    /// ask); a retry only looks where processes and names pin namespaces.
+    Settings { netns: u32, walk: bool },
     /// The listeners of these namespaces and their accept queues.
     Listeners { namespaces: Vec<u32> },
     /// The host's orphan and TCP memory counts, with their limits.
@@ -274,9 +276,9 @@ fn run(ns: &mut Namespaces, job: Job, replies: &UnboundedSender<Reply>) -> Reply
                     unreadable: 0,
                 })
         }
-        Job::Settings { netns } => Reply::Settings {
+        Job::Settings { netns, walk } => Reply::Settings {
             netns,
-            info: settings(ns, netns),
+            info: settings(ns, netns, walk),
         },
         Job::Listeners { namespaces } => listeners(ns, &namespaces),
         Job::HostTcp => Reply::HostTcp(host_tcp()),
@@ -796,15 +798,15 @@ fn owners(ns: &mut Namespaces, checks: Vec<(u64, Vec<(u32, Tuple)>)>) -> Vec<Rep
 }
 
 /// Settings of `netns` (0: the daemon's own namespace, the default for all).
-fn settings(ns: &mut Namespaces, netns: u32) -> Option<NetnsInfo> {
+fn settings(ns: &mut Namespaces, netns: u32, walk: bool) -> Option<NetnsInfo> {
     let netns = if netns == 0 { ns.home() } else { netns };
-    let range = ns.sysctl(netns, "/proc/sys/net/ipv4/ip_local_port_range")?;
+    let range = ns.sysctl(netns, "/proc/sys/net/ipv4/ip_local_port_range", walk)?;
     let mut it = range.split_whitespace().map(str::parse::<u16>);
     let (Some(Ok(lo)), Some(Ok(hi))) = (it.next(), it.next()) else {
         return None;
     };
     let tw_reuse = ns
-        .sysctl(netns, "/proc/sys/net/ipv4/tcp_tw_reuse")
+        .sysctl(netns, "/proc/sys/net/ipv4/tcp_tw_reuse", false)
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(NetnsInfo::DEFAULT.tw_reuse);
     Some(NetnsInfo {
@@ -837,7 +839,10 @@ mod tests {
         ];
         let lookups = [
             Job::Sweep(Sweep::default()),
-            Job::Settings { netns: 1 },
+            Job::Settings {
+                netns: 1,
+                walk: true,
+            },
             Job::HostTcp,
         ];
         assert!(dumps.iter().all(|j| j.lane() == Lane::Dumps));

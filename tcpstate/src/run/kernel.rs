@@ -4,7 +4,7 @@
 use super::{Daemon, Dump, Job, Reply};
 use crate::kernel_table::Confirmed;
 use crate::program::Admits as _;
-use crate::{clock::monotonic_ns, status::Report, tracker::NetnsInfo};
+use crate::{clock::monotonic_ns, status::Report};
 
 pub(super) enum Parked {
     Reconciled(Dump),
@@ -37,6 +37,12 @@ pub(super) struct InFlight {
     pub(super) since_host_tcp: u32,
     /// Sweeps since the last poll of listeners.
     pub(super) since_listeners: u32,
+    /// Sweeps since namespaces' settings were last read again.
+    pub(super) since_settings: u32,
+    /// Namespaces whose settings could not be read: asked again only where processes and
+    /// names pin namespaces, every `since_retry` 10 ticks.
+    pub(super) unreadable: std::collections::HashSet<u32>,
+    pub(super) since_retry: u32,
     /// Answers about the kernel's table that came before the events up to
     /// them were applied: they wait, so nothing is judged on stale events.
     pub(super) parked: std::collections::VecDeque<Parked>,
@@ -45,10 +51,26 @@ pub(super) struct InFlight {
 impl Daemon {
     /// Asks for the settings of namespaces met for the first time: the TIME_WAIT pressure rule
     /// judges a namespace by its own port range, so this is asked every tick, not every sweep.
+    /// One that could not be read (gone, or pinned by nothing yet) is judged by the host's
+    /// settings and asked again every 500 ms where processes and names pin namespaces: a new
+    /// namespace may have been given its inode number, and must not wait for a reconciliation
+    /// to find the old one gone. Only the first ask walks every socket fd.
     pub(super) fn ask_settings(&mut self) {
-        for netns in self.tracker.netns_without_info() {
-            if self.jobs.settings.insert(netns) {
-                self.workers.submit(Job::Settings { netns });
+        let without = self.tracker.netns_without_info();
+        let unreadable = &mut self.jobs.unreadable;
+        unreadable.retain(|n| without.binary_search(n).is_ok());
+        self.jobs.since_retry += 1;
+        let retry = self.jobs.since_retry >= 10;
+        if retry {
+            self.jobs.since_retry = 0;
+        }
+        for netns in without {
+            let again = self.jobs.unreadable.contains(&netns);
+            if (!again || retry) && self.jobs.settings.insert(netns) {
+                self.workers.submit(Job::Settings {
+                    netns,
+                    walk: !again,
+                });
             }
         }
     }
@@ -64,6 +86,7 @@ impl Daemon {
             }
         }
         self.poll_listeners();
+        self.refresh_settings();
         // Every 2 s: three small /proc reads.
         self.jobs.since_host_tcp += 1;
         if self.tracker.watches_orphans()
@@ -80,6 +103,23 @@ impl Daemon {
             self.start_reconcile(true);
         }
         self.tally.since_sweep = 0;
+    }
+
+    /// Reads known namespaces' settings again every 10 s: an operator may widen a port range,
+    /// and a namespace destroyed between two reconciliations leaves its inode number to the
+    /// next one made. Unchanged settings cost nothing more than the read; one that cannot be
+    /// read keeps what was read (a reconciliation finds it gone).
+    fn refresh_settings(&mut self) {
+        self.jobs.since_settings += 1;
+        if self.jobs.since_settings < 20 {
+            return;
+        }
+        self.jobs.since_settings = 0;
+        for netns in self.tracker.netns_with_info() {
+            if self.jobs.settings.insert(netns) {
+                self.workers.submit(Job::Settings { netns, walk: false });
+            }
+        }
     }
 
     /// Asks for the accept queues of the listeners in the namespaces we track, every other
@@ -161,9 +201,9 @@ impl Daemon {
             } => self.owners_checked(ticket, &holders, &vitals, unreadable),
             Reply::Settings { netns, info } => {
                 self.jobs.settings.remove(&netns);
-                // A namespace that could not be read (gone, or reached only by walking every
-                // socket fd) is judged by the kernel's defaults, not asked again every tick.
-                let info = info.or((netns != 0).then_some(NetnsInfo::DEFAULT));
+                if info.is_none() {
+                    self.jobs.unreadable.insert(netns);
+                }
                 if let Some(info) = info {
                     if netns == 0 {
                         self.tracker.set_default_netns_info(info);
@@ -248,6 +288,7 @@ impl Daemon {
         // A namespace let go frees its sock_diag socket and its share of the table.
         let let_go = !dump.gone.is_empty();
         for ns in dump.gone {
+            self.jobs.unreadable.remove(&ns);
             self.tracker.netns_gone(ns, now, &mut facts);
         }
         let dumped: usize = dump

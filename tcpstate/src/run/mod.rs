@@ -269,7 +269,10 @@ impl Daemon {
     /// between the snapshot and the stream; events for snapshot sockets are matched up by the
     /// tracker. Batches wait in their channel (and the rings) meanwhile.
     async fn seed(&mut self) -> u64 {
-        self.workers.submit(Job::Settings { netns: 0 });
+        self.workers.submit(Job::Settings {
+            netns: 0,
+            walk: false,
+        });
         if self.args.no_seed {
             return 0;
         }

@@ -185,6 +185,9 @@ pub struct Namespaces {
     held: HashMap<u32, File>,
     /// When cached sockets were last checked against their namespaces.
     pruned: std::time::Instant,
+    /// When every process's namespace was last looked at ([`all_netns`]), for
+    /// [`Self::pinned_path`].
+    walked: Option<std::time::Instant>,
 }
 
 /// Namespaces reached through sockets' fds held at once.
@@ -206,6 +209,7 @@ impl Namespaces {
             sockets: HashMap::new(),
             held: HashMap::new(),
             pruned: std::time::Instant::now(),
+            walked: None,
         }
     }
 
@@ -228,16 +232,44 @@ impl Namespaces {
         v
     }
 
-    /// The path that opens `netns`, looking again when it is not known (None: it is gone).
-    pub fn path(&mut self, netns: u32) -> Option<PathBuf> {
+    /// The path of `netns` already known and still naming it.
+    fn known_path(&self, netns: u32) -> Option<PathBuf> {
         if netns == self.home {
             return Some(PathBuf::from("/proc/thread-self/ns/net"));
         }
         let still = |p: &PathBuf| {
             std::fs::metadata(p).is_ok_and(|m| u32::try_from(m.ino()).ok() == Some(netns))
         };
-        if let Some(p) = self.paths.get(&netns).filter(|p| still(p)) {
-            return Some(p.clone());
+        self.paths.get(&netns).filter(|p| still(p)).cloned()
+    }
+
+    /// The path of `netns` if a process is in it, a name pins it, or we already hold it: never
+    /// a walk of every socket fd. Processes are looked at again at most every 100 ms, so asking
+    /// for many namespaces at once costs one walk of `/proc`.
+    pub fn pinned_path(&mut self, netns: u32) -> Option<PathBuf> {
+        if let Some(p) = self.known_path(netns) {
+            return Some(p);
+        }
+        let fresh = self
+            .walked
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(100));
+        if !fresh {
+            self.paths = all_netns();
+            self.walked = Some(std::time::Instant::now());
+            for (n, f) in &self.held {
+                self.paths.insert(
+                    *n,
+                    PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
+                );
+            }
+        }
+        self.paths.get(&netns).cloned()
+    }
+
+    /// The path that opens `netns`, looking again when it is not known (None: it is gone).
+    pub fn path(&mut self, netns: u32) -> Option<PathBuf> {
+        if let Some(p) = self.known_path(netns) {
+            return Some(p);
         }
         self.paths = all_netns();
         if let Some(p) = self.paths.get(&netns) {
@@ -341,12 +373,18 @@ impl Namespaces {
     }
 
     /// Reads a sysctl file (`/proc/sys/...`) as the namespace sees it.
-    pub fn sysctl(&mut self, netns: u32, file: &str) -> Option<String> {
+    /// A sysctl file of `netns`. `walk`: reach a namespace no process is in through a socket
+    /// fd (a walk of every process's fds), else only a pinned one ([`Self::pinned_path`]).
+    pub fn sysctl(&mut self, netns: u32, file: &str, walk: bool) -> Option<String> {
         let read = || std::fs::read_to_string(file).ok();
         if netns == self.home {
             return read();
         }
-        let path = self.path(netns)?;
+        let path = if walk {
+            self.path(netns)?
+        } else {
+            self.pinned_path(netns)?
+        };
         within(&path, read).ok().flatten()
     }
 }

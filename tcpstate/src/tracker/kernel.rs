@@ -708,6 +708,10 @@ impl Tracker {
         now_ns: u64,
         out: &mut Vec<Fact>,
     ) {
+        // Settings are read again every few seconds: unchanged, nothing is recounted.
+        if self.pressure.known(netns) == Some(info) {
+            return;
+        }
         self.pressure.set_info(netns, info);
         // A server's TIME_WAIT sockets hold its listening port, not an ephemeral one.
         let tuples: Vec<Tuple> = self
@@ -729,6 +733,14 @@ impl Tracker {
         let pressure = &self.pressure;
         self.unknown_netns.retain(|&n| !pressure.knows(n));
         let mut v: Vec<u32> = self.unknown_netns.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Namespaces whose settings were read: read again now and then, as an operator may change
+    /// them, and a namespace destroyed unseen may have left its inode number to a new one.
+    pub fn netns_with_info(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.pressure.namespaces().collect();
         v.sort_unstable();
         v
     }

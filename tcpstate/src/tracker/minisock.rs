@@ -272,6 +272,9 @@ impl Tracker {
         }
         // Its request sockets died with it too.
         self.requests.remove(&netns);
+        // Its inode number goes to the next namespace made, whose settings are its own.
+        self.pressure.forget(netns);
+        self.unknown_netns.remove(&netns);
     }
 }
 

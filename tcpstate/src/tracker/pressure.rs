@@ -94,6 +94,22 @@ impl PressureRule {
         self.info.contains_key(&netns)
     }
 
+    /// The settings read of `netns`, if any.
+    pub fn known(&self, netns: u32) -> Option<NetnsInfo> {
+        self.info.get(&netns).copied()
+    }
+
+    /// Namespaces whose own settings were read.
+    pub fn namespaces(&self) -> impl Iterator<Item = u32> + '_ {
+        self.info.keys().copied()
+    }
+
+    /// Drops a destroyed namespace's settings: the kernel reuses its inode number for the
+    /// next namespace, which has settings of its own.
+    pub fn forget(&mut self, netns: u32) {
+        self.info.remove(&netns);
+    }
+
     fn info(&self, netns: u32) -> NetnsInfo {
         self.info.get(&netns).copied().unwrap_or(self.default)
     }

@@ -1110,6 +1110,52 @@ fn pressure_present_at_start_up_is_raised_and_dated_now() {
     );
 }
 
+/// Issue 20 (soak): the kernel gives a destroyed namespace's inode number to the next one
+/// made. Its settings go with it, so the next namespace's own are asked for and judged by.
+#[test]
+fn a_destroyed_namespaces_settings_are_not_the_next_ones() {
+    let mut t = tracker(1000);
+    let mut facts = Vec::new();
+    t.seed(timewaits(7, 2), 10 * S, &mut facts);
+    assert_eq!(t.netns_without_info(), [7]);
+    t.set_netns_info(7, NetnsInfo::DEFAULT, 10 * S, &mut facts);
+    assert_eq!(t.netns_without_info(), Vec::<u32>::new());
+    assert_eq!(t.netns_with_info(), [7]);
+    t.netns_gone(7, 11 * S, &mut facts);
+    assert_eq!(t.netns_with_info(), Vec::<u32>::new());
+    // The new namespace 7 has 100 ports: 60 TIME_WAIT to one place is pressure.
+    facts.clear();
+    t.seed(timewaits(7, 60), 12 * S, &mut facts);
+    assert_eq!(t.netns_without_info(), [7], "asked again");
+    assert!(facts.iter().all(|f| !matches!(f, Fact::Raised(_))));
+    t.set_netns_info(
+        7,
+        NetnsInfo {
+            ports: (40_000, 40_099),
+            tw_reuse: 0,
+        },
+        12 * S,
+        &mut facts,
+    );
+    let raised = facts
+        .iter()
+        .filter(|f| matches!(f, Fact::Raised(a) if a.kind == Kind::TimeWaitPressure))
+        .count();
+    assert_eq!(raised, 1, "{facts:?}");
+    // Read again unchanged: nothing is recounted, nothing raised twice.
+    facts.clear();
+    t.set_netns_info(
+        7,
+        NetnsInfo {
+            ports: (40_000, 40_099),
+            tw_reuse: 0,
+        },
+        13 * S,
+        &mut facts,
+    );
+    assert!(facts.is_empty(), "{facts:?}");
+}
+
 /// Issue 20.14: a full TIME_WAIT table refuses a socket once; every later dump meets the same
 /// untracked sockets and must not count them again.
 #[test]
