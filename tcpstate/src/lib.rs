@@ -4,7 +4,7 @@
 //! Data flows one way: kernel (`tcpstate-ebpf`, loaded by [`program`]) ->
 //! per-CPU rings ([`ring`]) -> [`collector`] (merge in time order with
 //! [`reorder`], [`decode`]) -> [`tracker`] -> [`output`]. The kernel's own
-//! socket table is read by [`kernel_table`] workers (through [`sockdiag`]
+//! socket table is read by the [`workers`] (through [`sockdiag`]
 //! and [`procfs`]) to seed, reconcile, follow mini-sockets and name owners,
 //! and their answers come back to the tracker as messages.
 
@@ -17,7 +17,6 @@ pub mod decode;
 pub mod features;
 #[cfg(test)]
 mod fixtures;
-pub mod kernel_table;
 pub mod kill;
 pub mod memory;
 pub mod output;
@@ -34,6 +33,7 @@ pub mod status;
 pub mod tail;
 pub mod tracker;
 pub mod verify;
+pub mod workers;
 pub mod workload;
 
 /// One warning line on stderr, made safe for a terminal (it may quote names any local user

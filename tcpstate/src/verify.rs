@@ -7,9 +7,9 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::{
-    kernel_table::{Holder, Job},
     socket::{Tuple, Vitals},
     tracker::{Anomaly, Fact, Owner, Task},
+    workers::{Holder, Job},
 };
 
 /// What a ticket was for.

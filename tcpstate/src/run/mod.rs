@@ -1,14 +1,14 @@
 //! `tcpstate run`: load and attach, then the second stage. The collector thread hands batches
 //! of transitions over a channel; this loop applies them to the tracker and writes what it
 //! concludes. Everything that waits on the kernel's socket table or /proc runs on the
-//! `kernel_table` workers and comes back as a message, so nothing here blocks for long.
+//! [`crate::workers`] threads and comes back as a message, so nothing here blocks for long.
 //!
 //! - `mod.rs`: the loop, the event path and the outputs;
-//! - `kernel.rs`: the workers' answers (reconciliation, the sweep, owner checks, settings) and
+//! - `jobs.rs`: the workers' answers (reconciliation, the sweep, owner checks, settings) and
 //!   lost events;
 //! - `setup.rs`: what the command line turns into.
 
-mod kernel;
+mod jobs;
 mod setup;
 
 use std::time::{Duration, Instant};
@@ -26,7 +26,6 @@ use crate::{
     collector::{Batch, Collector},
     decode::Decoded,
     features::{Found, Hooks},
-    kernel_table::{Dump, Job, Reply, Workers},
     output::{
         Sinks,
         http::{self, Page, Request},
@@ -38,10 +37,11 @@ use crate::{
     state::TcpState,
     tracker::{Fact, Tracker},
     verify::Verifier,
+    workers::{Dump, Job, Reply, Workers},
     workload::Workloads,
 };
 
-use self::kernel::InFlight;
+use self::jobs::InFlight;
 
 /// How often mini-sockets are checked with the kernel: the accuracy of a TIME_WAIT or an
 /// orphaned FIN_WAIT2's end when no event says it.

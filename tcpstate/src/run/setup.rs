@@ -78,7 +78,7 @@ pub(super) fn under(path: &str, want: &str) -> bool {
 
 pub(super) fn tracker_config(args: &RunArgs) -> Config {
     use crate::tracker::thresholds::Threshold;
-    let mut thresholds = Thresholds::defaults(crate::kernel_table::host_fin_timeout());
+    let mut thresholds = Thresholds::defaults(crate::workers::host_fin_timeout());
     let mut pressure = Some(0.5);
     let mut accept_queue_full = Some(Duration::from_secs(5));
     let mut orphan_pressure = Some(0.5);

@@ -1,6 +1,6 @@
 //! The kernel's socket table, read the way `ss` reads it: sock_diag over netlink
 //! ([`proto`]), in any network namespace ([`netns`]). Blocking calls, made from the
-//! `kernel_table` workers, never from the event path.
+//! [`crate::workers`] threads, never from the event path.
 
 pub mod netns;
 pub mod proto;

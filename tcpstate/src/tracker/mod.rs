@@ -10,7 +10,7 @@
 //! - `mod.rs`: the event path (a transition in, facts out);
 //! - `signals.rs`: retransmits and resets (`recent.rs`: the last closes, for late resets);
 //! - `minisock.rs`: the second half of the close, after `tcp_time_wait()`;
-//! - `kernel.rs`: seeding, reconciliation, sock_diag answers, listener polls, host readings;
+//! - `answers.rs`: seeding, reconciliation, sock_diag answers, listener polls, host readings;
 //! - `table.rs`, `timewait.rs`: the two tables and their counts (`cgroups.rs`,
 //!   `destinations.rs`: per workload and per destination);
 //! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`, `backlog.rs`, `orphans.rs`:
@@ -19,12 +19,12 @@
 //!   `stats.rs`: counters for the life of the daemon.
 
 pub mod ages;
+mod answers;
 pub mod backlog;
 pub mod cgroups;
 pub mod deadlines;
 pub mod destinations;
 pub mod facts;
-mod kernel;
 pub mod leak;
 mod minisock;
 pub mod orphans;
@@ -39,6 +39,16 @@ mod view;
 
 use std::collections::{HashMap, HashSet};
 
+pub use self::{
+    answers::{Alive, Found, KernelSocket, Sweep, Swept},
+    backlog::Listening,
+    facts::{
+        AcceptQueue, Anomaly, DestCount, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side,
+        Task, Via,
+    },
+    orphans::HostTcp,
+    pressure::NetnsInfo,
+};
 use self::{
     backlog::BacklogRule,
     deadlines::{Deadline, Deadlines},
@@ -49,16 +59,6 @@ use self::{
     table::{Comms, Entry, OwnerRef, Table, flag},
     thresholds::Thresholds,
     timewait::TimeWaitTable,
-};
-pub use self::{
-    backlog::Listening,
-    facts::{
-        AcceptQueue, Anomaly, DestCount, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side,
-        Task, Via,
-    },
-    kernel::{Alive, Found, KernelSocket, Sweep, Swept},
-    orphans::HostTcp,
-    pressure::NetnsInfo,
 };
 use crate::{
     decode::{Ending, Transition},

@@ -1,9 +1,10 @@
-//! The kernel-table workers' answers, applied in order with the events: reconciliation, the
-//! mini-socket sweep, owner checks and namespace settings; and what a lost event changes.
+//! The jobs given to the workers (`crate::workers`), and their answers applied in order with
+//! the events: reconciliation, the mini-socket sweep, owner checks and namespace settings; and
+//! what a lost event changes.
 
 use super::{Daemon, Dump, Job, Reply};
-use crate::kernel_table::Confirmed;
 use crate::program::Admits as _;
+use crate::workers::Confirmed;
 use crate::{clock::monotonic_ns, status::Report};
 
 pub(super) enum Parked {
@@ -331,7 +332,7 @@ impl Daemon {
     pub(super) fn owners_checked(
         &mut self,
         ticket: u64,
-        holders: &[crate::kernel_table::Holder],
+        holders: &[crate::workers::Holder],
         vitals: &[Option<crate::socket::Vitals>],
         unreadable: u32,
     ) {

@@ -1,7 +1,7 @@
 //! What the kernel's own socket table (sock_diag) says, applied to the
 //! tracker: seeding at start-up, reconciliation after lost events, the
 //! sweep that follows mini-sockets to their end, and namespace settings.
-//! The sock_diag calls themselves run elsewhere (`kernel_table`), off the
+//! The sock_diag calls themselves run elsewhere (`workers`), off the
 //! event path; here they are plain data.
 
 use std::collections::{HashMap, HashSet};
