@@ -306,3 +306,112 @@ fn a_scan_of_thousands_of_destinations_stays_within_the_caps() {
         "{status:#}"
     );
 }
+
+/// CLOCK_MONOTONIC, the clock of the kernel's timestamps that the daemon's windows follow.
+fn monotonic() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer to a timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Sleeps until `into` past the start of the next 10 s window of the daemon's flows.
+fn next_window(into: Duration) {
+    let w = Duration::from_secs(10);
+    let now = monotonic();
+    let into_now = Duration::from_nanos((now.as_nanos() % w.as_nanos()) as u64);
+    std::thread::sleep(w - into_now + into);
+}
+
+/// Issue 18.2: who began each close, per destination. 30 connections to one port whose
+/// client closes first (it keeps the TIME_WAIT) and 20 to another whose server closes first
+/// (the server keeps it), all inside one 10 s window: the next window's status says, on each
+/// TIME_WAIT line, exactly those rates, and nothing for the side that did not begin.
+#[test]
+fn who_closed_first_is_told_per_destination() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let (client_first, server_first) = (port(19800), port(19850));
+    let mport = free_port();
+    let netns = format!("/run/netns/{}", ns.name);
+    let daemon = Daemon::start(&[
+        "--netns",
+        &netns,
+        "--metrics-addr",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    // Leave 1 s of the window behind: the daemon's start-up is done and the traffic (well
+    // under a second) stays inside one window.
+    next_window(Duration::from_secs(1));
+    ns.run(move || {
+        use std::io::Read as _;
+        let a = TcpListener::bind(("127.0.0.1", client_first)).expect("bind");
+        let b = TcpListener::bind(("127.0.0.1", server_first)).expect("bind");
+        for _ in 0..30 {
+            let c = std::net::TcpStream::connect(("127.0.0.1", client_first)).expect("connect");
+            let (mut s, _) = a.accept().expect("accept");
+            drop(c);
+            // The client's FIN came first: read it, then close.
+            let mut buf = [0u8; 1];
+            assert_eq!(s.read(&mut buf).expect("read"), 0);
+        }
+        for _ in 0..20 {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", server_first)).expect("connect");
+            drop(b.accept().expect("accept"));
+            let mut buf = [0u8; 1];
+            assert_eq!(c.read(&mut buf).expect("read"), 0);
+        }
+    });
+    next_window(Duration::from_millis(500));
+    let body = http_get(mport, "/status");
+    let status: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let line = |dest: String, direction: &str| -> (f64, f64, f64, f64) {
+        let d = status["top_destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| {
+                d["state"] == "TIME_WAIT" && d["destination"] == dest && d["direction"] == direction
+            })
+            .unwrap_or_else(|| panic!("no TIME_WAIT line for {dest}: {status:#}"));
+        let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
+        (
+            f("opened_per_s"),
+            f("local_first_per_s"),
+            f("peer_first_per_s"),
+            f("reset_per_s"),
+        )
+    };
+    // 30 connects there: this host began every end (its client closed first).
+    assert_eq!(
+        line(format!("127.0.0.1:{client_first}"), "outbound"),
+        (3.0, 3.0, 0.0, 0.0),
+        "{status:#}"
+    );
+    // 20 accepted on :port: this host began every end (its server closed first).
+    assert_eq!(
+        line(format!(":{server_first}"), "inbound"),
+        (2.0, 2.0, 0.0, 0.0),
+        "{status:#}"
+    );
+    let text = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+        .args(["status", "--addr", &format!("127.0.0.1:{mport}")])
+        .output()
+        .expect("tcpstate status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    eprintln!("tcpstate status:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "30 TIME_WAIT to 127.0.0.1:{client_first} (3.0 new/s, "
+        )) && text.contains("this host closed first 3.0/s)"),
+        "{text}"
+    );
+    let records = daemon.stop();
+    assert!(!records.is_empty());
+}

@@ -40,6 +40,16 @@ pub struct TopDestination {
     /// And closed per second.
     #[serde(default)]
     pub closed_per_s: f64,
+    /// Connections there whose end this host began (it sent the first FIN, so it keeps the
+    /// TIME_WAIT), per second.
+    #[serde(default)]
+    pub local_first_per_s: f64,
+    /// Whose end the peer began (its FIN came first: CLOSE_WAIT here), per second.
+    #[serde(default)]
+    pub peer_first_per_s: f64,
+    /// Ended by a reset or an abort before any FIN, per second.
+    #[serde(default)]
+    pub reset_per_s: f64,
 }
 
 impl TopDestination {
@@ -59,9 +69,19 @@ impl TopDestination {
         if self.opened_per_s > 0.0 || self.closed_per_s > 0.0 {
             let _ = write!(
                 s,
-                " ({:.1} new/s, {:.1} closed/s there)",
+                " ({:.1} new/s, {:.1} closed/s there",
                 self.opened_per_s, self.closed_per_s
             );
+            let first = [
+                ("this host closed first", self.local_first_per_s),
+                ("the peer closed first", self.peer_first_per_s),
+                ("reset", self.reset_per_s),
+            ];
+            for (i, (who, n)) in first.iter().filter(|(_, n)| *n > 0.0).enumerate() {
+                let sep = if i == 0 { "; " } else { ", " };
+                let _ = write!(s, "{sep}{who} {n:.1}/s");
+            }
+            s.push(')');
         }
         s
     }
@@ -108,15 +128,18 @@ pub fn top(
         .top_holders(STATUS_DESTINATIONS)
         .into_iter()
         .map(|(dest, h, st, count)| {
-            let (opened_per_s, closed_per_s) = tracker.flow_rate(&dest, now_ns);
+            let rate = tracker.flow_rate(&dest, now_ns);
             TopDestination {
                 holder: holder_name(tracker, names, h, st),
                 destination: dest.addr(),
                 direction: dest.direction().to_owned(),
                 state: st.name().to_owned(),
                 count,
-                opened_per_s,
-                closed_per_s,
+                opened_per_s: rate.opened,
+                closed_per_s: rate.closed,
+                local_first_per_s: rate.local_first,
+                peer_first_per_s: rate.peer_first,
+                reset_per_s: rate.reset,
             }
         })
         .collect();
@@ -250,6 +273,9 @@ mod tests {
             count: 412,
             opened_per_s: 0.0,
             closed_per_s: 0.0,
+            local_first_per_s: 0.0,
+            peer_first_per_s: 0.0,
+            reset_per_s: 0.0,
         };
         assert_eq!(
             d.sentence(),
@@ -259,11 +285,22 @@ mod tests {
             state: "TIME_WAIT".into(),
             opened_per_s: 670.0,
             closed_per_s: 669.9,
+            local_first_per_s: 669.9,
             ..d.clone()
         };
         assert_eq!(
             churn.sentence(),
-            "payments-api.service holds 412 TIME_WAIT to 10.0.3.7:5432 (670.0 new/s, 669.9 closed/s there)"
+            "payments-api.service holds 412 TIME_WAIT to 10.0.3.7:5432 (670.0 new/s, 669.9 closed/s there; this host closed first 669.9/s)"
+        );
+        let mixed = TopDestination {
+            local_first_per_s: 0.0,
+            peer_first_per_s: 600.0,
+            reset_per_s: 69.9,
+            ..churn.clone()
+        };
+        assert_eq!(
+            mixed.sentence(),
+            "payments-api.service holds 412 TIME_WAIT to 10.0.3.7:5432 (670.0 new/s, 669.9 closed/s there; the peer closed first 600.0/s, reset 69.9/s)"
         );
         let d = TopDestination {
             holder: "nginx\x1b".into(),

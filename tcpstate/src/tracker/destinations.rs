@@ -295,11 +295,66 @@ impl Destinations {
 /// How long a window of [`Flows`] lasts: rates are over the last whole one.
 pub const FLOW_WINDOW_NS: u64 = 10_000_000_000;
 
-/// Connections opened and closed to one destination in a window.
+/// Connections opened and closed to one destination in a window, and who began each close.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub opened: u32,
     pub closed: u32,
+    /// Closes begun here: we sent the first FIN (ESTABLISHED -> FIN_WAIT1). The side that
+    /// closes first keeps the TIME_WAIT.
+    pub local_first: u32,
+    /// Closes begun by the peer's FIN (ESTABLISHED -> CLOSE_WAIT).
+    pub peer_first: u32,
+    /// Connections ended by a reset or an abort before any FIN (ESTABLISHED -> CLOSE).
+    pub reset: u32,
+}
+
+/// What [`Flows`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEvent {
+    Opened,
+    Closed,
+    /// A connection left ESTABLISHED: who began its end.
+    Ending(FirstClose),
+}
+
+/// Which side began a connection's end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstClose {
+    Local,
+    Peer,
+    Reset,
+}
+
+impl FirstClose {
+    /// From the transition that left ESTABLISHED (or a child's SYN_RECV, closed before its
+    /// handshake was accepted); None for any other.
+    pub fn of(old: TcpState, new: TcpState) -> Option<Self> {
+        match (old, new) {
+            (TcpState::Established | TcpState::SynRecv, TcpState::FinWait1) => Some(Self::Local),
+            (TcpState::Established, TcpState::CloseWait) => Some(Self::Peer),
+            (TcpState::Established, TcpState::Close) => Some(Self::Reset),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Peer => "peer",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+/// A destination's [`Flow`] per second.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FlowRate {
+    pub opened: f64,
+    pub closed: f64,
+    pub local_first: f64,
+    pub peer_first: f64,
+    pub reset: f64,
 }
 
 /// Connections opened (connect(), or a listener's new child) and closed per destination, in
@@ -317,9 +372,9 @@ pub struct Flows {
 }
 
 impl Flows {
-    /// Counts a connection to `dest` opened (or closed) at `ts_ns`. O(1); once a window, a
-    /// swap and a clear of the older map.
-    pub fn count(&mut self, dest: Dest, ts_ns: u64, opened: bool) {
+    /// Counts a connection to `dest` opened, closed or ending at `ts_ns`. O(1); once a window,
+    /// a swap and a clear of the older map.
+    pub fn count(&mut self, dest: Dest, ts_ns: u64, what: FlowEvent) {
         self.roll(ts_ns);
         let full = self.current.len() >= MAX_DESTINATIONS;
         let f = match self.current.get_mut(&dest) {
@@ -327,7 +382,13 @@ impl Flows {
             None if !full => self.current.entry(dest).or_default(),
             None => &mut self.current_other,
         };
-        let n = if opened { &mut f.opened } else { &mut f.closed };
+        let n = match what {
+            FlowEvent::Opened => &mut f.opened,
+            FlowEvent::Closed => &mut f.closed,
+            FlowEvent::Ending(FirstClose::Local) => &mut f.local_first,
+            FlowEvent::Ending(FirstClose::Peer) => &mut f.peer_first,
+            FlowEvent::Ending(FirstClose::Reset) => &mut f.reset,
+        };
         *n = n.saturating_add(1);
     }
 
@@ -361,15 +422,21 @@ impl Flows {
         }
     }
 
-    /// Connections to `dest` opened and closed per second over the last whole window
+    /// Connections to `dest` opened, closed and ending per second over the last whole window
     /// before `now_ns` (0 for a destination past the cap, counted in the rest).
-    pub fn rate(&self, dest: &Dest, now_ns: u64) -> (f64, f64) {
+    pub fn rate(&self, dest: &Dest, now_ns: u64) -> FlowRate {
         let f = self
             .last_window(now_ns)
             .and_then(|(m, _)| m.get(dest).copied())
             .unwrap_or_default();
         let per_s = |n: u32| f64::from(n) * 1e9 / FLOW_WINDOW_NS as f64;
-        (per_s(f.opened), per_s(f.closed))
+        FlowRate {
+            opened: per_s(f.opened),
+            closed: per_s(f.closed),
+            local_first: per_s(f.local_first),
+            peer_first: per_s(f.peer_first),
+            reset: per_s(f.reset),
+        }
     }
 }
 
@@ -512,34 +579,69 @@ mod tests {
     fn flows_are_rates_over_the_last_whole_window() {
         let w = FLOW_WINDOW_NS;
         let mut f = Flows::default();
+        let oc = |r: FlowRate| (r.opened, r.closed);
         for i in 0..100 {
-            f.count(to(80), w + i * 1_000_000, true);
+            f.count(to(80), w + i * 1_000_000, FlowEvent::Opened);
         }
         for i in 0..50 {
-            f.count(to(80), w + i * 1_000_000, false);
+            f.count(to(80), w + i * 1_000_000, FlowEvent::Closed);
+        }
+        for (i, first) in [FirstClose::Local, FirstClose::Peer, FirstClose::Reset]
+            .into_iter()
+            .enumerate()
+        {
+            for _ in 0..=i * 10 {
+                f.count(to(80), w + 7, FlowEvent::Ending(first));
+            }
         }
         assert_eq!(
-            f.rate(&to(80), w + 5),
+            oc(f.rate(&to(80), w + 5)),
             (0.0, 0.0),
             "the window is not whole yet"
         );
-        assert_eq!(f.rate(&to(80), 2 * w + 5), (10.0, 5.0));
-        f.count(to(443), 2 * w + 7, true);
-        assert_eq!(f.rate(&to(80), 2 * w + 9), (10.0, 5.0));
-        assert_eq!(f.rate(&to(80), 3 * w), (0.0, 0.0), "nothing since");
-        f.count(to(443), 5 * w, true);
+        let r = f.rate(&to(80), 2 * w + 5);
+        assert_eq!(oc(r), (10.0, 5.0));
+        assert_eq!((r.local_first, r.peer_first, r.reset), (0.1, 1.1, 2.1));
+        f.count(to(443), 2 * w + 7, FlowEvent::Opened);
+        assert_eq!(oc(f.rate(&to(80), 2 * w + 9)), (10.0, 5.0));
+        assert_eq!(f.rate(&to(80), 3 * w), FlowRate::default(), "nothing since");
+        f.count(to(443), 5 * w, FlowEvent::Opened);
         assert_eq!(
             f.rate(&to(443), 5 * w + 1),
-            (0.0, 0.0),
+            FlowRate::default(),
             "the windows between were empty"
         );
+    }
+
+    #[test]
+    fn who_began_the_end_is_told_by_the_state_left() {
+        use TcpState::*;
+        assert_eq!(
+            FirstClose::of(Established, FinWait1),
+            Some(FirstClose::Local)
+        );
+        assert_eq!(FirstClose::of(SynRecv, FinWait1), Some(FirstClose::Local));
+        assert_eq!(
+            FirstClose::of(Established, CloseWait),
+            Some(FirstClose::Peer)
+        );
+        assert_eq!(FirstClose::of(Established, Close), Some(FirstClose::Reset));
+        for (old, new) in [
+            (SynSent, Close),
+            (FinWait1, FinWait2),
+            (CloseWait, LastAck),
+            (FinWait1, Closing),
+            (SynSent, Established),
+        ] {
+            assert_eq!(FirstClose::of(old, new), None, "{old:?} -> {new:?}");
+        }
     }
 
     #[test]
     fn flows_to_ever_new_destinations_stay_within_the_cap() {
         let mut f = Flows::default();
         for port in 0..=u16::MAX {
-            f.count(to(port), 1, true);
+            f.count(to(port), 1, FlowEvent::Opened);
         }
         assert_eq!(f.current.len(), MAX_DESTINATIONS);
         assert_eq!(f.current_other.opened as usize, 65_536 - MAX_DESTINATIONS);

@@ -239,7 +239,12 @@ impl Tracker {
             },
         };
         if t.new == TcpState::Close {
-            self.flows.count(e.dest(), t.ts_ns, false);
+            self.flows
+                .count(e.dest(), t.ts_ns, destinations::FlowEvent::Closed);
+        }
+        if let Some(first) = destinations::FirstClose::of(t.old, t.new) {
+            self.flows
+                .count(e.dest(), t.ts_ns, destinations::FlowEvent::Ending(first));
         }
         let netns = if e.netns == 0 { t.netns } else { e.netns };
         let cgroup = if e.cgroup == 0 { t.cgroup } else { e.cgroup };
@@ -424,7 +429,8 @@ impl Tracker {
         if matches!(t.old, TcpState::Close | TcpState::Listen) && active != 0 {
             // Counted whether or not the table has room: a rate of births, not of entries.
             let dest = destinations::Dest::of(&t.tuple, active == flag::ACCEPTED);
-            self.flows.count(dest, t.ts_ns, true);
+            self.flows
+                .count(dest, t.ts_ns, destinations::FlowEvent::Opened);
         }
         let mut e = Entry::new(t.tuple, t.netns, t.new, t.ts_ns, flag::ENTRY_SEEN | active)
             .with_owner(owner);

@@ -1594,6 +1594,11 @@ fn connections_opened_and_closed_per_destination_are_a_rate() {
     }
     let lo = "127.0.0.1".parse().expect("addr");
     let dest = destinations::Dest::of(&Tuple::new(lo, 1, lo, 5432), false);
-    assert_eq!(t.flow_rate(&dest, 2 * w + MS), (20.0, 20.0));
+    let r = t.flow_rate(&dest, 2 * w + MS);
+    assert_eq!(
+        (r.opened, r.closed, r.local_first, r.peer_first, r.reset),
+        (20.0, 20.0, 20.0, 0.0, 0.0),
+        "the proxy closed each first"
+    );
     assert_eq!(t.destinations().count(&dest, TimeWait), 200);
 }

@@ -157,9 +157,13 @@ impl Tracker {
         self.table.destinations()
     }
 
-    /// Connections to `dest` opened and closed per second, over the last whole window
-    /// before `now_ns`.
-    pub fn flow_rate(&self, dest: &super::destinations::Dest, now_ns: u64) -> (f64, f64) {
+    /// Connections to `dest` opened, closed and ending (by who began it) per second, over
+    /// the last whole window before `now_ns`.
+    pub fn flow_rate(
+        &self,
+        dest: &super::destinations::Dest,
+        now_ns: u64,
+    ) -> super::destinations::FlowRate {
         self.flows.rate(dest, now_ns)
     }
 
