@@ -41,8 +41,9 @@ pub(super) struct InFlight {
     /// Sweeps since namespaces' settings were last read again.
     pub(super) since_settings: u32,
     /// Namespaces whose settings could not be read: asked again only where processes and
-    /// names pin namespaces, every `since_retry` 10 ticks.
+    /// names pin namespaces, every 10 ticks.
     pub(super) unreadable: std::collections::HashSet<u32>,
+    /// Ticks since those were last asked again.
     pub(super) since_retry: u32,
     /// Answers about the kernel's table that came before the events up to
     /// them were applied: they wait, so nothing is judged on stale events.
@@ -58,8 +59,9 @@ impl Daemon {
     /// to find the old one gone. Only the first ask walks every socket fd.
     pub(super) fn ask_settings(&mut self) {
         let without = self.tracker.netns_without_info();
-        let unreadable = &mut self.jobs.unreadable;
-        unreadable.retain(|n| without.binary_search(n).is_ok());
+        self.jobs
+            .unreadable
+            .retain(|n| without.binary_search(n).is_ok());
         self.jobs.since_retry += 1;
         let retry = self.jobs.since_retry >= 10;
         if retry {
