@@ -26,8 +26,11 @@ use crate::{
 /// What a worker can be asked.
 #[derive(Debug)]
 pub enum Job {
-    /// Every socket in every namespace, with fd holders: start-up.
-    Seed,
+    /// Every socket in every namespace, with fd holders: start-up. The daemon says on
+    /// `applied` when it has taken in each [`Reply::SeedPart`].
+    Seed {
+        applied: std::sync::mpsc::Receiver<()>,
+    },
     /// Dumps of these namespaces: reconciliation. Without `timewait`, TIME_WAIT mini-sockets
     /// are left out of the dump (the kernel skips them by state before formatting anything):
     /// on a busy client host they are most of the sockets.
@@ -182,7 +185,7 @@ impl Lane {
 impl Job {
     pub fn lane(&self) -> Lane {
         match self {
-            Job::Seed | Job::Reconcile { .. } | Job::Listeners { .. } => Lane::Dumps,
+            Job::Seed { .. } | Job::Reconcile { .. } | Job::Listeners { .. } => Lane::Dumps,
             Job::Confirm { .. } | Job::Sweep(_) | Job::Settings { .. } | Job::HostTcp => {
                 Lane::Lookups
             }
@@ -254,7 +257,7 @@ fn worker(rx: &mpsc::Receiver<Job>, replies: &UnboundedSender<Reply>) {
 
 fn run(ns: &mut Namespaces, job: Job, replies: &UnboundedSender<Reply>) -> Reply {
     match job {
-        Job::Seed => seed(ns, replies),
+        Job::Seed { applied } => seed(ns, replies, &applied),
         Job::Reconcile {
             namespaces,
             timewait,
@@ -265,7 +268,7 @@ fn run(ns: &mut Namespaces, job: Job, replies: &UnboundedSender<Reply>) -> Reply
             suspects,
             dump_start_ns,
         } => Reply::Confirmed(confirm(ns, &suspects, dump_start_ns)),
-        Job::Sweep(p) => Reply::Swept(sweep(ns, &p)),
+        Job::Sweep(p) => Reply::Swept(sweep(ns, p)),
         Job::Owners { ticket, sockets } => {
             owners(ns, vec![(ticket, sockets)])
                 .pop()
@@ -325,7 +328,7 @@ fn kernel_socket(netns: u32, s: &DiagSocket) -> Option<KernelSocket> {
 }
 
 /// TIME_WAIT mini-sockets sent to the daemon at a time during the start-up snapshot.
-const SEED_PART: usize = 65_536;
+const SEED_PART: usize = 16_384;
 
 /// The start-up snapshot, in parts: full sockets (listeners among them) with their holders
 /// first, then TIME_WAIT mini-sockets in parts of [`SEED_PART`] as they are dumped, then
@@ -333,7 +336,13 @@ const SEED_PART: usize = 65_536;
 /// the table being built from them, they were most of the daemon's start-up peak (21.10).
 /// Full sockets are dumped first, so one that enters TIME_WAIT between the dumps is in both
 /// (its event then finds it), never in neither.
-fn seed(ns: &mut Namespaces, replies: &UnboundedSender<Reply>) -> Reply {
+/// A part is sent only once the daemon has taken in the one before (`applied`): dumped
+/// faster than the table took them in, parts queued up to 35 MB beside it at a million.
+fn seed(
+    ns: &mut Namespaces,
+    replies: &UnboundedSender<Reply>,
+    applied: &std::sync::mpsc::Receiver<()>,
+) -> Reply {
     const TIME_WAIT: u32 = 1 << TcpState::TimeWait as u32;
     let mut sockets: Vec<KernelSocket> = Vec::new();
     let mut inodes: Vec<(usize, u32)> = Vec::new();
@@ -372,6 +381,8 @@ fn seed(ns: &mut Namespaces, replies: &UnboundedSender<Reply>) -> Reply {
         .collect();
     let _ = replies.send(Reply::SeedExpects { timewait });
     let mut part: Vec<KernelSocket> = Vec::new();
+    // The full sockets' part is out and not yet taken in.
+    let mut unapplied = 1;
     for netns in namespaces {
         // A namespace whose dump fails midway keeps the parts already sent: unlike full
         // sockets, a mini-socket is harmless to hold (its sweep finds it gone).
@@ -380,9 +391,14 @@ fn seed(ns: &mut Namespaces, replies: &UnboundedSender<Reply>) -> Reply {
                 part.push(k);
             }
             if part.len() >= SEED_PART {
+                // The dump waits in the kernel meanwhile (its position is kept between reads).
+                while unapplied > 0 && applied.recv().is_ok() {
+                    unapplied -= 1;
+                }
                 let _ = replies.send(Reply::SeedPart {
                     sockets: std::mem::take(&mut part),
                 });
+                unapplied += 1;
             }
         });
     }
@@ -516,12 +532,12 @@ fn found(ns: &mut Namespaces, netns: u32, t: &Tuple) -> Option<Found> {
 /// The sweep's lookups. TIME_WAIT timers fire in the order they were set, so the mini-sockets
 /// that are gone are a prefix of the oldest-first list: a binary search finds it with
 /// log2(n) + 1 lookups instead of n.
-fn sweep(ns: &mut Namespaces, p: &Sweep) -> Swept {
+fn sweep(ns: &mut Namespaces, p: Sweep) -> Swept {
     let mut r = Swept {
         netns: p.netns,
         done_ns: 0,
         timewait_gone: 0,
-        timewait: p.timewait.clone(),
+        timewait: p.timewait,
         orphans: Vec::new(),
         netns_gone: false,
     };
@@ -531,10 +547,10 @@ fn sweep(ns: &mut Namespaces, p: &Sweep) -> Swept {
         r.done_ns = monotonic_ns();
         return r;
     }
-    let (mut lo, mut hi) = (0, p.timewait.len());
+    let (mut lo, mut hi) = (0, r.timewait.len());
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        match found(ns, p.netns, &p.timewait[mid]) {
+        match found(ns, p.netns, &r.timewait[mid]) {
             Some(Found::Mini(TcpState::TimeWait)) => hi = mid,
             Some(_) => lo = mid + 1,
             // Cannot tell: leave the rest for the next sweep.
@@ -828,7 +844,9 @@ mod tests {
             2,
         );
         let dumps = [
-            Job::Seed,
+            Job::Seed {
+                applied: std::sync::mpsc::channel().1,
+            },
             Job::Listeners { namespaces: vec![] },
             Job::Reconcile {
                 namespaces: vec![],

@@ -31,6 +31,11 @@ pub(super) struct InFlight {
     /// Reconciliations started, for `--full-reconcile-every`.
     pub(super) reconciles: u64,
     pub(super) sweeps: usize,
+    /// The sweeps out listed as many TIME_WAIT as one may: more are due, and are asked for
+    /// as soon as these are in, not half a second later.
+    pub(super) sweep_full: bool,
+    /// A sweep since the last listing ended some: the next is worth asking for at once.
+    pub(super) sweep_ended: bool,
     pub(super) settings: std::collections::HashSet<u32>,
     pub(super) listeners: bool,
     pub(super) host_tcp: bool,
@@ -80,13 +85,8 @@ impl Daemon {
 
     /// Checks mini-sockets with the kernel, and re-reads its table when things went quiet.
     pub(super) fn sweep(&mut self) {
-        let now = monotonic_ns();
         if self.jobs.sweeps == 0 {
-            for p in self.tracker.sweep_lookups(now) {
-                if self.workers.submit(Job::Sweep(p)) {
-                    self.jobs.sweeps += 1;
-                }
-            }
+            self.submit_sweeps();
         }
         self.poll_listeners();
         self.refresh_settings();
@@ -106,6 +106,18 @@ impl Daemon {
             self.start_reconcile(true);
         }
         self.tally.since_sweep = 0;
+    }
+
+    fn submit_sweeps(&mut self) {
+        let sweeps = self.tracker.sweep_lookups(monotonic_ns());
+        let listed: usize = sweeps.iter().map(|p| p.timewait.len()).sum();
+        self.jobs.sweep_full = listed >= crate::tracker::MAX_SWEPT_TIMEWAIT;
+        self.jobs.sweep_ended = false;
+        for p in sweeps {
+            if self.workers.submit(Job::Sweep(p)) {
+                self.jobs.sweeps += 1;
+            }
+        }
     }
 
     /// Reads known namespaces' settings again every 10 s: an operator may widen a port range,
@@ -263,8 +275,21 @@ impl Daemon {
                     let mut facts = Vec::new();
                     self.tracker.apply_sweep(&r, &mut facts);
                     self.publish(facts);
+                    self.jobs.sweep_ended |= r.timewait_gone > 0;
                 }
             }
+        }
+        // A burst's expiry: the next bounded part at once, while the last ones still end.
+        if self.jobs.sweeps == 0
+            && self.jobs.sweep_full
+            && self.jobs.sweep_ended
+            && !self
+                .jobs
+                .parked
+                .iter()
+                .any(|p| matches!(p, Parked::Swept(_)))
+        {
+            self.submit_sweeps();
         }
     }
 

@@ -40,7 +40,7 @@ mod view;
 use std::collections::{HashMap, HashSet};
 
 pub use self::{
-    answers::{Alive, Found, KernelSocket, Sweep, Swept},
+    answers::{Alive, Found, KernelSocket, MAX_SWEPT_TIMEWAIT, Sweep, Swept},
     backlog::Listening,
     facts::{
         AcceptQueue, Anomaly, DestCount, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side,

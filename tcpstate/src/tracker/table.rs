@@ -141,7 +141,7 @@ pub struct Full;
 pub struct Table {
     /// FxHash: the keys are kernel addresses (or our synthetic keys), which
     /// no remote peer chooses, and SipHash showed in the profile.
-    map: rustc_hash::FxHashMap<u64, Entry>,
+    map: hashbrown::HashMap<u64, Entry, rustc_hash::FxBuildHasher>,
     capacity: usize,
     sockets: [u64; TcpState::COUNT],
     anomalies_open: [u64; TcpState::COUNT],
@@ -155,7 +155,7 @@ pub struct Table {
 impl Table {
     pub fn new(capacity: usize) -> Self {
         Self {
-            map: rustc_hash::FxHashMap::default(),
+            map: hashbrown::HashMap::default(),
             capacity,
             sockets: [0; TcpState::COUNT],
             anomalies_open: [0; TcpState::COUNT],
@@ -283,7 +283,7 @@ impl Table {
     /// Heap bytes held by the table (hashbrown: buckets of key + value plus
     /// one control byte each).
     pub fn bytes(&self) -> usize {
-        self.map.capacity() * (size_of::<(u64, Entry)>() + 1)
+        self.map.allocation_size()
     }
 
     /// Recomputes every count from the entries; tests compare it with the

@@ -8,7 +8,9 @@
 //! (HashDoS-resistant enough for keys an attacker only partly controls, and
 //! several times cheaper than SipHash at 10k+ connections a second).
 
-use std::collections::HashMap;
+use std::collections::BinaryHeap;
+
+use hashbrown::HashMap;
 
 use super::PeerKeyHasher;
 use crate::socket::{Family, Tuple};
@@ -30,7 +32,7 @@ const ACTIVE: u64 = 1 << 62;
 
 const FLAGS: u64 = ESTIMATED | ACTIVE;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct V4 {
     netns: u32,
     saddr: [u8; 4],
@@ -39,7 +41,7 @@ struct V4 {
     dport: u16,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct V6 {
     netns: u32,
     sport: u16,
@@ -93,6 +95,14 @@ impl V6 {
             },
         )
     }
+}
+
+/// A due entry while the oldest are chosen (ordered by the age beside it, and by key only
+/// to break ties).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    V4(V4, u64),
+    V6(V6, u64),
 }
 
 /// One mini-socket as the tracker hands it out.
@@ -206,38 +216,67 @@ impl TimeWaitTable {
         a.chain(b)
     }
 
-    /// Mini-sockets whose 2MSL has run out by `now_ns`, oldest first: the
-    /// ones to check with the kernel. A scan of the raw entries (no
-    /// conversion unless due), once per sweep, never per event.
-    pub fn due(&mut self, now_ns: u64) -> Vec<TimeWaitSocket> {
+    /// At most `max` of the mini-sockets whose 2MSL has run out by `now_ns`, the oldest,
+    /// sorted by namespace and age: the ones to check with the kernel. A scan of the raw
+    /// entries (no conversion unless due), once per sweep, never per event. Bounded because
+    /// a burst's expiry makes them all due at once: a million, listed whole three times over
+    /// on their way to the worker, peaked at 200 MB (issue 21.10).
+    pub fn due(&mut self, now_ns: u64, max: usize) -> Vec<TimeWaitSocket> {
         let limit = now_ns.saturating_sub(TIMEWAIT_LEN_NS);
-        if self.oldest > limit {
+        if self.oldest > limit || max == 0 {
             return Vec::new();
         }
         let stamps = self.v4.values().chain(self.v6.values());
         self.oldest = stamps.map(|s| s & !FLAGS).min().unwrap_or(u64::MAX);
         let is_due = |stamp: u64| stamp & !FLAGS <= limit;
-        let mut v: Vec<TimeWaitSocket> = self
-            .v4
-            .iter()
-            .filter(|&(_, &s)| is_due(s))
-            .map(|(k, &s)| {
-                let (n, t) = k.tuple();
+        // The `max` oldest: a max-heap by age that drops its youngest when over. Each
+        // namespace's share is then a prefix of its own oldest-first order, which is what
+        // the sweep's binary search needs.
+        let mut oldest: BinaryHeap<(u64, Due)> = BinaryHeap::with_capacity(max.min(1024));
+        let mut keep = |stamp: u64, e: Due| {
+            let age = stamp & !FLAGS;
+            if oldest.len() < max {
+                oldest.push((age, e));
+            } else if oldest.peek().is_some_and(|&(young, _)| age < young) {
+                oldest.pop();
+                oldest.push((age, e));
+            }
+        };
+        for (k, &s) in self.v4.iter().filter(|&(_, &s)| is_due(s)) {
+            keep(s, Due::V4(*k, s));
+        }
+        for (k, &s) in self.v6.iter().filter(|&(_, &s)| is_due(s)) {
+            keep(s, Due::V6(*k, s));
+        }
+        let mut v: Vec<TimeWaitSocket> = oldest
+            .into_iter()
+            .map(|(_, e)| {
+                let ((n, t), s) = match e {
+                    Due::V4(k, s) => (k.tuple(), s),
+                    Due::V6(k, s) => (k.tuple(), s),
+                };
                 socket(n, t, s)
             })
-            .chain(self.v6.iter().filter(|&(_, &s)| is_due(s)).map(|(k, &s)| {
-                let (n, t) = k.tuple();
-                socket(n, t, s)
-            }))
             .collect();
         v.sort_unstable_by_key(|s| (s.netns, s.since_ns));
         v
     }
 
+    /// Gives back the bucket arrays of a table that emptied after a burst: a hash map never
+    /// shrinks by itself, and a million TIME_WAIT gone left 50 MB held for nothing.
+    pub fn shrink_if_sparse(&mut self) {
+        fn shrink<K: Eq + std::hash::Hash, V>(m: &mut HashMap<K, V, PeerKeyHasher>) {
+            if m.capacity() > 4096 && m.len() < m.capacity() / 8 {
+                m.shrink_to(m.len() * 2);
+            }
+        }
+        shrink(&mut self.v4);
+        shrink(&mut self.v6);
+    }
+
     /// Heap bytes (hashbrown: buckets of key + value, one control byte each).
     pub fn bytes(&self) -> usize {
-        self.v4.capacity() * (size_of::<(V4, u64)>() + 1)
-            + self.v6.capacity() * (size_of::<(V6, u64)>() + 1)
+        self.v4.allocation_size() + self.v6.allocation_size()
     }
 }
 
@@ -257,7 +296,7 @@ fn put<K: std::hash::Hash + Eq>(
     stamp: u64,
     full: bool,
 ) -> Insert {
-    use std::collections::hash_map::Entry;
+    use hashbrown::hash_map::Entry;
     match m.entry(k) {
         Entry::Occupied(mut o) => {
             let active = *o.get() & ACTIVE;
@@ -326,10 +365,69 @@ mod tests {
         tw.insert(7, &tuple("10.0.0.1", 2), 20, (false, false));
         tw.insert(7, &tuple("10.0.0.1", 1), 10, (false, false));
         tw.insert(7, &tuple("10.0.0.1", 3), 30, (false, false));
-        let due = tw.due(TIMEWAIT_LEN_NS + 25);
+        let due = tw.due(TIMEWAIT_LEN_NS + 25, 100);
         assert_eq!(
             due.iter().map(|s| s.tuple.sport).collect::<Vec<_>>(),
             [1, 2]
         );
+    }
+
+    #[test]
+    fn due_is_bounded_to_the_oldest_per_namespace_prefix() {
+        let mut tw = TimeWaitTable::new(100_000);
+        // Two namespaces interleaved in age, and an IPv6 one among the oldest.
+        for i in 0..10_000u16 {
+            tw.insert(
+                u32::from(i % 2),
+                &tuple("10.0.0.1", i),
+                u64::from(i) + 1,
+                (false, false),
+            );
+        }
+        tw.insert(1, &tuple("fd00::1", 9), 0, (false, false));
+        let due = tw.due(TIMEWAIT_LEN_NS + 100_000, 101);
+        assert_eq!(due.len(), 101);
+        assert_eq!(
+            due.iter().filter(|s| s.tuple.family == Family::V6).count(),
+            1
+        );
+        let v4: Vec<(u32, u64)> = due
+            .iter()
+            .filter(|s| s.tuple.family == Family::V4)
+            .map(|s| (s.netns, s.since_ns))
+            .collect();
+        let want: Vec<(u32, u64)> = (0..100u64)
+            .map(|i| ((i % 2) as u32, i + 1))
+            .filter(|&(n, _)| n == 0)
+            .chain(
+                (0..100u64)
+                    .map(|i| ((i % 2) as u32, i + 1))
+                    .filter(|&(n, _)| n == 1),
+            )
+            .collect();
+        assert_eq!(v4, want, "sorted by namespace, then the oldest first");
+        assert_eq!(tw.len(), 10_001, "listing takes nothing out");
+    }
+
+    #[test]
+    fn an_emptied_table_gives_its_buckets_back() {
+        let mut tw = TimeWaitTable::new(100_000);
+        for i in 0..50_000u32 {
+            let t = Tuple::v4([10, 0, (i >> 8) as u8, i as u8], 1000, [10, 1, 0, 1], 80);
+            tw.insert(1, &t, 1, (false, false));
+        }
+        let full = tw.bytes();
+        for i in 0..49_990u32 {
+            let t = Tuple::v4([10, 0, (i >> 8) as u8, i as u8], 1000, [10, 1, 0, 1], 80);
+            tw.remove(1, &t);
+        }
+        assert_eq!(tw.bytes(), full, "removing alone keeps the buckets");
+        tw.shrink_if_sparse();
+        assert!(
+            tw.bytes() < full / 100,
+            "{} of {full} bytes kept",
+            tw.bytes()
+        );
+        assert_eq!(tw.len(), 10);
     }
 }

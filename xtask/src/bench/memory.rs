@@ -284,7 +284,7 @@ fn wait_until_stable(addr: SocketAddr) -> Result<serde_json::Value> {
 }
 
 /// GET /status over a fresh HTTP/1.1 connection (Connection: close).
-fn get_status(addr: SocketAddr) -> Result<serde_json::Value> {
+pub(super) fn get_status(addr: SocketAddr) -> Result<serde_json::Value> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
