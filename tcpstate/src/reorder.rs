@@ -13,12 +13,19 @@ use tcpstate_common::Event;
 #[derive(Default)]
 pub struct Reorder {
     held: Vec<Event>,
+    /// The newest timestamp released so far.
+    released_ns: u64,
+    /// Events that came after the cutoff had passed them (a CPU stalled between reading the
+    /// clock and publishing for longer than the holdback): released, but after newer ones.
+    late: u64,
 }
 
 impl Reorder {
     /// Takes the freshly drained events; returns every event with
     /// `ts_ns < cutoff_ns`, oldest first, and holds the rest.
     pub fn release(&mut self, fresh: &mut Vec<Event>, cutoff_ns: u64) -> Vec<Event> {
+        let released = self.released_ns;
+        self.late += fresh.iter().filter(|e| e.ts_ns < released).count() as u64;
         // Moves rather than copies where it can: an event is
         // `size_of::<Event>()` bytes and this runs for every one of them.
         if self.held.is_empty() {
@@ -31,7 +38,16 @@ impl Reorder {
         self.held.sort_by_key(|e| e.ts_ns);
         let n = self.held.partition_point(|e| e.ts_ns < cutoff_ns);
         let newer = self.held.split_off(n);
-        std::mem::replace(&mut self.held, newer)
+        let out = std::mem::replace(&mut self.held, newer);
+        if let Some(last) = out.last() {
+            self.released_ns = self.released_ns.max(last.ts_ns);
+        }
+        out
+    }
+
+    /// Events released after newer ones, since the start.
+    pub fn late(&self) -> u64 {
+        self.late
     }
 
     /// Events waiting for the cutoff to pass them.
@@ -69,6 +85,16 @@ mod tests {
         let out = r.release(&mut Vec::new(), u64::MAX);
         assert_eq!(keys(&out), [(70, 2)]);
         assert_eq!(r.held(), 0);
+    }
+
+    #[test]
+    fn an_event_older_than_what_was_released_is_counted_late_not_lost() {
+        let mut r = Reorder::default();
+        let out = r.release(&mut vec![ev(10, 1), ev(20, 1)], 25);
+        assert_eq!(keys(&out), [(10, 1), (20, 1)]);
+        let out = r.release(&mut vec![ev(15, 2), ev(30, 1)], 35);
+        assert_eq!(keys(&out), [(15, 2), (30, 1)]);
+        assert_eq!(r.late(), 1);
     }
 
     #[test]

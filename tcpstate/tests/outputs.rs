@@ -627,8 +627,11 @@ fn ten_thousand_idle_connections_leave_a_scrape_answering() {
     daemon.stop();
     assert!(page.contains("tcpstate_events_total"), "{page}");
     assert!(took < Duration::from_secs(1), "the scrape took {took:?}");
+    // About 1.2 KiB each (a task and its socket); a read buffer each would be 8 KiB or more.
+    // (The bound was 5 MiB while the heap the program's load freed was left resident, and
+    // new clients reused it unseen.)
     assert!(
-        after < before + 5 * 1024,
+        after < before + 20 * 1024,
         "10,000 idle clients cost {} KiB",
         after.saturating_sub(before)
     );

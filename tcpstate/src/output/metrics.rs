@@ -33,6 +33,8 @@ pub struct Counters {
     pub dropped: u64,
     pub recursion_misses: u64,
     pub undecodable: u64,
+    /// Events merged after newer ones: a CPU published one later than the 1 ms holdback.
+    pub late: u64,
     pub log_suppressed: u64,
     pub log_dropped: u64,
     pub stdout_dropped: u64,
@@ -344,7 +346,7 @@ impl Snapshot {
     }
 
     /// Unlabelled counters: (name, help, value).
-    fn counters(&self) -> [(&'static str, &'static str, u64); 18] {
+    fn counters(&self) -> [(&'static str, &'static str, u64); 19] {
         let c = &self.counters;
         [
             (
@@ -377,6 +379,11 @@ impl Snapshot {
                 "tcpstate_events_undecodable",
                 "Events received that could not be decoded",
                 c.undecodable,
+            ),
+            (
+                "tcpstate_events_late",
+                "Events a CPU published after the merge had passed their time (applied after newer ones)",
+                c.late,
             ),
             (
                 "tcpstate_log_suppressed",

@@ -73,6 +73,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 struct Tally {
     events: u64,
     undecodable: u64,
+    /// Events merged after newer ones (the collector counts them since the start).
+    late: u64,
     /// Events dropped by userspace filters (--netns).
     filtered: u64,
     /// Events since the last sweep (an idle sweep re-reads the kernel's table).
@@ -346,6 +348,7 @@ impl Daemon {
         let now = Instant::now();
         self.tally.events += batch.events;
         self.tally.undecodable += batch.undecodable;
+        self.tally.late = batch.late;
         let filtered = self.tally.filtered;
         let mut facts = Vec::new();
         for d in &batch.decoded {
@@ -511,6 +514,7 @@ impl Daemon {
             dropped: k.ringbuf_full,
             recursion_misses: k.recursion_misses,
             undecodable: self.tally.undecodable,
+            late: self.tally.late,
             log_suppressed: self.sinks.log_suppressed(),
             log_dropped: self.sinks.log_dropped(),
             stdout_dropped: self.sinks.stdout_dropped(),
