@@ -79,6 +79,7 @@ pub fn transition() -> TransitionRecord {
         via: None,
         reason: None,
         retransmits: None,
+        closed_first: None,
     }
 }
 

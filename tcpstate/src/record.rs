@@ -117,6 +117,11 @@ pub struct TransitionRecord {
     /// there were any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retransmits: Option<u16>,
+    /// At a connection's end (CLOSE, or TIME_WAIT): which side began it. `local` (this host
+    /// sent the first FIN, so it keeps the TIME_WAIT), `peer`, or `reset` (ended before any
+    /// FIN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_first: Option<String>,
 }
 
 /// A reset on a full socket: which side sent it, in which state.
@@ -480,6 +485,8 @@ impl TransitionRecord {
             via: (m.via != crate::tracker::Via::Event).then(|| m.via.name().to_owned()),
             reason: m.reason.map(str::to_owned),
             retransmits: (m.retransmits > 0).then_some(m.retransmits),
+            closed_first: crate::tracker::FirstClose::at_end(m.old, m.new)
+                .map(|f| f.name().to_owned()),
         }
     }
 }

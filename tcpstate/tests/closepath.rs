@@ -496,3 +496,87 @@ fn time_wait_pressure_is_raised_and_relieved() {
         "{relieved}"
     );
 }
+
+/// Issue 18.2: every connection's end record says which side began it. The side that sent
+/// the first FIN says `local` (and keeps the TIME_WAIT), its peer says `peer`, and an abort
+/// says `reset` on both ends. A failed connect closes no connection and says nothing.
+#[test]
+fn every_end_record_says_who_closed_first() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let sp = port(29100);
+    let path = format!("/run/netns/{}", ns.name);
+    let daemon = Daemon::start(&["--netns", &path]);
+    let (closer, aborter, refused) = ns.run(move || {
+        let l = listener(sp);
+        // The client closes first.
+        let c = TcpStream::connect(("127.0.0.1", sp)).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        let closer = c.local_addr().expect("addr").port();
+        drop(c);
+        std::thread::sleep(Duration::from_millis(50));
+        drop(s);
+        // The client aborts (SO_LINGER 0: a reset, no FIN).
+        let c = TcpStream::connect(("127.0.0.1", sp)).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        let aborter = c.local_addr().expect("addr").port();
+        linger_zero(&c);
+        drop(c);
+        std::thread::sleep(Duration::from_millis(50));
+        drop(s);
+        // Nothing listens there: refused.
+        let refused = port(29150);
+        assert!(TcpStream::connect(("127.0.0.1", refused)).is_err());
+        (closer, aborter, refused)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let records = daemon.stop();
+    let ts = transitions(&records, ns.inode);
+    let end = |local: u16, remote: u16| -> Option<(String, String, Option<String>)> {
+        ts.iter()
+            .filter(|t| t["sport"] == local && t["dport"] == remote)
+            .filter(|t| t["new"] == "CLOSE" || t["new"] == "TIME_WAIT")
+            .find(|t| t["old"] != "TIME_WAIT")
+            .map(|t| {
+                (
+                    t["old"].as_str().unwrap_or("?").to_owned(),
+                    t["new"].as_str().unwrap_or("?").to_owned(),
+                    t["closed_first"].as_str().map(str::to_owned),
+                )
+            })
+    };
+    let said = |old: &str, new: &str, side: &str| {
+        Some((old.to_owned(), new.to_owned(), Some(side.to_owned())))
+    };
+    assert_eq!(
+        end(closer, sp),
+        said("FIN_WAIT2", "TIME_WAIT", "local"),
+        "{ts:#?}"
+    );
+    assert_eq!(
+        end(sp, closer),
+        said("LAST_ACK", "CLOSE", "peer"),
+        "{ts:#?}"
+    );
+    assert_eq!(
+        end(aborter, sp),
+        said("ESTABLISHED", "CLOSE", "reset"),
+        "{ts:#?}"
+    );
+    assert_eq!(
+        end(sp, aborter),
+        said("ESTABLISHED", "CLOSE", "reset"),
+        "{ts:#?}"
+    );
+    let failed: Vec<&&Value> = ts.iter().filter(|t| t["dport"] == refused).collect();
+    assert!(
+        failed.iter().any(|t| t["new"] == "CLOSE"),
+        "the failed connect's end is recorded: {ts:#?}"
+    );
+    assert!(
+        failed.iter().all(|t| t["closed_first"].is_null()),
+        "a failed connect closed no connection: {failed:#?}"
+    );
+}

@@ -77,6 +77,10 @@ impl JsonWriter {
             buf.extend_from_slice(b",\"retransmits\":");
             buf.extend_from_slice(n.format(r).as_bytes());
         }
+        if let Some(side) = &t.closed_first {
+            buf.extend_from_slice(b",\"closed_first\":");
+            let _ = serde_json::to_writer(&mut *buf, side);
+        }
         buf.push(b'}');
     }
 
@@ -197,6 +201,7 @@ mod tests {
                         via: i.is_multiple_of(3).then(|| "sock_diag".to_owned()),
                         reason: i.is_multiple_of(4).then(|| "refused".to_owned()),
                         retransmits: i.is_multiple_of(5).then_some(i as u16),
+                        closed_first: i.is_multiple_of(7).then(|| "peer".to_owned()),
                     };
                     let rec = Record::Transition(t);
                     let mut buf = Vec::new();

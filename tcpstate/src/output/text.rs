@@ -149,6 +149,9 @@ fn write_transition(out: &mut String, t: &TransitionRecord) {
     if let Some(n) = t.retransmits {
         let _ = write!(out, " [{n} retransmits]");
     }
+    if let Some(side) = &t.closed_first {
+        let _ = write!(out, " [{} closed first]", escape(side));
+    }
     in_netns(out, t.netns);
     in_workload(out, t.workload.as_deref());
 }

@@ -338,6 +338,23 @@ impl FirstClose {
         }
     }
 
+    /// At a connection's end (CLOSE, or TIME_WAIT for the full socket), from the state it
+    /// ends in: a FIN_WAIT or CLOSING socket sent the first FIN, a CLOSE_WAIT or LAST_ACK one
+    /// got it, one still ESTABLISHED (or SYN_RECV) ended by a reset or an abort. None for the
+    /// ends that close no connection (a failed connect, a listener) and for a TIME_WAIT
+    /// mini-socket's own end (its connection's end was told when it entered TIME_WAIT).
+    pub fn at_end(old: TcpState, new: TcpState) -> Option<Self> {
+        if !matches!(new, TcpState::Close | TcpState::TimeWait) {
+            return None;
+        }
+        match old {
+            TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing => Some(Self::Local),
+            TcpState::CloseWait | TcpState::LastAck => Some(Self::Peer),
+            TcpState::Established | TcpState::SynRecv => Some(Self::Reset),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Local => "local",
@@ -611,6 +628,27 @@ mod tests {
             FlowRate::default(),
             "the windows between were empty"
         );
+    }
+
+    #[test]
+    fn the_end_record_says_who_closed_first() {
+        use TcpState::*;
+        let end = |old, new| FirstClose::at_end(old, new).map(FirstClose::name);
+        assert_eq!(end(FinWait2, TimeWait), Some("local"));
+        assert_eq!(end(Closing, TimeWait), Some("local"));
+        assert_eq!(end(FinWait1, Close), Some("local"));
+        assert_eq!(end(LastAck, Close), Some("peer"));
+        assert_eq!(end(CloseWait, Close), Some("peer"));
+        assert_eq!(end(Established, Close), Some("reset"));
+        assert_eq!(end(SynRecv, Close), Some("reset"));
+        assert_eq!(
+            end(SynSent, Close),
+            None,
+            "a failed connect closed no connection"
+        );
+        assert_eq!(end(Listen, Close), None);
+        assert_eq!(end(TimeWait, Close), None, "told when it entered TIME_WAIT");
+        assert_eq!(end(Established, FinWait1), None, "not an end");
     }
 
     #[test]

@@ -42,6 +42,7 @@ use std::collections::{HashMap, HashSet};
 pub use self::{
     answers::{Alive, Found, KernelSocket, MAX_SWEPT_TIMEWAIT, Sweep, Swept},
     backlog::Listening,
+    destinations::FirstClose,
     facts::{
         AcceptQueue, Anomaly, DestCount, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side,
         Task, Via,
