@@ -15,6 +15,10 @@
 //! - Rotation: O_APPEND makes logrotate's copytruncate safe; rename or
 //!   removal is noticed by comparing the path's inode with ours (checked
 //!   every second and on SIGHUP), and the path is reopened.
+//! - Off the engine: the engine only serialises records into a batch and hands it to the
+//!   log's own writer thread over a queue bounded in bytes; the writes, opens, renames and
+//!   rotations run there. A slow or frozen disk stops that thread alone: past the bound,
+//!   batches are dropped and counted (`log_dropped`), and the engine goes on.
 //! - Flood safety: transition records pass a token bucket (`--log-rate`),
 //!   with a `suppressed` record saying how many were dropped; anomalies
 //!   always pass. `--log-max-size`/`--log-keep` cap the disk used.
@@ -27,7 +31,12 @@ use std::{
         unix::fs::{FileExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
-    time::{Instant, SystemTime},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::record::{Record, Suppressed};
@@ -78,22 +87,57 @@ impl RateLimit {
     }
 }
 
+/// Bytes of batches queued for the log's writer at most; past it batches are dropped.
+const LOG_QUEUE_BYTES: usize = 16 << 20;
+/// How often the writer looks whether the path still names its file.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// The engine's side of the log: what is admitted (rate limit, `--log-transitions`), the
+/// batch being serialised, and the queue to the writer thread.
 pub struct LogFile {
-    opts: LogOptions,
-    file: File,
-    ino: (u64, u64),
-    size: u64,
-    buf: Vec<u8>,
+    path: PathBuf,
+    transitions: bool,
     rate: Option<RateLimit>,
     suppressed: u64,
     /// Transition records dropped by the rate limit since start.
     pub suppressed_total: u64,
-    /// Records in `buf`, not yet written.
+    buf: Vec<u8>,
+    /// Records in `buf`, not yet handed over.
     buffered: u64,
-    /// Records lost to write errors since start.
-    pub dropped_total: u64,
-    last_check: Instant,
+    last_tick: Instant,
     json: super::json::JsonWriter,
+    tx: Option<mpsc::Sender<Command>>,
+    shared: Arc<Shared>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the engine and the writer thread both see.
+#[derive(Default)]
+struct Shared {
+    /// Bytes handed over and not yet written (or given up on).
+    queued: AtomicUsize,
+    /// Records lost since start: to write errors, or because the queue was full.
+    dropped: AtomicU64,
+}
+
+enum Command {
+    Batch {
+        bytes: Vec<u8>,
+        records: u64,
+    },
+    /// SIGHUP: reopen the path.
+    Reopen,
+}
+
+/// The file side, owned by the writer thread: appends whole batches, rotates, follows the
+/// path when it is renamed or removed.
+struct Appender {
+    path: PathBuf,
+    max_size: Option<u64>,
+    keep: u32,
+    file: File,
+    ino: (u64, u64),
+    size: u64,
     /// The file was (re)opened and its last byte not yet looked at: the next append ends a
     /// torn line first. The newline goes out with that append, not at the open, so it is cut
     /// back with it on a failed write and a full disk does not stop the open.
@@ -171,27 +215,35 @@ fn is_torn(file: &File, size: u64) -> io::Result<bool> {
 }
 
 impl LogFile {
-    /// Opens (creating) the log; the error names the path.
-    pub fn open(opts: LogOptions) -> Result<Self, LogError> {
-        let (file, ino, size) = open(&opts.path).map_err(|reason| LogError {
+    /// Opens (creating) the log and starts its writer; the error names the path. A failing
+    /// write is warned about at most once per `warn_every`.
+    pub fn open(opts: LogOptions, warn_every: Duration) -> Result<Self, LogError> {
+        let err = |reason| LogError {
             path: opts.path.clone(),
             reason,
-        })?;
+        };
+        let appender = Appender::open(&opts).map_err(err)?;
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::channel();
+        let s = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("tcpstate-log".into())
+            .spawn(move || write_loop(appender, &rx, &s, warn_every))
+            .map_err(err)?;
         let now = Instant::now();
         Ok(Self {
+            path: opts.path,
+            transitions: opts.transitions,
             rate: opts.rate.map(|r| RateLimit::new(r, now)),
-            opts,
-            file,
-            ino,
-            size,
-            buf: Vec::with_capacity(256 * 1024),
             suppressed: 0,
             suppressed_total: 0,
+            buf: Vec::with_capacity(256 * 1024),
             buffered: 0,
-            dropped_total: 0,
-            last_check: now,
+            last_tick: now,
             json: super::json::JsonWriter::default(),
-            check_torn: true,
+            tx: Some(tx),
+            shared,
+            writer: Some(writer),
         })
     }
 
@@ -206,7 +258,7 @@ impl LogFile {
     /// Whether the next transition record is to be written (counted as
     /// suppressed when not): asked before the record is even built.
     pub fn admit_transition(&mut self, now: Instant) -> bool {
-        if !self.opts.transitions {
+        if !self.transitions {
             return false;
         }
         if let Some(rate) = &mut self.rate
@@ -225,12 +277,12 @@ impl LogFile {
         self.buffered += 1;
     }
 
-    /// Writes the batch; once a second also says how many transitions the
-    /// rate limit dropped and checks for rotation. On an error the batch is
-    /// dropped and counted, never kept: the next batch starts clean.
-    pub fn flush(&mut self, now: Instant) -> io::Result<()> {
-        if now.saturating_duration_since(self.last_check).as_secs() >= 1 {
-            self.last_check = now;
+    /// Hands the batch to the writer; once a second also says how many transitions the rate
+    /// limit dropped. Never waits: when the writer is too far behind (a slow disk), the batch
+    /// is dropped and counted.
+    pub fn flush(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_tick) >= FOLLOW_EVERY {
+            self.last_tick = now;
             if self.suppressed > 0 {
                 let n = std::mem::take(&mut self.suppressed);
                 self.emit(
@@ -241,58 +293,169 @@ impl LogFile {
                     now,
                 );
             }
-            if let Err(e) = self.follow_path() {
-                self.drop_batch();
-                return Err(e);
-            }
         }
         if self.buf.is_empty() {
-            return Ok(());
+            return;
         }
-        let r = self.write_batch();
-        if r.is_err() {
-            self.drop_batch();
-        }
-        self.buf.clear();
-        self.buffered = 0;
         // A batch that grew huge once must not keep its memory.
-        self.buf.shrink_to(256 * 1024);
-        r
+        let bytes = std::mem::replace(&mut self.buf, Vec::with_capacity(256 * 1024));
+        let records = std::mem::take(&mut self.buffered);
+        let len = bytes.len();
+        let room = self.shared.queued.load(Ordering::Relaxed) + len <= LOG_QUEUE_BYTES;
+        let sent = room
+            && self.tx.as_ref().is_some_and(|tx| {
+                self.shared.queued.fetch_add(len, Ordering::Relaxed);
+                tx.send(Command::Batch { bytes, records }).is_ok()
+            });
+        if !sent {
+            self.shared.dropped.fetch_add(records, Ordering::Relaxed);
+        }
     }
 
-    fn drop_batch(&mut self) {
-        self.dropped_total += self.buffered;
-        self.buffered = 0;
-        self.buf.clear();
+    /// SIGHUP: the writer reopens the path (recreating its directory), in its turn.
+    pub fn reopen(&mut self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Command::Reopen);
+        }
     }
 
-    fn write_batch(&mut self) -> io::Result<()> {
-        if let Some(max) = self.opts.max_size
+    /// Records lost to write errors or a full queue since start.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits (up to `limit`) until everything handed over is written; false if it was not.
+    pub fn written(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.shared.queued.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    /// Flushes, then waits (up to `limit`) for the writer to write everything and stop: on
+    /// SIGTERM nothing recorded is lost unless the disk is stuck past `limit`.
+    pub fn finish(&mut self, limit: Duration) {
+        self.flush(Instant::now());
+        self.tx = None;
+        if self.written(limit)
+            && let Some(w) = self.writer.take()
+        {
+            let _ = w.join();
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The writer thread: batches in order, a look at the path every second, reopens on SIGHUP.
+fn write_loop(
+    mut app: Appender,
+    rx: &mpsc::Receiver<Command>,
+    shared: &Shared,
+    warn_every: Duration,
+) {
+    let mut last_follow = Instant::now();
+    let mut warned: Option<Instant> = None;
+    let mut warn = |what: std::fmt::Arguments<'_>| {
+        let now = Instant::now();
+        if warned.is_none_or(|t| now.saturating_duration_since(t) >= warn_every) {
+            warned = Some(now);
+            crate::warn(what);
+        }
+    };
+    let shown = crate::output::escape::escape(&app.path.display().to_string()).into_owned();
+    loop {
+        let cmd = rx.recv_timeout(FOLLOW_EVERY);
+        let mut failed = None;
+        if last_follow.elapsed() >= FOLLOW_EVERY {
+            last_follow = Instant::now();
+            failed = app.follow_path().err();
+        }
+        match cmd {
+            Ok(Command::Batch { mut bytes, records }) => {
+                let r = match failed {
+                    Some(e) => Err(e),
+                    None => app.append(&mut bytes),
+                };
+                if let Err(e) = r {
+                    let lost = shared.dropped.fetch_add(records, Ordering::Relaxed) + records;
+                    warn(format_args!(
+                        "writing {shown}: {e}; {lost} records dropped so far"
+                    ));
+                }
+                shared.queued.fetch_sub(bytes.len(), Ordering::Release);
+            }
+            Ok(Command::Reopen) => {
+                // One per SIGHUP, which only root sends: not limited.
+                if let Err(e) = app.reopen() {
+                    crate::warn(format_args!("cannot reopen {shown}: {e}"));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(e) = failed {
+                    warn(format_args!("writing {shown}: {e}"));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+impl Appender {
+    fn open(opts: &LogOptions) -> io::Result<Self> {
+        let (file, ino, size) = open(&opts.path)?;
+        Ok(Self {
+            path: opts.path.clone(),
+            max_size: opts.max_size,
+            keep: opts.keep,
+            file,
+            ino,
+            size,
+            check_torn: true,
+        })
+    }
+
+    /// Appends the batch in one write. On an error what reached the file is cut back to the
+    /// last whole line, so readers never see a spliced record and nothing is written twice.
+    /// `buf` keeps its length (a torn-line newline put before it is taken out again).
+    fn append(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let len = buf.len();
+        if let Some(max) = self.max_size
             && self.size > 0
-            && self.size + self.buf.len() as u64 > max
+            && self.size + len as u64 > max
         {
             self.rotate()?;
         }
         let before = self.file.metadata().map_or(self.size, |m| m.len());
-        if self.check_torn && is_torn(&self.file, before)? {
-            self.buf.insert(0, b'\n');
+        let torn = self.check_torn && is_torn(&self.file, before)?;
+        if torn {
+            buf.insert(0, b'\n');
         }
-        if let Err(e) = self.file.write_all(&self.buf) {
-            // Part of the batch may be in the file: cut it back to the last whole line, so
-            // readers never see a spliced record and nothing is written twice.
+        let r = self.file.write_all(buf);
+        let written = buf.len() as u64;
+        if torn {
+            buf.remove(0);
+        }
+        if let Err(e) = r {
             let _ = self.file.set_len(before);
             self.size = before;
             return Err(e);
         }
         self.check_torn = false;
-        self.size = before + self.buf.len() as u64;
+        self.size = before + written;
         Ok(())
     }
 
     /// Reopens when the path no longer names our file (renamed or removed
     /// by logrotate), and notices copytruncate.
-    pub fn follow_path(&mut self) -> io::Result<()> {
-        match std::fs::metadata(&self.opts.path) {
+    fn follow_path(&mut self) -> io::Result<()> {
+        match std::fs::metadata(&self.path) {
             Ok(m) if (m.dev(), m.ino()) == self.ino => {
                 self.size = m.len();
                 Ok(())
@@ -301,9 +464,9 @@ impl LogFile {
         }
     }
 
-    /// SIGHUP: reopen the path unconditionally (recreating its directory).
-    pub fn reopen(&mut self) -> io::Result<()> {
-        let (file, ino, size) = open(&self.opts.path)?;
+    /// Reopens the path unconditionally (recreating its directory).
+    fn reopen(&mut self) -> io::Result<()> {
+        let (file, ino, size) = open(&self.path)?;
         self.file = file;
         self.ino = ino;
         self.size = size;
@@ -313,12 +476,8 @@ impl LogFile {
 
     /// Built-in rotation: PATH -> PATH.1 -> ... -> PATH.keep (dropped).
     fn rotate(&mut self) -> io::Result<()> {
-        rotate_files(&self.opts.path, self.opts.keep)?;
+        rotate_files(&self.path, self.keep)?;
         self.reopen()
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.opts.path
     }
 }
 
@@ -393,6 +552,8 @@ mod tests {
         })
     }
 
+    const WARN: Duration = Duration::from_secs(60);
+
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("tcpstate-log-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -411,19 +572,23 @@ mod tests {
     #[test]
     fn built_in_rotation_keeps_n_files_of_whole_lines() {
         let path = tmp("rotate");
-        let mut log = LogFile::open(LogOptions {
-            path: path.clone(),
-            rate: None,
-            transitions: true,
-            max_size: Some(400),
-            keep: 2,
-        })
+        let mut log = LogFile::open(
+            LogOptions {
+                path: path.clone(),
+                rate: None,
+                transitions: true,
+                max_size: Some(400),
+                keep: 2,
+            },
+            WARN,
+        )
         .expect("open");
         let t = Instant::now();
         for _ in 0..20 {
             log.emit(&stopped(), t);
-            log.flush(t).expect("flush");
+            log.flush(t);
         }
+        assert!(log.written(Duration::from_secs(5)));
         let mut total = 0;
         for p in [
             path.clone(),
@@ -445,23 +610,49 @@ mod tests {
     #[test]
     fn reopens_after_rename() {
         let path = tmp("rename");
-        let mut log = LogFile::open(LogOptions {
-            path: path.clone(),
-            rate: None,
-            transitions: true,
-            max_size: None,
-            keep: 0,
-        })
-        .expect("open");
+        let mut log = LogFile::open(opts(&path), WARN).expect("open");
         let t = Instant::now();
         log.emit(&stopped(), t);
-        log.flush(t).expect("flush");
+        log.flush(t);
+        assert!(log.written(Duration::from_secs(5)));
         std::fs::rename(&path, path.with_extension("old")).expect("rename");
+        // The writer looks at the path once a second.
+        std::thread::sleep(Duration::from_millis(1100));
         log.emit(&stopped(), t);
-        log.flush(t + Duration::from_secs(2)).expect("flush");
+        log.flush(t);
+        assert!(log.written(Duration::from_secs(5)));
         let new = std::fs::read_to_string(&path).expect("reopened");
         let old = std::fs::read_to_string(path.with_extension("old")).expect("old");
         assert_eq!((old.lines().count(), new.lines().count()), (1, 1));
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// The engine hands batches over and goes on; a writer stuck on its file (here: behind a
+    /// lock on its queue's far end, as a frozen disk holds it) costs queued batches, counted,
+    /// never a wait.
+    #[test]
+    fn a_stuck_writer_never_holds_the_engine() {
+        let path = tmp("stuck");
+        let mut log = LogFile::open(opts(&path), WARN).expect("open");
+        // Pretend the writer is 16 MiB behind.
+        log.shared.queued.store(LOG_QUEUE_BYTES, Ordering::Relaxed);
+        let t = Instant::now();
+        let started = Instant::now();
+        for _ in 0..1000 {
+            log.emit(&stopped(), t);
+            log.flush(t);
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(log.dropped(), 1000);
+        log.shared.queued.store(0, Ordering::Relaxed);
+        log.emit(&stopped(), t);
+        log.finish(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(
+            text.lines().count(),
+            1,
+            "the queue is taken again once it drains"
+        );
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
@@ -501,7 +692,7 @@ mod tests {
         mkfifo(&path);
         let p = path.clone();
         let err = within(Duration::from_secs(5), move || {
-            LogFile::open(opts(&p)).err()
+            LogFile::open(opts(&p), WARN).err()
         })
         .expect("the open returns at once")
         .expect("a FIFO is refused")
@@ -514,17 +705,13 @@ mod tests {
 
         // A FIFO put at the path of a running log: the reopen fails, it does not block.
         let _ = std::fs::remove_file(&path);
-        let mut log = LogFile::open(opts(&path)).expect("open");
+        let mut app = Appender::open(&opts(&path)).expect("open");
         std::fs::remove_file(&path).expect("rm");
         mkfifo(&path);
-        let (log, r) = within(Duration::from_secs(5), move || {
-            let r = log.reopen();
-            (log, r)
-        })
-        .expect("the reopen returns at once");
+        let r = within(Duration::from_secs(5), move || app.reopen())
+            .expect("the reopen returns at once");
         let e = r.expect_err("a FIFO is refused");
         assert!(e.to_string().contains("it is a FIFO"), "{e}");
-        assert_eq!(log.path(), path);
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
@@ -571,15 +758,23 @@ mod tests {
         std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
         // What a writer killed mid-write leaves.
         std::fs::write(&path, "{\"type\":\"stopped\",\"ts\":\"2024").expect("write");
-        let mut log = LogFile::open(opts(&path)).expect("open");
-        let t = Instant::now();
-        log.emit(&stopped(), t);
-        log.flush(t).expect("flush");
+        let mut app = Appender::open(&opts(&path)).expect("open");
+        let line = || {
+            serde_json::to_string(&stopped())
+                .expect("json")
+                .into_bytes()
+        };
+        let append = |app: &mut Appender| {
+            let mut l = line();
+            l.push(b'\n');
+            app.append(&mut l).expect("append");
+        };
+        append(&mut app);
         let text = std::fs::read_to_string(&path).expect("read");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text:?}");
         serde_json::from_str::<Record>(lines[1]).expect("the next record is whole");
-        assert_eq!(log.size, text.len() as u64);
+        assert_eq!(app.size, text.len() as u64);
 
         // Torn again while we had it open (another writer, e.g. `tcpstate kill`), then SIGHUP.
         std::fs::OpenOptions::new()
@@ -587,25 +782,22 @@ mod tests {
             .open(&path)
             .and_then(|mut f| f.write_all(b"{\"type\""))
             .expect("append");
-        log.reopen().expect("reopen");
-        log.emit(&stopped(), t);
-        log.flush(t).expect("flush");
+        app.reopen().expect("reopen");
+        append(&mut app);
         let text = std::fs::read_to_string(&path).expect("read");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text:?}");
         serde_json::from_str::<Record>(lines[3]).expect("whole after the reopen");
 
         // A whole log, or an empty one, gains no blank line.
-        log.reopen().expect("reopen");
-        log.emit(&stopped(), t);
-        log.flush(t).expect("flush");
+        app.reopen().expect("reopen");
+        append(&mut app);
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text.lines().count(), 5, "{text:?}");
         assert!(!text.contains("\n\n"), "{text:?}");
         std::fs::write(&path, "").expect("truncate");
-        log.reopen().expect("reopen");
-        log.emit(&stopped(), t);
-        log.flush(t).expect("flush");
+        app.reopen().expect("reopen");
+        append(&mut app);
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(
             text.starts_with('{') && text.lines().count() == 1,
@@ -634,13 +826,16 @@ mod tests {
 
     #[test]
     fn unwritable_path_is_one_clear_error() {
-        let err = LogFile::open(LogOptions {
-            path: PathBuf::from("/proc/tcpstate/log"),
-            rate: None,
-            transitions: true,
-            max_size: None,
-            keep: 0,
-        })
+        let err = LogFile::open(
+            LogOptions {
+                path: PathBuf::from("/proc/tcpstate/log"),
+                rate: None,
+                transitions: true,
+                max_size: None,
+                keep: 0,
+            },
+            WARN,
+        )
         .err()
         .expect("must fail")
         .to_string();

@@ -1,6 +1,8 @@
 //! Where records go: stdout (text or JSON Lines), the log file, and the
 //! pages served over HTTP (metrics, status). Every sink is bounded and none
-//! can stall the daemon: a reader that stops reading loses records, counted.
+//! can stall the daemon: stdout and the log each have a writer thread fed by a queue
+//! bounded in bytes, so a reader that stops reading or a disk that stops writing loses
+//! records, counted.
 
 pub mod escape;
 pub mod http;
@@ -147,19 +149,11 @@ impl Stdout {
 pub struct Sinks {
     pub stdout: Option<Stdout>,
     pub log: Option<LogFile>,
-    /// When the last log write error was reported; at most one warning per interval.
-    log_warned: Option<Instant>,
-    warn_every: Duration,
 }
 
 impl Sinks {
-    pub fn new(stdout: Option<Stdout>, log: Option<LogFile>, warn_every: Duration) -> Self {
-        Self {
-            stdout,
-            log,
-            log_warned: None,
-            warn_every,
-        }
+    pub fn new(stdout: Option<Stdout>, log: Option<LogFile>) -> Self {
+        Self { stdout, log }
     }
 
     /// `now` is read once per batch: a clock read per record showed in the profile, and the
@@ -190,22 +184,12 @@ impl Sinks {
         }
     }
 
-    /// Writes what is buffered. A failing log (disk full, removed directory) is reported once
-    /// per interval, not fatal: its records are counted as dropped and everything else carries
-    /// on. Returns false when stdout's reader went away.
+    /// Hands what is buffered to the writers; neither waits on its file or reader (a failing
+    /// log is warned about by its writer, its records counted as dropped). Returns false when
+    /// stdout's reader went away.
     pub fn flush(&mut self, now: Instant) -> bool {
-        if let Some(log) = &mut self.log
-            && let Err(e) = log.flush(now)
-            && self
-                .log_warned
-                .is_none_or(|t| now.saturating_duration_since(t) >= self.warn_every)
-        {
-            self.log_warned = Some(now);
-            crate::warn(format_args!(
-                "writing {}: {e}; {} records dropped so far",
-                crate::output::escape::escape(&log.path().display().to_string()),
-                log.dropped_total
-            ));
+        if let Some(log) = &mut self.log {
+            log.flush(now);
         }
         match &mut self.stdout {
             Some(out) => {
@@ -217,7 +201,7 @@ impl Sinks {
     }
 
     pub fn log_dropped(&self) -> u64 {
-        self.log.as_ref().map_or(0, |l| l.dropped_total)
+        self.log.as_ref().map_or(0, LogFile::dropped)
     }
 
     pub fn log_suppressed(&self) -> u64 {

@@ -561,10 +561,8 @@ impl Daemon {
     }
 
     fn reopen_log(&mut self) {
-        if let Some(log) = &mut self.sinks.log
-            && let Err(e) = log.reopen()
-        {
-            crate::warn(format_args!("cannot reopen {}: {e}", log.path().display()));
+        if let Some(log) = &mut self.sinks.log {
+            log.reopen();
         }
     }
 
@@ -596,6 +594,9 @@ impl Daemon {
         });
         self.emit(&stopped);
         self.sinks.flush(Instant::now());
+        if let Some(log) = &mut self.sinks.log {
+            log.finish(Duration::from_secs(5));
+        }
         if let Some(out) = &mut self.sinks.stdout {
             out.finish(Duration::from_secs(2));
         }

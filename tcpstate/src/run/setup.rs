@@ -117,16 +117,19 @@ pub(super) fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
                 None if std::io::stdout().is_terminal() => None,
                 None => Some(10_000),
             };
-            Some(LogFile::open(LogOptions {
-                path: path.clone(),
-                rate,
-                transitions: args.log_transitions,
-                max_size: args.log_max_size,
-                keep: args.log_keep,
-            })?)
+            Some(LogFile::open(
+                LogOptions {
+                    path: path.clone(),
+                    rate,
+                    transitions: args.log_transitions,
+                    max_size: args.log_max_size,
+                    keep: args.log_keep,
+                },
+                args.stats_interval,
+            )?)
         }
     };
-    Ok(Sinks::new(stdout, log, args.stats_interval))
+    Ok(Sinks::new(stdout, log))
 }
 
 /// The HTTP endpoint (if asked for) and the control socket, both feeding one channel of page
