@@ -39,6 +39,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use super::Sink;
 use crate::record::{Record, Suppressed};
 
 #[derive(Clone, Debug)]
@@ -98,9 +99,10 @@ pub struct LogFile {
     path: PathBuf,
     transitions: bool,
     rate: Option<RateLimit>,
-    suppressed: u64,
+    /// Suppressed since the last `suppressed` record said how many.
+    unsaid: u64,
     /// Transition records dropped by the rate limit since start.
-    pub suppressed_total: u64,
+    suppressed_total: u64,
     buf: Vec<u8>,
     /// Records in `buf`, not yet handed over.
     buffered: u64,
@@ -235,7 +237,7 @@ impl LogFile {
             path: opts.path,
             transitions: opts.transitions,
             rate: opts.rate.map(|r| RateLimit::new(r, now)),
-            suppressed: 0,
+            unsaid: 0,
             suppressed_total: 0,
             buf: Vec::with_capacity(256 * 1024),
             buffered: 0,
@@ -247,24 +249,16 @@ impl LogFile {
         })
     }
 
-    pub fn emit(&mut self, rec: &Record, now: Instant) {
-        // Resets come at the network's pace, like transitions: the same limit.
-        if matches!(rec, Record::Transition(_) | Record::Reset(_)) && !self.admit_transition(now) {
-            return;
-        }
-        self.write(rec);
-    }
-
     /// Whether the next transition record is to be written (counted as
     /// suppressed when not): asked before the record is even built.
-    pub fn admit_transition(&mut self, now: Instant) -> bool {
+    fn admit(&mut self, now: Instant) -> bool {
         if !self.transitions {
             return false;
         }
         if let Some(rate) = &mut self.rate
             && !rate.admit(now)
         {
-            self.suppressed += 1;
+            self.unsaid += 1;
             self.suppressed_total += 1;
             return false;
         }
@@ -272,7 +266,7 @@ impl LogFile {
     }
 
     /// Appends a record the caller already admitted.
-    pub fn write(&mut self, rec: &Record) {
+    fn write(&mut self, rec: &Record) {
         self.json.write(&mut self.buf, rec);
         self.buffered += 1;
     }
@@ -280,18 +274,15 @@ impl LogFile {
     /// Hands the batch to the writer; once a second also says how many transitions the rate
     /// limit dropped. Never waits: when the writer is too far behind (a slow disk), the batch
     /// is dropped and counted.
-    pub fn flush(&mut self, now: Instant) {
+    fn hand_over(&mut self, now: Instant) {
         if now.saturating_duration_since(self.last_tick) >= FOLLOW_EVERY {
             self.last_tick = now;
-            if self.suppressed > 0 {
-                let n = std::mem::take(&mut self.suppressed);
-                self.emit(
-                    &Record::Suppressed(Suppressed {
-                        ts: SystemTime::now(),
-                        transitions: n,
-                    }),
-                    now,
-                );
+            if self.unsaid > 0 {
+                let n = std::mem::take(&mut self.unsaid);
+                self.write(&Record::Suppressed(Suppressed {
+                    ts: SystemTime::now(),
+                    transitions: n,
+                }));
             }
         }
         if self.buf.is_empty() {
@@ -312,18 +303,6 @@ impl LogFile {
         }
     }
 
-    /// SIGHUP: the writer reopens the path (recreating its directory), in its turn.
-    pub fn reopen(&mut self) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Command::Reopen);
-        }
-    }
-
-    /// Records lost to write errors or a full queue since start.
-    pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
-    }
-
     /// Waits (up to `limit`) until everything handed over is written; false if it was not.
     pub fn written(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
@@ -336,10 +315,48 @@ impl LogFile {
         true
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Sink for LogFile {
+    fn name(&self) -> &'static str {
+        "log"
+    }
+
+    fn admit_transition(&mut self, now: Instant) -> bool {
+        self.admit(now)
+    }
+
+    fn write_admitted(&mut self, rec: &Record) {
+        self.write(rec);
+    }
+
+    fn emit(&mut self, rec: &Record, now: Instant) {
+        // Resets come at the network's pace, like transitions: the same limit.
+        if matches!(rec, Record::Transition(_) | Record::Reset(_)) && !self.admit(now) {
+            return;
+        }
+        self.write(rec);
+    }
+
+    fn flush(&mut self, now: Instant) -> bool {
+        self.hand_over(now);
+        true
+    }
+
+    /// SIGHUP: the writer reopens the path (recreating its directory), in its turn.
+    fn reopen(&mut self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Command::Reopen);
+        }
+    }
+
     /// Flushes, then waits (up to `limit`) for the writer to write everything and stop: on
     /// SIGTERM nothing recorded is lost unless the disk is stuck past `limit`.
-    pub fn finish(&mut self, limit: Duration) {
-        self.flush(Instant::now());
+    fn finish(&mut self, limit: Duration) {
+        self.hand_over(Instant::now());
         self.tx = None;
         if self.written(limit)
             && let Some(w) = self.writer.take()
@@ -348,8 +365,13 @@ impl LogFile {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Records lost to write errors or a full queue since start.
+    fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    fn suppressed(&self) -> u64 {
+        self.suppressed_total
     }
 }
 

@@ -9,161 +9,66 @@ pub mod http;
 pub mod json;
 pub mod logfile;
 pub mod metrics;
+pub mod stdout;
 pub mod summary;
 pub mod text;
 
-use std::{
-    io::Write as _,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        mpsc,
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use self::logfile::LogFile;
-use crate::{cli::Format, record::Record};
+use crate::record::Record;
 
-/// Bytes queued for the stdout writer at most; past it records are dropped.
-const STDOUT_QUEUE_BYTES: usize = 4 << 20;
-
-/// Stdout through a writer thread: records are serialised into one buffer per batch and handed
-/// over, so a terminal, pipe or FIFO whose reader stops blocks only that thread.
-pub struct Stdout {
-    format: Format,
-    color: bool,
-    buf: Vec<u8>,
-    records: u64,
-    line: String,
-    json: json::JsonWriter,
-    tx: Option<mpsc::Sender<Vec<u8>>>,
-    queued: Arc<AtomicUsize>,
-    closed: Arc<AtomicBool>,
-    writer: Option<std::thread::JoinHandle<()>>,
-    /// Records dropped because the reader did not keep up.
-    pub dropped: u64,
-}
-
-impl Stdout {
-    pub fn new(format: Format) -> std::io::Result<Self> {
-        use std::io::IsTerminal as _;
-        let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let closed = Arc::new(AtomicBool::new(false));
-        let (q, c) = (Arc::clone(&queued), Arc::clone(&closed));
-        let writer = std::thread::Builder::new()
-            .name("tcpstate-stdout".into())
-            .spawn(move || {
-                let mut out = std::io::stdout().lock();
-                for chunk in rx {
-                    let r = out.write_all(&chunk).and_then(|()| out.flush());
-                    q.fetch_sub(chunk.len(), Ordering::Relaxed);
-                    if r.is_err() {
-                        // A closed pipe (`| head`): the daemon stops quietly.
-                        c.store(true, Ordering::Release);
-                        return;
-                    }
-                }
-            })?;
-        Ok(Self {
-            format,
-            color,
-            buf: Vec::with_capacity(64 * 1024),
-            records: 0,
-            line: String::new(),
-            json: json::JsonWriter::default(),
-            tx: Some(tx),
-            queued,
-            closed,
-            writer: Some(writer),
-            dropped: 0,
-        })
-    }
-
-    pub fn emit(&mut self, rec: &Record) {
-        match self.format {
-            Format::Json => self.json.write(&mut self.buf, rec),
-            Format::Text => {
-                self.line.clear();
-                text::write_record(&mut self.line, rec, self.color);
-                self.buf.extend_from_slice(self.line.as_bytes());
-            }
-        }
-        self.records += 1;
-    }
-
-    pub fn header(&mut self) {
-        if self.format == Format::Text {
-            self.buf.extend_from_slice(text::HEADER.as_bytes());
-            self.buf.push(b'\n');
-        }
-    }
-
-    /// Hands what is buffered to the writer; drops it (counted) when the writer is too far
-    /// behind.
-    pub fn flush(&mut self) {
-        if self.buf.is_empty() {
-            return;
-        }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(64 * 1024));
-        let records = std::mem::take(&mut self.records);
-        let len = chunk.len();
-        let room = self.queued.load(Ordering::Relaxed) + len <= STDOUT_QUEUE_BYTES;
-        let sent = room
-            && self.tx.as_ref().is_some_and(|tx| {
-                self.queued.fetch_add(len, Ordering::Relaxed);
-                tx.send(chunk).is_ok()
-            });
-        if !sent {
-            self.dropped += records;
-        }
-    }
-
-    /// The reader went away (a closed pipe).
-    pub fn closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    /// Flushes and waits (up to `limit`) for the writer to finish.
-    pub fn finish(&mut self, limit: Duration) {
-        self.flush();
-        self.tx = None;
-        let deadline = Instant::now() + limit;
-        while self.queued.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-            if self.closed() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if self.queued.load(Ordering::Relaxed) == 0
-            && let Some(w) = self.writer.take()
-        {
-            let _ = w.join();
-        }
+/// Where records are written as they happen (stdout, the log file; the next is
+/// OpenTelemetry). The HTTP pages are not sinks: they read the tracker when asked.
+///
+/// A sink never waits on its reader or its disk: it serialises into a batch on the engine
+/// and hands it to a writer of its own, dropping (and counting) what does not fit.
+pub trait Sink: Send {
+    /// Its name in counters and metrics (`tcpstate_{name}_dropped`).
+    fn name(&self) -> &'static str;
+    /// Whether it wants the next transition record (a rate limit may say no and count it):
+    /// asked before the record is built, which under a flood showed in the profile.
+    fn admit_transition(&mut self, now: Instant) -> bool;
+    /// A transition record it admitted.
+    fn write_admitted(&mut self, rec: &Record);
+    /// Any other record (it may still limit resets as it limits transitions).
+    fn emit(&mut self, rec: &Record, now: Instant);
+    /// Hands the batch to its writer. False when its reader went away for good (a closed
+    /// pipe): the daemon stops.
+    fn flush(&mut self, now: Instant) -> bool;
+    /// The start of the output (the text header).
+    fn header(&mut self) {}
+    /// SIGHUP: reopen what it writes to.
+    fn reopen(&mut self) {}
+    /// Flushes and waits (up to `limit`) for its writer to finish.
+    fn finish(&mut self, limit: Duration);
+    /// Records lost since start (a slow reader, a full disk).
+    fn dropped(&self) -> u64;
+    /// Transition records its rate limit left out since start.
+    fn suppressed(&self) -> u64 {
+        0
     }
 }
 
-/// Every place a record goes.
+/// Every place a record goes, in the order they were given.
 pub struct Sinks {
-    pub stdout: Option<Stdout>,
-    pub log: Option<LogFile>,
+    sinks: Vec<Box<dyn Sink>>,
+    /// Which sinks admitted the transition being built (reused, never reallocated).
+    admitted: Vec<bool>,
 }
 
 impl Sinks {
-    pub fn new(stdout: Option<Stdout>, log: Option<LogFile>) -> Self {
-        Self { stdout, log }
+    pub fn new(sinks: Vec<Box<dyn Sink>>) -> Self {
+        Self {
+            admitted: vec![false; sinks.len()],
+            sinks,
+        }
     }
 
     /// `now` is read once per batch: a clock read per record showed in the profile, and the
     /// rate limit needs no finer grain.
     pub fn emit(&mut self, rec: &Record, now: Instant) {
-        if let Some(out) = &mut self.stdout {
-            out.emit(rec);
-        }
-        if let Some(log) = &mut self.log {
-            log.emit(rec, now);
+        for s in &mut self.sinks {
+            s.emit(rec, now);
         }
     }
 
@@ -171,44 +76,65 @@ impl Sinks {
     /// the log's rate limit drops most, and building them showed in the
     /// profile.
     pub fn transition(&mut self, now: Instant, make: impl FnOnce() -> Record) {
-        let log = self.log.as_mut().is_some_and(|l| l.admit_transition(now));
-        if !log && self.stdout.is_none() {
+        let mut any = false;
+        for (s, a) in self.sinks.iter_mut().zip(&mut self.admitted) {
+            *a = s.admit_transition(now);
+            any |= *a;
+        }
+        if !any {
             return;
         }
         let rec = make();
-        if let Some(out) = &mut self.stdout {
-            out.emit(&rec);
-        }
-        if log && let Some(l) = &mut self.log {
-            l.write(&rec);
-        }
-    }
-
-    /// Hands what is buffered to the writers; neither waits on its file or reader (a failing
-    /// log is warned about by its writer, its records counted as dropped). Returns false when
-    /// stdout's reader went away.
-    pub fn flush(&mut self, now: Instant) -> bool {
-        if let Some(log) = &mut self.log {
-            log.flush(now);
-        }
-        match &mut self.stdout {
-            Some(out) => {
-                out.flush();
-                !out.closed()
+        for (s, a) in self.sinks.iter_mut().zip(&self.admitted) {
+            if *a {
+                s.write_admitted(&rec);
             }
-            None => true,
         }
     }
 
-    pub fn log_dropped(&self) -> u64 {
-        self.log.as_ref().map_or(0, LogFile::dropped)
+    /// Hands what is buffered to the writers; none waits on its file or reader. Returns false
+    /// when a reader went away for good (stdout's pipe closed).
+    pub fn flush(&mut self, now: Instant) -> bool {
+        let mut open = true;
+        for s in &mut self.sinks {
+            open &= s.flush(now);
+        }
+        open
     }
 
-    pub fn log_suppressed(&self) -> u64 {
-        self.log.as_ref().map_or(0, |l| l.suppressed_total)
+    pub fn header(&mut self) {
+        for s in &mut self.sinks {
+            s.header();
+        }
     }
 
-    pub fn stdout_dropped(&self) -> u64 {
-        self.stdout.as_ref().map_or(0, |s| s.dropped)
+    pub fn reopen(&mut self) {
+        for s in &mut self.sinks {
+            s.reopen();
+        }
+    }
+
+    /// Flushes and lets each writer finish, `limit` each.
+    pub fn finish(&mut self, limit: Duration) {
+        for s in &mut self.sinks {
+            s.finish(limit);
+        }
+    }
+
+    /// Records the sink named `name` lost (0 when there is none).
+    pub fn dropped(&self, name: &str) -> u64 {
+        self.sinks
+            .iter()
+            .filter(|s| s.name() == name)
+            .map(|s| s.dropped())
+            .sum()
+    }
+
+    pub fn suppressed(&self, name: &str) -> u64 {
+        self.sinks
+            .iter()
+            .filter(|s| s.name() == name)
+            .map(|s| s.suppressed())
+            .sum()
     }
 }

@@ -204,9 +204,7 @@ impl Daemon {
         let mut sigusr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
 
         let seeded = self.seed().await;
-        if let Some(out) = &mut self.sinks.stdout {
-            out.header();
-        }
+        self.sinks.header();
         self.emit(&Record::Started(Started {
             ts: std::time::SystemTime::now(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -515,9 +513,9 @@ impl Daemon {
             recursion_misses: k.recursion_misses,
             undecodable: self.tally.undecodable,
             late: self.tally.late,
-            log_suppressed: self.sinks.log_suppressed(),
-            log_dropped: self.sinks.log_dropped(),
-            stdout_dropped: self.sinks.stdout_dropped(),
+            log_suppressed: self.sinks.suppressed("log"),
+            log_dropped: self.sinks.dropped("log"),
+            stdout_dropped: self.sinks.dropped("stdout"),
             signals_dropped: k.signals_full,
             resets_no_socket: k.resets_no_socket,
         }
@@ -561,9 +559,7 @@ impl Daemon {
     }
 
     fn reopen_log(&mut self) {
-        if let Some(log) = &mut self.sinks.log {
-            log.reopen();
-        }
+        self.sinks.reopen();
     }
 
     /// The last batch is in: raise what is due, write everything and the final counts.
@@ -588,18 +584,13 @@ impl Daemon {
             undecodable: self.tally.undecodable,
             table_full: self.tracker.refused(),
             timewait_full: self.tracker.timewait_refused(),
-            log_dropped: self.sinks.log_dropped(),
+            log_dropped: self.sinks.dropped("log"),
             filtered: self.tally.filtered,
             uptime_s: self.started.elapsed().as_secs_f64(),
         });
         self.emit(&stopped);
         self.sinks.flush(Instant::now());
-        if let Some(log) = &mut self.sinks.log {
-            log.finish(Duration::from_secs(5));
-        }
-        if let Some(out) = &mut self.sinks.stdout {
-            out.finish(Duration::from_secs(2));
-        }
+        self.sinks.finish(Duration::from_secs(5));
         self.collector.join();
         eprintln!("{}", summary(&self.tracker));
     }

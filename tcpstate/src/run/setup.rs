@@ -9,10 +9,11 @@ use tokio::{sync::mpsc, time::MissedTickBehavior};
 use crate::{
     cli::RunArgs,
     output::{
-        Sinks, Stdout,
+        Sink, Sinks,
         escape::escape,
         http::{self, Request},
         logfile::{LogFile, LogOptions},
+        stdout::Stdout,
     },
     tracker::{Config, thresholds::Thresholds},
     workload::Hierarchy,
@@ -102,34 +103,32 @@ pub(super) fn tracker_config(args: &RunArgs) -> Config {
 }
 
 pub(super) fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
-    let stdout = if args.quiet {
-        None
-    } else {
-        Some(Stdout::new(args.format).context("cannot start the stdout writer")?)
-    };
-    let log = match &args.log_file {
-        None => None,
-        Some(path) => {
-            use std::io::IsTerminal as _;
-            let rate = match args.log_rate {
-                Some(0) => None,
-                Some(n) => Some(n),
-                None if std::io::stdout().is_terminal() => None,
-                None => Some(10_000),
-            };
-            Some(LogFile::open(
-                LogOptions {
-                    path: path.clone(),
-                    rate,
-                    transitions: args.log_transitions,
-                    max_size: args.log_max_size,
-                    keep: args.log_keep,
-                },
-                args.stats_interval,
-            )?)
-        }
-    };
-    Ok(Sinks::new(stdout, log))
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if !args.quiet {
+        sinks.push(Box::new(
+            Stdout::new(args.format).context("cannot start the stdout writer")?,
+        ));
+    }
+    if let Some(path) = &args.log_file {
+        use std::io::IsTerminal as _;
+        let rate = match args.log_rate {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None if std::io::stdout().is_terminal() => None,
+            None => Some(10_000),
+        };
+        sinks.push(Box::new(LogFile::open(
+            LogOptions {
+                path: path.clone(),
+                rate,
+                transitions: args.log_transitions,
+                max_size: args.log_max_size,
+                keep: args.log_keep,
+            },
+            args.stats_interval,
+        )?));
+    }
+    Ok(Sinks::new(sinks))
 }
 
 /// The HTTP endpoint (if asked for) and the control socket, both feeding one channel of page
