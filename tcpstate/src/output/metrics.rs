@@ -105,7 +105,7 @@ pub fn render(
     let live = TcpState::ALL
         .into_iter()
         .filter(|s| !matches!(s, TcpState::Close | TcpState::NewSynRecv));
-    let thresholded: Vec<TcpState> = tracker.config().thresholds.iter().map(|(s, _)| s).collect();
+    let anomalies = tracker.anomaly_counts();
     let snap = Snapshot {
         sockets: live
             .map(|s| (s.name(), tracker.sockets(s) as i64))
@@ -143,13 +143,10 @@ pub fn render(
                 Some((s.name(), sum, h.len(), buckets))
             })
             .collect(),
-        anomalies_raised: thresholded
+        anomalies_raised: anomalies.iter().map(|&(k, n, _)| (k.name(), n)).collect(),
+        anomalies_open: anomalies
             .iter()
-            .map(|&s| (s.kind(), agg.anomalies_raised[s as usize]))
-            .collect(),
-        anomalies_open: thresholded
-            .iter()
-            .map(|&s| (s.kind(), tracker.anomalies_open(s) as i64))
+            .map(|&(k, _, open)| (k.name(), open as i64))
             .collect(),
         failed_connects: agg.connect_failures.iter().map(|(&r, &n)| (r, n)).collect(),
         signals: [&agg.retransmits, &agg.resets_sent, &agg.resets_received].map(|by_state| {
@@ -291,7 +288,7 @@ impl Snapshot {
         }
         let mut m = e.encode_descriptor(
             "tcpstate_anomalies",
-            "Anomalies raised: sockets that stayed in a state past its threshold",
+            "Anomalies raised, by kind: every rule (a state's threshold: close_wait, fin_wait2, ...; time_wait_pressure, accept_queue_full, orphan_pressure)",
             None,
             MetricType::Counter,
         )?;
@@ -300,7 +297,7 @@ impl Snapshot {
         }
         let mut m = e.encode_descriptor(
             "tcpstate_anomalies_open",
-            "Anomalies raised and not yet resolved",
+            "Anomalies raised and not yet resolved, by kind (every rule)",
             None,
             MetricType::Gauge,
         )?;

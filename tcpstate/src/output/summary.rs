@@ -62,17 +62,9 @@ pub fn summary(t: &Tracker) -> String {
         by_state(&stats.resets_sent),
         by_state(&stats.resets_received),
     );
-    let raised: u64 = stats.anomalies_raised.iter().sum::<u64>()
-        + t.pressure_raised()
-        + t.backlog_raised()
-        + t.orphans_raised();
-    let open: u64 = TcpState::ALL
-        .into_iter()
-        .map(|st| t.anomalies_open(st))
-        .sum::<u64>()
-        + t.pressure_open()
-        + t.backlog_open()
-        + t.orphans_open();
+    let counts = t.anomaly_counts();
+    let raised: u64 = counts.iter().map(|&(_, n, _)| n).sum();
+    let open: u64 = counts.iter().map(|&(_, _, n)| n).sum();
     let _ = write!(
         s,
         "\nfailed connects {}, resets {}, anomalies raised {raised} (open {open}), leaks suspected {}, reconciled {}",

@@ -1602,3 +1602,29 @@ fn connections_opened_and_closed_per_destination_are_a_rate() {
     );
     assert_eq!(t.destinations().count(&dest, TimeWait), 200);
 }
+
+/// Issue 17: one list of every kind the configuration can raise, lingering states and host
+/// rules alike, with its raised and open counts: metrics and the summary count from it.
+#[test]
+fn anomaly_counts_list_every_configured_kind_once() {
+    let mut t = tracker(100);
+    run(
+        &mut t,
+        &[at(SERVER_SK, 0)
+            .go(Established, CloseWait)
+            .ports(8080, 5000)
+            .by(1, "x")],
+    );
+    let mut out = Vec::new();
+    expire(&mut t, 3 * S, &mut out);
+    let counts = t.anomaly_counts();
+    let names: Vec<&str> = counts.iter().map(|(k, _, _)| k.name()).collect();
+    assert_eq!(names, ["fin_wait2", "close_wait", "time_wait_pressure"]);
+    assert_eq!(counts[1].1, 1, "close_wait raised");
+    assert_eq!(counts[1].2, 1, "close_wait open");
+    let others = [counts[0], counts[2]];
+    assert!(
+        others.iter().all(|&(_, r, o)| r == 0 && o == 0),
+        "{counts:?}"
+    );
+}

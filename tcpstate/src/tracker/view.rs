@@ -2,7 +2,7 @@
 //! owners, the sockets in a state. Nothing here changes the tables.
 
 use super::{
-    Anomaly, Config, Task, Tracker,
+    Anomaly, Config, Kind, Task, Tracker,
     orphans::{HostTcp, closing_by_owner},
     stats::Stats,
     table::flag,
@@ -64,6 +64,33 @@ impl Tracker {
 
     pub fn anomalies_open(&self, st: TcpState) -> u64 {
         self.table.anomalies_open(st)
+    }
+
+    /// Every anomaly kind this configuration can raise, with how many were raised since start
+    /// and how many are open: the one list metrics, the summary and status count from.
+    pub fn anomaly_counts(&self) -> Vec<(Kind, u64, u64)> {
+        let cfg = self.config();
+        let mut v: Vec<(Kind, u64, u64)> = cfg
+            .thresholds
+            .iter()
+            .map(|(st, _)| {
+                let raised = self.stats.anomalies_raised[st as usize];
+                (Kind::Lingering(st), raised, self.table.anomalies_open(st))
+            })
+            .collect();
+        if cfg.pressure.is_some() {
+            let p = &self.pressure;
+            v.push((Kind::TimeWaitPressure, p.raised_total(), p.open()));
+        }
+        if cfg.accept_queue_full.is_some() {
+            let b = &self.backlog;
+            v.push((Kind::AcceptQueueFull, b.raised_total(), b.open()));
+        }
+        if cfg.orphan_pressure.is_some() {
+            let o = &self.orphan_rule;
+            v.push((Kind::OrphanPressure, o.raised_total(), o.open()));
+        }
+        v
     }
 
     pub fn pressure_open(&self) -> u64 {
