@@ -80,9 +80,10 @@ pub(super) fn under(path: &str, want: &str) -> bool {
 pub(super) fn tracker_config(args: &RunArgs) -> Config {
     use crate::tracker::thresholds::Threshold;
     let mut thresholds = Thresholds::defaults(crate::workers::host_fin_timeout());
-    let mut pressure = Some(0.5);
-    let mut accept_queue_full = Some(Duration::from_secs(5));
-    let mut orphan_pressure = Some(0.5);
+    // Each rule's default lives beside it.
+    let mut pressure = Some(crate::tracker::pressure::DEFAULT_FRACTION);
+    let mut accept_queue_full = Some(crate::tracker::backlog::DEFAULT_HOLD);
+    let mut orphan_pressure = Some(crate::tracker::orphans::DEFAULT_SHARE);
     for t in &args.thresholds {
         match *t {
             Threshold::State(st, d) => thresholds.set(st, d),

@@ -32,6 +32,10 @@ impl Listening {
 /// them), new ones are not followed.
 const MAX_FULL: usize = 65_536;
 
+/// The default: a listener whose accept queue stays at its backlog for 5 s is dropping
+/// handshakes (SYNs, or ACKs completing them), not riding out a burst.
+pub const DEFAULT_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Clone, Copy, Debug)]
 struct Full {
     since_ns: u64,

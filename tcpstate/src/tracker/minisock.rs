@@ -20,7 +20,7 @@ impl Tracker {
     /// kernel address, which the next socket may take: from here on it is
     /// named by namespace and tuple, as `ss` names it, and its records say
     /// `sk` 0.
-    pub(super) fn detach_orphan(&mut self, sk: u64, netns: u32) {
+    pub(super) fn detach_orphan(&mut self, sk: u64, netns: u32, now_ns: u64, out: &mut Vec<Fact>) {
         let key = self.synthetic_key();
         if !self.table.rekey(sk, key) {
             return;
@@ -44,9 +44,9 @@ impl Tracker {
         self.enter_deadline(key);
         if let Some(old) = self.orphans.insert((e.netns, e.tuple), key) {
             // The kernel has one mini-socket per tuple: an older entry for
-            // it is stale.
+            // it is stale (its end was missed), and its open anomaly ends with it.
             if old != key {
-                self.table.remove(old);
+                self.forget_ghost(old, now_ns, Resolution::Reconciled, out);
             }
         }
     }

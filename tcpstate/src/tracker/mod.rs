@@ -258,7 +258,7 @@ impl Tracker {
         if t.new == TcpState::Close && t.ending == Ending::FinWait2 {
             // The orphan lives on as a mini-socket, still in FIN_WAIT2:
             // nothing to report, and its clock keeps running.
-            self.detach_orphan(t.sk, netns);
+            self.detach_orphan(t.sk, netns, t.ts_ns, out);
             return applied;
         }
         let new = reported_state(t);
@@ -311,7 +311,7 @@ impl Tracker {
             e.cgroup = t.cgroup;
             if self.table.insert(t.sk, e).is_ok() {
                 self.enter_deadline(t.sk);
-                self.detach_orphan(t.sk, t.netns);
+                self.detach_orphan(t.sk, t.netns, t.ts_ns, out);
             }
             return Applied {
                 prev_state_ms: None,

@@ -13,6 +13,10 @@ use super::{
 };
 use crate::{socket::Tuple, state::TcpState};
 
+/// The default: half of `tcp_max_orphans` or of `tcp_mem`, early enough to act before the
+/// kernel starts killing orphans.
+pub const DEFAULT_SHARE: f64 = 0.5;
+
 /// The host's TCP orphan and memory counts and their limits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostTcp {

@@ -43,6 +43,10 @@ impl NetnsInfo {
 /// not counted (and say so in `untracked`).
 const MAX_DESTINATIONS: usize = 65_536;
 
+/// The default: one destination holding half of the ephemeral port range in TIME_WAIT, from
+/// one local address, is half way to `EADDRNOTAVAIL` at `connect()`.
+pub const DEFAULT_FRACTION: f64 = 0.5;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Dest {
     netns: u32,

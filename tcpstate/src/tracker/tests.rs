@@ -1628,3 +1628,60 @@ fn anomaly_counts_list_every_configured_kind_once() {
         "{counts:?}"
     );
 }
+
+/// Issue 17: an orphan whose end was missed is stale once a new orphan takes its tuple (the
+/// kernel holds one mini-socket per tuple): its open FIN_WAIT2 anomaly is resolved with it,
+/// never left open on a socket no longer tracked.
+#[test]
+fn a_stale_orphan_replaced_by_a_new_one_resolves_its_anomaly() {
+    let mut t = tracker(100);
+    let orphan = |sk: u64, ts: u64| {
+        let mut h = at(sk, ts).go(FinWait2, Close).ports(5001, 80).by(1, "x");
+        h.ending = Ending::FinWait2;
+        h
+    };
+    run(
+        &mut t,
+        &[
+            at(CLIENT_SK, 0)
+                .go(Established, FinWait1)
+                .ports(5001, 80)
+                .by(1, "x"),
+            at(CLIENT_SK, 0)
+                .go(FinWait1, FinWait2)
+                .ports(5001, 80)
+                .by(1, "x"),
+            orphan(CLIENT_SK, S),
+        ],
+    );
+    let mut out = Vec::new();
+    expire(&mut t, 6 * S, &mut out);
+    assert!(
+        matches!(&out[..], [Record::Anomaly(a)] if a.state == FinWait2),
+        "{out:?}"
+    );
+    // Its mini-socket's end was missed; a new connection on the same tuple is orphaned too.
+    let (_, recs) = run(
+        &mut t,
+        &[
+            at(SERVER_SK, 10 * S)
+                .go(Established, FinWait1)
+                .ports(5001, 80)
+                .by(1, "x"),
+            at(SERVER_SK, 10 * S)
+                .go(FinWait1, FinWait2)
+                .ports(5001, 80)
+                .by(1, "x"),
+            orphan(SERVER_SK, 11 * S),
+        ],
+    );
+    let resolved: Vec<&Record> = recs
+        .iter()
+        .filter(|r| matches!(r, Record::AnomalyResolved(_)))
+        .collect();
+    let [Record::AnomalyResolved(r)] = &resolved[..] else {
+        panic!("the stale orphan's anomaly is resolved: {recs:?}");
+    };
+    assert_eq!(r.resolution.as_deref(), Some("reconciled"));
+    assert_eq!(t.sockets(FinWait2), 1, "one orphan per tuple");
+}
