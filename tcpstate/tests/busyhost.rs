@@ -569,3 +569,59 @@ fn a_socket_held_by_two_processes_names_both() {
         "{listed}"
     );
 }
+
+/// Issue 21.6: namespaces that no process is in, pinned only by listeners' fds, are reached
+/// through those fds (our fd of each). When their sockets close, only our fds keep them
+/// alive: every worker lets them go within seconds, so the daemon's fd count is back to its
+/// baseline. Before, namespaces whose sockets closed by their events were never asked about
+/// again, and up to 64 stayed held for good (with a netlink socket each).
+#[test]
+fn namespaces_held_only_by_our_fds_are_let_go_when_their_sockets_close() {
+    if !require_bpf() {
+        return;
+    }
+    let p = port(28700);
+    let daemon = Daemon::start(&["--port", &p.to_string()]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let baseline = fds();
+    // 20 namespaces made by one thread, each left with nothing but a listener in it.
+    let listeners: Vec<TcpListener> = std::thread::spawn(move || {
+        (0..20)
+            .map(|_| {
+                // SAFETY: unshare affects only this thread's network namespace.
+                let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+                TcpListener::bind(("0.0.0.0", p)).expect("listen")
+            })
+            .collect()
+    })
+    .join()
+    .expect("the namespace maker");
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut most = baseline;
+    while Instant::now() < until && most < baseline + 20 {
+        most = most.max(fds());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        most >= baseline + 20,
+        "the daemon reached the namespaces through the listeners' fds: {most} fds, {baseline} before"
+    );
+    drop(listeners);
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut now = fds();
+    while Instant::now() < until && now > baseline {
+        std::thread::sleep(Duration::from_millis(250));
+        now = fds();
+    }
+    daemon.stop();
+    assert!(
+        now <= baseline,
+        "{now} fds 20 s after the sockets closed, {baseline} before the namespaces came"
+    );
+}

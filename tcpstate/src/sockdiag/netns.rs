@@ -325,6 +325,32 @@ impl Namespaces {
         for n in stale {
             self.forget(n);
         }
+        self.release_emptied();
+    }
+
+    /// Lets go of namespaces reached through sockets' fds that hold no full socket any more:
+    /// their last process exited and their sockets closed, so only our fd keeps them alive.
+    /// A reconciliation lets go of those it dumps, but one whose sockets all closed by their
+    /// events is no longer asked about: 2,000 namespaces made and killed left 64 of them,
+    /// and 128 fds, held for good. A dump of an empty namespace per held one, every few
+    /// seconds, at most [`MAX_HELD`].
+    fn release_emptied(&mut self) {
+        // Full sockets only: TIME_WAIT is skipped by state in the kernel, before formatting.
+        const FULL: u32 = super::proto::ALL_STATES & !(1 << 6);
+        let held: Vec<u32> = self.held.keys().copied().collect();
+        for n in held {
+            let emptied = match self.diag(n) {
+                Ok(Some(d)) => {
+                    let mut full = false;
+                    let read = d.dump_each(FULL, |s| full |= !s.is_timewait() && !s.is_request());
+                    read.is_ok() && !full
+                }
+                _ => true,
+            };
+            if emptied {
+                self.release_if_held(n);
+            }
+        }
     }
 
     /// The sock_diag socket of `netns`. `Ok(None)`: the namespace does not exist any more.
