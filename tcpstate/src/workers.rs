@@ -228,9 +228,15 @@ fn worker(rx: &mpsc::Receiver<Job>, replies: &UnboundedSender<Reply>) {
     loop {
         let job = match next.pop_front() {
             Some(job) => job,
-            None => match rx.recv() {
+            // A lane may get no job for a long while (no listener left to poll): it still
+            // lets go of namespaces that are gone or emptied, every few seconds.
+            None => match rx.recv_timeout(crate::sockdiag::netns::PRUNE_EVERY) {
                 Ok(job) => job,
-                Err(_) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    ns.prune();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             },
         };
         ns.prune();

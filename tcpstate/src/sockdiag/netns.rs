@@ -195,7 +195,7 @@ const MAX_HELD: usize = 64;
 /// Socket fds asked for their namespace when one is looked for that way.
 const SOCKETS_ASKED: usize = 200_000;
 /// How often cached sockets are checked for namespaces that are gone.
-const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Namespaces whose sockets are kept open at once; past this the least useful are closed (a
 /// host with thousands of containers must not hold thousands of netlink sockets per worker).
