@@ -15,7 +15,7 @@ fuzz_target!(|s: &str| {
         assert_eq!(id.len(), 64);
     }
     let _ = w.label();
-    if let Err(e) = tcpstate::tracker::thresholds::parse_override(s) {
+    if let Err(e) = tcpstate::tracker::rules::thresholds::parse_override(s) {
         assert!(!e.contains('\n'), "one line: {e}");
     }
 });

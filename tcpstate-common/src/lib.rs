@@ -83,8 +83,8 @@ pub mod close {
 
 /// Values of [`Event::newstate`] above every TCP state: not a transition but
 /// something that happened to the socket, from the retransmit and reset
-/// hooks (ring buffer `SIGNALS`); `oldstate` is the socket's state then.
-pub mod signal {
+/// hooks (ring buffer `SEGMENTS`); `oldstate` is the socket's state then.
+pub mod segment {
     /// `tcp_retransmit_skb`: a segment sent again.
     pub const RETRANSMIT: u8 = 0x40;
     /// `tcp_retransmit_synack`: a listener's SYN-ACK sent again (the
@@ -94,7 +94,21 @@ pub mod signal {
     pub const RESET_SENT: u8 = 0x42;
     /// `tcp_receive_reset`.
     pub const RESET_RECEIVED: u8 = 0x43;
+    /// `skb:kfree_skb`: a packet of this socket's dropped, for one of the reasons userspace
+    /// asked for. The reason (`enum skb_drop_reason`, this kernel's numbering) is in the
+    /// event's `cgroup` slot, which a segment event otherwise leaves 0.
+    pub const DROP: u8 = 0x44;
+    /// `bind()` on a TCP socket refused with EADDRINUSE (fexit of `inet_bind` and
+    /// `inet6_bind`, or the `syscalls:sys_exit_bind` tracepoint): the address asked for is the event's source (port 0: any port, none
+    /// of the range free), the binding task is the event's, and the socket's namespace is
+    /// in the `cgroup` slot. No TCP state changes, so no transition says it.
+    pub const BIND_IN_USE: u8 = 0x45;
 }
+
+/// Reasons of `enum skb_drop_reason` below this are what the drop hook can be asked to watch
+/// (one bit each in [`Config::drop_reasons`]), and what `DROPS` counts; subsystem reasons
+/// (0x10000 and up: mac80211, openvswitch) are never about TCP.
+pub const DROP_REASONS: u32 = 256;
 
 /// One CPU's producer and consumer positions in its event ring (map
 /// `POS`, mmapped by userspace). Positions count events and never wrap in
@@ -120,12 +134,14 @@ pub const AF_INET6: u16 = 10;
 pub mod stat {
     /// Events lost because this CPU's event ring was full.
     pub const RINGBUF_FULL: u32 = 0;
-    /// Retransmit and reset events lost because `SIGNALS` was full.
-    pub const SIGNALS_FULL: u32 = 1;
+    /// Retransmit and reset events lost because `SEGMENTS` was full.
+    pub const SEGMENTS_FULL: u32 = 1;
     /// Resets sent with no full socket to name (a SYN to a closed port, a
     /// timewait or request socket answering): counted, not reported.
     pub const RESET_NO_SOCKET: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Drop events lost because `SEGMENTS` was full.
+    pub const DROPS_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Kernel filters: an event passes when every non-zero field matches.
@@ -190,6 +206,33 @@ pub struct Offsets {
     /// program calls `bpf_get_current_pid_tgid` and `bpf_get_current_comm`
     /// instead; the verifier never visits the branch this kernel cannot run.
     pub task_btf: u32,
+    /// In `struct sk_buff`: the owning socket, the L3 protocol (big endian), the buffer's
+    /// start and the network header's offset from it. Read only by the drop hook.
+    pub skb_sk: u32,
+    pub skb_protocol: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    /// 1 when `skb:kfree_skb` says why (its third argument, 5.17+): the drop hook needs it.
+    pub kfree_reason: u32,
+    /// 1 when `skb:kfree_skb` also names the socket a received packet was for (`rx_sk`,
+    /// its fourth argument, 6.11+): most received drops have no `skb->sk` yet.
+    pub kfree_rx_sk: u32,
+    /// `sk_protocol` (u16 since 5.6) in the socket: the drop hook reads a socket it gets from
+    /// a packet without the helper that types it (which refuses the RCU pointer `skb->sk`
+    /// is on 6.2+), so it tells TCP from the rest itself.
+    pub sk_protocol: u32,
+    /// In `struct socket`: its `sk`, `type` (SOCK_STREAM...) and `file`, for the bind hooks,
+    /// which find the socket from the fd `bind()` was called on: `files` in the task,
+    /// `fdt` in `struct files_struct`, `fd` and `max_fds` in `struct fdtable`,
+    /// `private_data` in `struct file`.
+    pub socket_sk: u32,
+    pub socket_type: u32,
+    pub socket_file: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    pub file_private_data: u32,
 }
 
 /// Everything the program is loaded with: the read-only global `CONFIG`,
@@ -204,8 +247,9 @@ pub struct Config {
     pub slot_bits: u32,
     pub filters: Filters,
     pub off: Offsets,
-    /// Explicit padding to a multiple of 8 (Pod: every byte initialised).
-    pub pad: u32,
+    /// The drop reasons watched: bit `r % 64` of word `r / 64` for reason `r` (below
+    /// [`DROP_REASONS`]).
+    pub drop_reasons: [u64; 4],
 }
 
 impl Config {
@@ -244,14 +288,30 @@ impl Config {
             cgroup_kn: 0,
             kn_id: 0,
             task_btf: 0,
+            skb_sk: 0,
+            skb_protocol: 0,
+            skb_head: 0,
+            skb_network_header: 0,
+            kfree_reason: 0,
+            kfree_rx_sk: 0,
+            sk_protocol: 0,
+            socket_sk: 0,
+            socket_type: 0,
+            socket_file: 0,
+            task_files: 0,
+            files_fdt: 0,
+            fdtable_fd: 0,
+            fdtable_max_fds: 0,
+            file_private_data: 0,
         },
-        pad: 0,
+        drop_reasons: [0; 4],
     };
 }
 
-// No implicit padding (Pod): 8 + 4 + 8 + 24 * 4 + 4 = 120, a multiple of 8 (the struct is
-// copied into the object as bytes, and every byte of a Pod must be initialised).
-const _: () = assert!(core::mem::size_of::<Config>() == 120);
+// No implicit padding (Pod): 8 + 4 + 8 + 39 * 4 + 4 * 8 = 208, a multiple of 8 (the struct
+// is copied into the object as bytes, and every byte of a Pod must be initialised). Fields
+// are added to `Offsets` two at a time (or with a u32 of padding) to keep it so.
+const _: () = assert!(core::mem::size_of::<Config>() == 208);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), integers only, no padding (size assertion above).
@@ -269,10 +329,12 @@ pub mod map {
     /// A small BPF ring buffer used only to wake userspace.
     pub const DOORBELL: &str = "DOORBELL";
     pub const STATS: &str = "STATS";
-    /// A BPF ring buffer of retransmit and reset events ([`super::signal`]):
+    /// A BPF ring buffer of retransmit and reset events ([`super::segment`]):
     /// rare next to transitions, and written from several hooks, which may
     /// nest on a CPU (the per-CPU rings assume one writer that does not).
-    pub const SIGNALS: &str = "SIGNALS";
+    pub const SEGMENTS: &str = "SEGMENTS";
+    /// Per-CPU counts of TCP packets dropped with no full socket to name, by reason.
+    pub const DROPS: &str = "DROPS";
 }
 
 /// Program name in the object file.
@@ -282,3 +344,12 @@ pub const PROGRAM: &str = "inet_sock_set_state";
 pub const RETRANSMIT_HOOKS: [&str; 2] = ["tcp_retransmit_skb", "tcp_retransmit_synack"];
 /// The reset hooks' programs, each named after its tracepoint.
 pub const RESET_HOOKS: [&str; 2] = ["tcp_send_reset", "tcp_receive_reset"];
+/// The drop hook's program, named after its tracepoint (`skb:kfree_skb`).
+pub const DROP_HOOKS: [&str; 1] = ["kfree_skb"];
+/// The bind hooks' programs: fexit, named after the functions they follow (only a bind
+/// pays); or, where trampolines are refused and the operator asks, the syscall tracepoints
+/// (which put every syscall of every task on the slow path while attached).
+pub const BIND_HOOKS: [&str; 2] = ["inet_bind", "inet6_bind"];
+pub const BIND_SYSCALL_HOOKS: [&str; 2] = ["sys_enter_bind", "sys_exit_bind"];
+/// `BINDS`: the `bind()` calls in flight, by thread.
+pub const BINDS_MAP: &str = "BINDS";

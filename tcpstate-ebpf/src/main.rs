@@ -34,11 +34,11 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_F_MMAPABLE, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, generated},
-    macros::{btf_tracepoint, map},
-    maps::{Array, PerCpuArray, RingBuf},
-    programs::BtfTracePointContext,
+    macros::{btf_tracepoint, fexit, map, tracepoint},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
-use tcpstate_common::{AF_INET6, Config, Event, Positions, close, signal, stat};
+use tcpstate_common::{AF_INET6, Config, DROP_REASONS, Event, Positions, close, segment, stat};
 
 /// Userspace sizes both arrays at load: CPUs << slot_bits slots, and one
 /// `Positions` per CPU.
@@ -55,7 +55,12 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 /// interrupts another on a CPU (the per-CPU rings are not). Userspace drains it with the
 /// rings, on their doorbell and timer, so a retransmit storm wakes nobody.
 #[map]
-static SIGNALS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+static SEGMENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+/// TCP packets dropped with no full socket to name (a SYN for a closed port, a segment a
+/// request or timewait socket refused, most received drops before 6.11), per reason: counted
+/// in place, so a scan or a flood costs no event.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
 
 const TCP_FIN_WAIT2: i32 = 5;
 const TCP_CLOSE: i32 = 7;
@@ -187,7 +192,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
-    signal_from(ctx.arg(0), signal::RETRANSMIT);
+    segment_from(ctx.arg(0), segment::RETRANSMIT);
     0
 }
 
@@ -195,7 +200,7 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     // NULL for a reset answering no socket (a SYN to a closed port), or a timewait or request
     // socket: counted, not reported.
-    if !signal_from(ctx.arg(0), signal::RESET_SENT) {
+    if !segment_from(ctx.arg(0), segment::RESET_SENT) {
         count(stat::RESET_NO_SOCKET);
     }
     0
@@ -203,7 +208,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
-    signal_from(ctx.arg(0), signal::RESET_RECEIVED);
+    segment_from(ctx.arg(0), segment::RESET_RECEIVED);
     0
 }
 
@@ -225,22 +230,290 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     }
     // SAFETY: as above.
     unsafe {
-        write_signal(
+        write_segment(
             req,
             listener as u64,
             (family, sport, dport),
-            3, // TCP_SYN_RECV: the connection's state while its SYN-ACK is unanswered
-            signal::SYNACK_RETRANSMIT,
+            // TCP_SYN_RECV: the connection's state while its SYN-ACK is unanswered.
+            (3, segment::SYNACK_RETRANSMIT, 0),
             cfg!(off.rcv_saddr),
-        )
+            stat::SEGMENTS_FULL,
+        );
     };
     0
+}
+
+/// `skb:kfree_skb`: a packet dropped, and why. Attached only with `--drops`, on kernels whose
+/// tracepoint says why (5.17+). It fires for every packet the host drops, of any protocol,
+/// so the cheapest tests come first: the reason (a bit of a constant), then the socket; the
+/// packet's own header is read only when no TCP socket is named.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let reason = ctx.arg::<u64>(2) as u32;
+    if reason >= DROP_REASONS {
+        return 0;
+    }
+    let c = (&raw const CONFIG).cast::<Config>();
+    // SAFETY: a word of the initialised, read-only `CONFIG`; the index is masked to its 4.
+    let word = unsafe {
+        core::ptr::read_volatile(
+            (&raw const (*c).drop_reasons)
+                .cast::<u64>()
+                .add((reason / 64) as usize & 3),
+        )
+    };
+    if word & (1 << (reason % 64)) == 0 {
+        return 0;
+    }
+    let skb: *const u8 = ctx.arg(0);
+    // The socket as a plain address: `skb->sk` is an RCU pointer to the verifier on 6.2+,
+    // which `bpf_skc_to_tcp_sock` refuses, so this hook reads the socket with probe reads and
+    // tells a full TCP socket from the rest itself.
+    // SAFETY: a BTF sk_buff pointer and this kernel's offset.
+    let mut sk: u64 = unsafe { field(skb, cfg!(off.skb_sk), 0) };
+    if sk == 0 && cfg!(off.kfree_rx_sk) != 0 {
+        sk = ctx.arg::<u64>(3);
+    }
+    if sk != 0 && dropped_from_socket(sk, reason) {
+        return 0;
+    }
+    if is_tcp(skb)
+        && let Some(n) = DROPS.get_ptr_mut(reason)
+    {
+        // SAFETY: per-CPU slot; a BTF tracepoint does not nest on a CPU.
+        unsafe { *n += 1 };
+    }
+    0
+}
+
+/// `bind()` of an IPv4 socket returned (fexit: a trampoline on this function alone, so no
+/// other call pays; refused where ftrace is locked down, where the syscall tracepoints
+/// below stand in).
+#[fexit(function = "inet_bind")]
+pub fn inet_bind(ctx: FExitContext) -> i32 {
+    bind_returned(&ctx);
+    0
+}
+
+/// `bind()` of an IPv6 socket returned.
+#[fexit(function = "inet6_bind")]
+pub fn inet6_bind(ctx: FExitContext) -> i32 {
+    bind_returned(&ctx);
+    0
+}
+
+/// `inet_bind(sock, uaddr, addr_len)` / `inet6_bind` returned: EADDRINUSE on a TCP socket
+/// is an event. Every other return costs one compare.
+#[inline(always)]
+fn bind_returned(ctx: &FExitContext) {
+    // fexit: the return value follows the three arguments.
+    if ctx.arg::<i32>(3) != -98 {
+        return;
+    }
+    let sock: u64 = ctx.arg(0);
+    let uaddr: u64 = ctx.arg(1);
+    if peek::<u16>(sock + u64::from(cfg!(off.socket_type))) != Some(1) {
+        return; // SOCK_STREAM only
+    }
+    let Some(sk) = peek::<u64>(sock + u64::from(cfg!(off.socket_sk))) else {
+        return;
+    };
+    if sk == 0 || peek::<u16>(sk + u64::from(cfg!(off.sk_protocol))) != Some(6) {
+        return;
+    }
+    // The kernel's copy of the address (`move_addr_to_kernel`).
+    bind_refused(sk, |at| peek::<u64>(uaddr + at));
+}
+
+/// The `bind()` calls in flight, by thread: the fd and the user's address, from the syscall's
+/// entry to its exit. LRU, so a thread that never returns (killed mid-call) costs a slot
+/// until others need it.
+#[map]
+static BINDS: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(4096, 0);
+
+/// `bind(fd, addr, len)` entered: remember what it asked for. The syscall tracepoints, not a
+/// function hook: they need no trampoline (fexit is refused where ftrace is locked down), and
+/// their layout has been the same on every kernel: the arguments from offset 16.
+#[tracepoint(category = "syscalls", name = "sys_enter_bind")]
+pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets of this tracepoint's fields (its `format` in tracefs).
+    let (fd, uaddr) = unsafe {
+        (
+            ctx.read_at::<u64>(16).unwrap_or(u64::MAX),
+            ctx.read_at::<u64>(24).unwrap_or(0),
+        )
+    };
+    // SAFETY: no preconditions.
+    let id = unsafe { generated::bpf_get_current_pid_tgid() };
+    let _ = BINDS.insert(id, [fd, uaddr], 0);
+    0
+}
+
+/// `bind()` returned: on EADDRINUSE for a TCP socket, an event (the port asked for is taken,
+/// or, asked for port 0, no port of the range is free). Every other return costs the lookup.
+#[tracepoint(category = "syscalls", name = "sys_exit_bind")]
+pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
+    // SAFETY: no preconditions.
+    let id = unsafe { generated::bpf_get_current_pid_tgid() };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(&[fd, uaddr]) = (unsafe { BINDS.get(id) }) else {
+        return 0;
+    };
+    let _ = BINDS.remove(id);
+    // SAFETY: this tracepoint's `ret` field.
+    if unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0) != -98 {
+        return 0;
+    }
+    if let Some(sk) = tcp_socket_of_fd(fd) {
+        bind_refused(sk, |at| {
+            // SAFETY: the helper checks the user address and fails rather than fault.
+            unsafe { aya_ebpf::helpers::bpf_probe_read_user((uaddr + at) as *const u64) }.ok()
+        });
+    }
+    0
+}
+
+/// The `struct sock` of the current task's fd `fd` when it is a TCP socket's: the fd table
+/// walked with probe reads (a file whose `private_data` is a socket pointing back at it).
+#[inline(always)]
+fn tcp_socket_of_fd(fd: u64) -> Option<u64> {
+    // SAFETY: no preconditions; the address is only ever probe-read.
+    let task = unsafe { generated::bpf_get_current_task() };
+    let files: u64 = peek(task + u64::from(cfg!(off.task_files)))?;
+    let fdt: u64 = peek(files + u64::from(cfg!(off.files_fdt)))?;
+    let max: u32 = peek(fdt + u64::from(cfg!(off.fdtable_max_fds)))?;
+    if fd >= u64::from(max) {
+        return None;
+    }
+    let array: u64 = peek(fdt + u64::from(cfg!(off.fdtable_fd)))?;
+    let file: u64 = peek(array + fd * 8)?;
+    let socket: u64 = peek(file + u64::from(cfg!(off.file_private_data)))?;
+    if file == 0 || socket == 0 || peek::<u64>(socket + u64::from(cfg!(off.socket_file)))? != file {
+        return None;
+    }
+    if peek::<u16>(socket + u64::from(cfg!(off.socket_type)))? != 1 {
+        return None; // SOCK_STREAM only
+    }
+    let sk: u64 = peek(socket + u64::from(cfg!(off.socket_sk)))?;
+    (sk != 0 && peek::<u16>(sk + u64::from(cfg!(off.sk_protocol)))? == 6).then_some(sk)
+}
+
+/// The event for a refused bind of socket `sk`; `addr(at)` reads 8 bytes at offset `at` of
+/// the address asked for (the kernel's copy or the user's).
+#[inline(always)]
+fn bind_refused(sk: u64, addr: impl Fn(u64) -> Option<u64>) {
+    // sockaddr_in / sockaddr_in6: family (2 bytes), port (2, big endian), then the IPv4
+    // address, or the flow info (4) and the IPv6 address.
+    let Some(head) = addr(0) else {
+        return;
+    };
+    // AF_UNSPEC is what an IPv4 socket may bind INADDR_ANY with.
+    let family = match (head & 0xffff) as u16 {
+        0 => tcpstate_common::AF_INET,
+        f => f,
+    };
+    let port = u16::from_be(((head >> 16) & 0xffff) as u16);
+    if !wanted(family, port, 0) {
+        return;
+    }
+    let local = if family == AF_INET6 {
+        (addr(8).unwrap_or(0), addr(16).unwrap_or(0))
+    } else {
+        ((head >> 32) & 0xffff_ffff, 0)
+    };
+    let net = peek::<u64>(sk + u64::from(cfg!(off.net))).unwrap_or(0);
+    let netns = if net == 0 {
+        0
+    } else {
+        peek::<u32>(net + u64::from(cfg!(off.net_inum))).unwrap_or(0)
+    };
+    emit_segment(
+        sk,
+        (family, port, 0),
+        (local.0, local.1, 0, 0),
+        (TCP_CLOSE as u8, segment::BIND_IN_USE, u64::from(netns)),
+        stat::SEGMENTS_FULL,
+    );
+}
+
+/// `T` at kernel address `at`, or None where it cannot be read.
+#[inline(always)]
+fn peek<T>(at: u64) -> Option<T> {
+    // SAFETY: the helper checks the address and fails rather than fault.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(at as *const T) }.ok()
+}
+
+/// Reports a drop on `sk` when it is a full TCP socket (not a timewait or request socket,
+/// nor another protocol's); false when it is none of ours, so the packet is counted by
+/// reason instead. A socket the port filters leave out is ours too: it is not counted.
+#[inline(always)]
+fn dropped_from_socket(sk: u64, reason: u32) -> bool {
+    let Some(state) = peek::<u8>(sk + u64::from(cfg!(off.state))) else {
+        return false;
+    };
+    // TCP_TIME_WAIT and TCP_NEW_SYN_RECV: mini-sockets, which end at `sock_common`.
+    if state == 6 || state == 12 {
+        return false;
+    }
+    let family = peek::<u16>(sk + u64::from(cfg!(off.family))).unwrap_or(0);
+    let protocol = peek::<u16>(sk + u64::from(cfg!(off.sk_protocol))).unwrap_or(0);
+    if protocol != 6 || (family != AF_INET6 && family != tcpstate_common::AF_INET) {
+        return false;
+    }
+    let sport = u16::from_be(peek(sk + u64::from(cfg!(off.sport))).unwrap_or(0));
+    let dport = u16::from_be(peek(sk + u64::from(cfg!(off.dport))).unwrap_or(0));
+    if !wanted(family, sport, dport) {
+        return true;
+    }
+    let at = |off: u32, extra: u64| sk + u64::from(off) + extra;
+    let addrs = if family == AF_INET6 {
+        let (s, d) = (cfg!(off.saddr6), cfg!(off.daddr6));
+        (
+            peek(at(s, 0)).unwrap_or(0),
+            peek(at(s, 8)).unwrap_or(0),
+            peek(at(d, 0)).unwrap_or(0),
+            peek(at(d, 8)).unwrap_or(0),
+        )
+    } else {
+        (
+            u64::from(peek::<u32>(at(cfg!(off.saddr), 0)).unwrap_or(0)),
+            0,
+            u64::from(peek::<u32>(at(cfg!(off.daddr), 0)).unwrap_or(0)),
+            0,
+        )
+    };
+    emit_segment(
+        sk,
+        (family, sport, dport),
+        addrs,
+        (state, segment::DROP, u64::from(reason)),
+        stat::DROPS_FULL,
+    );
+    true
+}
+
+/// Whether a packet is IPv4 or IPv6 carrying TCP (no extension headers), from its own
+/// network header.
+#[inline(always)]
+fn is_tcp(skb: *const u8) -> bool {
+    // SAFETY (all `field` calls): a BTF sk_buff pointer and this kernel's offsets.
+    let proto = u16::from_be(unsafe { field(skb, cfg!(off.skb_protocol), 0) });
+    let at = match proto {
+        0x0800 => 9, // struct iphdr.protocol
+        0x86dd => 6, // struct ipv6hdr.nexthdr
+        _ => return false,
+    };
+    let head: u64 = unsafe { field(skb, cfg!(off.skb_head), 0) };
+    let nh: u16 = unsafe { field(skb, cfg!(off.skb_network_header), 0) };
+    // `head` points to plain bytes, which the verifier does not let a tracing program load:
+    // one probe read. A network header never set (0xffff) reads past the buffer, or garbage.
+    peek::<u8>(head + u64::from(nh) + at) == Some(6)
 }
 
 /// Reports `what` about a full TCP socket; false when `sk` is none (NULL, a timewait or
 /// request socket).
 #[inline(always)]
-fn signal_from(sk: *mut c_void, what: u8) -> bool {
+fn segment_from(sk: *mut c_void, what: u8) -> bool {
     // Some hooks pass NULL (a reset for no socket); the helper wants a checked pointer.
     if sk.is_null() {
         return false;
@@ -256,36 +529,59 @@ fn signal_from(sk: *mut c_void, what: u8) -> bool {
     };
     // SAFETY (all `field` calls): a BTF socket pointer and this kernel's offsets.
     let state: u8 = unsafe { field(sk, cfg!(off.state), 0) };
-    unsafe { write_signal(sk, sk as u64, ports, state, what, cfg!(off.saddr)) };
+    unsafe {
+        write_segment(
+            sk,
+            sk as u64,
+            ports,
+            (state, what, 0),
+            cfg!(off.saddr),
+            stat::SEGMENTS_FULL,
+        );
+    };
     true
 }
 
-/// One signal event into `SIGNALS`; a full buffer is counted. `saddr4` is where `sk` keeps
-/// its IPv4 local address (a request socket has no `inet_sock`).
+/// One retransmit or reset event into `SEGMENTS` (`state`, `what`, and a detail or 0); a full
+/// buffer is counted at `full`. `saddr4` is where `sk` keeps its IPv4 local address (a
+/// request socket has no `inet_sock`).
 ///
 /// # Safety
 /// `sk` is a BTF-typed pointer whose `sock_common` fields the offsets describe.
 #[inline(always)]
-unsafe fn write_signal(
+unsafe fn write_segment(
     sk: *const u8,
     skaddr: u64,
     (family, sport, dport): (u16, u16, u16),
-    state: u8,
-    what: u8,
+    what: (u8, u8, u64),
     saddr4: u32,
+    full: u32,
 ) {
-    let Some(mut slot) = SIGNALS.reserve::<Event>(0) else {
-        count(stat::SIGNALS_FULL);
+    // SAFETY: a BTF pointer and this kernel's offsets.
+    let addrs = unsafe { addresses(sk, family, saddr4) };
+    emit_segment(skaddr, (family, sport, dport), addrs, what, full);
+}
+
+/// One segment event (a retransmit, reset or drop) into `SEGMENTS`, from values already read;
+/// a full buffer is counted at `full`.
+#[inline(always)]
+fn emit_segment(
+    skaddr: u64,
+    (family, sport, dport): (u16, u16, u16),
+    (s0, s1, d0, d1): (u64, u64, u64, u64),
+    (state, what, detail): (u8, u8, u64),
+    full: u32,
+) {
+    let Some(mut slot) = SEGMENTS.reserve::<Event>(0) else {
+        count(full);
         return;
     };
     let ev = slot.as_mut_ptr();
-    // SAFETY: a BTF pointer and this kernel's offsets.
-    let (s0, s1, d0, d1) = unsafe { addresses(sk, family, saddr4) };
     // SAFETY: `ev` is the reserved, Event-sized record.
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).skaddr = skaddr;
-        (*ev).cgroup = 0;
+        (*ev).cgroup = detail;
         let saddr = (&raw mut (*ev).saddr).cast::<u64>();
         saddr.write(s0);
         saddr.add(1).write(s1);

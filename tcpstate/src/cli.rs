@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     output::escape::{escape, escape_controls},
     state::TcpState,
-    tracker::thresholds::{Threshold, parse_override},
+    tracker::rules::thresholds::{Threshold, parse_override},
 };
 
 #[derive(Parser, Debug)]
@@ -34,6 +34,20 @@ pub enum Command {
     /// Write shell completions or the man page (used by `cargo xtask dist`).
     #[command(hide = true)]
     Generate(GenerateArgs),
+    /// Push a capture (`run --capture-events`) through merge, decode, the tracker and the
+    /// outputs as fast as they take it, with no kernel, and say what it cost (benchmarks).
+    #[command(hide = true)]
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// The capture to replay.
+    pub capture: std::path::PathBuf,
+    /// The daemon's settings for the tracker and the outputs (filters, thresholds, --log-file,
+    /// --format, --quiet); the kernel-facing ones are ignored.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -137,6 +151,14 @@ fn state(s: &str) -> Result<TcpState, String> {
     TcpState::parse(s).ok_or_else(|| format!("unknown TCP state {s:?}"))
 }
 
+/// How refused binds are watched (`--bind-failures`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BindHooks {
+    Auto,
+    Syscalls,
+    Off,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Text,
@@ -145,6 +167,11 @@ pub enum Format {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    /// Write every drain of the rings to this file, for `tcpstate replay` (benchmarks only:
+    /// the file is written on the draining thread).
+    #[arg(long, hide = true)]
+    pub capture_events: Option<std::path::PathBuf>,
+
     /// Output format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -232,6 +259,20 @@ pub struct RunArgs {
     /// tcp_receive_reset).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub resets: bool,
+    /// Count packets the kernel drops for a reason that concerns TCP (skb:kfree_skb, Linux
+    /// 5.17+): per socket and state where the kernel names the socket, else per reason. It
+    /// costs nothing per transition and some 45 ns per dropped packet (a UDP flood's worst
+    /// case: docs/performance.md).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub drops: bool,
+    /// Report bind() refused with EADDRINUSE on TCP sockets (a fixed port taken, or no free
+    /// port in the range for port 0). auto: fexit on inet_bind and inet6_bind, which only a
+    /// bind pays for, where the kernel allows trampolines; syscalls: the syscall tracepoints
+    /// (needs tracefs), which work everywhere but cost every syscall of every process on the
+    /// host 10-20 ns while attached; off.
+    #[arg(long, value_enum, default_value_t = BindHooks::Auto, value_name = "HOW")]
+    pub bind_failures: BindHooks,
     /// Rotate the log ourselves past this size (e.g. 100M); for hosts without logrotate.
     #[arg(long, value_parser = log_size, value_name = "SIZE")]
     pub log_max_size: Option<u64>,
@@ -380,8 +421,8 @@ fn threshold(s: &str) -> Result<Threshold, String> {
                     .into(),
             );
         }
-        Threshold::State(_, d) | Threshold::AcceptQueue(d) => d,
-        Threshold::Pressure(_) | Threshold::Orphans(_) => None,
+        Threshold::State(_, d) => d,
+        Threshold::Rule(s) => s.longest(),
     };
     if limit.is_some_and(|d| d > MAX_STATE_THRESHOLD) {
         return Err(format!(

@@ -33,7 +33,7 @@ const HOLDBACK_NS: u64 = 1_000_000;
 /// When events are held back, the next drain comes this soon.
 const HELD_RETRY: Duration = Duration::from_millis(5);
 
-/// Transitions and signals in time order, and what came with them.
+/// Transitions and segment events (retransmits, resets) in time order, and what came with them.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub decoded: Vec<Decoded>,
@@ -58,14 +58,15 @@ impl Collector {
     pub fn spawn(
         rings: EventRings,
         doorbell: RingBuf<MapData>,
-        signals: RingBuf<MapData>,
+        segments: RingBuf<MapData>,
         tx: Sender<Batch>,
+        capture: Option<crate::capture::Writer>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("tcpstate-rings".into())
-            .spawn(move || collect(rings, doorbell, signals, &tx, &flag))?;
+            .spawn(move || collect(rings, doorbell, segments, &tx, &flag, capture))?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -93,9 +94,10 @@ impl Drop for Collector {
 fn collect(
     mut rings: EventRings,
     mut doorbell: RingBuf<MapData>,
-    mut signals: RingBuf<MapData>,
+    mut segments: RingBuf<MapData>,
     tx: &Sender<Batch>,
     stop: &AtomicBool,
+    mut capture: Option<crate::capture::Writer>,
 ) {
     let mut reorder = Reorder::default();
     let mut fresh = Vec::new();
@@ -108,11 +110,17 @@ fn collect(
         };
         rings.drain_into(&mut fresh);
         // Retransmits and resets merge with the transitions by time.
-        while let Some(item) = signals.next() {
+        while let Some(item) = segments.next() {
             if item.len() >= size_of::<Event>() {
                 // SAFETY: length checked; Event is Pod and read unaligned.
                 fresh.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
             }
+        }
+        if let Some(w) = &mut capture
+            && let Err(e) = w.drain(cutoff, last, &fresh)
+        {
+            crate::warn(format_args!("capture stopped: {e}"));
+            capture = None;
         }
         let batch = merge(&mut reorder, &mut fresh, cutoff, last);
         if tx.blocking_send(batch).is_err() || last {
@@ -126,7 +134,12 @@ fn collect(
 /// One drain's worth: `fresh` (every ring's new events, each ring's in its order) merged with
 /// those held, what is older than `cutoff` released in time order and decoded. The rest of
 /// the collector is reading rings and waiting; this is its logic, tested without a kernel.
-fn merge(reorder: &mut Reorder, fresh: &mut Vec<Event>, cutoff: u64, last: bool) -> Batch {
+pub(crate) fn merge(
+    reorder: &mut Reorder,
+    fresh: &mut Vec<Event>,
+    cutoff: u64,
+    last: bool,
+) -> Batch {
     let ready = reorder.release(fresh, cutoff);
     let mut batch = Batch {
         decoded: Vec::with_capacity(ready.len()),
@@ -239,7 +252,7 @@ mod many_cpus {
                 prop_assert_eq!(batch.undecodable, 0);
                 for d in &batch.decoded {
                     let Decoded::Transition(t) = d else {
-                        return Err(TestCaseError::fail("a fixture event decoded as a signal"));
+                        return Err(TestCaseError::fail("a fixture event decoded as a segment event"));
                     };
                     ts_out.push(t.ts_ns);
                     out.push(t.sk);

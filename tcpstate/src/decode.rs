@@ -1,6 +1,6 @@
-//! Ring-buffer records -> [`Decoded`]: a [`Transition`], or a [`Signal`] about a socket.
+//! Ring-buffer records -> [`Decoded`]: a [`Transition`], or a [`SegmentEvent`] about a socket.
 
-use tcpstate_common::{Event, close, signal};
+use tcpstate_common::{Event, close, segment};
 
 use crate::{
     socket::{Comm, Family, Tuple},
@@ -42,47 +42,70 @@ impl Ending {
 
 /// What the retransmit and reset hooks saw happen to a socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SignalKind {
+pub enum SegmentKind {
     Retransmit,
     /// A listener's SYN-ACK sent again; `sk` is the listener, the tuple the connection's.
     SynackRetransmit,
     ResetSent,
     ResetReceived,
+    /// A packet of the socket's dropped (`skb:kfree_skb`), for this reason (the running
+    /// kernel's number; [`crate::drops::name_of`] names it).
+    Drop {
+        reason: u16,
+    },
+    /// `bind()` refused with EADDRINUSE; the tuple's source is the address asked for.
+    BindInUse {
+        pid: u32,
+        comm: Comm,
+        netns: u32,
+    },
 }
 
 /// A retransmit or reset: the socket stays in `state`. The program sends these through the
 /// transition record (`newstate` above every TCP state), but nothing downstream may count one
 /// as a move between states, so it gets a type of its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Signal {
+pub struct SegmentEvent {
     pub ts_ns: u64,
     pub sk: u64,
     pub tuple: Tuple,
     /// The socket's state when it happened.
     pub state: TcpState,
-    pub kind: SignalKind,
+    pub kind: SegmentKind,
 }
 
 /// One ring record, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decoded {
     Transition(Transition),
-    Signal(Signal),
+    Segment(SegmentEvent),
 }
 
 impl Decoded {
     pub fn sk(&self) -> u64 {
         match self {
             Decoded::Transition(t) => t.sk,
-            Decoded::Signal(s) => s.sk,
+            Decoded::Segment(s) => s.sk,
         }
     }
 
-    /// The socket's namespace when the record carries it (births only; 0 otherwise).
+    pub fn tuple(&self) -> &Tuple {
+        match self {
+            Decoded::Transition(t) => &t.tuple,
+            Decoded::Segment(s) => &s.tuple,
+        }
+    }
+
+    /// The socket's namespace when the record carries it (births and refused binds; 0
+    /// otherwise).
     pub fn netns(&self) -> u32 {
         match self {
             Decoded::Transition(t) => t.netns,
-            Decoded::Signal(_) => 0,
+            Decoded::Segment(SegmentEvent {
+                kind: SegmentKind::BindInUse { netns, .. },
+                ..
+            }) => *netns,
+            Decoded::Segment(_) => 0,
         }
     }
 
@@ -90,7 +113,7 @@ impl Decoded {
     pub fn cgroup(&self) -> u64 {
         match self {
             Decoded::Transition(t) => t.cgroup,
-            Decoded::Signal(_) => 0,
+            Decoded::Segment(_) => 0,
         }
     }
 }
@@ -113,6 +136,31 @@ pub struct Transition {
     /// The socket's cgroup v2 id; like `netns`, only on events that create a socket.
     pub cgroup: u64,
 }
+
+impl Transition {
+    /// Why this close happened, in words (None for a clean close, a handoff, or no close).
+    /// Beside the socket's error: a connect that never got a local port. `tcp_v4_connect()`
+    /// and `tcp_v6_connect()` enter SYN_SENT before choosing the port, and close the socket
+    /// again when none is free to that destination, returning EADDRNOTAVAIL to `connect()`
+    /// with no error on the socket. No other path leaves SYN_SENT with port 0: port
+    /// exhaustion is seen with no hook of its own.
+    pub fn close_reason(&self) -> Option<&'static str> {
+        if self.new != TcpState::Close {
+            return None;
+        }
+        match self.ending {
+            Ending::Closed { errno: 0 }
+                if self.old == TcpState::SynSent && self.tuple.sport == 0 =>
+            {
+                Some(NO_LOCAL_PORT)
+            }
+            e => e.reason(),
+        }
+    }
+}
+
+/// The close reason of a connect refused a local port (EADDRNOTAVAIL).
+pub const NO_LOCAL_PORT: &str = "no_local_port";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -151,14 +199,22 @@ pub fn from_event(ev: &Event) -> Result<Decoded, DecodeError> {
     };
     let state = |n| TcpState::from_kernel(n).ok_or(DecodeError::State(n));
     let kind = match ev.newstate {
-        signal::RETRANSMIT => Some(SignalKind::Retransmit),
-        signal::SYNACK_RETRANSMIT => Some(SignalKind::SynackRetransmit),
-        signal::RESET_SENT => Some(SignalKind::ResetSent),
-        signal::RESET_RECEIVED => Some(SignalKind::ResetReceived),
+        segment::RETRANSMIT => Some(SegmentKind::Retransmit),
+        segment::SYNACK_RETRANSMIT => Some(SegmentKind::SynackRetransmit),
+        segment::RESET_SENT => Some(SegmentKind::ResetSent),
+        segment::RESET_RECEIVED => Some(SegmentKind::ResetReceived),
+        segment::DROP => Some(SegmentKind::Drop {
+            reason: u16::try_from(ev.cgroup).unwrap_or(u16::MAX),
+        }),
+        segment::BIND_IN_USE => Some(SegmentKind::BindInUse {
+            pid: ev.pid,
+            comm: Comm(ev.comm),
+            netns: u32::try_from(ev.cgroup).unwrap_or(0),
+        }),
         _ => None,
     };
     if let Some(kind) = kind {
-        return Ok(Decoded::Signal(Signal {
+        return Ok(Decoded::Segment(SegmentEvent {
             ts_ns: ev.ts_ns,
             sk: ev.skaddr,
             tuple,
@@ -196,6 +252,36 @@ mod tests {
 
     use super::*;
     use crate::fixtures::{event, event_bytes};
+
+    /// A connect refused a local port leaves SYN_SENT with port 0 and no error; a refused
+    /// one has its error, and a connect closed early has its port.
+    #[test]
+    fn a_connect_that_found_no_local_port_says_so() {
+        let lo: IpAddr = "127.0.0.1".parse().expect("addr");
+        let t = |sport, errno| Transition {
+            ts_ns: 1,
+            sk: 1,
+            tuple: Tuple::new(lo, sport, lo, 80),
+            old: TcpState::SynSent,
+            new: TcpState::Close,
+            ending: Ending::Closed { errno },
+            pid: 1,
+            comm: crate::socket::Comm::default(),
+            netns: 0,
+            cgroup: 0,
+        };
+        assert_eq!(t(0, 0).close_reason(), Some(NO_LOCAL_PORT));
+        assert_eq!(t(40000, 0).close_reason(), None);
+        assert_eq!(
+            t(0, libc::ECONNREFUSED as u8).close_reason(),
+            Some("refused")
+        );
+        let established = Transition {
+            old: TcpState::Established,
+            ..t(0, 0)
+        };
+        assert_eq!(established.close_reason(), None);
+    }
 
     fn transition(bytes: &[u8]) -> Transition {
         match decode(bytes) {
@@ -263,21 +349,24 @@ mod tests {
         }
     }
 
-    /// A retransmit or reset comes out as a signal in the socket's state, never as a
+    /// A retransmit or reset comes out as a segment event in the socket's state, never as a
     /// transition from that state to itself.
     #[test]
-    fn retransmits_and_resets_are_signals_not_transitions() {
+    fn retransmits_and_resets_are_segment_events_not_transitions() {
         let mut ev = event();
         ev.oldstate = 4; // FIN_WAIT1
         for (byte, kind) in [
-            (signal::RETRANSMIT, SignalKind::Retransmit),
-            (signal::SYNACK_RETRANSMIT, SignalKind::SynackRetransmit),
-            (signal::RESET_SENT, SignalKind::ResetSent),
-            (signal::RESET_RECEIVED, SignalKind::ResetReceived),
+            (segment::RETRANSMIT, SegmentKind::Retransmit),
+            (segment::SYNACK_RETRANSMIT, SegmentKind::SynackRetransmit),
+            (segment::RESET_SENT, SegmentKind::ResetSent),
+            (segment::RESET_RECEIVED, SegmentKind::ResetReceived),
+            (segment::DROP, SegmentKind::Drop { reason: 12 }),
         ] {
             ev.newstate = byte;
-            let Ok(Decoded::Signal(s)) = decode(&event_bytes(&ev)) else {
-                panic!("{byte:#x} is not a signal");
+            // A drop's reason rides in the cgroup slot, which no other segment event uses.
+            ev.cgroup = 12;
+            let Ok(Decoded::Segment(s)) = decode(&event_bytes(&ev)) else {
+                panic!("{byte:#x} is not a segment event");
             };
             assert_eq!(
                 (s.kind, s.state, s.sk),
@@ -287,7 +376,7 @@ mod tests {
         }
         // One after an abortive close: state CLOSE, which is not a birth.
         ev.oldstate = 7;
-        ev.newstate = signal::RESET_SENT;
+        ev.newstate = segment::RESET_SENT;
         let d = decode(&event_bytes(&ev)).expect("decodes");
         assert_eq!((d.netns(), d.cgroup()), (0, 0));
     }

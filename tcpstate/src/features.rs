@@ -46,6 +46,8 @@ pub struct Found<'a> {
     /// Hooks asked for, each with the error that kept it from attaching, if one did.
     pub retransmit_hooks: Hooks<'a>,
     pub reset_hooks: Hooks<'a>,
+    pub drop_hooks: Hooks<'a>,
+    pub bind_hooks: Hooks<'a>,
     /// `--threshold time_wait_pressure` is not `off`.
     pub pressure: bool,
     /// A sock_diag dump of this namespace: `Err` says why it failed.
@@ -103,6 +105,8 @@ pub fn report(f: &Found<'_>) -> Vec<Feature> {
         ),
         Feature::either("retransmit_hooks", f.retransmit_hooks.why_off()),
         Feature::either("reset_hooks", f.reset_hooks.why_off()),
+        Feature::either("drop_hooks", f.drop_hooks.why_off()),
+        Feature::either("bind_hooks", f.bind_hooks.why_off()),
         Feature::either(
             "sock_diag",
             f.sock_diag.as_ref().err().map(|e| {
@@ -154,6 +158,8 @@ mod tests {
             offsets,
             retransmit_hooks: Hooks::Asked(&[]),
             reset_hooks: Hooks::Asked(&[]),
+            drop_hooks: Hooks::Asked(&[]),
+            bind_hooks: Hooks::Asked(&[]),
             pressure: true,
             sock_diag: Ok(()),
             sock_destroy: Ok(()),
@@ -183,7 +189,7 @@ mod tests {
     fn everything_on_says_so_and_gives_no_reasons() {
         let o = full();
         let r = report(&found(&o));
-        assert_eq!(r.len(), 9);
+        assert_eq!(r.len(), 11);
         assert!(r.iter().all(|f| f.on && f.why_off.is_none()), "{r:?}");
     }
 
@@ -213,9 +219,14 @@ mod tests {
                 Some("no such tracepoint".to_owned()),
             ),
         ];
+        let too_old = [(
+            "kfree_skb",
+            Some("this kernel's skb:kfree_skb gives no drop reason (Linux 5.17+)".to_owned()),
+        )];
         let r = report(&Found {
             retransmit_hooks: Hooks::Asked(&failed),
             reset_hooks: Hooks::NotAsked("--resets=false"),
+            drop_hooks: Hooks::Asked(&too_old),
             ..found(&o)
         });
         assert_eq!(
@@ -226,6 +237,10 @@ mod tests {
                     "tcp_retransmit_synack: no such tracepoint"
                 ),
                 ("reset_hooks", "turned off (--resets=false)"),
+                (
+                    "drop_hooks",
+                    "kfree_skb: this kernel's skb:kfree_skb gives no drop reason (Linux 5.17+)"
+                ),
             ]
         );
     }

@@ -55,7 +55,7 @@ pub fn event_at(ts_ns: u64, skaddr: u64) -> Event {
 /// An event's bytes as the ring holds them.
 pub fn event_bytes(ev: &Event) -> Vec<u8> {
     // SAFETY: Event is repr(C) without padding (tcpstate-common pins its size).
-    unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()) }
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(ev).cast::<u8>(), size_of::<Event>()) }
         .to_vec()
 }
 
@@ -107,11 +107,16 @@ pub fn anomaly() -> AnomalyRecord {
         last_owner: None,
         accept_queue: None,
         vitals: None,
+        drops: None,
         orphans: None,
+        churn: None,
         resolution: None,
         count: None,
         port_range: None,
         tw_reuse: None,
+        refused_connects: None,
+        refused_binds: None,
         destination: None,
+        extra: serde_json::Map::new(),
     }
 }

@@ -9,11 +9,13 @@
 //! and their answers come back to the tracker as messages.
 
 pub mod btf;
+pub mod capture;
 pub mod cli;
 pub mod clock;
 pub mod collector;
 pub mod control;
 pub mod decode;
+pub mod drops;
 pub mod features;
 #[cfg(test)]
 mod fixtures;
@@ -24,6 +26,7 @@ pub mod procfs;
 pub mod program;
 pub mod record;
 pub mod reorder;
+pub mod replay;
 pub mod ring;
 pub mod run;
 pub mod sockdiag;

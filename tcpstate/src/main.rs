@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         Command::Status(args) => tcpstate::status::status(args),
         Command::Kill(args) => tcpstate::kill::kill(args),
         Command::Generate(args) => generate(args.what),
+        Command::Replay(args) => tcpstate::replay::replay(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,10 +6,11 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, FExit, TracePoint},
 };
 use tcpstate_common::{
-    CONFIG, Config, Filters, Offsets, PROGRAM, RESET_HOOKS, RETRANSMIT_HOOKS, map, stat,
+    BIND_HOOKS, BIND_SYSCALL_HOOKS, CONFIG, Config, DROP_HOOKS, DROP_REASONS, Filters, Offsets,
+    PROGRAM, RESET_HOOKS, RETRANSMIT_HOOKS, map, stat,
 };
 
 use crate::ring::{self, EventRings};
@@ -52,9 +53,14 @@ pub struct LoadOptions {
     pub retransmits: bool,
     /// Attach the reset hooks (`tcp_send_reset`, `tcp_receive_reset`).
     pub resets: bool,
+    /// Attach the drop hook (`skb:kfree_skb`), watching the reasons of this bitmap.
+    pub drops: Option<[u64; 4]>,
+    /// The bind hooks: fexit (`inet_bind`, `inet6_bind`), the syscall tracepoints, or none.
+    pub binds: crate::cli::BindHooks,
 }
 
-pub struct Probe {
+/// The eBPF object loaded and attached: its rings, hooks and counters. Dropping it detaches.
+pub struct Loaded {
     /// Keeps the program and its link alive.
     _ebpf: Ebpf,
     /// Bytes of event slots across all CPUs.
@@ -63,11 +69,13 @@ pub struct Probe {
     /// Readable when a CPU's ring reached its wake-up level.
     pub doorbell: Option<RingBuf<MapData>>,
     /// Retransmit and reset events.
-    pub signals: Option<RingBuf<MapData>>,
+    pub segments: Option<RingBuf<MapData>>,
     /// The optional hooks asked for, by name, each with the error that kept it from
     /// attaching (`None`: attached).
     pub hooks: Vec<(&'static str, Option<String>)>,
     stats: PerCpuArray<MapData, u64>,
+    /// TCP packets dropped with no socket named, per reason.
+    drops: PerCpuArray<MapData, u64>,
     /// The transition program's fd first, then each attached hook's: their kernel counters.
     prog_fds: Vec<(&'static str, std::os::fd::OwnedFd)>,
 }
@@ -102,10 +110,12 @@ pub fn bpf_stats_enabled() -> Option<bool> {
 pub struct KernelCounters {
     pub ringbuf_full: u64,
     pub recursion_misses: u64,
-    /// Retransmit and reset events lost to a full `SIGNALS` buffer.
-    pub signals_full: u64,
+    /// Retransmit and reset events lost to a full `SEGMENTS` buffer.
+    pub segments_full: u64,
     /// Resets sent for no full socket (a SYN to a closed port, timewait or request sockets).
     pub resets_no_socket: u64,
+    /// Drop events lost to a full `SEGMENTS` buffer.
+    pub drops_full: u64,
 }
 
 impl KernelCounters {
@@ -148,6 +158,9 @@ pub enum LoadError {
     },
     #[error("the eBPF object is broken: {0}")]
     Object(String),
+    /// An optional hook the kernel will not have, said with the way round it.
+    #[error("{0}")]
+    HookRefused(String),
     #[error(transparent)]
     Ring(#[from] ring::RingError),
 }
@@ -204,7 +217,7 @@ struct Geometry {
     bits: u32,
 }
 
-pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
+pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     match aya::sys::is_map_supported(aya::maps::MapType::RingBuf) {
         Ok(true) => {}
         Ok(false) => return Err(LoadError::NoRingBuf),
@@ -219,36 +232,76 @@ pub fn load(opts: &LoadOptions) -> Result<Probe, LoadError> {
     let btf = aya::Btf::from_sys_fs().map_err(kernel("cannot parse the kernel's BTF"))?;
     let mut prog_fds = vec![(PROGRAM, attach(&mut ebpf, &btf)?)];
     let mut hooks = Vec::new();
-    let wanted = [
-        (opts.retransmits, RETRANSMIT_HOOKS),
-        (opts.resets, RESET_HOOKS),
+    let binds = |how| opts.binds == how;
+    let mut fexit_refused: Option<String> = None;
+    let wanted: [(bool, &[&'static str]); 5] = [
+        (opts.retransmits, &RETRANSMIT_HOOKS),
+        (opts.resets, &RESET_HOOKS),
+        (opts.drops.is_some(), &DROP_HOOKS),
+        (binds(crate::cli::BindHooks::Auto), &BIND_HOOKS),
+        (binds(crate::cli::BindHooks::Syscalls), &BIND_SYSCALL_HOOKS),
     ];
-    for name in wanted
+    for &name in wanted
         .into_iter()
         .filter(|(on, _)| *on)
         .flat_map(|(_, h)| h)
     {
+        // The drop hook reads the tracepoint's reason, which older kernels do not pass: the
+        // verifier would refuse it with a message about argument 3.
+        // Hooks on by default that this kernel cannot have are said in the feature report
+        // (`started`, status, metrics), not on stderr at every start.
+        if DROP_HOOKS.contains(&name) && opts.offsets.kfree_reason == 0 {
+            let why = "this kernel's skb:kfree_skb gives no drop reason (Linux 5.17+)";
+            hooks.push((name, Some(why.to_owned())));
+            continue;
+        }
+        let bind_hook = BIND_HOOKS.contains(&name) || BIND_SYSCALL_HOOKS.contains(&name);
+        if bind_hook && opts.offsets.socket_sk == 0 {
+            let why = "this kernel's BTF lacks a field the hook reads (struct socket, file, fdtable; sock.sk_protocol)";
+            hooks.push((name, Some(why.to_owned())));
+            continue;
+        }
+        // Both fexit hooks fail alike: said once.
+        if let (true, Some(why)) = (BIND_HOOKS.contains(&name), &fexit_refused) {
+            hooks.push((name, Some(why.clone())));
+            continue;
+        }
         // An optional hook this kernel lacks costs its information, not the daemon.
-        match attach_hook(&mut ebpf, &btf, name) {
+        let attached = if BIND_HOOKS.contains(&name) {
+            attach_fexit(&mut ebpf, &btf, name)
+        } else if BIND_SYSCALL_HOOKS.contains(&name) {
+            mount_tracefs();
+            attach_syscall_hook(&mut ebpf, name)
+        } else {
+            attach_hook(&mut ebpf, &btf, name)
+        };
+        match attached {
             Ok(fd) => {
                 hooks.push((name, None));
                 prog_fds.push((name, fd));
             }
             Err(e) => {
-                crate::warn(format_args!("not watching {name}: {e}"));
+                if BIND_HOOKS.contains(&name) {
+                    // The default's refusal (ftrace locked down): the feature report says it
+                    // and how to get the hook anyway.
+                    fexit_refused = Some(e.to_string());
+                } else {
+                    crate::warn(format_args!("not watching {name}: {e}"));
+                }
                 hooks.push((name, Some(e.to_string())));
             }
         }
     }
-    let (rings, doorbell, signals, stats) = take_maps(&mut ebpf, &geo)?;
-    Ok(Probe {
+    let (rings, doorbell, segments, stats, drops) = take_maps(&mut ebpf, &geo)?;
+    Ok(Loaded {
         _ebpf: ebpf,
         ring_bytes: rings.bytes(),
         rings: Some(rings),
         doorbell: Some(doorbell),
-        signals: Some(signals),
+        segments: Some(segments),
         hooks,
         stats,
+        drops,
         prog_fds,
     })
 }
@@ -280,12 +333,34 @@ fn load_object(opts: &LoadOptions, geo: &Geometry) -> Result<Ebpf, LoadError> {
                 slot_bits: geo.bits,
                 filters: opts.filters,
                 off: opts.offsets,
-                pad: 0,
+                drop_reasons: opts.drops.unwrap_or_default(),
             },
             true,
         )
         .load(OBJECT)
         .map_err(kernel("cannot load the eBPF object"))
+}
+
+/// The object's program `name`, as the kind (`what`) its hook needs.
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &str, what: &str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| LoadError::Object(format!("program {name} missing")))?
+        .try_into()
+        .map_err(|e| LoadError::Object(format!("program {name} is not {what}: {e}")))
+}
+
+/// A loaded program's fd, duplicated: its kernel counters stay readable for as long as the
+/// daemon runs.
+fn owned_fd(
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+) -> Result<std::os::fd::OwnedFd, LoadError> {
+    fd.map_err(kernel("cannot get the hook's fd"))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(kernel("cannot duplicate the hook's fd"))
 }
 
 /// Loads and attaches one of the optional hooks (a BTF tracepoint of the same name); returns
@@ -295,19 +370,64 @@ fn attach_hook(
     btf: &aya::Btf,
     name: &str,
 ) -> Result<std::os::fd::OwnedFd, LoadError> {
-    let prog: &mut BtfTracePoint = ebpf
-        .program_mut(name)
-        .ok_or_else(|| LoadError::Object(format!("program {name} missing")))?
-        .try_into()
-        .map_err(|e| LoadError::Object(format!("program {name} is not a BTF tracepoint: {e}")))?;
+    let prog: &mut BtfTracePoint = program_of(ebpf, name, "a BTF tracepoint")?;
     prog.load(name, btf)
         .map_err(kernel("the kernel refused the hook"))?;
     prog.attach().map_err(kernel("cannot attach the hook"))?;
-    prog.fd()
-        .map_err(kernel("cannot get the hook's fd"))?
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(kernel("cannot duplicate the hook's fd"))
+    owned_fd(prog.fd())
+}
+
+/// Loads and attaches one of the fexit hooks (on the kernel function of the same name);
+/// returns its fd (for its counters). A kernel that refuses trampolines (ftrace locked down)
+/// is told in words, with the way round it.
+fn attach_fexit(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    name: &str,
+) -> Result<std::os::fd::OwnedFd, LoadError> {
+    let prog: &mut FExit = program_of(ebpf, name, "an fexit program")?;
+    let refused = |e: aya::programs::ProgramError| {
+        // The verifier's log is empty for a refused trampoline: the errno is the story.
+        let errno =
+            std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+        LoadError::HookRefused(format!(
+            "the kernel refused an fexit trampoline on {name} ({errno}; ftrace locked down?): --bind-failures=syscalls watches bind() through the syscall tracepoints instead, at 10-20 ns on every syscall of the host"
+        ))
+    };
+    prog.load(name, btf).map_err(refused)?;
+    prog.attach().map_err(refused)?;
+    owned_fd(prog.fd())
+}
+
+/// Mounts tracefs where it is not (the syscall tracepoints are found through it; systemd
+/// mounts it at boot, a bare host or container may not). A failure is the attach's to say.
+fn mount_tracefs() {
+    const TRACEFS: &str = "/sys/kernel/tracing";
+    if std::path::Path::new(TRACEFS).join("events").exists()
+        || std::path::Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
+        return;
+    }
+    // SAFETY: NUL-terminated constant strings; no data argument.
+    unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        );
+    }
+}
+
+/// Loads and attaches one of the syscall tracepoint hooks (`syscalls:NAME`, through
+/// tracefs); returns its fd (for its counters).
+fn attach_syscall_hook(ebpf: &mut Ebpf, name: &str) -> Result<std::os::fd::OwnedFd, LoadError> {
+    let prog: &mut TracePoint = program_of(ebpf, name, "a tracepoint")?;
+    prog.load().map_err(kernel("the kernel refused the hook"))?;
+    prog.attach("syscalls", name)
+        .map_err(kernel("cannot attach the hook (is tracefs mounted?)"))?;
+    owned_fd(prog.fd())
 }
 
 /// Verifies, loads and attaches the program; returns its fd (for its counters).
@@ -358,6 +478,7 @@ type Maps = (
     RingBuf<MapData>,
     RingBuf<MapData>,
     PerCpuArray<MapData, u64>,
+    PerCpuArray<MapData, u64>,
 );
 
 fn take_maps(ebpf: &mut Ebpf, geo: &Geometry) -> Result<Maps, LoadError> {
@@ -377,14 +498,16 @@ fn take_maps(ebpf: &mut Ebpf, geo: &Geometry) -> Result<Maps, LoadError> {
     )?;
     let doorbell = RingBuf::try_from(take(map::DOORBELL)?)
         .map_err(|e| LoadError::Object(format!("map {}: {e}", map::DOORBELL)))?;
-    let signals = RingBuf::try_from(take(map::SIGNALS)?)
-        .map_err(|e| LoadError::Object(format!("map {}: {e}", map::SIGNALS)))?;
+    let segments = RingBuf::try_from(take(map::SEGMENTS)?)
+        .map_err(|e| LoadError::Object(format!("map {}: {e}", map::SEGMENTS)))?;
     let stats = PerCpuArray::try_from(take(map::STATS)?)
         .map_err(|e| LoadError::Object(format!("map {}: {e}", map::STATS)))?;
-    Ok((rings, doorbell, signals, stats))
+    let drops = PerCpuArray::try_from(take(map::DROPS)?)
+        .map_err(|e| LoadError::Object(format!("map {}: {e}", map::DROPS)))?;
+    Ok((rings, doorbell, segments, stats, drops))
 }
 
-impl Probe {
+impl Loaded {
     pub fn ring_bytes(&self) -> usize {
         self.ring_bytes
     }
@@ -403,13 +526,28 @@ impl Probe {
         KernelCounters {
             ringbuf_full: sum(stat::RINGBUF_FULL),
             recursion_misses: info.map_or(0, |i| i.recursion_misses),
-            signals_full: sum(stat::SIGNALS_FULL),
+            segments_full: sum(stat::SEGMENTS_FULL),
             resets_no_socket: sum(stat::RESET_NO_SOCKET),
+            drops_full: sum(stat::DROPS_FULL),
         }
+    }
+
+    /// TCP packets dropped with no full socket named, per reason (non-zero ones): a syscall
+    /// per reason watched, so for scrapes, not for the event path.
+    pub fn drops_no_socket(&self, watched: &crate::drops::Watched) -> Vec<(u16, u64)> {
+        watched
+            .reasons
+            .iter()
+            .filter(|&&(v, _)| u32::from(v) < DROP_REASONS)
+            .filter_map(|&(v, _)| {
+                let n: u64 = self.drops.get(&u32::from(v), 0).ok()?.iter().sum();
+                (n > 0).then_some((v, n))
+            })
+            .collect()
     }
 }
 
-impl Probe {
+impl Loaded {
     /// Every attached program's run time and count; one syscall each, so for scrapes, not
     /// for the event path.
     pub fn costs(&self) -> BpfCosts {

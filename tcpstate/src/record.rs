@@ -11,7 +11,7 @@ use crate::{
     clock::WallClock,
     socket::{Comm, Family},
     state::TcpState,
-    tracker::{Anomaly, Fact, Kind, Leak, Moved, Owner as Blame, Resolution},
+    tracker::{Anomaly, Detail, Fact, Kind, Leak, Moved, Owner as Blame, Resolution},
     workload::Workload,
 };
 
@@ -27,6 +27,7 @@ pub enum Record {
     Stopped(Stopped),
     Killed(KilledRecord),
     Reset(ResetRecord),
+    BindRefused(BindRefusedRecord),
 }
 
 /// Written by `tcpstate kill` for each socket it destroyed: which, and who asked.
@@ -110,7 +111,7 @@ pub struct TransitionRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
     /// On a real close with an error (a failed connect, a reset): why. `refused`,
-    /// `timed_out`, `unreachable`, `reset`, `aborted` or `error`.
+    /// `timed_out`, `unreachable`, `reset`, `aborted` or `error`; `no_local_port` for a connect refused a local port (EADDRNOTAVAIL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// At the socket's end (CLOSE, TIME_WAIT): the retransmissions seen over its life, when
@@ -209,6 +210,30 @@ pub struct Orphans {
     pub by_owner: Vec<OwnerCount>,
 }
 
+/// For `connection_churn`: one destination's new connections over the last flow window.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct Churn {
+    /// New connections per second to the destination.
+    pub opened_per_s: f64,
+    /// The median life of those closed here first is under this many ms.
+    pub median_life_ms: u64,
+    /// Of the connections that ended, the share whose close began here (0 to 1).
+    pub closed_here: f64,
+    /// Sockets to the destination in TIME_WAIT.
+    pub time_wait: u32,
+}
+
+impl From<crate::tracker::rules::churn::Churn> for Churn {
+    fn from(c: crate::tracker::rules::churn::Churn) -> Self {
+        Self {
+            opened_per_s: c.opened_per_s,
+            median_life_ms: c.median_life_ms,
+            closed_here: c.closed_here,
+            time_wait: c.time_wait,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OwnerCount {
     pub pid: u32,
@@ -218,8 +243,8 @@ pub struct OwnerCount {
     pub count: u64,
 }
 
-impl From<&crate::tracker::orphans::OrphanPressure> for Orphans {
-    fn from(o: &crate::tracker::orphans::OrphanPressure) -> Self {
+impl From<&crate::tracker::rules::orphans::OrphanPressure> for Orphans {
+    fn from(o: &crate::tracker::rules::orphans::OrphanPressure) -> Self {
         Self {
             orphans: o.host.orphans,
             max_orphans: o.host.max_orphans,
@@ -295,6 +320,14 @@ pub struct Owner {
     pub comm: Comm,
 }
 
+/// A socket's dropped packets, as an anomaly record carries them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Drops {
+    pub count: u32,
+    /// The last one's reason, as the kernel names it (`NETFILTER_DROP`, `SOCKET_FILTER`...).
+    pub reason: String,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct AnomalyRecord {
     #[serde(with = "ts")]
@@ -343,9 +376,16 @@ pub struct AnomalyRecord {
     /// The socket's queues, timer and `tcp_info` when the anomaly was raised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vitals: Option<Vitals>,
+    /// The socket's packets the kernel dropped so far (`--drops`), and the last one's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drops: Option<Drops>,
     /// For `orphan_pressure`: the host's counts and who left the closing sockets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub orphans: Option<Orphans>,
+    /// For `connection_churn`: the destination's new connections, their median life and its
+    /// TIME_WAIT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn: Option<Churn>,
     /// For `anomaly_resolved`: why it ended (`left_state`, `reconciled`,
     /// `netns_gone`, `below_threshold`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -358,10 +398,23 @@ pub struct AnomalyRecord {
     pub port_range: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tw_reuse: Option<u8>,
+    /// For `time_wait_pressure`: connects to the destination refused a local port
+    /// (EADDRNOTAVAIL); `pid` and `comm` name the last one's process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_connects: Option<u32>,
+    /// For `time_wait_pressure`: binds to port 0 in the namespace refused (EADDRINUSE, no
+    /// port of the range free); `pid` and `comm` name the last one's process when no connect
+    /// was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_binds: Option<u32>,
     /// For a socket in a state counted per destination: where it goes and how many sockets
     /// to there are in the same state ("one of 412 to the same upstream").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<Destination>,
+    /// The fields of a host rule that has no field of its own above: its file fills them
+    /// (`HostRule::record`), and they are read back as they were written.
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A destination as records and `status` name it, and the sockets to it in one state.
@@ -400,6 +453,49 @@ pub struct LeakRecord {
     /// The process's cgroup and what it names, from `/proc/PID/cgroup`.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<Arc<Workload>>,
+}
+
+/// A TCP socket's `bind()` refused with EADDRINUSE (`bind_refused`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BindRefusedRecord {
+    #[serde(with = "ts")]
+    pub ts: SystemTime,
+    pub pid: u32,
+    #[serde(with = "comm")]
+    pub comm: Comm,
+    #[serde(with = "family")]
+    pub family: Family,
+    /// The address asked for.
+    pub addr: IpAddr,
+    /// The port asked for; 0: any port, and none of the range was free.
+    pub port: u16,
+    pub netns: u32,
+    /// `port_taken` (a fixed port in use) or `no_free_port` (port 0, the range exhausted).
+    pub reason: String,
+    /// The process's cgroup and what it names, from `/proc/PID/cgroup`.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
+}
+
+impl BindRefusedRecord {
+    pub fn new(b: &crate::tracker::BindRefused, clock: WallClock) -> Self {
+        Self {
+            ts: clock.to_system(b.ts_ns),
+            pid: b.task.pid,
+            comm: b.task.comm,
+            family: b.family,
+            addr: crate::socket::ip(b.family, &b.addr),
+            port: b.port,
+            netns: b.netns,
+            reason: if b.port == 0 {
+                "no_free_port"
+            } else {
+                "port_taken"
+            }
+            .to_owned(),
+            workload: None,
+        }
+    }
 }
 
 /// Transition records the log rate limit dropped since the last one.
@@ -449,6 +545,7 @@ impl Record {
             }
             Fact::Leak(l) => Record::LeakSuspected(LeakRecord::new(l, clock)),
             Fact::Reset(r) => Record::Reset(ResetRecord::new(r, clock)),
+            Fact::BindRefused(b) => Record::BindRefused(BindRefusedRecord::new(b, clock)),
         }
     }
 }
@@ -460,6 +557,7 @@ impl Record {
             Record::Transition(t) => t.workload = w,
             Record::Anomaly(a) | Record::AnomalyResolved(a) => a.workload = w,
             Record::LeakSuspected(l) => l.workload = w,
+            Record::BindRefused(b) => b.workload = w,
             _ => {}
         }
     }
@@ -513,7 +611,17 @@ impl AnomalyRecord {
             ),
             Blame::Unknown => (None, None, OwnerSource::None, None),
         };
-        let p = a.pressure;
+        // The wire keeps its flat fields (a contract with readers): each kind fills its own, a
+        // lingering socket here and a host rule in its file (`HostRule::record`, below).
+        let (mut accept_queue, mut destination) = (None, None);
+        if let Detail::Lingering {
+            listener_queue,
+            destination: d,
+        } = &a.detail
+        {
+            accept_queue = listener_queue.map(AcceptQueue::from);
+            destination = d.map(Destination::from);
+        }
         let holders = match a.owner {
             Blame::Verified(t) => std::iter::once(t)
                 .chain(a.other_holders.iter().copied())
@@ -524,9 +632,9 @@ impl AnomalyRecord {
                 .collect(),
             _ => Vec::new(),
         };
-        Self {
+        let mut rec = Self {
             ts: clock.to_system(a.ts_ns),
-            kind: a.kind,
+            kind: a.kind(),
             state: a.state,
             age_ms: a.ts_ns.saturating_sub(a.since_ns) as f64 / 1e6,
             age_is_lower_bound: a.lower_bound,
@@ -544,15 +652,27 @@ impl AnomalyRecord {
             owner_source,
             holders,
             last_owner,
-            accept_queue: a.accept_queue.map(AcceptQueue::from),
+            accept_queue,
             vitals: a.vitals.map(Vitals::from),
-            orphans: a.orphans.as_ref().map(Orphans::from),
+            drops: a.drops.map(|d| Drops {
+                count: d.count,
+                reason: crate::drops::name_of(d.reason),
+            }),
+            orphans: None,
+            churn: None,
             resolution: resolution.map(|r| r.name().to_owned()),
-            count: p.map(|p| p.count),
-            port_range: p.map(|p| p.range),
-            tw_reuse: p.map(|p| p.tw_reuse),
-            destination: a.destination.map(Destination::from),
+            count: None,
+            port_range: None,
+            tw_reuse: None,
+            refused_connects: None,
+            refused_binds: None,
+            destination,
+            extra: serde_json::Map::new(),
+        };
+        if let Detail::Rule(d) = &a.detail {
+            d.record(&mut rec);
         }
+        rec
     }
 }
 
@@ -708,12 +828,13 @@ mod tests {
     /// The names are a contract: logs, `tail` and alerting rules match on them.
     #[test]
     fn anomaly_kinds_keep_their_names() {
-        use crate::fixtures::anomaly;
+        use crate::{fixtures::anomaly, tracker::RuleId};
         let mut kinds: Vec<Kind> = TcpState::ALL.into_iter().map(Kind::Lingering).collect();
         kinds.extend([
-            Kind::TimeWaitPressure,
-            Kind::AcceptQueueFull,
-            Kind::OrphanPressure,
+            Kind::Rule(RuleId::TimeWaitPressure),
+            Kind::Rule(RuleId::AcceptQueueFull),
+            Kind::Rule(RuleId::OrphanPressure),
+            Kind::Rule(RuleId::ConnectionChurn),
         ]);
         let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
         assert_eq!(
@@ -733,7 +854,8 @@ mod tests {
                 "new_syn_recv",
                 "time_wait_pressure",
                 "accept_queue_full",
-                "orphan_pressure"
+                "orphan_pressure",
+                "connection_churn"
             ]
         );
         for k in kinds {

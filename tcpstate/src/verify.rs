@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::{
     socket::{Tuple, Vitals},
-    tracker::{Anomaly, Fact, Owner, Task},
+    tracker::{Anomaly, Detail, Fact, Owner, Task},
     workers::{Holder, Job},
 };
 
@@ -35,7 +35,11 @@ pub struct Verifier {
 fn needs_check(a: &Anomaly) -> bool {
     // A holder verified earlier is checked again: it may have passed the fd on since, and the
     // check also brings its cgroup and the socket's vital signs.
-    a.pressure.is_none()
+    let of_a_socket = match &a.detail {
+        Detail::Lingering { .. } => true,
+        Detail::Rule(d) => d.id().checks_owner(),
+    };
+    of_a_socket
         && matches!(
             a.owner,
             Owner::Attributed(_) | Owner::Verified(_) | Owner::Unknown
@@ -53,8 +57,10 @@ fn apply(a: &mut Anomaly, h: &Holder, v: Option<Vitals>) {
             .collect();
     }
     a.vitals = v.or(a.vitals);
-    if let Holder::AcceptQueue { queue, .. } = h {
-        a.accept_queue = Some(*queue);
+    if let (Holder::AcceptQueue { queue, .. }, Detail::Lingering { listener_queue, .. }) =
+        (h, &mut a.detail)
+    {
+        *listener_queue = Some(*queue);
     }
 }
 
@@ -129,7 +135,7 @@ impl Verifier {
         match self.tickets.remove(&ticket)? {
             Purpose::Facts => {
                 let mut answers = holders.iter().enumerate();
-                for (f, t) in self.queue.iter_mut() {
+                for (f, t) in &mut self.queue {
                     if *t != Some(ticket) {
                         continue;
                     }
@@ -182,16 +188,11 @@ impl Verifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        socket::Comm,
-        state::TcpState,
-        tracker::{Kind, Resolution},
-    };
+    use crate::{socket::Comm, state::TcpState, tracker::Resolution};
 
     fn anomaly(owner: Owner) -> Anomaly {
         let lo = "127.0.0.1".parse().expect("addr");
         Anomaly {
-            kind: Kind::Lingering(TcpState::CloseWait),
             state: TcpState::CloseWait,
             ts_ns: 1,
             since_ns: 0,
@@ -201,13 +202,14 @@ mod tests {
             cgroup: 0,
             tuple: Tuple::new(lo, 80, lo, 5000),
             owner,
-            pressure: None,
-            accept_queue: None,
             vitals: None,
-            orphans: None,
             holder_cgroup: None,
             other_holders: Vec::new(),
-            destination: None,
+            drops: None,
+            detail: Detail::Lingering {
+                listener_queue: None,
+                destination: None,
+            },
         }
     }
 

@@ -60,6 +60,9 @@ pub enum Job {
     /// `walk`: may walk every socket fd to reach a namespace no process is in (the first
     /// ask); a retry only looks where processes and names pin namespaces.
     Settings { netns: u32, walk: bool },
+    /// Whether the namespaces whose settings were read are still the ones read (the kernel
+    /// gives a destroyed namespace's inode number to the next one made): a stat each. Sorted.
+    Moved { namespaces: Vec<u32> },
     /// The listeners of these namespaces and their accept queues.
     Listeners { namespaces: Vec<u32> },
     /// The host's orphan and TCP memory counts, with their limits.
@@ -144,6 +147,9 @@ pub enum Reply {
         info: Option<NetnsInfo>,
     },
     HostTcp(Option<HostTcp>),
+    /// The namespaces of a [`Job::Moved`] whose number names another namespace now, and that
+    /// one's settings when they could be read.
+    Moved(Vec<(u32, Option<NetnsInfo>)>),
     Listeners {
         /// When the first dump started (monotonic ns).
         at_ns: u64,
@@ -186,9 +192,11 @@ impl Job {
     pub fn lane(&self) -> Lane {
         match self {
             Job::Seed { .. } | Job::Reconcile { .. } | Job::Listeners { .. } => Lane::Dumps,
-            Job::Confirm { .. } | Job::Sweep(_) | Job::Settings { .. } | Job::HostTcp => {
-                Lane::Lookups
-            }
+            Job::Confirm { .. }
+            | Job::Sweep(_)
+            | Job::Settings { .. }
+            | Job::Moved { .. }
+            | Job::HostTcp => Lane::Lookups,
             Job::Owners { .. } => Lane::Quick,
         }
     }
@@ -289,6 +297,15 @@ fn run(ns: &mut Namespaces, job: Job, replies: &UnboundedSender<Reply>) -> Reply
             netns,
             info: settings(ns, netns, walk),
         },
+        Job::Moved { namespaces } => {
+            let moved = ns.moved_among(&namespaces);
+            Reply::Moved(
+                moved
+                    .into_iter()
+                    .map(|n| (n, settings(ns, n, false)))
+                    .collect(),
+            )
+        }
         Job::Listeners { namespaces } => listeners(ns, &namespaces),
         Job::HostTcp => Reply::HostTcp(host_tcp()),
     }
@@ -504,7 +521,7 @@ fn confirm(ns: &mut Namespaces, suspects: &[(u32, Tuple)], dump_start_ns: u64) -
                     match found(ns, n, &t)? {
                         Found::Full => return Some((netns, t, Found::Full)),
                         Found::Absent => {}
-                        mini => strongest = mini,
+                        mini @ Found::Mini(_) => strongest = mini,
                     }
                 }
                 strongest
@@ -547,10 +564,13 @@ fn sweep(ns: &mut Namespaces, p: Sweep) -> Swept {
         orphans: Vec::new(),
         netns_gone: false,
     };
+    // Taken before the look: what entered a state after it belongs to a namespace made since
+    // (which may have been given the number), never to the one found gone.
+    let looked_ns = monotonic_ns();
     if ns.path(p.netns).is_none() {
         ns.forget(p.netns);
         r.netns_gone = true;
-        r.done_ns = monotonic_ns();
+        r.done_ns = looked_ns;
         return r;
     }
     let (mut lo, mut hi) = (0, r.timewait.len());

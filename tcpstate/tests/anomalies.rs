@@ -3,12 +3,12 @@
 mod common;
 
 use std::{
-    io::Read as _,
+    io::{Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
     time::{Duration, SystemTime},
 };
 
-use common::{Daemon, Netns, free_port, http_get, port, require_bpf};
+use common::{Daemon, Netns, port, require_bpf};
 use serde_json::Value;
 
 fn ts(v: &Value) -> SystemTime {
@@ -29,7 +29,10 @@ fn close_wait_anomaly_names_the_server_not_the_softirq_task() {
     }
     let ns = Netns::new();
     let p = port(25000);
-    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=2s"]);
+    let mut daemon = Daemon::watching(&ns)
+        .port(p)
+        .threshold("close_wait=2s")
+        .start();
     // We are the server; the client is another process (bash), so the
     // server side's transitions run in its context or in softirq.
     let listener = ns.run(move || TcpListener::bind(("127.0.0.1", p)).expect("bind"));
@@ -102,7 +105,10 @@ fn fin_wait2_anomaly_on_a_half_closed_client() {
     }
     let ns = Netns::new();
     let p = port(26000);
-    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "fin_wait2=2s"]);
+    let mut daemon = Daemon::watching(&ns)
+        .port(p)
+        .threshold("fin_wait2=2s")
+        .start();
     let (client, server, client_port) = ns.run(move || {
         let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
         let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
@@ -150,7 +156,10 @@ fn close_wait_from_before_start_is_found_by_the_snapshot() {
         assert_eq!(s.read(&mut buf).expect("eof"), 0, "peer closed");
         (s, port)
     });
-    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=2s"]);
+    let mut daemon = Daemon::watching(&ns)
+        .port(p)
+        .threshold("close_wait=2s")
+        .start();
     let anomaly = daemon
         .wait_for(Duration::from_secs(6), |r| {
             r["type"] == "anomaly" && r["netns"] == ns.inode
@@ -195,7 +204,10 @@ fn a_socket_nobody_accepted_is_blamed_on_its_listener() {
     // Its own port: tests in this binary run at once, and `port()` offsets every base by the
     // same pid.
     let p = port(27500);
-    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "close_wait=1s"]);
+    let mut daemon = Daemon::watching(&ns)
+        .port(p)
+        .threshold("close_wait=1s")
+        .start();
     let listener = never_accepting_listener(&ns, p, 4);
     // Two clients connect and close: the kernel completes both handshakes, the peers' FINs
     // put both server sockets in CLOSE_WAIT, and no process ever holds them.
@@ -253,15 +265,11 @@ fn a_full_accept_queue_names_its_listener_and_holder() {
     }
     let ns = Netns::new();
     let p = port(28000);
-    let mport = free_port();
-    let mut daemon = Daemon::start(&[
-        "--port",
-        &p.to_string(),
-        "--threshold",
-        "accept_queue_full=1s",
-        "--metrics-addr",
-        &format!("127.0.0.1:{mport}"),
-    ]);
+    let mut daemon = Daemon::watching(&ns)
+        .port(p)
+        .threshold("accept_queue_full=1s")
+        .metrics()
+        .start();
     let listener = never_accepting_listener(&ns, p, 2);
     // A backlog of 2 takes 3 connections (the kernel refuses once the queue is over it); the
     // SYNs of the rest are dropped, so their connects time out.
@@ -300,7 +308,7 @@ fn a_full_accept_queue_names_its_listener_and_holder() {
     assert!(drops >= 2, "{a}");
     let age = a["age_ms"].as_f64().expect("age");
     assert!((1000.0..3000.0).contains(&age), "full for {age} ms");
-    let metrics = http_get(mport, "/metrics");
+    let metrics = daemon.get("/metrics");
     assert!(
         metrics.contains("tcpstate_accept_queue_full_total 1\n")
             && metrics.contains("tcpstate_accept_queue_full_open 1\n"),
@@ -328,7 +336,10 @@ fn a_fin_wait1_stuck_behind_a_zero_window_says_so() {
     }
     let ns = Netns::new();
     let p = port(29000);
-    let mut daemon = Daemon::start(&["--port", &p.to_string(), "--threshold", "fin_wait1=1s"]);
+    let mut daemon = Daemon::watching(&ns)
+        .port(p)
+        .threshold("fin_wait1=1s")
+        .start();
     // A server that never reads, with a small receive buffer: the client's data fills it, the
     // window closes, and the client's FIN waits behind its unsent data.
     let (server, client, client_port) = ns.run(move || {
@@ -376,17 +387,14 @@ fn orphan_pressure_names_who_left_the_closing_sockets() {
     let server = Netns::new();
     common::veth_pair(&client, &server, "or", "10.96.0");
     let p = port(32000);
-    let mport = free_port();
     // A share so small that the host is over it already: the test is about what the
-    // anomaly says, not about filling a real host's orphan table.
-    let mut daemon = Daemon::start(&[
-        "--port",
-        &p.to_string(),
-        "--threshold",
-        "orphan_pressure=0.000001",
-        "--metrics-addr",
-        &format!("127.0.0.1:{mport}"),
-    ]);
+    // anomaly says, not about filling a real host's orphan table. The host's, so the daemon
+    // sees both namespaces.
+    let mut daemon = Daemon::host_wide()
+        .port(p)
+        .threshold("orphan_pressure=0.000001")
+        .metrics()
+        .start();
     let listener = server.run(move || TcpListener::bind(("10.96.0.2", p)).expect("bind"));
     let clients: Vec<TcpStream> = client.run(move || {
         (0..20)
@@ -424,7 +432,7 @@ fn orphan_pressure_names_who_left_the_closing_sockets() {
     );
     // A reading after the orphans exist (every 2 s), then the status page's view.
     std::thread::sleep(Duration::from_millis(2500));
-    let status: Value = serde_json::from_str(&http_get(mport, "/status")).expect("json");
+    let status = daemon.status();
     let open = status["open_anomalies"]
         .as_array()
         .and_then(|v| v.iter().find(|a| a["kind"] == "orphan_pressure"))
@@ -439,4 +447,101 @@ fn orphan_pressure_names_who_left_the_closing_sockets() {
     );
     drop(servers);
     drop(daemon.stop());
+}
+
+/// A client that opens a connection per request to one server and closes each first: after
+/// a whole flow window (10 s) at 40 connections/s, `connection_churn` names it, the
+/// destination, the rate and the TIME_WAIT it leaves; once it stops, the next window
+/// resolves it. A pooled client making as many requests a second over one connection, to
+/// another server, is never named.
+#[test]
+fn a_client_opening_a_connection_per_request_is_connection_churn() {
+    if !require_bpf() {
+        return;
+    }
+    let ns = Netns::new();
+    let (p, pooled) = (port(28000), port(28100));
+    let mut daemon = Daemon::watching(&ns)
+        .threshold("connection_churn=20")
+        .start();
+    let made = ns.run(move || {
+        // Answers one byte per byte until EOF, on every connection, until a "!" comes.
+        let serve = |port: u16| {
+            let l = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+            std::thread::spawn(move || {
+                for s in l.incoming() {
+                    let Ok(mut s) = s else { break };
+                    let mut buf = [0u8; 1];
+                    while let Ok(1) = s.read(&mut buf) {
+                        if buf[0] == b'!' {
+                            return;
+                        }
+                        let _ = s.write_all(&buf);
+                    }
+                }
+            })
+        };
+        let servers = [serve(p), serve(pooled)];
+        let mut kept = TcpStream::connect(("127.0.0.1", pooled)).expect("pooled connect");
+        // 40 requests a second for 23 s (one whole window, wherever the windows fall): one
+        // connection each to the first server, all over `kept` to the second.
+        let start = std::time::Instant::now();
+        let mut made = 0u32;
+        let mut buf = [0u8; 1];
+        while start.elapsed() < Duration::from_secs(23) {
+            let mut c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+            c.write_all(b"?").expect("request");
+            c.read_exact(&mut buf).expect("answer");
+            drop(c);
+            kept.write_all(b"?").expect("pooled request");
+            kept.read_exact(&mut buf).expect("pooled answer");
+            made += 1;
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        kept.write_all(b"!").expect("stop");
+        let mut stop = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        stop.write_all(b"!").expect("stop");
+        for s in servers {
+            s.join().expect("server");
+        }
+        made
+    });
+    assert!(made > 400, "{made} requests made");
+    let raised = daemon
+        .wait_for(Duration::from_secs(15), |r| {
+            r["type"] == "anomaly" && r["kind"] == "connection_churn"
+        })
+        .expect("connection_churn raised");
+    assert_eq!(raised["daddr"], "127.0.0.1", "{raised}");
+    assert_eq!(raised["dport"], p, "{raised}");
+    assert_eq!(raised["pid"], std::process::id(), "{raised}");
+    let churn = &raised["churn"];
+    let rate = churn["opened_per_s"].as_f64().expect("rate");
+    assert!((20.0..=41.0).contains(&rate), "{raised}");
+    // Every close begins here; a few may count in another window than their opening.
+    assert!(
+        churn["closed_here"].as_f64().expect("share") > 0.9,
+        "{raised}"
+    );
+    assert!(
+        churn["median_life_ms"].as_u64().expect("life") <= 16,
+        "{raised}"
+    );
+    assert!(churn["time_wait"].as_u64().expect("tw") >= 200, "{raised}");
+    let resolved = daemon
+        .wait_for(Duration::from_secs(25), |r| {
+            r["type"] == "anomaly_resolved" && r["kind"] == "connection_churn"
+        })
+        .expect("resolved once the client stopped");
+    assert_eq!(resolved["resolution"], "below_threshold", "{resolved}");
+    let records = daemon.stop();
+    let named: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "connection_churn")
+        .collect();
+    assert!(
+        named.iter().all(|r| r["dport"] == p),
+        "the pooled client is never named: {named:?}"
+    );
+    assert_eq!(named.len(), 2, "raised and resolved once: {named:?}");
 }

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{Daemon, Netns, free_port, port, require_bpf, status_counts};
+use common::{Daemon, Netns, port, require_bpf, status_counts};
 use serde_json::Value;
 
 fn ts(v: &Value) -> SystemTime {
@@ -132,21 +132,11 @@ fn port_and_netns_filters_hold_for_what_reconciliation_adopts() {
     }
     let (ours, other) = (Netns::new(), Netns::new());
     let (p, q) = (port(21100), port(21200));
-    let mport = free_port();
-    let addr = format!("127.0.0.1:{mport}");
-    let netns = ours.inode.to_string();
-    let daemon = Daemon::start(&[
-        "--netns",
-        &netns,
-        "--port",
-        &p.to_string(),
-        "--ring-size",
-        "4K",
-        "--reconcile-interval",
-        "1s",
-        "--metrics-addr",
-        &addr,
-    ]);
+    let daemon = Daemon::watching(&ours)
+        .port(p)
+        .args(["--ring-size", "4K", "--reconcile-interval", "1s"])
+        .metrics()
+        .start();
     // Ours: 5 on the port the daemon watches, 20 on another one it must not count.
     ours.run(move || {
         time_waits_to(p, 5);
@@ -165,7 +155,12 @@ fn port_and_netns_filters_hold_for_what_reconciliation_adopts() {
     let mut samples = Vec::new();
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
-        samples.push(status_counts(mport).get("TIME_WAIT").copied().unwrap_or(0));
+        samples.push(
+            status_counts(&daemon)
+                .get("TIME_WAIT")
+                .copied()
+                .unwrap_or(0),
+        );
     }
     let want = ss_time_wait(&ours, p);
     let records = daemon.stop();
@@ -432,18 +427,13 @@ fn sockets_in_a_namespace_no_process_is_in_are_kept() {
         return;
     }
     let p = port(21500);
-    let mport = free_port();
-    let addr = format!("127.0.0.1:{mport}");
-    let mut daemon = Daemon::start(&[
-        "--port",
-        &p.to_string(),
-        "--threshold",
-        "close_wait=2s",
-        "--reconcile-interval",
-        "1s",
-        "--metrics-addr",
-        &addr,
-    ]);
+    // Host-wide: the namespace is made after the daemon starts, and outlives every process.
+    let mut daemon = Daemon::host_wide()
+        .port(p)
+        .threshold("close_wait=2s")
+        .args(["--reconcile-interval", "1s"])
+        .metrics()
+        .start();
     let (mut holder, pid) = sockets_outliving_their_namespace(p, 5);
     let mut raised = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(8);
@@ -456,7 +446,7 @@ fn sockets_in_a_namespace_no_process_is_in_are_kept() {
     }
     // Several reconciliations later, still tracked.
     std::thread::sleep(Duration::from_secs(3));
-    let counts = status_counts(mport);
+    let counts = status_counts(&daemon);
     let _ = holder.kill();
     let _ = holder.wait();
     let records = daemon.stop();
@@ -584,7 +574,7 @@ fn namespaces_held_only_by_our_fds_are_let_go_when_their_sockets_close() {
     let daemon = Daemon::start(&["--port", &p.to_string()]);
     let fds = || {
         std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
-            .map(|d| d.count())
+            .map(Iterator::count)
             .unwrap_or(0)
     };
     std::thread::sleep(Duration::from_secs(2));

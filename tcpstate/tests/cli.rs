@@ -222,3 +222,17 @@ fn a_listen_threshold_is_refused() {
     assert_eq!(code, 2, "{err}");
     one_clear_line(&err, "LISTEN cannot have a threshold");
 }
+
+#[test]
+fn replay_of_a_missing_or_foreign_file_is_one_clear_line() {
+    let (code, _, err) = tcpstate(&["replay", "/nonexistent/capture"]);
+    assert_eq!(code, 1, "{err}");
+    one_clear_line(&err, "cannot open /nonexistent/capture");
+    let foreign = std::env::temp_dir().join(format!("not-a-capture-{}", std::process::id()));
+    std::fs::write(&foreign, b"{\"type\":\"transition\"}\n").expect("write");
+    let path = foreign.display().to_string();
+    let (code, _, err) = tcpstate(&["replay", &path]);
+    let _ = std::fs::remove_file(&foreign);
+    assert_eq!(code, 1, "{err}");
+    one_clear_line(&err, "not a tcpstate capture");
+}

@@ -8,14 +8,14 @@ mod common;
 use std::{
     net::TcpListener,
     os::fd::{FromRawFd as _, OwnedFd},
-    process::{Child, Command},
+    process::Child,
     time::{Duration, Instant},
 };
 
 use common::{
     Daemon, Netns,
     cgroups::{Cgroups, holder_in},
-    free_port, http_get, ip, port, require_bpf, veth_pair,
+    ip, port, require_bpf, veth_pair,
 };
 use serde_json::Value;
 
@@ -33,11 +33,10 @@ fn holder(cgs: &mut Cgroups, unit: &str, ns: &Netns, to: &[(u16, u32)]) -> Child
 }
 
 /// Polls `/status` until `done` says yes; the last answer.
-fn status_until(mport: u16, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+fn status_until(daemon: &Daemon, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let body = http_get(mport, "/status");
-        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        let v = daemon.status();
         if done(&v) {
             return v;
         }
@@ -65,16 +64,10 @@ fn close_wait_piles_are_named_by_destination_and_holder() {
     let mut cgs = Cgroups::new();
     let ns = Netns::new();
     let (big, small) = (port(19000), port(19600));
-    let mport = free_port();
-    let netns = format!("/run/netns/{}", ns.name);
-    let mut daemon = Daemon::start(&[
-        "--netns",
-        &netns,
-        "--threshold",
-        "close_wait=1s",
-        "--metrics-addr",
-        &format!("127.0.0.1:{mport}"),
-    ]);
+    let mut daemon = Daemon::watching(&ns)
+        .threshold("close_wait=1s")
+        .metrics()
+        .start();
     let listeners =
         ns.run(move || [big, small].map(|p| TcpListener::bind(("127.0.0.1", p)).expect("bind")));
     let client = holder(
@@ -105,7 +98,7 @@ fn close_wait_piles_are_named_by_destination_and_holder() {
             })
             .collect()
     };
-    let status = status_until(mport, "43 CLOSE_WAIT", |v| {
+    let status = status_until(&daemon, "43 CLOSE_WAIT", |v| {
         close_waits(v).iter().map(|d| d.3).sum::<u64>() == 43
     });
     let unit = "payments-api.service".to_owned();
@@ -122,12 +115,8 @@ fn close_wait_piles_are_named_by_destination_and_holder() {
         ],
         "{status:#}"
     );
-    let metrics = http_get(mport, "/metrics");
-    let text = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
-        .args(["status", "--addr", &format!("127.0.0.1:{mport}")])
-        .output()
-        .expect("tcpstate status");
-    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    let metrics = daemon.get("/metrics");
+    let text = daemon.status_text();
     let raised = daemon.wait_for(Duration::from_secs(10), |r| {
         r["type"] == "anomaly" && r["kind"] == "close_wait" && r["dport"] == big
     });
@@ -138,7 +127,8 @@ fn close_wait_piles_are_named_by_destination_and_holder() {
 
     for (p, n) in [(big, 40), (small, 3)] {
         let line = format!(
-            r#"tcpstate_destination_sockets{{state="CLOSE_WAIT",destination="127.0.0.1:{p}",direction="outbound"}} {n}"#
+            r#"tcpstate_destination_sockets{{state="CLOSE_WAIT",destination="127.0.0.1:{p}",direction="outbound",netns="{}"}} {n}"#,
+            ns.inode
         );
         assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     }
@@ -169,6 +159,77 @@ fn close_wait_piles_are_named_by_destination_and_holder() {
         }),
         "{raised:#}"
     );
+}
+
+/// The same `127.0.0.1:P` in two namespaces is two upstreams (two containers' sidecars, two
+/// pods' databases): 5 CLOSE_WAIT held in one and 2 in the other are counted apart, each
+/// with its holder and namespace, in `status` and as two `/metrics` series.
+#[test]
+fn one_address_in_two_namespaces_is_two_destinations() {
+    if !require_bpf() {
+        return;
+    }
+    let mut cgs = Cgroups::new();
+    let (one, two) = (Netns::new(), Netns::new());
+    let p = port(19300);
+    // Both namespaces, narrowed to the test's port.
+    let daemon = Daemon::host_wide().port(p).metrics().start();
+    let mut clients = Vec::new();
+    for (ns, unit, n) in [(&one, "alpha.service", 5), (&two, "beta.service", 2)] {
+        let l = ns.run(move || TcpListener::bind(("127.0.0.1", p)).expect("bind"));
+        clients.push(holder(
+            &mut cgs,
+            &format!("system.slice/{unit}"),
+            ns,
+            &[(p, n)],
+        ));
+        for _ in 0..n {
+            drop(l.accept().expect("accept"));
+        }
+    }
+    let rows = |v: &Value| -> Vec<(String, String, u64, u64)> {
+        let mut r: Vec<_> = v["top_destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["state"] == "CLOSE_WAIT")
+            .map(|d| {
+                (
+                    d["holder"].as_str().unwrap_or("?").to_owned(),
+                    d["destination"].as_str().unwrap_or("?").to_owned(),
+                    d["netns"].as_u64().unwrap_or(0),
+                    d["count"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        r.sort_by_key(|x| std::cmp::Reverse(x.3));
+        r
+    };
+    let status = status_until(&daemon, "7 CLOSE_WAIT", |v| {
+        rows(v).iter().map(|d| d.3).sum::<u64>() == 7
+    });
+    let metrics = daemon.get("/metrics");
+    for mut c in clients {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    daemon.stop();
+    let to = format!("127.0.0.1:{p}");
+    assert_eq!(
+        rows(&status),
+        [
+            ("alpha.service".to_owned(), to.clone(), one.inode, 5),
+            ("beta.service".to_owned(), to.clone(), two.inode, 2),
+        ],
+        "{status:#}"
+    );
+    for (ns, n) in [(&one, 5), (&two, 2)] {
+        let line = format!(
+            r#"tcpstate_destination_sockets{{state="CLOSE_WAIT",destination="{to}",direction="outbound",netns="{}"}} {n}"#,
+            ns.inode
+        );
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 }
 
 /// Raises this process's open-file limit to at least `n` (a scan holds that many sockets).
@@ -251,25 +312,19 @@ fn a_scan_of_thousands_of_destinations_stays_within_the_caps() {
         .status()
         .expect("sysctl");
     assert!(st.success(), "sysctl ip_forward: {st}");
-    let mport = free_port();
-    let netns = format!("/run/netns/{}", ns.name);
-    let _daemon = Daemon::start(&[
-        "--netns",
-        &netns,
-        "--metrics-addr",
-        &format!("127.0.0.1:{mport}"),
-        "--metrics-top-destinations",
-        &K.to_string(),
-    ]);
+    let daemon = Daemon::watching(&ns)
+        .metrics()
+        .args(["--metrics-top-destinations".to_owned(), K.to_string()])
+        .start();
     let socks = ns.run(move || {
         (0..N)
             .map(|i| syn_sent((i / 250 + 1) as u8, (i % 250 + 2) as u8))
             .collect::<Vec<OwnedFd>>()
     });
-    let status = status_until(mport, "5000 SYN_SENT", |v| {
+    let status = status_until(&daemon, "5000 SYN_SENT", |v| {
         v["sockets"]["SYN_SENT"].as_u64() == Some(u64::from(N))
     });
-    let metrics = http_get(mport, "/metrics");
+    let metrics = daemon.get("/metrics");
     drop(socks);
 
     let series = samples(&metrics, "tcpstate_destination_sockets");
@@ -324,7 +379,7 @@ fn next_window(into: Duration) {
     let w = Duration::from_secs(10);
     let now = monotonic();
     let into_now = Duration::from_nanos((now.as_nanos() % w.as_nanos()) as u64);
-    std::thread::sleep(w - into_now + into);
+    std::thread::sleep(w.saturating_sub(into_now) + into);
 }
 
 /// Issue 18.2: who began each close, per destination. 30 connections to one port whose
@@ -338,14 +393,7 @@ fn who_closed_first_is_told_per_destination() {
     }
     let ns = Netns::new();
     let (client_first, server_first) = (port(19800), port(19850));
-    let mport = free_port();
-    let netns = format!("/run/netns/{}", ns.name);
-    let daemon = Daemon::start(&[
-        "--netns",
-        &netns,
-        "--metrics-addr",
-        &format!("127.0.0.1:{mport}"),
-    ]);
+    let daemon = Daemon::watching(&ns).metrics().start();
     // Leave 1 s of the window behind: the daemon's start-up is done and the traffic (well
     // under a second) stays inside one window.
     next_window(Duration::from_secs(1));
@@ -369,8 +417,7 @@ fn who_closed_first_is_told_per_destination() {
         }
     });
     next_window(Duration::from_millis(500));
-    let body = http_get(mport, "/status");
-    let status: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let status = daemon.status();
     let line = |dest: String, direction: &str| -> (f64, f64, f64, f64) {
         let d = status["top_destinations"]
             .as_array()
@@ -400,15 +447,12 @@ fn who_closed_first_is_told_per_destination() {
         (2.0, 2.0, 0.0, 0.0),
         "{status:#}"
     );
-    let text = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
-        .args(["status", "--addr", &format!("127.0.0.1:{mport}")])
-        .output()
-        .expect("tcpstate status");
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = daemon.status_text();
     eprintln!("tcpstate status:\n{text}");
     assert!(
         text.contains(&format!(
-            "30 TIME_WAIT to 127.0.0.1:{client_first} (3.0 new/s, "
+            "30 TIME_WAIT to 127.0.0.1:{client_first} [netns {}] (3.0 new/s, ",
+            ns.inode
         )) && text.contains("this host closed first 3.0/s)"),
         "{text}"
     );

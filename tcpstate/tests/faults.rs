@@ -369,9 +369,8 @@ fn accept_errors_back_off_instead_of_spinning() {
     // Served again (idle clients are cut off after the head timeout at the latest).
     let served = (0..40).any(|_| {
         std::thread::sleep(Duration::from_millis(250));
-        let mut s = match TcpStream::connect(("127.0.0.1", mport)) {
-            Ok(s) => s,
-            Err(_) => return false,
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", mport)) else {
+            return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let _ = write!(s, "GET /metrics HTTP/1.1\r\n\r\n");

@@ -221,9 +221,10 @@ fn a_dry_run_without_root_does_not_call_roots_sockets_unheld() {
 #[test]
 fn kill_takes_no_ages_from_a_process_that_is_not_root() {
     // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!("needs root: to make the sockets and to drop to another user");
-    }
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "needs root: to make the sockets and to drop to another user"
+    );
     use std::os::unix::fs::PermissionsExt as _;
     let l = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
     let p = l.local_addr().expect("addr").port();

@@ -6,6 +6,7 @@ mod common;
 
 use std::{
     collections::BTreeSet,
+    fmt::Write as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -94,9 +95,10 @@ fn dashboard_queries_parse_as_promql() {
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, e) in exprs.iter().enumerate() {
         let quoted = serde_json::to_string(e).expect("quote");
-        rules.push_str(&format!(
-            "      - record: dashboard:query{i}\n        expr: {quoted}\n"
-        ));
+        let _ = writeln!(
+            rules,
+            "      - record: dashboard:query{i}\n        expr: {quoted}"
+        );
     }
     let dir = std::env::temp_dir().join(format!("tcpstate-dashboard-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");

@@ -8,6 +8,7 @@
 //! the BTF blob, which is found by its header rather than by ELF section, because arm64's
 //! `Image` is not an ELF.
 
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -43,7 +44,7 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 pub fn btf_fixtures() -> Result<()> {
-    if euid()? != 0 {
+    if euid() != 0 {
         bail!("btf-fixtures fetches kernels with apt-get into a root-owned cache: run it as root");
     }
     let dir = crate::target_dir()?.join("vmtest");
@@ -97,10 +98,11 @@ pub fn btf_fixtures() -> Result<()> {
                 kernel.suite
             ),
         );
-        sources.push_str(&format!(
-            "{name}\t{}\t{}\t{}\n",
+        let _ = writeln!(
+            sources,
+            "{name}\t{}\t{}\t{}",
             kernel.version, kernel.suite, kernel.release
-        ));
+        );
     }
     let list = out_dir.join("SOURCES");
     fs::write(&list, sources).with_context(|| format!("cannot write {}", list.display()))?;

@@ -200,8 +200,8 @@ fn run_tcpstate(args: &[String]) -> anyhow::Error {
         Err(err) => return err,
     };
     let mut cmd = match euid() {
-        Ok(0) => Command::new(&binary),
-        Ok(_) if which("sudo").is_some() => {
+        0 => Command::new(&binary),
+        _ if which("sudo").is_some() => {
             println!(
                 "xtask: tcpstate needs root (it loads eBPF programs); re-running through sudo -E"
             );
@@ -209,13 +209,12 @@ fn run_tcpstate(args: &[String]) -> anyhow::Error {
             sudo.arg("-E").arg(&binary);
             sudo
         }
-        Ok(uid) => {
+        uid => {
             return anyhow!(
                 "tcpstate needs root (it loads eBPF programs) but this is uid {uid} and sudo is \
                  not installed; run `cargo xtask run` as root"
             );
         }
-        Err(err) => return err,
     };
     cmd.arg("run").args(args);
     println!("xtask: exec {}", show(&cmd));

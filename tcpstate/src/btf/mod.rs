@@ -45,6 +45,23 @@ pub fn kernel_offsets_from(path: &Path) -> Result<Offsets, BtfError> {
     })
 }
 
+/// This kernel's numbers for the drop reasons `--drops` watches (see [`crate::drops`]).
+pub fn kernel_drop_reasons() -> Result<crate::drops::Watched, BtfError> {
+    let path = Path::new(VMLINUX_BTF);
+    let data = std::fs::read(path).map_err(|source| BtfError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let btf = Btf::parse(&data).map_err(|e| BtfError::Invalid {
+        path: path.to_owned(),
+        reason: format!("malformed: {e}"),
+    })?;
+    Ok(crate::drops::Watched::resolve(|name| {
+        btf.enum_value("skb_drop_reason", &format!("SKB_DROP_REASON_{name}"))
+            .ok()
+    }))
+}
+
 /// Parses a blob and resolves every offset: the fuzzable core.
 pub fn offsets_in_blob(data: &[u8]) -> Result<Offsets, String> {
     let btf = Btf::parse(data).map_err(|e| format!("malformed: {e}"))?;
@@ -116,6 +133,49 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
             .filter(|&v| v < 64)
             .ok_or_else(|| format!("sock_flags {name} = {v} is not a bit of an unsigned long"))
     };
+    // The drop hook's: optional, so a kernel whose sk_buff differs loses drops, not the
+    // daemon. The tracepoint's arguments say whether it names a reason and a receiving socket.
+    let skb = || -> Result<(u32, u32, u32, u32, u32), String> {
+        Ok((
+            field("sk_buff", &["sk"], 8)?,
+            field("sk_buff", &["protocol"], 2)?,
+            field("sk_buff", &["head"], 8)?,
+            field("sk_buff", &["network_header"], 2)?,
+            field("sock", &["sk_protocol"], 2)?,
+        ))
+    };
+    let (skb_sk, skb_protocol, skb_head, skb_network_header, sk_protocol) =
+        skb().unwrap_or((0, 0, 0, 0, 0));
+    // The bind hooks' (optional too): from the fd to the socket.
+    let bind = || -> Result<[u32; 8], String> {
+        Ok([
+            field("socket", &["sk"], 8)?,
+            field("socket", &["type"], 2)?,
+            field("socket", &["file"], 8)?,
+            field("task_struct", &["files"], 8)?,
+            field("files_struct", &["fdt"], 8)?,
+            field("fdtable", &["fd"], 8)?,
+            field("fdtable", &["max_fds"], 4)?,
+            field("file", &["private_data"], 8)?,
+        ])
+    };
+    let [
+        socket_sk,
+        socket_type,
+        socket_file,
+        task_files,
+        files_fdt,
+        fdtable_fd,
+        fdtable_max_fds,
+        file_private_data,
+    ] = match bind() {
+        Ok(v) if sk_protocol != 0 => v,
+        _ => [0; 8],
+    };
+    let kfree_args = btf.func_proto_params("btf_trace_kfree_skb").unwrap_or(0);
+    // (void *, skb, location, reason[, rx_sk]): the context is the first.
+    let kfree_reason = u32::from(kfree_args >= 4 && skb_sk != 0);
+    let kfree_rx_sk = u32::from(kfree_args >= 5 && kfree_reason == 1);
     Ok(Offsets {
         family: sk("skc_family", 2)?,
         dport: sk("skc_dport", 2)?,
@@ -141,6 +201,21 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
         cgroup_kn,
         kn_id,
         task_btf,
+        skb_sk,
+        skb_protocol,
+        skb_head,
+        skb_network_header,
+        kfree_reason,
+        kfree_rx_sk,
+        sk_protocol,
+        socket_sk,
+        socket_type,
+        socket_file,
+        task_files,
+        files_fdt,
+        fdtable_fd,
+        fdtable_max_fds,
+        file_private_data,
     })
 }
 

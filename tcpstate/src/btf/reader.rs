@@ -187,7 +187,7 @@ impl<'a> Btf<'a> {
                         KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
                     ) =>
                 {
-                    id = t.size_type
+                    id = t.size_type;
                 }
                 _ => return Ok(id),
             }
@@ -307,6 +307,24 @@ impl<'a> Btf<'a> {
     pub fn is_struct(&self, id: u32) -> Result<bool, String> {
         let id = self.resolve(id)?;
         Ok(self.get(id).is_some_and(|t| t.kind == KIND_STRUCT))
+    }
+
+    /// How many parameters the function pointer typedef `name` takes (a tracepoint's
+    /// `btf_trace_*` typedef: its context, then the tracepoint's arguments).
+    pub fn func_proto_params(&self, name: &str) -> Result<u16, String> {
+        let t = self
+            .types
+            .iter()
+            .find(|t| t.kind == KIND_TYPEDEF && self.name(t.name_off) == name)
+            .ok_or_else(|| format!("no typedef {name}"))?;
+        let ptr = self
+            .get(self.resolve(t.size_type)?)
+            .filter(|p| p.kind == KIND_PTR)
+            .ok_or_else(|| format!("typedef {name} is not a pointer"))?;
+        self.get(self.resolve(ptr.size_type)?)
+            .filter(|f| f.kind == KIND_FUNC_PROTO)
+            .map(|f| f.vlen)
+            .ok_or_else(|| format!("typedef {name} is not a function pointer"))
     }
 
     /// The value of enumerator `name` in `enum enum_name`.

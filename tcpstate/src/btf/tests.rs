@@ -279,6 +279,22 @@ fn synthetic_offsets() {
             state: 17,
             num: 14,
             rcv_saddr: 4,
+            // No sk_buff and no kfree_skb tracepoint: no drop hook, and the rest still runs.
+            skb_sk: 0,
+            skb_protocol: 0,
+            skb_head: 0,
+            skb_network_header: 0,
+            kfree_reason: 0,
+            kfree_rx_sk: 0,
+            sk_protocol: 0,
+            socket_sk: 0,
+            socket_type: 0,
+            socket_file: 0,
+            task_files: 0,
+            files_fdt: 0,
+            fdtable_fd: 0,
+            fdtable_max_fds: 0,
+            file_private_data: 0,
         }
     );
     // Lookups through an anonymous union in a kind_flag struct.
@@ -468,11 +484,12 @@ fn debian_6_1_arm64_differs_from_amd64_only_in_the_task() {
     let arm = fixture("6.1-arm64");
     let amd = fixture("6.1-amd64");
     assert_common_head("6.1 arm64", &arm);
-    assert_eq!((arm.tgid, arm.comm), (1356, 1912));
+    assert_eq!((arm.tgid, arm.comm, arm.task_files), (1356, 1912, 1984));
     assert_eq!(
         Offsets {
             tgid: amd.tgid,
             comm: amd.comm,
+            task_files: amd.task_files,
             ..arm
         },
         amd
@@ -505,4 +522,49 @@ fn debian_7_3_amd64() {
     assert_eq!((off.tw_refcount, off.tw_max), (1152, 1224));
     assert_eq!((off.sk_cgroup, off.cgroup_kn, off.kn_id), (688, 296, 96));
     assert_eq!((off.tgid, off.comm), (2876, 3408));
+}
+
+/// The drop hook needs `skb:kfree_skb`'s reason (5.17+); from 6.11 the tracepoint also names
+/// the socket a received packet was for. Both are read from the tracepoint's own prototype.
+#[test]
+fn the_drop_hook_needs_a_reason_and_names_the_receiving_socket_from_6_11() {
+    let hook = |o: &Offsets| {
+        (
+            o.kfree_reason,
+            o.kfree_rx_sk,
+            (o.skb_sk, o.skb_protocol, o.skb_head, o.skb_network_header),
+        )
+    };
+    // 5.10's tracepoint passes (skb, location) only: the hook is refused by name.
+    assert_eq!(hook(&fixture("5.10-amd64")).0, 0);
+    assert_eq!(hook(&fixture("6.1-amd64")), (1, 0, (24, 180, 200, 184)));
+    for name in ["6.12-amd64", "7.3-amd64"] {
+        assert_eq!(hook(&fixture(name)), (1, 1, (24, 180, 200, 184)), "{name}");
+    }
+}
+
+/// The bind hooks walk from the fd to the socket; every kernel users run has the fields.
+#[test]
+fn the_bind_hooks_find_the_socket_of_an_fd_on_every_kernel() {
+    for (name, want) in [
+        ("5.10-amd64", [2808, 32, 8, 0, 200, 16, 24, 4]),
+        ("6.1-amd64", [3048, 32, 8, 0, 200, 16, 24, 4]),
+        ("6.12-amd64", [3048, 32, 8, 0, 32, 16, 24, 4]),
+        ("7.3-amd64", [3488, 32, 8, 0, 24, 16, 24, 4]),
+    ] {
+        let o = fixture(name);
+        // task.files, files_struct.fdt, fdtable.fd, fdtable.max_fds (first: 0),
+        // file.private_data (it moved twice), socket.file, socket.sk, socket.type.
+        let walk = [
+            o.task_files,
+            o.files_fdt,
+            o.fdtable_fd,
+            o.fdtable_max_fds,
+            o.file_private_data,
+            o.socket_file,
+            o.socket_sk,
+            o.socket_type,
+        ];
+        assert_eq!(walk, want, "{name}");
+    }
 }

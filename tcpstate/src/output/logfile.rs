@@ -335,7 +335,11 @@ impl Sink for LogFile {
 
     fn emit(&mut self, rec: &Record, now: Instant) {
         // Resets come at the network's pace, like transitions: the same limit.
-        if matches!(rec, Record::Transition(_) | Record::Reset(_)) && !self.admit(now) {
+        if matches!(
+            rec,
+            Record::Transition(_) | Record::Reset(_) | Record::BindRefused(_)
+        ) && !self.admit(now)
+        {
             return;
         }
         self.write(rec);

@@ -27,7 +27,7 @@ const BUCKETS: [f64; 12] = [
 ];
 
 /// Counters that live outside the tracker.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Counters {
     pub events: u64,
     pub dropped: u64,
@@ -38,10 +38,16 @@ pub struct Counters {
     pub log_suppressed: u64,
     pub log_dropped: u64,
     pub stdout_dropped: u64,
+    /// Every output's lost records, by its name (`Sinks::each_dropped`).
+    pub outputs_dropped: Vec<(&'static str, u64)>,
     /// Retransmit and reset events the kernel could not queue.
-    pub signals_dropped: u64,
+    pub segments_dropped: u64,
     /// Resets sent for no full socket.
     pub resets_no_socket: u64,
+    /// TCP packets dropped with no full socket named, by reason (the kernel's number).
+    pub drops_no_socket: Vec<(u16, u64)>,
+    /// Drop events the kernel could not queue.
+    pub drops_lost: u64,
 }
 
 /// (state, sum in seconds, count, cumulative buckets).
@@ -56,8 +62,12 @@ struct Snapshot {
     anomalies_open: Vec<(&'static str, i64)>,
     failed_connects: Vec<(&'static str, u64)>,
     /// By the socket's state: retransmits, resets sent, resets received.
-    signals: [Vec<(&'static str, u64)>; 3],
+    segments: [Vec<(&'static str, u64)>; 3],
     synack_retransmits: u64,
+    /// Packets dropped: (reason, the socket's state or `none`, count).
+    drops: Vec<(String, &'static str, u64)>,
+    /// `bind()` refused with EADDRINUSE: a fixed port taken, no free port for port 0.
+    binds_refused: [u64; 2],
     resets: u64,
     leaks: u64,
     reconciled: u64,
@@ -149,7 +159,7 @@ pub fn render(
             .map(|&(k, _, open)| (k.name(), open as i64))
             .collect(),
         failed_connects: agg.connect_failures.iter().map(|(&r, &n)| (r, n)).collect(),
-        signals: [&agg.retransmits, &agg.resets_sent, &agg.resets_received].map(|by_state| {
+        segments: [&agg.retransmits, &agg.resets_sent, &agg.resets_received].map(|by_state| {
             TcpState::ALL
                 .into_iter()
                 .filter_map(|s| {
@@ -159,6 +169,18 @@ pub fn render(
                 .collect()
         }),
         synack_retransmits: agg.synack_retransmits,
+        drops: agg
+            .drops
+            .iter()
+            .map(|(&(reason, state), &n)| (crate::drops::name_of(reason), state.name(), n))
+            .chain(
+                counters
+                    .drops_no_socket
+                    .iter()
+                    .map(|&(reason, n)| (crate::drops::name_of(reason), "none", n)),
+            )
+            .collect(),
+        binds_refused: agg.binds_refused,
         resets: agg.resets,
         leaks: agg.leaks_suspected,
         reconciled: agg.reconciled,
@@ -306,7 +328,7 @@ impl Snapshot {
         }
         let mut m = e.encode_descriptor(
             "tcpstate_failed_connects",
-            "Connects that went SYN_SENT -> CLOSE, by reason (refused, timed_out, unreachable, reset, aborted, error; closed: no error, the socket was closed first)",
+            "Connects that went SYN_SENT -> CLOSE, by reason (refused, timed_out, unreachable, reset, aborted, error; no_local_port: connect() got EADDRNOTAVAIL, no free ephemeral port to the destination; closed: no error, the socket was closed first)",
             None,
             MetricType::Counter,
         )?;
@@ -316,7 +338,8 @@ impl Snapshot {
         self.workload_families(e)?;
         self.destination_families(e)?;
         self.bpf_families(e)?;
-        let [retransmits, sent, received] = &self.signals;
+        self.output_families(e)?;
+        let [retransmits, sent, received] = &self.segments;
         for (name, help, values) in [
             (
                 "tcpstate_retransmits",
@@ -339,11 +362,36 @@ impl Snapshot {
                 ConstCounter::new(n).encode(m.encode_family(&[("state", state)])?)?;
             }
         }
+        let mut m = e.encode_descriptor(
+            "tcpstate_drops",
+            "TCP packets the kernel dropped (skb:kfree_skb, --drops), by reason and the state of the socket it named (none: no full socket, as for a SYN to a closed port; those are the host's, whatever the filters)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, state, n) in &self.drops {
+            ConstCounter::new(*n)
+                .encode(m.encode_family(&[("reason", reason.as_str()), ("state", state)])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "tcpstate_binds_refused",
+            "bind() on a TCP socket refused with EADDRINUSE, by reason: port_taken (a fixed port in use), no_free_port (port 0 and the local port range exhausted)",
+            None,
+            MetricType::Counter,
+        )?;
+        // Like the failed connects: a series from the first one, so that its appearance is
+        // news an alert can see (tcpstate.rules.yml).
+        for (reason, n) in ["port_taken", "no_free_port"]
+            .into_iter()
+            .zip(self.binds_refused)
+            .filter(|&(_, n)| n > 0)
+        {
+            ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
+        }
         Ok(())
     }
 
     /// Unlabelled counters: (name, help, value).
-    fn counters(&self) -> [(&'static str, &'static str, u64); 19] {
+    fn counters(&self) -> [(&'static str, &'static str, u64); 20] {
         let c = &self.counters;
         [
             (
@@ -423,9 +471,15 @@ impl Snapshot {
                 c.resets_no_socket,
             ),
             (
+                "tcpstate_drop_events_lost",
+                "Drop events (--drops) lost because their kernel buffer was full: counted by no reason",
+                c.drops_lost,
+            ),
+            (
+                // Named before the code called these segment events; dashboards read it.
                 "tcpstate_signals_dropped",
                 "Retransmit and reset events lost because their kernel buffer was full",
-                c.signals_dropped,
+                c.segments_dropped,
             ),
             (
                 "tcpstate_orphan_pressure",
@@ -508,6 +562,20 @@ impl Snapshot {
     /// What the agent costs in the kernel: each program's run time and count. The kernel
     /// counts only while kernel.bpf_stats_enabled is on, so they are exported only then (a
     /// counter frozen while it is off would read as a program that stopped running).
+    /// Every output's lost records, by name: a new output is counted here with no change.
+    fn output_families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let mut m = e.encode_descriptor(
+            "tcpstate_output_dropped",
+            "Records each output (stdout, log, ...) lost: its reader or disk did not keep up, or a write failed",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(output, n) in &self.counters.outputs_dropped {
+            ConstCounter::new(n).encode(m.encode_family(&[("output", output)])?)?;
+        }
+        Ok(())
+    }
+
     fn bpf_families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let Some(on) = self.bpf.stats_enabled else {
             return Ok(());
@@ -594,14 +662,18 @@ impl Snapshot {
     fn destination_families(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let mut m = e.encode_descriptor(
             "tcpstate_destination_sockets",
-            "Sockets in SYN_SENT or a closing state now, by destination: the remote address:port of connections this host opened (direction=\"outbound\"), the local listening port of those it accepted (\"inbound\"); the top --metrics-top-destinations, the rest under destination=\"other\"",
+            "Sockets in SYN_SENT or a closing state now, by destination: the remote address:port of connections this host opened (direction=\"outbound\"), the local listening port of those it accepted (\"inbound\"), in network namespace netns (its inode); the top --metrics-top-destinations, the rest under destination=\"other\"",
             None,
             MetricType::Gauge,
         )?;
         let (top, rest) = &self.destinations;
-        let named = top.iter().map(|(d, c)| (d.addr(), d.direction(), c));
-        let other = ("other".to_owned(), "other", rest);
-        for (dest, direction, counts) in named.chain(std::iter::once(other)) {
+        // The namespace is a label: two containers' 127.0.0.1:5432 are two series, never
+        // one series twice.
+        let named = top
+            .iter()
+            .map(|(d, c)| (d.addr(), d.direction(), d.netns().to_string(), c));
+        let other = ("other".to_owned(), "other", String::new(), rest);
+        for (dest, direction, netns, counts) in named.chain(std::iter::once(other)) {
             for (st, &n) in STATES.iter().zip(counts.iter()) {
                 if n == 0 {
                     continue;
@@ -610,6 +682,7 @@ impl Snapshot {
                     ("state", st.name()),
                     ("destination", dest.as_str()),
                     ("direction", direction),
+                    ("netns", netns.as_str()),
                 ];
                 ConstGauge::new(i64::from(n)).encode(m.encode_family(&set)?)?;
             }
@@ -665,7 +738,7 @@ impl Collector for Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::{Config, thresholds::Thresholds};
+    use crate::tracker::{Config, rules::thresholds::Thresholds};
 
     /// A tracker with no thresholds or host rules: only what a test feeds it.
     fn quiet_tracker(capacity: usize) -> Tracker {
@@ -674,9 +747,7 @@ mod tests {
             timewait_capacity: 16,
             thresholds: Thresholds::none(),
             leak_threshold: 2,
-            pressure: None,
-            accept_queue_full: None,
-            orphan_pressure: None,
+            rules: crate::tracker::RuleSettings::off(),
         })
     }
 
@@ -742,6 +813,27 @@ mod tests {
         tracker.on_transition(&t, &mut Vec::new());
     }
 
+    /// Every output's losses show by name, whatever the output: a new one needs no change here.
+    #[test]
+    fn every_output_is_counted_by_name() {
+        let tracker = quiet_tracker(16);
+        let counters = Counters {
+            outputs_dropped: vec![("stdout", 0), ("log", 3), ("otel", 7)],
+            ..Counters::default()
+        };
+        let text = render(
+            &tracker,
+            counters,
+            (vec![], 2, 0),
+            &[],
+            crate::program::BpfCosts::default(),
+        );
+        for (output, n) in [("stdout", 0), ("log", 3), ("otel", 7)] {
+            let line = format!(r#"tcpstate_output_dropped_total{{output="{output}"}} {n}"#);
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+    }
+
     #[test]
     fn state_durations_are_cumulative_once_and_end_at_inf() {
         let mut tracker = quiet_tracker(1000);
@@ -803,9 +895,9 @@ mod tests {
         assert_eq!(
             series,
             [
-                r#"tcpstate_destination_sockets{state="SYN_SENT",destination="10.0.3.7:1",direction="outbound"} 5"#,
-                r#"tcpstate_destination_sockets{state="SYN_SENT",destination="10.0.3.7:2",direction="outbound"} 4"#,
-                r#"tcpstate_destination_sockets{state="SYN_SENT",destination="other",direction="other"} 100"#,
+                r#"tcpstate_destination_sockets{state="SYN_SENT",destination="10.0.3.7:1",direction="outbound",netns="7"} 5"#,
+                r#"tcpstate_destination_sockets{state="SYN_SENT",destination="10.0.3.7:2",direction="outbound",netns="7"} 4"#,
+                r#"tcpstate_destination_sockets{state="SYN_SENT",destination="other",direction="other",netns=""} 100"#,
             ],
             "{text}"
         );

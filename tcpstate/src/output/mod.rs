@@ -121,6 +121,12 @@ impl Sinks {
         }
     }
 
+    /// Every sink's name and the records it lost: `/metrics` lists them all, so a new output
+    /// shows there with no change elsewhere.
+    pub fn each_dropped(&self) -> Vec<(&'static str, u64)> {
+        self.sinks.iter().map(|s| (s.name(), s.dropped())).collect()
+    }
+
     /// Records the sink named `name` lost (0 when there is none).
     pub fn dropped(&self, name: &str) -> u64 {
         self.sinks

@@ -6,11 +6,11 @@ use std::{fmt::Write as _, net::IpAddr, time::SystemTime};
 use super::escape::escape;
 use crate::{
     record::{
-        AnomalyRecord, KilledRecord, Orphans, OwnerSource, Record, ResetRecord, TransitionRecord,
-        Vitals,
+        AnomalyRecord, BindRefusedRecord, KilledRecord, Orphans, OwnerSource, Record, ResetRecord,
+        TransitionRecord, Vitals,
     },
     state::TcpState,
-    tracker::Kind,
+    tracker::{Kind, RuleId},
     workload::Workload,
 };
 
@@ -75,6 +75,11 @@ pub fn write_record(out: &mut String, rec: &Record, color: bool) {
         Record::Killed(k) => {
             paint(out, YELLOW);
             write_killed(out, k);
+            paint(out, RESET);
+        }
+        Record::BindRefused(b) => {
+            paint(out, YELLOW);
+            write_bind_refused(out, b);
             paint(out, RESET);
         }
         Record::Started(s) => {
@@ -158,7 +163,7 @@ fn write_transition(out: &mut String, t: &TransitionRecord) {
 
 /// ` [netns N]` for a socket outside the daemon's own namespace: two containers'
 /// `127.0.0.1:8080` must not read as one socket.
-fn in_netns(out: &mut String, netns: u32) {
+pub(crate) fn in_netns(out: &mut String, netns: u32) {
     static OWN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let own = *OWN.get_or_init(|| crate::sockdiag::netns::current_netns().unwrap_or(0));
     if netns != 0 && netns != own {
@@ -224,6 +229,8 @@ fn owner_words(a: &AnomalyRecord) -> String {
             }
             s
         }
+        // time_wait_pressure names the process refused a port after its counts.
+        (Some(_), Some(_), _) if a.count.is_some() => String::new(),
         (Some(pid), Some(comm), _) => {
             format!(
                 "attributed to pid {pid} ({}), not verified",
@@ -247,9 +254,18 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
     in_workload(&mut owner, a.workload.as_deref());
     in_netns(&mut owner, a.netns);
     let at_least = if a.age_is_lower_bound { ">=" } else { "" };
-    let queue_full = a.kind == Kind::AcceptQueueFull;
+    if let Kind::Rule(id) = a.kind
+        && id.text(out, label, a)
+    {
+        return;
+    }
+    let queue_full = a.kind == Kind::Rule(RuleId::AcceptQueueFull);
     if let Some(o) = &a.orphans {
         write_orphans(out, label, a, o);
+        return;
+    }
+    if let Some(c) = &a.churn {
+        write_churn(out, label, a, c);
         return;
     }
     let what = if a.count.is_some() {
@@ -287,6 +303,23 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
             "{n} sockets of a {range}-port range (tcp_tw_reuse={})",
             a.tw_reuse.unwrap_or(0)
         );
+        if let Some(refused) = a.refused_connects {
+            let _ = write!(
+                out,
+                ", {refused} connects refused a local port (EADDRNOTAVAIL)"
+            );
+        }
+        if let Some(refused) = a.refused_binds {
+            let _ = write!(
+                out,
+                ", {refused} binds to port 0 refused in the namespace (EADDRINUSE)"
+            );
+        }
+        if (a.refused_connects.is_some() || a.refused_binds.is_some())
+            && let (Some(pid), Some(comm)) = (a.pid, a.comm)
+        {
+            let _ = write!(out, ", the last by pid {pid} ({})", escape(&comm.as_str()));
+        }
     }
     if let Some(d) = &a.destination {
         let to = match d.direction.as_str() {
@@ -302,6 +335,15 @@ fn write_anomaly(out: &mut String, label: &str, a: &AnomalyRecord) {
         for w in vital_signs(a.state, v, reader_of(a)) {
             let _ = write!(out, "; {w}");
         }
+    }
+    if let Some(d) = &a.drops {
+        let what = if d.count == 1 { "packet" } else { "packets" };
+        let _ = write!(
+            out,
+            "; {} {what} dropped by the kernel, the last for {}",
+            d.count,
+            escape(&d.reason)
+        );
     }
     if let Some(why) = &a.resolution {
         let _ = write!(out, " ({})", escape(why));
@@ -331,6 +373,47 @@ fn write_reset(out: &mut String, r: &ResetRecord) {
         r.state.name(),
     );
     in_netns(out, r.netns);
+}
+
+fn write_bind_refused(out: &mut String, b: &BindRefusedRecord) {
+    let why = if b.port == 0 {
+        "no free port in the local port range"
+    } else {
+        "the port is taken"
+    };
+    let _ = write!(
+        out,
+        "{} BIND     {} refused for pid {} ({}): {why} (EADDRINUSE)",
+        clock(b.ts),
+        endpoint(b.addr, b.port),
+        b.pid,
+        escape(&b.comm.as_str()),
+    );
+    in_netns(out, b.netns);
+}
+
+fn write_churn(out: &mut String, label: &str, a: &AnomalyRecord, c: &crate::record::Churn) {
+    let who = match (a.pid, a.comm) {
+        (Some(pid), Some(comm)) => format!("pid {pid} ({})", escape(&comm.as_str())),
+        _ => "a process".to_owned(),
+    };
+    let _ = write!(
+        out,
+        "{} {label} CHURN       {:.1}s -> {}: {who} opens {:.0} new connections/s, median life under {} ms, {:.0}% closed here first, {} in TIME_WAIT",
+        clock(a.ts),
+        a.age_ms / 1000.0,
+        endpoint(a.daddr, a.dport),
+        c.opened_per_s,
+        c.median_life_ms,
+        c.closed_here * 100.0,
+        c.time_wait,
+    );
+    match &a.resolution {
+        Some(why) => {
+            let _ = write!(out, " ({why})");
+        }
+        None => out.push_str(": opens a new connection per request: enable keep-alive/pooling"),
+    }
 }
 
 fn write_orphans(out: &mut String, label: &str, a: &AnomalyRecord, o: &Orphans) {
@@ -562,6 +645,21 @@ mod tests {
     }
 
     #[test]
+    fn anomaly_line_says_how_many_of_its_packets_the_kernel_dropped_and_why() {
+        let mut a = anomaly();
+        a.drops = Some(crate::record::Drops {
+            count: 7,
+            reason: "NETFILTER_DROP".into(),
+        });
+        let mut s = String::new();
+        write_record(&mut s, &Record::Anomaly(a), false);
+        assert!(
+            s.ends_with("(server); 7 packets dropped by the kernel, the last for NETFILTER_DROP\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
     fn anomaly_line_says_what_is_known() {
         let mut s = String::new();
         write_record(&mut s, &Record::Anomaly(anomaly()), false);
@@ -733,7 +831,7 @@ mod tests {
             s.contains("never accepted: in the accept queue of port 8080, listener held by pid 812 (server), 2 of a backlog of 4 waiting"),
             "{s}"
         );
-        q.kind = Kind::AcceptQueueFull;
+        q.kind = Kind::Rule(RuleId::AcceptQueueFull);
         q.state = TcpState::Listen;
         q.owner_source = OwnerSource::Fd;
         s.clear();

@@ -1,8 +1,8 @@
 //! The jobs given to the workers (`crate::workers`), and their answers applied in order with
-//! the events: reconciliation, the mini-socket sweep, owner checks and namespace settings; and
-//! what a lost event changes.
+//! the events: reconciliation, the mini-socket sweep, owner checks and namespace settings.
+//! What a lost event changes is `recovery.rs`'s.
 
-use super::{Daemon, Dump, Job, Reply};
+use super::{Daemon, Dump, Job, Reply, recovery::Ended};
 use crate::program::Admits as _;
 use crate::workers::Confirmed;
 use crate::{clock::monotonic_ns, status::Report};
@@ -26,10 +26,6 @@ impl Parked {
 /// Jobs out with the workers, so none is queued twice.
 #[derive(Default)]
 pub(super) struct InFlight {
-    /// A reconciliation is out: its dumps, then the exact lookups of what they lacked.
-    pub(super) reconcile: bool,
-    /// Reconciliations started, for `--full-reconcile-every`.
-    pub(super) reconciles: u64,
     pub(super) sweeps: usize,
     /// The sweeps out listed as many TIME_WAIT as one may: more are due, and are asked for
     /// as soon as these are in, not half a second later.
@@ -37,6 +33,10 @@ pub(super) struct InFlight {
     /// A sweep since the last listing ended some: the next is worth asking for at once.
     pub(super) sweep_ended: bool,
     pub(super) settings: std::collections::HashSet<u32>,
+    /// A [`Job::Moved`] is out.
+    pub(super) moved: bool,
+    /// Ticks since the last one was asked.
+    pub(super) since_moved: u32,
     pub(super) listeners: bool,
     pub(super) host_tcp: bool,
     /// Sweeps since the last reading of the host's orphan counts.
@@ -81,6 +81,25 @@ impl Daemon {
                 });
             }
         }
+    }
+
+    /// Asks, every 250 ms, whether a namespace whose settings were read is still the one read.
+    /// The kernel gives a destroyed namespace's inode number to the next one made, and on a
+    /// busy host (a namespace made and deleted every 300 ms) the next one is often made before
+    /// anything says the last one is gone: its TIME_WAIT were judged by the dead one's port
+    /// range until the 10 s re-read, and a 100-port namespace's pressure went unsaid. A stat
+    /// per namespace while its path holds.
+    pub(super) fn ask_moved(&mut self) {
+        self.jobs.since_moved += 1;
+        if self.jobs.moved || self.jobs.since_moved < 5 {
+            return;
+        }
+        let namespaces = self.tracker.netns_with_info();
+        if namespaces.is_empty() {
+            return;
+        }
+        self.jobs.since_moved = 0;
+        self.jobs.moved = self.workers.submit(Job::Moved { namespaces });
     }
 
     /// Checks mini-sockets with the kernel, and re-reads its table when things went quiet.
@@ -156,9 +175,9 @@ impl Daemon {
     /// moment, and every `--full-reconcile-every`th time); the others dump full sockets and
     /// FIN_WAIT2 mini-sockets only, which costs little whatever TIME_WAIT load the host has.
     pub(super) fn start_reconcile(&mut self, full: bool) {
-        if self.jobs.reconcile {
+        let Some(start) = self.recovery.begin(full) else {
             return;
-        }
+        };
         let (namespaces, unknown) = self.tracker.namespaces();
         let (namespaces, everywhere) = match self.args.netns {
             // A --netns daemon tracks nothing elsewhere (an event of unknown namespace is
@@ -170,23 +189,18 @@ impl Daemon {
                 // then too.
                 let mut v: Vec<u32> = namespaces.into_iter().collect();
                 v.sort_unstable();
-                (v, unknown || self.loss_at_ns.is_some())
+                (v, unknown || start.everywhere)
             }
         };
-        self.jobs.reconciles += 1;
-        let timewait = full
-            || self
-                .jobs
-                .reconciles
-                .is_multiple_of(self.args.full_reconcile_every.max(1));
         if self.workers.submit(Job::Reconcile {
             namespaces,
-            timewait,
+            timewait: start.timewait,
             everywhere,
             filters: super::setup::filters(&self.args),
         }) {
-            self.jobs.reconcile = true;
             self.tally.since_reconcile = 0;
+        } else {
+            self.recovery.not_sent();
         }
     }
 
@@ -229,6 +243,17 @@ impl Daemon {
                         self.publish(facts);
                     }
                 }
+            }
+            Reply::Moved(moved) => {
+                self.jobs.moved = false;
+                let mut facts = Vec::new();
+                for (netns, info) in moved {
+                    if let Some(info) = info {
+                        self.tracker
+                            .set_netns_info(netns, info, monotonic_ns(), &mut facts);
+                    }
+                }
+                self.publish(facts);
             }
             Reply::Listeners {
                 at_ns,
@@ -344,15 +369,10 @@ impl Daemon {
     /// A reconciliation that started at `started_ns` is over: the table is trusted again
     /// unless events were lost since it started.
     fn reconciliation_done(&mut self, started_ns: u64) {
-        self.jobs.reconcile = false;
-        if self.tracker.is_incomplete() {
-            if self.loss_at_ns.is_some_and(|t| t < started_ns) {
-                self.tracker.set_incomplete(false);
-                self.loss_at_ns = None;
-            } else {
-                // Lost again while it ran: once more.
-                self.start_reconcile(true);
-            }
+        match self.recovery.end(started_ns) {
+            Ended::Trusted => self.tracker.set_incomplete(false),
+            Ended::Again => self.start_reconcile(true),
+            Ended::Unchanged => {}
         }
     }
 
@@ -381,14 +401,14 @@ impl Daemon {
                 self.started.elapsed().as_secs_f64(),
             );
             report.features.clone_from(&self.features);
-            report.set_bpf(&self.probe.costs());
+            report.set_bpf(&self.program.costs());
             let _ = reply.send(serde_json::to_string(&report).unwrap_or_default());
         }
         self.release();
     }
 
     pub(super) fn report_losses(&mut self) {
-        let k = self.probe.counters();
+        let k = self.program.counters();
         let (full, rec) = (
             k.ringbuf_full - self.reported.ringbuf_full.min(k.ringbuf_full),
             k.recursion_misses - self.reported.recursion_misses.min(k.recursion_misses),

@@ -4,12 +4,13 @@
 //! [`crate::workers`] threads and comes back as a message, so nothing here blocks for long.
 //!
 //! - `mod.rs`: the loop, the event path and the outputs;
-//! - `jobs.rs`: the workers' answers (reconciliation, the sweep, owner checks, settings) and
-//!   lost events;
+//! - `jobs.rs`: the workers' answers (reconciliation, the sweep, owner checks, settings);
+//! - `recovery.rs`: what a lost event changes, until a reconciliation mends it;
 //! - `setup.rs`: what the command line turns into.
 
 mod jobs;
-mod setup;
+mod recovery;
+pub(crate) mod setup;
 
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,7 @@ use crate::{
         metrics::{self, Counters},
         summary::summary,
     },
-    program::{self, Admits as _, KernelCounters, LoadOptions, Probe},
+    program::{self, Admits as _, KernelCounters, LoadOptions, Loaded},
     record::{Record, Started, Stopped},
     state::TcpState,
     tracker::{Fact, Tracker},
@@ -41,7 +42,7 @@ use crate::{
     workload::Workloads,
 };
 
-use self::jobs::InFlight;
+use self::{jobs::InFlight, recovery::Recovery};
 
 /// How often mini-sockets are checked with the kernel: the accuracy of a TIME_WAIT or an
 /// orphaned FIN_WAIT2's end when no event says it.
@@ -65,7 +66,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async { Daemon::start(args).await?.run().await })
+    rt.block_on(async { Daemon::start(args)?.run().await })
 }
 
 /// Counters the daemon keeps itself.
@@ -85,7 +86,7 @@ struct Tally {
 
 struct Daemon {
     args: RunArgs,
-    probe: Probe,
+    program: Loaded,
     collector: Collector,
     batches: mpsc::Receiver<Batch>,
     workers: Workers,
@@ -100,11 +101,10 @@ struct Daemon {
     /// Every event before this is applied.
     watermark_ns: u64,
     started: Instant,
-    /// Kernel loss counters at the last report; as last checked for a new
-    /// loss, and when one was last seen.
+    /// Kernel loss counters at the last report.
     reported: KernelCounters,
-    loss_seen: u64,
-    loss_at_ns: Option<u64>,
+    /// Lost events and the reconciliations that mend them.
+    recovery: Recovery,
     warned_full: bool,
     /// What the start-up snapshot raised, said once `started` is written.
     seed_facts: Vec<Fact>,
@@ -112,45 +112,68 @@ struct Daemon {
     workloads: Workloads,
     /// What this kernel and these flags allow, found at start-up.
     features: Vec<crate::features::Feature>,
+    /// The drop reasons watched (`--drops`), by this kernel's numbers.
+    drops: Option<crate::drops::Watched>,
 }
 
 impl Daemon {
-    async fn start(args: RunArgs) -> anyhow::Result<Self> {
+    fn start(args: RunArgs) -> anyhow::Result<Self> {
         let offsets = btf::kernel_offsets()?;
         setup::cgroup_filter_possible(args.cgroup.as_deref(), &offsets)?;
         let workloads = Workloads::new(setup::hierarchy(&args)?);
         let filters = setup::filters(&args);
-        let mut probe = program::load(&LoadOptions {
+        let drops = args.drops.then(btf::kernel_drop_reasons).transpose()?;
+        if let Some(w) = &drops {
+            crate::drops::set_names(w.clone());
+        }
+        let mut loaded = program::load(&LoadOptions {
             ring_bytes: args.ring_size,
             filters,
             offsets,
             retransmits: args.retransmits,
             resets: args.resets,
+            drops: drops.as_ref().map(crate::drops::Watched::bitmap),
+            binds: args.bind_failures,
         })?;
         // Parsing the kernel's BTF and the object leaves about 18 MB of freed heap resident
         // that nothing reuses: at a million TIME_WAIT that was most of the margin (21.10).
         crate::memory::give_back();
-        let rings = probe.rings.take().context("event rings already taken")?;
-        let doorbell = probe.doorbell.take().context("doorbell already taken")?;
-        let signals = probe.signals.take().context("signals already taken")?;
+        let rings = loaded.rings.take().context("event rings already taken")?;
+        let doorbell = loaded.doorbell.take().context("doorbell already taken")?;
+        let segments = loaded
+            .segments
+            .take()
+            .context("segment ring already taken")?;
+        let capture = args
+            .capture_events
+            .as_deref()
+            .map(crate::capture::Writer::create)
+            .transpose()
+            .context("cannot create the --capture-events file")?;
         let (tx, batches) = mpsc::channel(64);
-        let collector =
-            Collector::spawn(rings, doorbell, signals, tx).context("cannot start the collector")?;
+        let collector = Collector::spawn(rings, doorbell, segments, tx, capture)
+            .context("cannot start the collector")?;
         let (rtx, replies) = mpsc::unbounded_channel();
         let workers = Workers::spawn(&rtx).context("cannot start the kernel-table workers")?;
         let features = {
             let hooks_of = |names: &[&str]| -> Vec<(&'static str, Option<String>)> {
-                probe
+                loaded
                     .hooks
                     .iter()
                     .filter(|(n, _)| names.contains(n))
                     .cloned()
                     .collect()
             };
-            let (retransmits, resets) = (
+            let (retransmits, resets, drops) = (
                 hooks_of(&tcpstate_common::RETRANSMIT_HOOKS),
                 hooks_of(&tcpstate_common::RESET_HOOKS),
+                hooks_of(&tcpstate_common::DROP_HOOKS),
             );
+            let binds = hooks_of(&if args.bind_failures == crate::cli::BindHooks::Syscalls {
+                tcpstate_common::BIND_SYSCALL_HOOKS
+            } else {
+                tcpstate_common::BIND_HOOKS
+            });
             let (sock_diag, sock_destroy) = crate::features::probe_sock_diag();
             let asked = |on: bool, flag, hooks| {
                 if on {
@@ -163,7 +186,13 @@ impl Daemon {
                 offsets: &offsets,
                 retransmit_hooks: asked(args.retransmits, "--retransmits=false", &retransmits),
                 reset_hooks: asked(args.resets, "--resets=false", &resets),
-                pressure: setup::tracker_config(&args).pressure.is_some(),
+                drop_hooks: asked(args.drops, "--drops=false", &drops),
+                bind_hooks: asked(
+                    args.bind_failures != crate::cli::BindHooks::Off,
+                    "--bind-failures=off",
+                    &binds,
+                ),
+                pressure: setup::tracker_config(&args).rules.pressure.is_some(),
                 sock_diag,
                 sock_destroy,
             })
@@ -175,7 +204,7 @@ impl Daemon {
             tracker: Tracker::new(setup::tracker_config(&args)),
             sinks,
             http,
-            probe,
+            program: loaded,
             collector,
             batches,
             workers,
@@ -187,12 +216,12 @@ impl Daemon {
             watermark_ns: 0,
             started: Instant::now(),
             reported: KernelCounters::default(),
-            loss_seen: 0,
-            loss_at_ns: None,
+            recovery: Recovery::new(args.full_reconcile_every),
             warned_full: false,
             seed_facts: Vec::new(),
             workloads,
             features,
+            drops,
             args,
         })
     }
@@ -209,7 +238,7 @@ impl Daemon {
             ts: std::time::SystemTime::now(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
-            ring_bytes: u32::try_from(self.probe.ring_bytes()).unwrap_or(u32::MAX),
+            ring_bytes: u32::try_from(self.program.ring_bytes()).unwrap_or(u32::MAX),
             seeded,
             features: self.features.clone(),
         }));
@@ -351,10 +380,11 @@ impl Daemon {
         let mut facts = Vec::new();
         for d in &batch.decoded {
             // --netns: the kernel reads a socket's namespace only at its birth, so later
-            // events are matched through the table; a socket born elsewhere is never tracked.
+            // events are matched through the table (a snapshot socket by its tuple until its
+            // first event); a socket born elsewhere is never tracked.
             if let Some(ns) = self.args.netns {
                 let of = match d.netns() {
-                    0 => self.tracker.netns_of(d.sk()),
+                    0 => self.tracker.netns_of_event(d.sk(), d.tuple()),
                     n => n,
                 };
                 if of != ns {
@@ -365,7 +395,7 @@ impl Daemon {
             // --cgroup: the same, by the cgroup's path (the cgroup or below it).
             if self.args.cgroup.is_some() {
                 let id = match d.cgroup() {
-                    0 => self.tracker.cgroup_of(d.sk()),
+                    0 => self.tracker.cgroup_of_event(d.sk(), d.tuple()),
                     id => id,
                 };
                 if !self.wanted_cgroup(id) {
@@ -377,7 +407,7 @@ impl Daemon {
                 Decoded::Transition(t) => {
                     self.tracker.on_transition(t, &mut facts);
                 }
-                Decoded::Signal(s) => self.tracker.on_signal(s, &mut facts),
+                Decoded::Segment(s) => self.tracker.on_segment(s, &mut facts),
             }
             self.write_facts(&mut facts, now);
         }
@@ -468,12 +498,15 @@ impl Daemon {
     }
 
     /// The record of a fact other than a transition, with its workload: the socket's, or for
-    /// a leak the process's own (`/proc/PID/cgroup`).
+    /// a leak or a refused bind the process's own (`/proc/PID/cgroup`).
     fn record(&mut self, f: &Fact) -> Record {
         let mut rec = Record::from_fact(f, self.clock);
         let w = match f {
-            Fact::Leak(l) => crate::workload::cgroup_of_pid(l.task.pid)
-                .map(|p| std::sync::Arc::new(crate::workload::Workload::from_path(p))),
+            Fact::Leak(crate::tracker::Leak { task, .. })
+            | Fact::BindRefused(crate::tracker::BindRefused { task, .. }) => {
+                crate::workload::cgroup_of_pid(task.pid)
+                    .map(|p| std::sync::Arc::new(crate::workload::Workload::from_path(p)))
+            }
             f => self.workloads.get(f.cgroup()),
         };
         rec.set_workload(w);
@@ -486,27 +519,21 @@ impl Daemon {
 
     fn on_tick(&mut self) {
         let now = monotonic_ns();
-        let lost = self.probe.counters().transitions_lost();
-        if lost != self.loss_seen {
-            self.loss_seen = lost;
-            // Events were lost: the table may hold ghosts. No anomaly until a
-            // reconciliation, which starts now rather than at its interval.
-            let first = self.loss_at_ns.is_none();
-            // Set first: the reconciliation looks in every namespace while a loss is unmended.
-            self.loss_at_ns = Some(now);
-            if first {
-                self.tracker.set_incomplete(true);
-                self.start_reconcile(true);
-            }
+        // Events were lost: the table may hold ghosts. No anomaly until a reconciliation,
+        // which starts now rather than at its interval.
+        if self.recovery.tick(&self.program.counters(), now) {
+            self.tracker.set_incomplete(true);
+            self.start_reconcile(true);
         }
         self.ask_settings();
+        self.ask_moved();
         let mut facts = Vec::new();
         self.tracker.expire(now, &mut facts);
         self.publish(facts);
     }
 
     fn counters(&self) -> Counters {
-        let k = self.probe.counters();
+        let k = self.program.counters();
         Counters {
             events: self.tally.events,
             dropped: k.ringbuf_full,
@@ -516,8 +543,19 @@ impl Daemon {
             log_suppressed: self.sinks.suppressed("log"),
             log_dropped: self.sinks.dropped("log"),
             stdout_dropped: self.sinks.dropped("stdout"),
-            signals_dropped: k.signals_full,
+            outputs_dropped: self.sinks.each_dropped(),
+            segments_dropped: k.segments_full,
             resets_no_socket: k.resets_no_socket,
+            drops_no_socket: self.drops_no_socket(),
+            drops_lost: k.drops_full,
+        }
+    }
+
+    /// TCP packets dropped with no socket named, by reason; none without `--drops`.
+    fn drops_no_socket(&self) -> Vec<(u16, u64)> {
+        match &self.drops {
+            Some(watched) => self.program.drops_no_socket(watched),
+            None => Vec::new(),
         }
     }
 
@@ -538,7 +576,7 @@ impl Daemon {
                         monotonic_ns(),
                     ),
                     &self.features,
-                    self.probe.costs(),
+                    self.program.costs(),
                 ));
             }
             Page::Status => {
@@ -575,7 +613,7 @@ impl Daemon {
             let rec = self.record(f);
             self.sinks.emit(&rec, now);
         }
-        let k = self.probe.counters();
+        let k = self.program.counters();
         let stopped = Record::Stopped(Stopped {
             ts: std::time::SystemTime::now(),
             events: self.tally.events,

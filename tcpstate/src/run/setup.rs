@@ -15,7 +15,7 @@ use crate::{
         logfile::{LogFile, LogOptions},
         stdout::Stdout,
     },
-    tracker::{Config, thresholds::Thresholds},
+    tracker::{Config, RuleSettings, rules::thresholds::Thresholds},
     workload::Hierarchy,
 };
 
@@ -77,19 +77,15 @@ pub(super) fn under(path: &str, want: &str) -> bool {
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-pub(super) fn tracker_config(args: &RunArgs) -> Config {
-    use crate::tracker::thresholds::Threshold;
+pub(crate) fn tracker_config(args: &RunArgs) -> Config {
+    use crate::tracker::rules::thresholds::Threshold;
     let mut thresholds = Thresholds::defaults(crate::workers::host_fin_timeout());
     // Each rule's default lives beside it.
-    let mut pressure = Some(crate::tracker::pressure::DEFAULT_FRACTION);
-    let mut accept_queue_full = Some(crate::tracker::backlog::DEFAULT_HOLD);
-    let mut orphan_pressure = Some(crate::tracker::orphans::DEFAULT_SHARE);
+    let mut rules = RuleSettings::default();
     for t in &args.thresholds {
         match *t {
             Threshold::State(st, d) => thresholds.set(st, d),
-            Threshold::Pressure(p) => pressure = p,
-            Threshold::AcceptQueue(d) => accept_queue_full = d,
-            Threshold::Orphans(f) => orphan_pressure = f,
+            Threshold::Rule(s) => rules.set(s),
         }
     }
     Config {
@@ -97,13 +93,11 @@ pub(super) fn tracker_config(args: &RunArgs) -> Config {
         timewait_capacity: usize::try_from(args.max_timewait).unwrap_or(usize::MAX),
         thresholds,
         leak_threshold: args.leak_threshold,
-        pressure,
-        accept_queue_full,
-        orphan_pressure,
+        rules,
     }
 }
 
-pub(super) fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
+pub(crate) fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if !args.quiet {
         sinks.push(Box::new(

@@ -188,7 +188,14 @@ pub struct Namespaces {
     /// When every process's namespace was last looked at ([`all_netns`]), for
     /// [`Self::pinned_path`].
     walked: Option<std::time::Instant>,
+    /// Namespaces [`Self::moved`] found no path to, and when: looked for again only after
+    /// [`MOVED_RETRY`], so one that lives on unpinned costs no walk of `/proc` per check.
+    unpinned: HashMap<u32, std::time::Instant>,
 }
+
+/// How long a namespace [`Namespaces::moved`] could not find is left before it is looked for
+/// again.
+const MOVED_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Namespaces reached through sockets' fds held at once.
 const MAX_HELD: usize = 64;
@@ -210,6 +217,7 @@ impl Namespaces {
             held: HashMap::new(),
             pruned: std::time::Instant::now(),
             walked: None,
+            unpinned: HashMap::new(),
         }
     }
 
@@ -287,6 +295,44 @@ impl Namespaces {
         let p = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
         self.paths.insert(netns, p.clone());
         Some(p)
+    }
+
+    /// Those of `namespaces` (every one whose settings were read) that [`Self::moved`]; the
+    /// ones it could not find are remembered only while they are still asked about, so a host
+    /// that makes and deletes namespaces for months keeps no list of the dead.
+    pub fn moved_among(&mut self, namespaces: &[u32]) -> Vec<u32> {
+        self.unpinned
+            .retain(|n, _| namespaces.binary_search(n).is_ok());
+        namespaces
+            .iter()
+            .copied()
+            .filter(|&n| self.moved(n))
+            .collect()
+    }
+
+    /// Whether the number `netns` may name another namespace than the one we reached by it: the
+    /// path we had no longer names it (its process exited, its name was deleted), and a
+    /// process or a name pins a namespace of that number now. A stat while the path holds.
+    pub fn moved(&mut self, netns: u32) -> bool {
+        if self.known_path(netns).is_some() {
+            self.unpinned.remove(&netns);
+            return false;
+        }
+        if self
+            .unpinned
+            .get(&netns)
+            .is_some_and(|t| t.elapsed() < MOVED_RETRY)
+        {
+            return false;
+        }
+        self.paths.remove(&netns);
+        if self.pinned_path(netns).is_some() {
+            self.unpinned.remove(&netns);
+            true
+        } else {
+            self.unpinned.insert(netns, std::time::Instant::now());
+            false
+        }
     }
 
     /// Whether `netns` is reached only through a socket's fd (our fd keeps it alive).

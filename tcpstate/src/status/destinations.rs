@@ -31,6 +31,10 @@ pub struct TopDestination {
     pub destination: String,
     /// `outbound` or `inbound`.
     pub direction: String,
+    /// The network namespace (inode) the sockets are in: two containers' `127.0.0.1:5432`
+    /// are two destinations.
+    #[serde(default)]
+    pub netns: u32,
     pub state: String,
     pub count: u32,
     /// Connections to the destination (every holder's) opened per second, over the last
@@ -66,6 +70,7 @@ impl TopDestination {
             self.count,
             escape(&self.state)
         );
+        crate::output::text::in_netns(&mut s, self.netns);
         if self.opened_per_s > 0.0 || self.closed_per_s > 0.0 {
             let _ = write!(
                 s,
@@ -133,6 +138,7 @@ pub fn top(
                 holder: holder_name(tracker, names, h, st),
                 destination: dest.addr(),
                 direction: dest.direction().to_owned(),
+                netns: dest.netns(),
                 state: st.name().to_owned(),
                 count,
                 opened_per_s: rate.opened,
@@ -269,6 +275,7 @@ mod tests {
             holder: "payments-api.service".into(),
             destination: "10.0.3.7:5432".into(),
             direction: "outbound".into(),
+            netns: 0,
             state: "CLOSE_WAIT".into(),
             count: 412,
             opened_per_s: 0.0,
@@ -311,6 +318,12 @@ mod tests {
         assert_eq!(
             d.sentence(),
             "nginx\\e holds 412 CLOSE_WAIT inbound to :8080"
+        );
+        // Outside the daemon's own namespace, the namespace is said.
+        let d = TopDestination { netns: 7, ..d };
+        assert_eq!(
+            d.sentence(),
+            "nginx\\e holds 412 CLOSE_WAIT inbound to :8080 [netns 7]"
         );
     }
 

@@ -71,6 +71,13 @@ pub fn matches(rec: &Record, f: &Filter) -> bool {
             r.pid,
             r.comm,
         ),
+        Record::BindRefused(b) => (
+            false,
+            Some([b.port, b.port]),
+            [None, None],
+            Some(b.pid),
+            Some(b.comm),
+        ),
         Record::Killed(k) => (
             false,
             Some([k.sport, k.dport]),
@@ -94,6 +101,7 @@ fn workload_of(rec: &Record) -> Option<&Workload> {
         Record::Transition(t) => t.workload.as_deref(),
         Record::Anomaly(a) | Record::AnomalyResolved(a) => a.workload.as_deref(),
         Record::LeakSuspected(l) => l.workload.as_deref(),
+        Record::BindRefused(b) => b.workload.as_deref(),
         _ => None,
     }
 }

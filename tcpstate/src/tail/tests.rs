@@ -289,7 +289,7 @@ fn lines_hold_back_the_unfinished_one() {
     assert!(split(&mut l, b"cc").is_empty(), "no newline yet");
     assert_eq!(
         split(&mut l, b"c\n\nd"),
-        [Some("cccc".into()), Some("".into())]
+        [Some("cccc".into()), Some(String::new())]
     );
     assert_eq!(l.take_partial(), Some(b"d".to_vec()));
     assert_eq!(l.take_partial(), None);

@@ -8,9 +8,9 @@ use std::collections::{HashMap, HashSet};
 
 use super::{
     Fact, MetTimeWait, PeerKeyHasher, Resolution, Tracker, Via,
-    backlog::Listening,
-    orphans::{HostTcp, closing_by_owner},
-    pressure::NetnsInfo,
+    rules::backlog::Listening,
+    rules::orphans::{HostTcp, closing_by_owner},
+    rules::pressure::NetnsInfo,
     table::{Entry, OwnerRef, flag},
     timewait::TIMEWAIT_LEN_NS,
 };
@@ -749,10 +749,10 @@ impl Tracker {
         out: &mut Vec<Fact>,
     ) {
         // Settings are read again every few seconds: unchanged, nothing is recounted.
-        if self.pressure.known(netns) == Some(info) {
+        if self.rules.pressure.known(netns) == Some(info) {
             return;
         }
-        self.pressure.set_info(netns, info);
+        self.rules.pressure.set_info(netns, info);
         // A server's TIME_WAIT sockets hold its listening port, not an ephemeral one.
         let listeners = &self.listeners;
         let tuples = self
@@ -760,17 +760,17 @@ impl Tracker {
             .iter()
             .filter(|s| s.netns == netns && !listeners.contains_key(&(netns, s.tuple.sport)))
             .map(|s| s.tuple);
-        self.pressure.recount(netns, tuples, now_ns, out);
+        self.rules.pressure.recount(netns, tuples, now_ns, out);
     }
 
     /// The host's settings, used until a namespace's own are known.
     pub fn set_default_netns_info(&mut self, info: NetnsInfo) {
-        self.pressure.set_default(info);
+        self.rules.pressure.set_default(info);
     }
 
     /// Namespaces with TIME_WAIT mini-sockets whose settings are unknown.
     pub fn netns_without_info(&mut self) -> Vec<u32> {
-        let pressure = &self.pressure;
+        let pressure = &self.rules.pressure;
         self.unknown_netns.retain(|&n| !pressure.knows(n));
         let mut v: Vec<u32> = self.unknown_netns.iter().copied().collect();
         v.sort_unstable();
@@ -780,7 +780,7 @@ impl Tracker {
     /// Namespaces whose settings were read: read again now and then, as an operator may change
     /// them, and a namespace destroyed unseen may have left its inode number to a new one.
     pub fn netns_with_info(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.pressure.namespaces().collect();
+        let mut v: Vec<u32> = self.rules.pressure.namespaces().collect();
         v.sort_unstable();
         v
     }
@@ -803,7 +803,7 @@ fn estimated_since(now_ns: u64, expires_ms: u32) -> u64 {
 impl Tracker {
     /// Whether listeners' queues are to be polled.
     pub fn watches_backlogs(&self) -> bool {
-        self.backlog.enabled()
+        self.rules.each().iter().any(|r| r.polls_listeners())
     }
 
     /// A poll of listeners' accept queues in `namespaces`, taken at `at_ns`.
@@ -814,20 +814,24 @@ impl Tracker {
         listeners: &[Listening],
         out: &mut Vec<Fact>,
     ) {
-        self.backlog.observe(at_ns, namespaces, listeners, out);
+        for r in self.rules.each_mut() {
+            r.listeners_polled(at_ns, namespaces, listeners, out);
+        }
     }
 
     /// Whether the host's orphan and TCP memory counts are to be read.
     pub fn watches_orphans(&self) -> bool {
-        self.orphan_rule.enabled()
+        self.rules.each().iter().any(|r| r.reads_host())
     }
 
     /// A reading of the host's orphan and TCP memory counts.
     pub fn host_tcp_read(&mut self, now_ns: u64, host: HostTcp, out: &mut Vec<Fact>) {
         let table = &self.table;
         let comms = &self.comms;
-        self.orphan_rule
-            .observe(now_ns, host, || closing_by_owner(table, comms), out);
+        let by_owner = || closing_by_owner(table, comms);
+        for r in self.rules.each_mut() {
+            r.host_read(now_ns, host, &by_owner, out);
+        }
     }
 }
 

@@ -41,26 +41,33 @@ pub const MAX_HOLDERS: usize = 16;
 
 pub type Counts = [u32; STATES.len()];
 
-/// Where sockets go.
+/// Where sockets go, within one network namespace: two containers' `127.0.0.1:5432` (or
+/// two pods' `:8080`) are two upstreams, never one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dest {
     /// To a remote address and port (this host connected).
     Outbound {
+        netns: u32,
         family: Family,
         addr: [u8; 16],
         port: u16,
     },
     /// To a local listening port (this host accepted).
-    Inbound { port: u16 },
+    Inbound { netns: u32, port: u16 },
 }
 
 impl Dest {
-    /// The destination of a socket whose tuple is `t`; `accepted`: it came from a listener.
-    pub fn of(t: &Tuple, accepted: bool) -> Self {
+    /// The destination of a socket in `netns` whose tuple is `t`; `accepted`: it came from
+    /// a listener.
+    pub fn of(t: &Tuple, netns: u32, accepted: bool) -> Self {
         if accepted {
-            Self::Inbound { port: t.sport }
+            Self::Inbound {
+                netns,
+                port: t.sport,
+            }
         } else {
             Self::Outbound {
+                netns,
                 family: t.family,
                 addr: t.daddr,
                 port: t.dport,
@@ -68,10 +75,19 @@ impl Dest {
         }
     }
 
+    /// The namespace the sockets are in (their inode).
+    pub fn netns(&self) -> u32 {
+        match *self {
+            Self::Outbound { netns, .. } | Self::Inbound { netns, .. } => netns,
+        }
+    }
+
     /// As operators write it: `10.0.3.7:5432`, `[fd00::1]:443`, `:8080` (inbound).
     pub fn addr(&self) -> String {
         match *self {
-            Self::Outbound { family, addr, port } => {
+            Self::Outbound {
+                family, addr, port, ..
+            } => {
                 let t = Tuple {
                     family,
                     saddr: addr,
@@ -84,7 +100,7 @@ impl Dest {
                     std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
                 }
             }
-            Self::Inbound { port } => format!(":{port}"),
+            Self::Inbound { port, .. } => format!(":{port}"),
         }
     }
 
@@ -307,6 +323,34 @@ pub struct Flow {
     pub peer_first: u32,
     /// Connections ended by a reset or an abort before any FIN (ESTABLISHED -> CLOSE).
     pub reset: u32,
+    /// The lives of the connections closed here first, from birth to our FIN: bucket `i`
+    /// holds lives under 2^i ms, the last one the rest (`connection_churn` reads the median).
+    pub lives: [u32; LIFE_BUCKETS],
+    /// Who closed the last of those: the process that opens and drops them.
+    pub closer: Option<super::facts::Task>,
+}
+
+/// Buckets of [`Flow::lives`]: 1 ms to 16 s, then the rest.
+pub const LIFE_BUCKETS: usize = 15;
+
+impl Flow {
+    /// The upper bound of the bucket holding the median life of the connections closed here
+    /// first, in ms (None when none was).
+    pub fn median_life_ms(&self) -> Option<u64> {
+        let n: u64 = self.lives.iter().map(|&c| u64::from(c)).sum();
+        let mut seen = 0;
+        for (i, &c) in self.lives.iter().enumerate() {
+            seen += u64::from(c);
+            if n > 0 && seen * 2 >= n {
+                return Some(if i + 1 == LIFE_BUCKETS {
+                    u64::MAX
+                } else {
+                    1 << i
+                });
+            }
+        }
+        None
+    }
 }
 
 /// What [`Flows`] counts.
@@ -409,6 +453,36 @@ impl Flows {
         *n = n.saturating_add(1);
     }
 
+    /// A connection to `dest` closed here first at `ts_ns` after `life_ns`, by `closer`.
+    pub fn closed_here(
+        &mut self,
+        dest: Dest,
+        ts_ns: u64,
+        life_ns: u64,
+        closer: Option<super::facts::Task>,
+    ) {
+        self.count(dest, ts_ns, FlowEvent::Ending(FirstClose::Local));
+        let f = match self.current.get_mut(&dest) {
+            Some(f) => f,
+            None => &mut self.current_other,
+        };
+        let ms = life_ns / 1_000_000;
+        // Bucket i: under 2^i ms.
+        let i = (u64::BITS - ms.leading_zeros()) as usize;
+        let n = &mut f.lives[i.min(LIFE_BUCKETS - 1)];
+        *n = n.saturating_add(1);
+        if closer.is_some() {
+            f.closer = closer;
+        }
+    }
+
+    /// The last whole window before `now_ns`: when it began, and its flows per destination.
+    pub fn last_whole(&self, now_ns: u64) -> Option<(u64, &HashMap<Dest, Flow, PeerKeyHasher>)> {
+        let start = now_ns - now_ns % FLOW_WINDOW_NS;
+        self.last_window(now_ns)
+            .map(|(m, _)| (start.saturating_sub(FLOW_WINDOW_NS), m))
+    }
+
     fn roll(&mut self, now_ns: u64) {
         let start = now_ns - now_ns % FLOW_WINDOW_NS;
         if start <= self.start_ns {
@@ -469,6 +543,7 @@ mod tests {
                 "10.0.3.7".parse().expect("addr"),
                 port,
             ),
+            0,
             false,
         )
     }
@@ -487,11 +562,11 @@ mod tests {
             "fd00::2".parse().expect("addr"),
             40000,
         );
-        assert_eq!(Dest::of(&t, true).addr(), ":8080");
-        assert_eq!(Dest::of(&t, true).direction(), "inbound");
-        assert_eq!(Dest::of(&t, true).describe(), "inbound to :8080");
+        assert_eq!(Dest::of(&t, 0, true).addr(), ":8080");
+        assert_eq!(Dest::of(&t, 0, true).direction(), "inbound");
+        assert_eq!(Dest::of(&t, 0, true).describe(), "inbound to :8080");
         assert_eq!(to(5432).describe(), "10.0.3.7:5432");
-        assert_eq!(Dest::of(&t, false).addr(), "[fd00::2]:40000");
+        assert_eq!(Dest::of(&t, 0, false).addr(), "[fd00::2]:40000");
     }
 
     #[test]

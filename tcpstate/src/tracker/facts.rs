@@ -2,6 +2,7 @@
 //! into records (`record.rs` is the only place that knows JSON); the
 //! tracker knows nothing of wall clocks or formats.
 
+use super::rules::{RuleDetail, RuleId};
 use crate::{
     socket::{Comm, Tuple, Vitals},
     state::TcpState,
@@ -68,7 +69,7 @@ impl Fact {
         match self {
             Fact::Moved(m) => m.cgroup,
             Fact::Raised(a) | Fact::Resolved(a, _) => a.cgroup,
-            Fact::Leak(_) | Fact::Reset(_) => 0,
+            Fact::Leak(_) | Fact::Reset(_) | Fact::BindRefused(_) => 0,
         }
     }
 }
@@ -134,12 +135,8 @@ pub struct Reset {
 pub enum Kind {
     /// A socket sat in this state past its threshold.
     Lingering(TcpState),
-    /// Sockets to one destination hold too much of the ephemeral port range.
-    TimeWaitPressure,
-    /// A listener's accept queue stayed at its backlog past the threshold.
-    AcceptQueueFull,
-    /// The host's orphans or TCP memory passed a share of their limit.
-    OrphanPressure,
+    /// A host rule raised it (`time_wait_pressure`, `accept_queue_full`, ...).
+    Rule(RuleId),
 }
 
 impl Kind {
@@ -148,23 +145,18 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Self::Lingering(st) => st.kind(),
-            Self::TimeWaitPressure => "time_wait_pressure",
-            Self::AcceptQueueFull => "accept_queue_full",
-            Self::OrphanPressure => "orphan_pressure",
+            Self::Rule(id) => id.name(),
         }
     }
 
     /// The kind of that [`name`](Self::name); None for a name no kind has.
     pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "time_wait_pressure" => Some(Self::TimeWaitPressure),
-            "accept_queue_full" => Some(Self::AcceptQueueFull),
-            "orphan_pressure" => Some(Self::OrphanPressure),
-            other => TcpState::ALL
+        RuleId::parse(name).map(Self::Rule).or_else(|| {
+            TcpState::ALL
                 .into_iter()
-                .find(|st| st.kind() == other)
-                .map(Self::Lingering),
-        }
+                .find(|st| st.kind() == name)
+                .map(Self::Lingering)
+        })
     }
 }
 
@@ -177,6 +169,10 @@ pub struct Pressure {
     pub range: u32,
     /// `net.ipv4.tcp_tw_reuse` in the namespace.
     pub tw_reuse: u8,
+    /// Connects to the destination refused a local port (EADDRNOTAVAIL) while counted.
+    pub refused_connects: u32,
+    /// Binds to port 0 in the namespace refused (EADDRINUSE: no free port at all).
+    pub refused_binds: u32,
 }
 
 /// A listener's accept queue, from sock_diag.
@@ -193,7 +189,6 @@ pub struct AcceptQueue {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Anomaly {
-    pub kind: Kind,
     pub state: TcpState,
     /// When it was raised or resolved.
     pub ts_ns: u64,
@@ -209,21 +204,50 @@ pub struct Anomaly {
     pub cgroup: u64,
     pub tuple: Tuple,
     pub owner: Owner,
-    pub pressure: Option<Pressure>,
-    /// The accept queue of the listener concerned: the socket's own, for
-    /// one nobody accepted; the listener's, for `accept_queue_full`.
-    pub accept_queue: Option<AcceptQueue>,
-    /// The socket's queues, timer and `tcp_info` when it was raised.
+    /// The socket's queues, timer and `tcp_info` when its owner was checked (the lingering
+    /// socket's, or the full queue's listener's).
     pub vitals: Option<Vitals>,
-    /// For `orphan_pressure`: the host's counts, and who left the closing sockets.
-    pub orphans: Option<super::orphans::OrphanPressure>,
     /// The verified holder's own cgroup path (the owner check's).
     pub holder_cgroup: Option<String>,
     /// Processes that hold the socket's fd too, besides the verified owner.
     pub other_holders: Vec<Task>,
-    /// For a socket in a state counted per destination: its destination, and how many
-    /// sockets to it are in the same state (this one included).
-    pub destination: Option<DestCount>,
+    /// The socket's packets the drop hook saw dropped (`--drops`), if any.
+    pub drops: Option<SocketDrops>,
+    /// What this kind of anomaly says beyond the above; it also decides the kind.
+    pub detail: Detail,
+}
+
+/// Packets of one socket dropped by the kernel, and why the last one was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketDrops {
+    pub count: u32,
+    /// The kernel's number for the last one's reason ([`crate::drops::name_of`]).
+    pub reason: u16,
+}
+
+impl Anomaly {
+    /// The kind, from the detail: the two cannot disagree.
+    pub fn kind(&self) -> Kind {
+        match &self.detail {
+            Detail::Lingering { .. } => Kind::Lingering(self.state),
+            Detail::Rule(d) => Kind::Rule(d.id()),
+        }
+    }
+}
+
+/// Each kind's own facts: one variant per rule, so no record carries another kind's fields.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Detail {
+    /// One socket sat in its state past the threshold.
+    Lingering {
+        /// The accept queue of its listener, for a socket nobody accepted.
+        listener_queue: Option<AcceptQueue>,
+        /// For a socket in a state counted per destination: its destination, and how many
+        /// sockets to it are in the same state (this one included).
+        destination: Option<DestCount>,
+    },
+    /// A host rule's own facts (its rule declares them).
+    Rule(RuleDetail),
 }
 
 /// A destination and the sockets to it in one state.
@@ -266,6 +290,18 @@ pub struct Leak {
     pub threshold: u64,
 }
 
+/// A TCP socket's `bind()` refused with EADDRINUSE: the address asked for (port 0: any
+/// port, and none of the range was free), who asked, in which namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindRefused {
+    pub ts_ns: u64,
+    pub task: Task,
+    pub netns: u32,
+    pub family: crate::socket::Family,
+    pub addr: [u8; 16],
+    pub port: u16,
+}
+
 /// Everything the tracker tells the outputs, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fact {
@@ -274,4 +310,5 @@ pub enum Fact {
     Resolved(Anomaly, Resolution),
     Leak(Leak),
     Reset(Reset),
+    BindRefused(BindRefused),
 }

@@ -73,18 +73,18 @@ impl Tracker {
         {
             Insert::New => {
                 self.table.destinations_mut().account(
-                    Dest::of(tuple, !active),
+                    Dest::of(tuple, netns, !active),
                     no_holder(),
                     TcpState::TimeWait,
                     true,
                 );
-                if active {
-                    if netns != 0 && !self.pressure.knows(netns) {
-                        self.unknown_netns.insert(netns);
-                    }
-                    // Said now: an anomaly is dated when tcpstate says it, never at a
-                    // mini-socket's estimated start (which can predate the daemon).
-                    self.pressure.add(netns, tuple, now_ns, out);
+                if active && netns != 0 && !self.rules.pressure.knows(netns) {
+                    self.unknown_netns.insert(netns);
+                }
+                // Said now: an anomaly is dated when tcpstate says it, never at a
+                // mini-socket's estimated start (which can predate the daemon).
+                for r in self.rules.each_mut() {
+                    r.time_wait_added(netns, tuple, active, now_ns, out);
                 }
             }
             // A socket is refused once: at its event, or at the start-up snapshot. Every
@@ -109,12 +109,14 @@ impl Tracker {
             return false;
         };
         self.table.destinations_mut().account(
-            Dest::of(tuple, !s.active),
+            Dest::of(tuple, netns, !s.active),
             no_holder(),
             TcpState::TimeWait,
             false,
         );
-        self.pressure.remove(netns, tuple, ts_ns, out);
+        for r in self.rules.each_mut() {
+            r.time_wait_removed(netns, tuple, ts_ns, out);
+        }
         let prev_ns = (!s.estimated).then(|| ts_ns.saturating_sub(s.since_ns));
         self.stats
             .transition(TcpState::TimeWait, TcpState::Close, prev_ns);
@@ -150,31 +152,8 @@ impl Tracker {
         let Some(e) = self.table.remove(key) else {
             return false;
         };
-        let prev_ns = e
-            .has(flag::ENTRY_SEEN)
-            .then(|| ts_ns.saturating_sub(e.since_ns));
-        self.stats
-            .transition(TcpState::FinWait2, TcpState::TimeWait, prev_ns);
-        out.push(Fact::Moved(Moved {
-            ts_ns,
-            sk: 0,
-            netns,
-            cgroup: e.cgroup,
-            tuple: *tuple,
-            old: TcpState::FinWait2,
-            new: TcpState::TimeWait,
-            prev_ns,
-            task: None,
-            via,
-            reason: None,
-            retransmits: 0,
-        }));
-        if e.has(flag::ANOMALY_OPEN) {
-            out.push(Fact::Resolved(
-                self.anomaly(key, &e, ts_ns),
-                Resolution::LeftState,
-            ));
-        }
+        let left = (TcpState::TimeWait, via, Resolution::LeftState);
+        self.orphan_left(key, &e, (netns, tuple, ts_ns), left, out);
         let active = e.has(flag::ACTIVE);
         self.enter_timewait(netns, tuple, ts_ns, MetTimeWait::Event, active, out);
         true
@@ -197,11 +176,29 @@ impl Tracker {
         let Some(e) = self.forget(key) else {
             return false;
         };
+        self.orphan_left(
+            key,
+            &e,
+            (netns, tuple, ts_ns),
+            (TcpState::Close, via, why),
+            out,
+        );
+        true
+    }
+
+    /// A FIN_WAIT2 mini-socket left for `new`: its move, and its anomaly resolved.
+    fn orphan_left(
+        &mut self,
+        key: u64,
+        e: &super::Entry,
+        (netns, tuple, ts_ns): (u32, &Tuple, u64),
+        (new, via, why): (TcpState, Via, Resolution),
+        out: &mut Vec<Fact>,
+    ) {
         let prev_ns = e
             .has(flag::ENTRY_SEEN)
             .then(|| ts_ns.saturating_sub(e.since_ns));
-        self.stats
-            .transition(TcpState::FinWait2, TcpState::Close, prev_ns);
+        self.stats.transition(TcpState::FinWait2, new, prev_ns);
         out.push(Fact::Moved(Moved {
             ts_ns,
             sk: 0,
@@ -209,7 +206,7 @@ impl Tracker {
             cgroup: e.cgroup,
             tuple: *tuple,
             old: TcpState::FinWait2,
-            new: TcpState::Close,
+            new,
             prev_ns,
             task: None,
             via,
@@ -217,9 +214,8 @@ impl Tracker {
             retransmits: 0,
         }));
         if e.has(flag::ANOMALY_OPEN) {
-            out.push(Fact::Resolved(self.anomaly(key, &e, ts_ns), why));
+            out.push(Fact::Resolved(self.anomaly(key, e, ts_ns), why));
         }
-        true
     }
 
     /// A new connection took a tuple (its connect or its handshake
@@ -246,35 +242,48 @@ impl Tracker {
         }
     }
 
-    /// Forgets everything tracked in a namespace that was destroyed (its
+    /// Forgets everything tracked in a namespace found destroyed at `as_of_ns` (its
     /// mini-sockets die with it; a full socket cannot outlive it).
-    pub fn netns_gone(&mut self, netns: u32, now_ns: u64, out: &mut Vec<Fact>) {
+    ///
+    /// The kernel gives a destroyed namespace's inode number to the next one made, and the
+    /// verdict reaches the engine after events that came since: what entered its state after
+    /// `as_of_ns` lives in the new namespace of that number and is kept. On a busy host (a
+    /// namespace made and deleted every 300 ms) a new namespace's 70 TIME_WAIT were wiped by
+    /// a sweep's older verdict about the last one, and its TIME_WAIT pressure never said.
+    pub fn netns_gone(&mut self, netns: u32, as_of_ns: u64, out: &mut Vec<Fact>) {
         if netns == 0 {
             return;
         }
-        let timewait: Vec<Tuple> = self
-            .timewait
-            .iter()
-            .filter(|s| s.netns == netns)
-            .map(|s| s.tuple)
-            .collect();
+        let mut newer = false;
+        let mut timewait: Vec<Tuple> = Vec::new();
+        for s in self.timewait.iter().filter(|s| s.netns == netns) {
+            if s.since_ns <= as_of_ns {
+                timewait.push(s.tuple);
+            } else {
+                newer = true;
+            }
+        }
         for tuple in timewait {
-            self.end_timewait(netns, &tuple, now_ns, Via::NetnsGone, out);
+            self.end_timewait(netns, &tuple, as_of_ns, Via::NetnsGone, out);
         }
         let keys: Vec<u64> = self
             .table
             .iter()
-            .filter(|(_, e)| e.netns == netns)
+            .filter(|(_, e)| e.netns == netns && e.since_ns <= as_of_ns)
             .map(|(k, _)| k)
             .collect();
         for key in keys {
-            self.forget_ghost(key, now_ns, Resolution::NetnsGone, out);
+            self.forget_ghost(key, as_of_ns, Resolution::NetnsGone, out);
         }
         // Its request sockets died with it too.
         self.requests.remove(&netns);
-        // Its inode number goes to the next namespace made, whose settings are its own.
-        self.pressure.forget(netns);
+        // Its inode number goes to the next namespace made, whose settings are its own: asked
+        // for anew when that one already has TIME_WAIT here.
+        self.rules.pressure.forget(netns);
         self.unknown_netns.remove(&netns);
+        if newer {
+            self.unknown_netns.insert(netns);
+        }
     }
 }
 

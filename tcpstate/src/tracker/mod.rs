@@ -8,32 +8,26 @@
 //! [`Fact`]s; the outputs turn them into records.
 //!
 //! - `mod.rs`: the event path (a transition in, facts out);
-//! - `signals.rs`: retransmits and resets (`recent.rs`: the last closes, for late resets);
+//! - `segments.rs`: retransmits and resets (segment events) (`recent.rs`: the last closes, for late resets);
 //! - `minisock.rs`: the second half of the close, after `tcp_time_wait()`;
 //! - `answers.rs`: seeding, reconciliation, sock_diag answers, listener polls, host readings;
 //! - `table.rs`, `timewait.rs`: the two tables and their counts (`cgroups.rs`,
 //!   `destinations.rs`: per workload and per destination);
-//! - `deadlines.rs`, `thresholds.rs`, `leak.rs`, `pressure.rs`, `backlog.rs`, `orphans.rs`:
-//!   the rules;
+//! - `rules/`: the anomaly rules, one per file, and the `Rule` trait the host rules share;
 //! - `view.rs`: what the outputs read (`ages.rs`: the ages of live sockets, when asked);
 //!   `stats.rs`: counters for the life of the daemon.
 
 pub mod ages;
 mod answers;
-pub mod backlog;
 pub mod cgroups;
-pub mod deadlines;
 pub mod destinations;
 pub mod facts;
-pub mod leak;
 mod minisock;
-pub mod orphans;
-pub mod pressure;
 mod recent;
-mod signals;
+pub mod rules;
+mod segments;
 pub mod stats;
 pub mod table;
-pub mod thresholds;
 pub mod timewait;
 mod view;
 
@@ -41,24 +35,23 @@ use std::collections::{HashMap, HashSet};
 
 pub use self::{
     answers::{Alive, Found, KernelSocket, MAX_SWEPT_TIMEWAIT, Sweep, Swept},
-    backlog::Listening,
     destinations::FirstClose,
     facts::{
-        AcceptQueue, Anomaly, DestCount, Fact, Kind, Leak, Moved, Owner, Reset, Resolution, Side,
-        Task, Via,
+        AcceptQueue, Anomaly, BindRefused, DestCount, Detail, Fact, Kind, Leak, Moved, Owner,
+        Reset, Resolution, Side, SocketDrops, Task, Via,
     },
-    orphans::HostTcp,
-    pressure::NetnsInfo,
+    rules::backlog::Listening,
+    rules::orphans::HostTcp,
+    rules::pressure::NetnsInfo,
+    rules::{RuleDetail, RuleId, RuleSettings},
 };
 use self::{
-    backlog::BacklogRule,
-    deadlines::{Deadline, Deadlines},
-    orphans::OrphanRule,
-    pressure::PressureRule,
     recent::{Closed, RecentCloses},
+    rules::HostRules,
+    rules::deadlines::{Deadline, Deadlines},
+    rules::thresholds::Thresholds,
     stats::Stats,
     table::{Comms, Entry, OwnerRef, Table, flag},
-    thresholds::Thresholds,
     timewait::TimeWaitTable,
 };
 use crate::{
@@ -76,15 +69,8 @@ pub struct Config {
     pub thresholds: Thresholds,
     /// Leak rule: more than this many sockets in a lingering state.
     pub leak_threshold: u64,
-    /// `time_wait_pressure`: the fraction of the ephemeral port range one
-    /// destination may hold (None: off).
-    pub pressure: Option<f64>,
-    /// `accept_queue_full`: how long a listener's queue may stay at its
-    /// backlog (None: off).
-    pub accept_queue_full: Option<std::time::Duration>,
-    /// `orphan_pressure`: the share of `tcp_max_orphans` or `tcp_mem` the host may reach
-    /// (None: off).
-    pub orphan_pressure: Option<f64>,
+    /// Each host rule's setting (None: off), by `--threshold NAME=VALUE` or its default.
+    pub rules: RuleSettings,
 }
 
 /// How a TIME_WAIT mini-socket came to be tracked.
@@ -119,6 +105,10 @@ const HALF_BORN_WAIT_NS: u64 = 1_000_000_000;
 /// word means the start-up snapshot here (`flag::SEEDED`).
 pub(crate) type PeerKeyHasher = foldhash::quality::RandomState;
 
+/// Sockets whose drops are kept one by one; past this (a drop storm over a million sockets)
+/// they are still counted by reason and state.
+pub const MAX_SOCKET_DROPS: usize = 65_536;
+
 /// Keys below this are ours, not kernel addresses (which live in the top
 /// half of the address space): snapshot sockets and mini-sockets.
 const SYNTHETIC_LIMIT: u64 = 1 << 48;
@@ -145,11 +135,10 @@ pub struct Tracker {
     /// through here, and SipHash showed in the profile).
     orphans: HashMap<(u32, Tuple), u64, PeerKeyHasher>,
     next_key: u64,
-    backlog: BacklogRule,
-    orphan_rule: OrphanRule,
+    /// The rules that keep their own anomalies.
+    rules: HostRules,
     /// The last closes, for the resets sent after them.
     recent: RecentCloses,
-    pressure: PressureRule,
     /// Request sockets per namespace, from the last dump.
     requests: HashMap<u32, u64>,
     /// Listening ports (namespace, port) of the start-up snapshot so far: the snapshot comes
@@ -160,6 +149,9 @@ pub struct Tracker {
     half_born: rustc_hash::FxHashMap<u64, Moved>,
     /// Connections opened and closed per destination, for their rates.
     flows: destinations::Flows,
+    /// Packets of tracked sockets the drop hook saw dropped, by kernel address (which no
+    /// peer chooses); at most [`MAX_SOCKET_DROPS`] sockets, pruned of the closed ones.
+    socket_drops: rustc_hash::FxHashMap<u64, SocketDrops>,
     /// Sockets refused at birth because the table was full.
     refused: u64,
     /// An event was lost and no reconciliation has run since: the table
@@ -173,9 +165,7 @@ impl Tracker {
         Self {
             table: Table::new(cfg.capacity),
             timewait: TimeWaitTable::new(cfg.timewait_capacity),
-            pressure: PressureRule::new(cfg.pressure),
-            backlog: BacklogRule::new(cfg.accept_queue_full),
-            orphan_rule: OrphanRule::new(cfg.orphan_pressure),
+            rules: HostRules::new(&cfg.rules),
             recent: RecentCloses::default(),
             requests: HashMap::new(),
             seed_listening: HashSet::new(),
@@ -190,6 +180,7 @@ impl Tracker {
             orphans: HashMap::default(),
             next_key: 1,
             flows: destinations::Flows::default(),
+            socket_drops: rustc_hash::FxHashMap::default(),
             refused: 0,
             incomplete: false,
             stats: Stats::new(),
@@ -243,9 +234,17 @@ impl Tracker {
             self.flows
                 .count(e.dest(), t.ts_ns, destinations::FlowEvent::Closed);
         }
-        if let Some(first) = destinations::FirstClose::of(t.old, t.new) {
-            self.flows
-                .count(e.dest(), t.ts_ns, destinations::FlowEvent::Ending(first));
+        match destinations::FirstClose::of(t.old, t.new) {
+            Some(destinations::FirstClose::Local) => {
+                let closer = e.owner().map(|o| self.task(o));
+                let life = t.ts_ns.saturating_sub(e.born_ns);
+                self.flows.closed_here(e.dest(), t.ts_ns, life, closer);
+            }
+            Some(first) => {
+                self.flows
+                    .count(e.dest(), t.ts_ns, destinations::FlowEvent::Ending(first));
+            }
+            None => {}
         }
         let netns = if e.netns == 0 { t.netns } else { e.netns };
         let cgroup = if e.cgroup == 0 { t.cgroup } else { e.cgroup };
@@ -359,7 +358,17 @@ impl Tracker {
     ) {
         self.stats.transition(t.old, new, prev_ns);
         if new == TcpState::Close {
-            self.stats.closed(t.old, &t.tuple, t.ending);
+            let reason = t.close_reason();
+            self.stats.closed(t.old, &t.tuple, reason);
+            if reason == Some(crate::decode::NO_LOCAL_PORT) {
+                let by = task.or(Some(Task {
+                    pid: t.pid,
+                    comm: t.comm,
+                }));
+                for r in self.rules.each_mut() {
+                    r.refused_port(netns, &t.tuple, by);
+                }
+            }
         }
         out.push(Fact::Moved(Moved {
             ts_ns: t.ts_ns,
@@ -376,7 +385,7 @@ impl Tracker {
             })),
             via: Via::Event,
             reason: if new == TcpState::Close {
-                t.ending.reason()
+                t.close_reason()
             } else {
                 None
             },
@@ -429,7 +438,7 @@ impl Tracker {
         };
         if matches!(t.old, TcpState::Close | TcpState::Listen) && active != 0 {
             // Counted whether or not the table has room: a rate of births, not of entries.
-            let dest = destinations::Dest::of(&t.tuple, active == flag::ACCEPTED);
+            let dest = destinations::Dest::of(&t.tuple, t.netns, active == flag::ACCEPTED);
             self.flows
                 .count(dest, t.ts_ns, destinations::FlowEvent::Opened);
         }
@@ -548,6 +557,27 @@ impl Tracker {
                 }
             }
         }
+        let dests = self.table.destinations();
+        let tw = |d: &destinations::Dest| dests.count(d, TcpState::TimeWait);
+        let window = match self.flows.last_whole(now_ns) {
+            Some((start_ns, flows)) => rules::FlowWindow {
+                start_ns,
+                flows: Some(flows),
+                time_wait: &tw,
+                now_ns,
+            },
+            None => rules::FlowWindow {
+                start_ns: (now_ns - now_ns % destinations::FLOW_WINDOW_NS)
+                    .saturating_sub(destinations::FLOW_WINDOW_NS),
+                flows: None,
+                time_wait: &|_| 0,
+                now_ns,
+            },
+        };
+        for r in self.rules.each_mut() {
+            r.flow_window(&window, out);
+            r.tick(now_ns, out);
+        }
         if self.incomplete {
             // Deadlines wait in the heap until reconciliation says which
             // sockets are real.
@@ -663,7 +693,6 @@ impl Tracker {
             (sk, last.map_or(Owner::Unknown, source))
         };
         Anomaly {
-            kind: Kind::Lingering(e.state),
             state: e.state,
             ts_ns: now_ns,
             since_ns: e.since_ns,
@@ -673,20 +702,21 @@ impl Tracker {
             cgroup: e.cgroup,
             tuple: e.tuple,
             owner,
-            pressure: None,
-            accept_queue: None,
             vitals: None,
-            orphans: None,
             holder_cgroup: None,
             other_holders: Vec::new(),
-            destination: destinations::STATES
-                .contains(&e.state)
-                .then(|| {
-                    let dest = e.dest();
-                    let same_state = self.table.destinations().count(&dest, e.state);
-                    DestCount { dest, same_state }
-                })
-                .filter(|d| d.same_state > 0),
+            drops: self.socket_drops.get(&key).copied(),
+            detail: Detail::Lingering {
+                listener_queue: None,
+                destination: destinations::STATES
+                    .contains(&e.state)
+                    .then(|| {
+                        let dest = e.dest();
+                        let same_state = self.table.destinations().count(&dest, e.state);
+                        DestCount { dest, same_state }
+                    })
+                    .filter(|d| d.same_state > 0),
+            },
         }
     }
 }

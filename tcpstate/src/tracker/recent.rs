@@ -1,4 +1,4 @@
-//! Sockets that just closed, for the signals that arrive after: an application's abortive
+//! Sockets that just closed, for the retransmits and resets that arrive after: an application's abortive
 //! close (`SO_LINGER` 0, unread data at `close()`) moves the socket to CLOSE and only then
 //! sends its reset, so the reset hook sees a socket the table has already let go. A bounded
 //! ring of the last closes keeps what the reset record needs.

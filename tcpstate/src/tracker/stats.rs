@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use hdrhistogram::Histogram;
 
-use crate::{decode::Ending, socket::Tuple, state::TcpState};
+use crate::{socket::Tuple, state::TcpState};
 
 const N: usize = TcpState::COUNT;
 
@@ -37,6 +37,11 @@ pub struct Stats {
     pub synack_retransmits: u64,
     pub resets_sent: [u64; N],
     pub resets_received: [u64; N],
+    /// Packets of tracked sockets dropped, by reason (the kernel's number) and the socket's
+    /// state: at most 256 reasons times the states.
+    pub drops: std::collections::BTreeMap<(u16, TcpState), u64>,
+    /// `bind()` refused with EADDRINUSE: [a fixed port, port 0 (no free port in the range)].
+    pub binds_refused: [u64; 2],
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,6 +80,8 @@ impl Stats {
             synack_retransmits: 0,
             resets_sent: [0; N],
             resets_received: [0; N],
+            drops: std::collections::BTreeMap::new(),
+            binds_refused: [0; 2],
         }
     }
 
@@ -88,11 +95,11 @@ impl Stats {
     }
 
     /// A full socket really closed, from `old`.
-    pub fn closed(&mut self, old: TcpState, t: &Tuple, ending: Ending) {
+    pub fn closed(&mut self, old: TcpState, t: &Tuple, reason: Option<&'static str>) {
         match old {
             TcpState::SynSent => {
                 self.failed_connect(t.daddr(), t.dport);
-                let reason = ending.reason().unwrap_or("closed");
+                let reason = reason.unwrap_or("closed");
                 *self.connect_failures.entry(reason).or_default() += 1;
             }
             TcpState::Established | TcpState::CloseWait => self.reset(t.daddr(), t.dport),

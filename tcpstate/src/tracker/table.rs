@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use super::{
     cgroups::ByCgroup,
     destinations::{Dest, Destinations, Holder},
-    leak::LeakCounts,
+    rules::leak::LeakCounts,
 };
 use crate::{
     socket::{Comm, Tuple},
@@ -110,7 +110,7 @@ impl Entry {
 
     /// Where the socket goes, as the per-destination counts name it.
     pub fn dest(&self) -> Dest {
-        Dest::of(&self.tuple, self.has(flag::ACCEPTED))
+        Dest::of(&self.tuple, self.netns, self.has(flag::ACCEPTED))
     }
 
     /// Who the per-destination counts say holds it: an orphan's last owner, since that is

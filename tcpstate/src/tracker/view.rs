@@ -3,7 +3,7 @@
 
 use super::{
     Anomaly, Config, Kind, Task, Tracker,
-    orphans::{HostTcp, closing_by_owner},
+    rules::{Rule as _, orphans::HostTcp},
     stats::Stats,
     table::flag,
 };
@@ -78,27 +78,18 @@ impl Tracker {
                 (Kind::Lingering(st), raised, self.table.anomalies_open(st))
             })
             .collect();
-        if cfg.pressure.is_some() {
-            let p = &self.pressure;
-            v.push((Kind::TimeWaitPressure, p.raised_total(), p.open()));
-        }
-        if cfg.accept_queue_full.is_some() {
-            let b = &self.backlog;
-            v.push((Kind::AcceptQueueFull, b.raised_total(), b.open()));
-        }
-        if cfg.orphan_pressure.is_some() {
-            let o = &self.orphan_rule;
-            v.push((Kind::OrphanPressure, o.raised_total(), o.open()));
+        for rule in self.rules.each().into_iter().filter(|r| r.enabled()) {
+            v.push((rule.kind(), rule.raised_total(), rule.open()));
         }
         v
     }
 
     pub fn pressure_open(&self) -> u64 {
-        self.pressure.open()
+        self.rules.pressure.open()
     }
 
     pub fn pressure_raised(&self) -> u64 {
-        self.pressure.raised_total()
+        self.rules.pressure.raised_total()
     }
 
     /// The sockets in `st`: (netns, tuple, since, whether `since` is a lower bound).
@@ -118,28 +109,28 @@ impl Tracker {
     }
 
     pub fn host_tcp(&self) -> HostTcp {
-        self.orphan_rule.host()
+        self.rules.orphans.host()
     }
 
     pub fn orphans_open(&self) -> u64 {
-        self.orphan_rule.open()
+        self.rules.orphans.open()
     }
 
     pub fn orphans_raised(&self) -> u64 {
-        self.orphan_rule.raised_total()
+        self.rules.orphans.raised_total()
     }
 
     pub fn backlog_open(&self) -> u64 {
-        self.backlog.open()
+        self.rules.backlog.open()
     }
 
     pub fn backlog_raised(&self) -> u64 {
-        self.backlog.raised_total()
+        self.rules.backlog.raised_total()
     }
 
     /// The worst destination's share of its ephemeral port range.
     pub fn pressure_worst(&self) -> f64 {
-        self.pressure.worst()
+        self.rules.pressure.worst()
     }
 
     pub fn comm(&self, id: u32) -> Comm {
@@ -151,6 +142,40 @@ impl Tracker {
         self.table.get(sk).map_or(0, |e| e.netns)
     }
 
+    /// The namespace of the socket an event that does not carry one is about: the table's,
+    /// or, for a socket of the start-up snapshot not yet met by its address, the snapshot's
+    /// by the event's tuple when that is one namespace's. A `--netns` filter that took such
+    /// an event for another namespace's would drop the close of every socket that predates
+    /// the daemon, and its anomaly would stay open.
+    pub fn netns_of_event(&self, sk: u64, tuple: &Tuple) -> u32 {
+        match self.netns_of(sk) {
+            0 => self.of_snapshot(tuple, |e| u64::from(e.netns)) as u32,
+            n => n,
+        }
+    }
+
+    /// The cgroup of the socket an event that does not carry one is about, as
+    /// [`netns_of_event`](Self::netns_of_event) finds its namespace.
+    pub fn cgroup_of_event(&self, sk: u64, tuple: &Tuple) -> u64 {
+        match self.cgroup_of(sk) {
+            0 => self.of_snapshot(tuple, |e| e.cgroup),
+            id => id,
+        }
+    }
+
+    /// `what` of the snapshot sockets with this tuple not yet met by address, when they all
+    /// agree (the same tuple may be two containers' sockets); else 0.
+    fn of_snapshot(&self, tuple: &Tuple, what: impl Fn(&super::table::Entry) -> u64) -> u64 {
+        let Some(keys) = self.seeded.get(tuple) else {
+            return 0;
+        };
+        let mut found = keys.iter().filter_map(|&k| self.table.get(k)).map(what);
+        match found.next() {
+            Some(v) if found.all(|w| w == v) => v,
+            _ => 0,
+        }
+    }
+
     /// Open anomalies, oldest first, as of `now_ns` (the status page).
     pub fn open_anomalies(&self, now_ns: u64) -> Vec<Anomaly> {
         let mut v: Vec<Anomaly> = self
@@ -159,12 +184,9 @@ impl Tracker {
             .filter(|(_, e)| e.has(flag::ANOMALY_OPEN))
             .map(|(key, e)| self.anomaly(key, e, now_ns))
             .collect();
-        v.extend(self.pressure.open_anomalies(now_ns));
-        v.extend(self.backlog.open_anomalies(now_ns));
-        v.extend(
-            self.orphan_rule
-                .open_anomaly(now_ns, || closing_by_owner(&self.table, &self.comms)),
-        );
+        for rule in self.rules.each() {
+            v.extend(rule.open_anomalies(now_ns, &self.table, &self.comms));
+        }
         v.sort_by_key(|a| a.since_ns);
         v
     }

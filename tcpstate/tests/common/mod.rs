@@ -65,7 +65,8 @@ impl Netns {
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = Self::path_of(&self.name);
         std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            let file =
+                std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             // SAFETY: valid fd; setns affects only this thread.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
@@ -142,6 +143,61 @@ pub struct Daemon {
     pub records: Vec<Value>,
     /// Its control socket (`tcpstate kill --control-socket`).
     pub control: std::path::PathBuf,
+    /// Its HTTP port, when [`Builder::metrics`] asked for one.
+    pub metrics: Option<u16>,
+}
+
+/// A daemon for one test, built in steps that name what they set:
+/// `Daemon::watching(&ns).threshold("close_wait=1s").metrics().start()`.
+/// Whatever it is given, it has its own control socket; with `metrics`, its own HTTP port.
+pub struct Builder {
+    args: Vec<String>,
+    metrics: Option<u16>,
+    stderr: Option<Stdio>,
+}
+
+impl Builder {
+    /// One more flag or value, as on the command line.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// `--threshold NAME=VALUE`.
+    pub fn threshold(self, setting: &str) -> Self {
+        self.args(["--threshold", setting])
+    }
+
+    /// `--port PORT`.
+    pub fn port(self, port: u16) -> Self {
+        self.args(["--port".to_owned(), port.to_string()])
+    }
+
+    /// An HTTP endpoint on a loopback port no other daemon of this test binary is given.
+    pub fn metrics(mut self) -> Self {
+        let port = free_port();
+        self.metrics = Some(port);
+        self.args(["--metrics-addr".to_owned(), format!("127.0.0.1:{port}")])
+    }
+
+    /// Its stderr sent to `stderr` (a file the test reads), not the test's.
+    pub fn stderr(mut self, stderr: Stdio) -> Self {
+        self.stderr = Some(stderr);
+        self
+    }
+
+    /// Starts it and waits for its `started` record.
+    pub fn start(self) -> Daemon {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut d = Daemon::start_with_stderr(&args, self.stderr.unwrap_or_else(Stdio::inherit));
+        d.metrics = self.metrics;
+        d
+    }
 }
 
 /// A control-socket path no other daemon of any test uses.
@@ -156,6 +212,66 @@ pub fn control_socket() -> std::path::PathBuf {
 }
 
 impl Daemon {
+    /// A daemon that sees only `ns` (`--netns`): the sockets of tests running beside this
+    /// one, in their own namespaces or the host's, never reach it, whatever ports they use.
+    pub fn watching(ns: &Netns) -> Builder {
+        Self::host_wide().args(["--netns".to_owned(), ns.inode.to_string()])
+    }
+
+    /// A daemon that sees every namespace: for tests of several namespaces, which narrow it
+    /// themselves (`port`, `--cgroup`) and tell their records apart by `netns`.
+    pub fn host_wide() -> Builder {
+        Builder {
+            args: Vec::new(),
+            metrics: None,
+            stderr: None,
+        }
+    }
+
+    /// Its `started` record.
+    pub fn started(&self) -> Value {
+        self.records
+            .iter()
+            .find(|r| r["type"] == "started")
+            .cloned()
+            .expect("a started record")
+    }
+
+    /// One capability from its `started` record (`name`, `on`, `why_off`).
+    pub fn feature(&self, name: &str) -> Value {
+        let started = self.started();
+        started["features"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no feature {name}: {started}"))
+    }
+
+    /// `GET path` from its HTTP endpoint (see [`Builder::metrics`]); the body.
+    pub fn get(&self, path: &str) -> String {
+        http_get(
+            self.metrics.expect("the daemon was built with .metrics()"),
+            path,
+        )
+    }
+
+    /// Its `/status` page, parsed.
+    pub fn status(&self) -> Value {
+        let body = self.get("/status");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
+    }
+
+    /// `tcpstate status --addr` against it: what an operator reads.
+    pub fn status_text(&self) -> String {
+        let port = self.metrics.expect("the daemon was built with .metrics()");
+        let out = Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+            .args(["status", "--addr", &format!("127.0.0.1:{port}")])
+            .output()
+            .unwrap_or_else(|e| panic!("tcpstate status: {e}"));
+        assert!(out.status.success(), "tcpstate status: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn start(args: &[&str]) -> Self {
         Self::start_with_stderr(args, Stdio::inherit())
     }
@@ -189,6 +305,7 @@ impl Daemon {
             lines,
             records: Vec::new(),
             control,
+            metrics: None,
         };
         d.wait_for(Duration::from_secs(30), |r| r["type"] == "started")
             .unwrap_or_else(|| panic!("tcpstate did not start: {:?}", d.records));
@@ -338,9 +455,8 @@ pub fn ss_counts(ns: &Netns) -> std::collections::BTreeMap<String, u64> {
 }
 
 /// The daemon's per-state counts from /status.
-pub fn status_counts(port: u16) -> std::collections::BTreeMap<String, u64> {
-    let body = http_get(port, "/status");
-    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+pub fn status_counts(daemon: &Daemon) -> std::collections::BTreeMap<String, u64> {
+    let v = daemon.status();
     v["sockets"]
         .as_object()
         .unwrap_or_else(|| panic!("no sockets in {v}"))

@@ -126,7 +126,7 @@ impl<'a> Churn<'a> {
         let stop = Arc::clone(&self.stop);
         let errors = Arc::clone(&self.server_errors);
         self.servers.push(thread::spawn(move || {
-            serve(&listener, &stop, &errors, echo)
+            serve(&listener, &stop, &errors, echo);
         }));
     }
 

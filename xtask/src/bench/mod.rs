@@ -17,6 +17,7 @@ mod latency;
 mod memory;
 mod netns;
 mod procstat;
+mod replay;
 mod report;
 mod sysctl;
 mod timewait;
@@ -73,6 +74,10 @@ pub struct BenchArgs {
     /// Skip the main comparison (untraced, tcpstate, tcpstates, bpftrace).
     #[arg(long)]
     skip_main: bool,
+    /// Skip the replay (a capture of the churn pushed through the daemon's userspace with no
+    /// kernel: events per second per core for each output configuration).
+    #[arg(long)]
+    skip_replay: bool,
     /// Only these rows of the main comparison, by slug (untraced always runs), e.g.
     /// `--only floor,tcpstate-default` to iterate on the program's cost quickly.
     #[arg(long, value_delimiter = ',', value_name = "SLUGS")]
@@ -124,7 +129,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             slugs.join(", ")
         );
     }
-    let uid = euid()?;
+    let uid = euid();
     if uid != 0 {
         bail!(
             "the bench loads eBPF programs and creates network namespaces, so it needs root \
@@ -149,6 +154,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let churn = Churn::start(&netns, usize::from(args.threads))?;
 
     let results = main_rounds(args, &tools, &work.path, &churn)?;
+    interrupt::check()?;
+    let replay = if args.skip_replay {
+        None
+    } else {
+        Some(replay::run(
+            &tools.tcpstate,
+            &work.path,
+            &churn,
+            args.duration,
+        )?)
+    };
     let server_errors = churn.server_errors();
     let ipv6 = churn.ipv6();
     drop(churn);
@@ -210,6 +226,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         memory,
         timewait,
         timewait_memory,
+        replay,
     };
     let markdown = report::markdown(&report);
     let json = serde_json::to_string_pretty(&report).context("cannot serialise the report")?;

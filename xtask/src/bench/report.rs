@@ -15,6 +15,7 @@ pub struct Report {
     pub memory: Option<MemoryResult>,
     pub timewait: Option<TimewaitResult>,
     pub timewait_memory: Option<TwMemResult>,
+    pub replay: Option<super::replay::ReplayResult>,
     /// tcpstate's program against the floor row, and against the committed baseline.
     pub floor: Option<FloorSummary>,
     pub notes: Vec<String>,
@@ -285,6 +286,9 @@ pub fn markdown(report: &Report) -> String {
     }
     if let Some(twm) = &report.timewait_memory {
         md.push_str(&twm.markdown());
+    }
+    if let Some(r) = &report.replay {
+        md.push_str(&r.markdown());
     }
     md
 }

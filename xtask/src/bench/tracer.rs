@@ -29,6 +29,8 @@ pub enum Tracer {
     TcpstateDefault,
     /// Default flags without the retransmit and reset hooks.
     TcpstateNoHooks,
+    /// Default flags without the drop hook (`skb:kfree_skb`): what the hook adds.
+    TcpstateNoDrops,
     TcpstateFullLog,
     TcpstateAnomalies,
     Tcpstates,
@@ -49,11 +51,12 @@ pub const TIMEWAIT_METRICS_PORT: u16 = 19464;
 
 impl Tracer {
     /// In the order each round runs them.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Untraced,
         Self::Floor,
         Self::TcpstateDefault,
         Self::TcpstateNoHooks,
+        Self::TcpstateNoDrops,
         Self::TcpstateFullLog,
         Self::TcpstateAnomalies,
         Self::Tcpstates,
@@ -66,6 +69,7 @@ impl Tracer {
             Self::Floor => "floor: empty tp_btf program (reference)",
             Self::TcpstateDefault => "tcpstate (default log)",
             Self::TcpstateNoHooks => "tcpstate --retransmits=false --resets=false",
+            Self::TcpstateNoDrops => "tcpstate --drops=false",
             Self::TcpstateFullLog => "tcpstate --log-rate 0",
             Self::TcpstateAnomalies => "tcpstate --log-transitions=false",
             Self::Tcpstates => "libbpf-tools tcpstates",
@@ -86,6 +90,7 @@ impl Tracer {
             Self::Floor => "floor",
             Self::TcpstateDefault => "tcpstate-default",
             Self::TcpstateNoHooks => "tcpstate-no-hooks",
+            Self::TcpstateNoDrops => "tcpstate-no-drops",
             Self::TcpstateFullLog => "tcpstate-full-log",
             Self::TcpstateAnomalies => "tcpstate-anomalies-only",
             Self::Tcpstates => "tcpstates",
@@ -102,6 +107,7 @@ impl Tracer {
             self,
             Self::TcpstateDefault
                 | Self::TcpstateNoHooks
+                | Self::TcpstateNoDrops
                 | Self::TcpstateFullLog
                 | Self::TcpstateAnomalies
                 | Self::TcpstateTimewait
@@ -168,6 +174,9 @@ impl Tracer {
             }
             Self::TcpstateNoHooks => {
                 cmd.args(["--retransmits=false", "--resets=false"]);
+            }
+            Self::TcpstateNoDrops => {
+                cmd.arg("--drops=false");
             }
             Self::TcpstateTimewait | Self::TcpstateBaseline => {
                 let addr = format!("127.0.0.1:{TIMEWAIT_METRICS_PORT}");

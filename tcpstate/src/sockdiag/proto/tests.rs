@@ -408,3 +408,39 @@ fn destroy_listed_spares_a_socket_that_changed_since_the_dump() {
         Destroy::Changed
     );
 }
+
+/// The kernel gives a destroyed namespace's inode number to the next one made: the workers
+/// say so (`moved`) once the path they reached it by no longer names it and a new namespace
+/// of that number is pinned, and not while the path holds.
+#[test]
+fn a_number_given_to_a_new_namespace_is_seen_moved() {
+    let mut ns = crate::sockdiag::netns::Namespaces::new();
+    let name = |i: u32| format!("tcpstate-moved-{}-{i}", std::process::id());
+    let inode = |n: &str| {
+        std::fs::metadata(format!("/run/netns/{n}"))
+            .expect("stat netns")
+            .ino() as u32
+    };
+    ip(&["netns", "add", &name(0)]);
+    let mut guard = NetnsGuard(name(0));
+    let first = inode(&name(0));
+    assert!(
+        ns.pinned_path(first).is_some(),
+        "a named namespace is found"
+    );
+    assert!(!ns.moved(first), "its path still names it");
+    // Deleted and made again until the number comes back (the kernel frees it once the
+    // namespace's cleanup has run, then hands out the lowest free one).
+    for i in 1..=40 {
+        drop(guard);
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        ip(&["netns", "add", &name(i)]);
+        guard = NetnsGuard(name(i));
+        if inode(&name(i)) == first {
+            assert!(ns.moved(first), "a new namespace has the number");
+            assert!(!ns.moved(first), "and is the one known after");
+            return;
+        }
+    }
+    panic!("the kernel never gave inode {first} to a new namespace in 40 tries");
+}

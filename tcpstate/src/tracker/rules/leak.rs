@@ -4,8 +4,8 @@
 
 use rustc_hash::FxHashMap;
 
-use super::table::OwnerRef;
 use crate::state::TcpState;
+use crate::tracker::table::OwnerRef;
 
 /// States where a growing count per process means the process is at fault:
 /// CLOSE_WAIT (never called close()) and FIN_WAIT2 (holds a half-closed

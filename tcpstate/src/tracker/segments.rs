@@ -3,21 +3,26 @@
 
 use super::{Fact, Reset, Side, Tracker, tuple_of};
 use crate::{
-    decode::{Signal, SignalKind},
+    decode::{SegmentEvent, SegmentKind},
     state::TcpState,
 };
 
 impl Tracker {
     /// A retransmit or reset: counted by the socket's state, the retransmits on the socket
     /// too; a reset on a full socket is reported. Never a transition: the socket stays put.
-    pub fn on_signal(&mut self, t: &Signal, out: &mut Vec<Fact>) {
+    pub fn on_segment(&mut self, t: &SegmentEvent, out: &mut Vec<Fact>) {
+        // A refused bind is about a socket no table holds: said before any lookup.
+        if let SegmentKind::BindInUse { pid, comm, netns } = t.kind {
+            self.bind_refused(t, super::Task { pid, comm }, netns, out);
+            return;
+        }
         let e = self.table.get(t.sk).copied();
         // A reset sent by an abortive close comes after the close: the socket as it was.
         let closed = match e {
             None if t.state == TcpState::Close => self.recent.get(t.sk).copied(),
             _ => None,
         };
-        // A signal's record never carries the namespace: only the table or the close knows it.
+        // A retransmit or reset record never carries the namespace: only the table or the close knows it.
         let netns = match (e, closed) {
             (Some(e), _) if e.netns != 0 => e.netns,
             (_, Some(c)) => c.netns,
@@ -26,7 +31,7 @@ impl Tracker {
         let state = closed.map_or(t.state, |c| c.state);
         let st = state as usize;
         let side = match t.kind {
-            SignalKind::Retransmit => {
+            SegmentKind::Retransmit => {
                 self.stats.retransmits[st] += 1;
                 self.table.update(t.sk, |e| {
                     e.retrans = e.retrans.saturating_add(1);
@@ -40,17 +45,25 @@ impl Tracker {
                 });
                 None
             }
-            SignalKind::SynackRetransmit => {
+            SegmentKind::SynackRetransmit => {
                 self.stats.synack_retransmits += 1;
                 None
             }
-            SignalKind::ResetSent => {
+            SegmentKind::ResetSent => {
                 self.stats.resets_sent[st] += 1;
                 Some(Side::Sent)
             }
-            SignalKind::ResetReceived => {
+            SegmentKind::ResetReceived => {
                 self.stats.resets_received[st] += 1;
                 Some(Side::Received)
+            }
+            SegmentKind::BindInUse { .. } => return,
+            SegmentKind::Drop { reason } => {
+                *self.stats.drops.entry((reason, state)).or_default() += 1;
+                if e.is_some() {
+                    self.socket_dropped(t.sk, reason);
+                }
+                None
             }
         };
         if let Some(side) = side {
@@ -78,5 +91,52 @@ impl Tracker {
                 retransmits,
             }));
         }
+    }
+
+    /// Keeps a tracked socket's drops for its anomaly's vital signs. The map is bounded: when
+    /// full, closed sockets are let go first, and a socket that finds no room is counted by
+    /// reason and state only.
+    fn socket_dropped(&mut self, sk: u64, reason: u16) {
+        if self.socket_drops.len() >= super::MAX_SOCKET_DROPS
+            && !self.socket_drops.contains_key(&sk)
+        {
+            let table = &self.table;
+            self.socket_drops.retain(|k, _| table.get(*k).is_some());
+            if self.socket_drops.len() >= super::MAX_SOCKET_DROPS {
+                return;
+            }
+        }
+        let d = self
+            .socket_drops
+            .entry(sk)
+            .or_insert(super::SocketDrops { count: 0, reason });
+        d.count = d.count.saturating_add(1);
+        d.reason = reason;
+    }
+
+    /// bind() refused with EADDRINUSE: counted by why, told at once, and, for port 0 (no
+    /// port of the range free), counted on the namespace's TIME_WAIT pressure.
+    fn bind_refused(
+        &mut self,
+        t: &SegmentEvent,
+        task: super::Task,
+        netns: u32,
+        out: &mut Vec<Fact>,
+    ) {
+        let any_port = t.tuple.sport == 0;
+        self.stats.binds_refused[usize::from(any_port)] += 1;
+        if any_port {
+            for r in self.rules.each_mut() {
+                r.bind_refused(netns, task);
+            }
+        }
+        out.push(Fact::BindRefused(super::BindRefused {
+            ts_ns: t.ts_ns,
+            task,
+            netns,
+            family: t.tuple.family,
+            addr: t.tuple.saddr,
+            port: t.tuple.sport,
+        }));
     }
 }

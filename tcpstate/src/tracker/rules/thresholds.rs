@@ -54,37 +54,23 @@ impl Thresholds {
 pub enum Threshold {
     /// A state's age limit (None: off).
     State(TcpState, Option<Duration>),
-    /// `time_wait_pressure`: the share of the port range (None: off).
-    Pressure(Option<f64>),
-    /// `accept_queue_full`: how long a listener's queue may stay at its backlog (None: off).
-    AcceptQueue(Option<Duration>),
-    /// `orphan_pressure`: the share of `tcp_max_orphans` or `tcp_mem` (None: off).
-    Orphans(Option<f64>),
+    /// A host rule's setting (`time_wait_pressure=0.5`, `accept_queue_full=off`, ...).
+    Rule(super::RuleSetting),
 }
 
 /// Longest threshold accepted: beyond it a typo, not a policy (and a nanosecond count near
 /// u64::MAX would wrap into "now").
 const MAX_THRESHOLD: Duration = Duration::from_secs(10 * 365 * 86_400);
 
-/// Parses `STATE=DURATION` (`close_wait=2s`, `FIN_WAIT2=5m`, `syn_sent=off`),
-/// `time_wait_pressure=FRACTION|off` and `accept_queue_full=DURATION|off`.
+/// Parses `STATE=DURATION` (`close_wait=2s`, `FIN_WAIT2=5m`, `syn_sent=off`), or a host
+/// rule's `NAME=VALUE` (`time_wait_pressure=FRACTION|off`, `accept_queue_full=DURATION|off`),
+/// parsed by its rule.
 pub fn parse_override(s: &str) -> Result<Threshold, String> {
     let (state, dur) = s
         .split_once('=')
         .ok_or_else(|| format!("expected STATE=DURATION, got {s:?}"))?;
-    if state.trim().eq_ignore_ascii_case("time_wait_pressure") {
-        return fraction(dur, "time_wait_pressure wants a fraction of the port range")
-            .map(Threshold::Pressure);
-    }
-    if state.trim().eq_ignore_ascii_case("orphan_pressure") {
-        return fraction(
-            dur,
-            "orphan_pressure wants a fraction of tcp_max_orphans and tcp_mem",
-        )
-        .map(Threshold::Orphans);
-    }
-    if state.trim().eq_ignore_ascii_case("accept_queue_full") {
-        return duration(dur).map(Threshold::AcceptQueue);
+    if let Some(setting) = super::RuleSetting::parse(state, dur) {
+        return setting.map(Threshold::Rule);
     }
     let st = TcpState::parse(state).ok_or_else(|| format!("unknown TCP state {state:?}"))?;
     if matches!(
@@ -105,7 +91,7 @@ pub fn parse_override(s: &str) -> Result<Threshold, String> {
 }
 
 /// A share in (0, 1]: None for `off`.
-fn fraction(v: &str, what: &str) -> Result<Option<f64>, String> {
+pub(super) fn fraction(v: &str, what: &str) -> Result<Option<f64>, String> {
     let v = v.trim();
     if v == "off" || v == "none" {
         return Ok(None);
@@ -117,7 +103,7 @@ fn fraction(v: &str, what: &str) -> Result<Option<f64>, String> {
 }
 
 /// A threshold's duration: None for `off`.
-fn duration(dur: &str) -> Result<Option<Duration>, String> {
+pub(super) fn duration(dur: &str) -> Result<Option<Duration>, String> {
     let dur = dur.trim();
     if dur == "off" || dur == "none" {
         return Ok(None);
@@ -137,6 +123,7 @@ fn duration(dur: &str) -> Result<Option<Duration>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::rules::RuleSetting;
 
     #[test]
     fn parses_overrides() {
@@ -160,24 +147,26 @@ mod tests {
         );
         assert_eq!(
             parse_override("time_wait_pressure=0.5"),
-            Ok(Threshold::Pressure(Some(0.5)))
+            Ok(Threshold::Rule(RuleSetting::TimeWaitPressure(Some(0.5))))
         );
         assert_eq!(
             parse_override("time_wait_pressure=off"),
-            Ok(Threshold::Pressure(None))
+            Ok(Threshold::Rule(RuleSetting::TimeWaitPressure(None)))
         );
         assert_eq!(
             parse_override("orphan_pressure=0.25"),
-            Ok(Threshold::Orphans(Some(0.25)))
+            Ok(Threshold::Rule(RuleSetting::OrphanPressure(Some(0.25))))
         );
         assert!(parse_override("orphan_pressure=1.5").is_err());
         assert_eq!(
             parse_override("accept_queue_full=3s"),
-            Ok(Threshold::AcceptQueue(Some(Duration::from_secs(3))))
+            Ok(Threshold::Rule(RuleSetting::AcceptQueueFull(Some(
+                Duration::from_secs(3)
+            ))))
         );
         assert_eq!(
             parse_override("Accept_Queue_Full=off"),
-            Ok(Threshold::AcceptQueue(None))
+            Ok(Threshold::Rule(RuleSetting::AcceptQueueFull(None)))
         );
         assert!(parse_override("time_wait_pressure=2").is_err());
         assert!(parse_override("time_wait_pressure=0").is_err());

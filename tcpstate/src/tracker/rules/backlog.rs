@@ -8,7 +8,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::facts::{AcceptQueue, Anomaly, Fact, Kind, Owner, Resolution};
+use super::{HostRule, Rule, RuleDetail, RuleId};
+use crate::record::AnomalyRecord;
+use crate::tracker::{
+    facts::{AcceptQueue, Anomaly, Detail, Fact, Kind, Owner, Resolution},
+    table::{Comms, Table},
+};
 use crate::{socket::Tuple, state::TcpState};
 
 /// A listener as a poll saw it.
@@ -53,17 +58,6 @@ pub struct BacklogRule {
 }
 
 impl BacklogRule {
-    pub fn new(after: Option<std::time::Duration>) -> Self {
-        Self {
-            after_ns: after.map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
-            ..Self::default()
-        }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.after_ns.is_some()
-    }
-
     /// A poll of `namespaces` taken at `at_ns` found `listeners` (all of them, full or not).
     /// A listener full at every poll for the threshold is raised; one that drained, or is
     /// gone, is resolved.
@@ -125,16 +119,67 @@ impl BacklogRule {
             false
         });
     }
+}
 
-    pub fn open(&self) -> u64 {
+impl HostRule for BacklogRule {
+    const NAME: &'static str = "accept_queue_full";
+    /// How long a listener's queue may stay at its backlog.
+    type Setting = std::time::Duration;
+    type Detail = AcceptQueue;
+    const DEFAULT: Option<Self::Setting> = Some(DEFAULT_HOLD);
+
+    fn parse(value: &str) -> Result<Option<Self::Setting>, String> {
+        super::thresholds::duration(value)
+    }
+
+    fn new(after: Option<std::time::Duration>) -> Self {
+        Self {
+            after_ns: after.map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            ..Self::default()
+        }
+    }
+
+    fn longest(after: &std::time::Duration) -> Option<std::time::Duration> {
+        Some(*after)
+    }
+
+    fn record(q: &AcceptQueue, rec: &mut AnomalyRecord) {
+        rec.accept_queue = Some(crate::record::AcceptQueue::from(*q));
+    }
+}
+
+impl Rule for BacklogRule {
+    fn kind(&self) -> Kind {
+        Kind::Rule(RuleId::AcceptQueueFull)
+    }
+
+    fn polls_listeners(&self) -> bool {
+        self.enabled()
+    }
+
+    fn listeners_polled(
+        &mut self,
+        at_ns: u64,
+        namespaces: &[u32],
+        listeners: &[Listening],
+        out: &mut Vec<Fact>,
+    ) {
+        self.observe(at_ns, namespaces, listeners, out);
+    }
+
+    fn enabled(&self) -> bool {
+        self.after_ns.is_some()
+    }
+
+    fn open(&self) -> u64 {
         self.full.values().filter(|f| f.raised).count() as u64
     }
 
-    pub fn raised_total(&self) -> u64 {
+    fn raised_total(&self) -> u64 {
         self.raised_total
     }
 
-    pub fn open_anomalies(&self, now_ns: u64) -> Vec<Anomaly> {
+    fn open_anomalies(&self, now_ns: u64, _: &Table, _: &Comms) -> Vec<Anomaly> {
         self.full
             .iter()
             .filter(|(_, f)| f.raised)
@@ -145,7 +190,6 @@ impl BacklogRule {
 
 fn anomaly((netns, tuple): (u32, Tuple), f: &Full, ts_ns: u64) -> Anomaly {
     Anomaly {
-        kind: Kind::AcceptQueueFull,
         state: TcpState::Listen,
         ts_ns,
         since_ns: f.since_ns,
@@ -156,19 +200,18 @@ fn anomaly((netns, tuple): (u32, Tuple), f: &Full, ts_ns: u64) -> Anomaly {
         tuple,
         // The listener's holder is looked up like any socket's owner.
         owner: Owner::Unknown,
-        pressure: None,
-        accept_queue: Some(f.queue),
         vitals: None,
-        orphans: None,
         holder_cgroup: None,
         other_holders: Vec::new(),
-        destination: None,
+        drops: None,
+        detail: Detail::Rule(RuleDetail::AcceptQueueFull(f.queue)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::Kind;
 
     const S: u64 = 1_000_000_000;
 
@@ -199,17 +242,17 @@ mod tests {
             panic!("{out:?}")
         };
         assert_eq!(
-            (a.kind, a.state, a.tuple.sport),
-            (Kind::AcceptQueueFull, TcpState::Listen, 80)
+            (a.kind(), a.state, a.tuple.sport),
+            (Kind::Rule(RuleId::AcceptQueueFull), TcpState::Listen, 80)
         );
         assert_eq!(a.since_ns, 0);
         assert_eq!(
-            a.accept_queue,
-            Some(AcceptQueue {
+            a.detail,
+            Detail::Rule(RuleDetail::AcceptQueueFull(AcceptQueue {
                 queue: 5,
                 backlog: 4,
                 drops: 0,
-            })
+            }))
         );
         assert_eq!((r.open(), r.raised_total()), (1, 1));
         out.clear();
@@ -255,7 +298,10 @@ mod tests {
         let [Fact::Raised(a)] = &out[..] else {
             panic!("{out:?}")
         };
-        assert_eq!(a.accept_queue.map(|q| q.drops), Some(42));
+        assert!(
+            matches!(a.detail, Detail::Rule(RuleDetail::AcceptQueueFull(q)) if q.drops == 42),
+            "{a:?}"
+        );
         out.clear();
         // It stopped dropping: relieved.
         r.observe(4 * S, &[7], &[with(1, 42)], &mut out);

@@ -7,8 +7,10 @@
 
 use std::collections::HashMap;
 
-use super::{
-    facts::{Anomaly, Fact, Kind, Owner, Resolution, Task},
+use super::{HostRule, Rule, RuleDetail, RuleId};
+use crate::record::AnomalyRecord;
+use crate::tracker::{
+    facts::{Anomaly, Detail, Fact, Kind, Owner, Resolution, Task},
     table::{Comms, OwnerRef, Table, flag},
 };
 use crate::{socket::Tuple, state::TcpState};
@@ -75,17 +77,6 @@ pub struct OrphanRule {
 }
 
 impl OrphanRule {
-    pub fn new(fraction: Option<f64>) -> Self {
-        Self {
-            fraction,
-            ..Self::default()
-        }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.fraction.is_some()
-    }
-
     pub fn host(&self) -> HostTcp {
         self.last
     }
@@ -118,28 +109,77 @@ impl OrphanRule {
             _ => {}
         }
     }
+}
 
-    pub fn open(&self) -> u64 {
+impl HostRule for OrphanRule {
+    const NAME: &'static str = "orphan_pressure";
+    /// The share of `tcp_max_orphans` or `tcp_mem` the host may reach.
+    type Setting = f64;
+    type Detail = OrphanPressure;
+    const DEFAULT: Option<f64> = Some(DEFAULT_SHARE);
+
+    fn parse(value: &str) -> Result<Option<f64>, String> {
+        super::thresholds::fraction(
+            value,
+            "orphan_pressure wants a fraction of tcp_max_orphans and tcp_mem",
+        )
+    }
+
+    fn new(fraction: Option<f64>) -> Self {
+        Self {
+            fraction,
+            ..Self::default()
+        }
+    }
+
+    fn record(o: &OrphanPressure, rec: &mut AnomalyRecord) {
+        rec.orphans = Some(crate::record::Orphans::from(o));
+    }
+}
+
+impl Rule for OrphanRule {
+    fn kind(&self) -> Kind {
+        Kind::Rule(RuleId::OrphanPressure)
+    }
+
+    fn reads_host(&self) -> bool {
+        self.enabled()
+    }
+
+    fn host_read(
+        &mut self,
+        now_ns: u64,
+        host: HostTcp,
+        by_owner: &dyn Fn() -> Vec<(Task, u64)>,
+        out: &mut Vec<Fact>,
+    ) {
+        self.observe(now_ns, host, by_owner, out);
+    }
+
+    fn enabled(&self) -> bool {
+        self.fraction.is_some()
+    }
+
+    fn open(&self) -> u64 {
         u64::from(self.raised.is_some())
     }
 
-    pub fn raised_total(&self) -> u64 {
+    fn raised_total(&self) -> u64 {
         self.raised_total
     }
 
-    pub fn open_anomaly(
-        &self,
-        now_ns: u64,
-        by_owner: impl FnOnce() -> Vec<(Task, u64)>,
-    ) -> Option<Anomaly> {
-        Some(anomaly(self.last, by_owner(), self.raised?, now_ns))
+    fn open_anomalies(&self, now_ns: u64, table: &Table, comms: &Comms) -> Vec<Anomaly> {
+        self.raised
+            .map(|since| anomaly(self.last, closing_by_owner(table, comms), since, now_ns))
+            .into_iter()
+            .collect()
     }
 }
 
 /// Closing sockets (FIN_WAIT1, LAST_ACK, CLOSING, orphaned FIN_WAIT2) by their last owner,
 /// the five with the most: who left the orphans. Walks the table, so only when an
 /// `orphan_pressure` anomaly is raised, resolved or shown.
-pub(super) fn closing_by_owner(table: &Table, comms: &Comms) -> Vec<(Task, u64)> {
+pub(crate) fn closing_by_owner(table: &Table, comms: &Comms) -> Vec<(Task, u64)> {
     let mut n: HashMap<OwnerRef, u64> = HashMap::new();
     for (_, e) in table.iter() {
         let closing = matches!(
@@ -170,7 +210,6 @@ pub(super) fn closing_by_owner(table: &Table, comms: &Comms) -> Vec<(Task, u64)>
 fn anomaly(host: HostTcp, by_owner: Vec<(Task, u64)>, since_ns: u64, ts_ns: u64) -> Anomaly {
     let any = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
     Anomaly {
-        kind: Kind::OrphanPressure,
         // Not one socket: the host's closing ones.
         state: TcpState::Close,
         ts_ns,
@@ -181,19 +220,21 @@ fn anomaly(host: HostTcp, by_owner: Vec<(Task, u64)>, since_ns: u64, ts_ns: u64)
         cgroup: 0,
         tuple: Tuple::new(any, 0, any, 0),
         owner: Owner::Unknown,
-        pressure: None,
-        accept_queue: None,
         vitals: None,
-        orphans: Some(OrphanPressure { host, by_owner }),
         holder_cgroup: None,
         other_holders: Vec::new(),
-        destination: None,
+        drops: None,
+        detail: Detail::Rule(RuleDetail::OrphanPressure(OrphanPressure {
+            host,
+            by_owner,
+        })),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::Kind;
 
     const SOCKSTAT: &str =
         "sockets: used 9\nTCP: inuse 5 orphan 20 tw 3 alloc 7 mem 268\nUDP: inuse 0 mem 0\n";
@@ -232,8 +273,11 @@ mod tests {
         let [Fact::Raised(a)] = &out[..] else {
             panic!("{out:?}")
         };
-        assert_eq!(a.kind, Kind::OrphanPressure);
-        assert_eq!(a.orphans.as_ref().map(|o| o.host.mem_pages), Some(600));
+        assert_eq!(a.kind(), Kind::Rule(RuleId::OrphanPressure));
+        assert!(
+            matches!(&a.detail, Detail::Rule(RuleDetail::OrphanPressure(o)) if o.host.mem_pages == 600),
+            "{a:?}"
+        );
         out.clear();
         r.observe(3, host(80, 10), who, &mut out);
         assert!(out.is_empty(), "still over, raised once");
