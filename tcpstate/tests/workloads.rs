@@ -171,8 +171,10 @@ fn sockets_are_named_after_their_unit_container_and_pod() {
                 .any(|r| r["type"] == "anomaly" && r["kind"] == "close_wait"),
             "{shown}: {mine:#?}"
         );
-        // The server's end of the same connection: born in softirq while the client's
-        // process was on the CPU (the event's pid says so), named after the listener's cgroup.
+        // The server's end of the same connection: born in softirq, on the client's CPU time
+        // or, when the softirq was deferred (seen on 6.1 under emulation), in ksoftirqd. Either
+        // way the task on the CPU is not the listener's, and the socket is still named after
+        // the listener's cgroup.
         let server: Vec<&Value> = records
             .iter()
             .filter(|r| r["type"] == "transition" && r["sport"] == p && r["dport"] == sport)
@@ -181,7 +183,14 @@ fn sockets_are_named_after_their_unit_container_and_pod() {
             .iter()
             .find(|r| r["old"] == "LISTEN" && r["new"] == "SYN_RECV")
             .unwrap_or_else(|| panic!("{shown}: no accepted socket: {server:#?}"));
-        assert_eq!(born["pid"], *pid, "born on the client's CPU time: {born}");
+        let on_client = born["pid"] == *pid;
+        let deferred = born["comm"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("ksoftirqd/"));
+        assert!(
+            on_client || deferred,
+            "born on the client's CPU time or in ksoftirqd: {born}"
+        );
         for r in &server {
             assert_eq!(r["cgroup"].as_str(), Some(own.as_str()), "{r}");
         }
