@@ -55,9 +55,11 @@ const STALL: Duration = Duration::from_millis(2500);
 /// How long after its release a socket plant's anomaly must be resolved (it leaves the state
 /// at once: an event); and TIME_WAIT pressure after its namespace is deleted: on a busy host
 /// that waits for the next reconciliation (a quiet moment's, else `--reconcile-interval`'s
-/// 30 s; 0.4 s to 17 s seen), so the interval plus a second.
+/// 30 s; 0.4 s to 17 s seen) and for its dump of the busy host, so the interval plus the
+/// dump's time (32.8 s seen once, with a package install beside the soak). A second interval
+/// (60 s) still fails.
 const RESOLVE_WITHIN: Duration = Duration::from_secs(3);
-const PRESSURE_RESOLVE_WITHIN: Duration = Duration::from_secs(31);
+const PRESSURE_RESOLVE_WITHIN: Duration = Duration::from_secs(36);
 /// The pressure namespace's ephemeral range (100 ports) and how many TIME_WAIT go to one place.
 const PRESSURE_RANGE: (u16, u16) = (40000, 40099);
 const PRESSURE_TW: usize = 70;
