@@ -217,9 +217,10 @@ pub struct Offsets {
     /// 1 when `skb:kfree_skb` also names the socket a received packet was for (`rx_sk`,
     /// its fourth argument, 6.11+): most received drops have no `skb->sk` yet.
     pub kfree_rx_sk: u32,
-    /// `sk_protocol` (u16 since 5.6) in the socket: the drop hook reads a socket it gets from
-    /// a packet without the helper that types it (which refuses the RCU pointer `skb->sk`
-    /// is on 6.2+), so it tells TCP from the rest itself.
+    /// `sk_protocol` (u16 since 5.6) in the socket: the state-change program's protocol
+    /// filter (cheaper than the `bpf_skc_to_tcp_sock` call it replaced on all but `-> CLOSE`),
+    /// and the drop hook's, which reads a socket it gets from a packet without the helper
+    /// that types it (the helper refuses the RCU pointer `skb->sk` is on 6.2+).
     pub sk_protocol: u32,
     /// In `struct socket`: its `sk`, `type` (SOCK_STREAM...) and `file`, for the bind hooks,
     /// which find the socket from the fd `bind()` was called on: `files` in the task,

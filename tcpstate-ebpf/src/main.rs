@@ -66,6 +66,7 @@ const TCP_FIN_WAIT2: i32 = 5;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
 const TCP_CLOSING: i32 = 11;
+const IPPROTO_TCP: u16 = 6;
 
 /// Filters, ring geometry and this kernel's field offsets (see
 /// `tcpstate_common::Config`); read-only, so the verifier folds every
@@ -106,17 +107,9 @@ unsafe fn field<T>(base: *const u8, offset: u32, extra: usize) -> T {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    let sk: *mut c_void = ctx.arg(0);
-    // Doubles as the protocol filter: NULL unless a full TCP socket (the
-    // tracepoint also fires for DCCP, SCTP and MPTCP parents). It also lets
-    // us read `inet_sport`, which lives past `struct sock`.
-    // SAFETY: the helper accepts any socket pointer and checks it.
-    let tp = unsafe { generated::bpf_skc_to_tcp_sock(sk) };
-    if tp.is_null() {
-        return 0;
-    }
-    let sk = tp as *const u8;
-    let Some((family, sport, dport)) = ports_if_wanted(sk) else {
+    let sk: *const u8 = ctx.arg(0);
+    let newstate: i32 = ctx.arg(2);
+    let Some((family, sport, dport)) = tcp_ports_if_wanted(sk, newstate) else {
         return 0;
     };
 
@@ -145,9 +138,10 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     let oldstate: i32 = ctx.arg(1);
-    let newstate: i32 = ctx.arg(2);
     // SAFETY: a BTF socket pointer and this kernel's offsets.
-    let (s0, s1, d0, d1) = unsafe { addresses(sk, family, cfg!(off.saddr)) };
+    // `skc_rcv_saddr`, not `inet_saddr` (past `struct sock`): TCP sets both together (bind,
+    // connect, the accepted socket's clone) and resets them after the `-> CLOSE` event.
+    let (s0, s1, d0, d1) = unsafe { addresses(sk, family, cfg!(off.rcv_saddr)) };
     // SAFETY: `ev` is a free Event-sized slot of this CPU's ring (head - tail
     // < slots): userspace does not read it until `head` moves past it.
     unsafe {
@@ -631,13 +625,45 @@ unsafe fn write_current(ev: *mut Event) {
     }
 }
 
-/// The socket's family and ports, unless a kernel filter leaves it out.
+/// A `tcp_sock`'s family and ports (`inet_sport`), unless a kernel filter leaves it out.
 #[inline(always)]
-fn ports_if_wanted(sk: *const u8) -> Option<(u16, u16, u16)> {
+fn ports_if_wanted(tp: *const u8) -> Option<(u16, u16, u16)> {
     // SAFETY (all `field` calls): offsets resolved from this kernel's BTF.
+    let family: u16 = unsafe { field(tp, cfg!(off.family), 0) };
+    let sport = u16::from_be(unsafe { field(tp, cfg!(off.sport), 0) });
+    let dport = u16::from_be(unsafe { field(tp, cfg!(off.dport), 0) });
+    wanted(family, sport, dport).then_some((family, sport, dport))
+}
+
+/// A TCP socket's family and ports, unless it is another protocol's (the tracepoint also
+/// fires for DCCP, SCTP and MPTCP parents) or a kernel filter leaves it out.
+///
+/// Everything but the `-> CLOSE` events is read from `sock_common`'s first cache line, which
+/// the state change has just touched: the local port is `skc_num`, which the kernel keeps
+/// equal to `inet_sport` (bind, connect and the accepted socket's clone set both) until
+/// `inet_put_port()` zeroes it just before a socket goes to CLOSE. Only those events read
+/// `inet_sport`, which lives past `struct sock` (another cache line), through the
+/// `bpf_skc_to_tcp_sock` helper's typed pointer; the others skip the helper call too.
+#[inline(always)]
+fn tcp_ports_if_wanted(sk: *const u8, newstate: i32) -> Option<(u16, u16, u16)> {
+    // SAFETY (all `field` calls): a BTF socket pointer and offsets resolved from this
+    // kernel's BTF; the verifier checks both.
+    let protocol: u16 = unsafe { field(sk, cfg!(off.sk_protocol), 0) };
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
     let family: u16 = unsafe { field(sk, cfg!(off.family), 0) };
-    let sport = u16::from_be(unsafe { field(sk, cfg!(off.sport), 0) });
     let dport = u16::from_be(unsafe { field(sk, cfg!(off.dport), 0) });
+    let sport = if newstate == TCP_CLOSE {
+        // SAFETY: the helper accepts any socket pointer and checks it.
+        let tp = unsafe { generated::bpf_skc_to_tcp_sock(sk as *mut c_void) };
+        if tp.is_null() {
+            return None;
+        }
+        u16::from_be(unsafe { field(tp as *const u8, cfg!(off.sport), 0) })
+    } else {
+        unsafe { field(sk, cfg!(off.num), 0) }
+    };
     wanted(family, sport, dport).then_some((family, sport, dport))
 }
 

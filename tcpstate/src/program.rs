@@ -257,7 +257,8 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         }
         let bind_hook = BIND_HOOKS.contains(&name) || BIND_SYSCALL_HOOKS.contains(&name);
         if bind_hook && opts.offsets.socket_sk == 0 {
-            let why = "this kernel's BTF lacks a field the hook reads (struct socket, file, fdtable; sock.sk_protocol)";
+            let why =
+                "this kernel's BTF lacks a field the hook reads (struct socket, file, fdtable)";
             hooks.push((name, Some(why.to_owned())));
             continue;
         }

@@ -135,17 +135,17 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
     };
     // The drop hook's: optional, so a kernel whose sk_buff differs loses drops, not the
     // daemon. The tracepoint's arguments say whether it names a reason and a receiving socket.
-    let skb = || -> Result<(u32, u32, u32, u32, u32), String> {
+    let skb = || -> Result<(u32, u32, u32, u32), String> {
         Ok((
             field("sk_buff", &["sk"], 8)?,
             field("sk_buff", &["protocol"], 2)?,
             field("sk_buff", &["head"], 8)?,
             field("sk_buff", &["network_header"], 2)?,
-            field("sock", &["sk_protocol"], 2)?,
         ))
     };
-    let (skb_sk, skb_protocol, skb_head, skb_network_header, sk_protocol) =
-        skb().unwrap_or((0, 0, 0, 0, 0));
+    let (skb_sk, skb_protocol, skb_head, skb_network_header) = skb().unwrap_or((0, 0, 0, 0));
+    // The state-change program's protocol filter (u16 since 5.6).
+    let sk_protocol = field("sock", &["sk_protocol"], 2)?;
     // The bind hooks' (optional too): from the fd to the socket.
     let bind = || -> Result<[u32; 8], String> {
         Ok([
@@ -169,8 +169,8 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
         fdtable_max_fds,
         file_private_data,
     ] = match bind() {
-        Ok(v) if sk_protocol != 0 => v,
-        _ => [0; 8],
+        Ok(v) => v,
+        Err(_) => [0; 8],
     };
     let kfree_args = btf.func_proto_params("btf_trace_kfree_skb").unwrap_or(0);
     // (void *, skb, location, reason[, rx_sk]): the context is the first.

@@ -151,6 +151,7 @@ fn sample() -> Vec<u8> {
             ("__sk_common", const_sc, 0),
             ("sk_drops", uint, 1088),
             ("sk_err", int, 1120),
+            ("sk_protocol", ushort, 1152),
         ],
     );
     let inet = b.composite(
@@ -286,7 +287,7 @@ fn synthetic_offsets() {
             skb_network_header: 0,
             kfree_reason: 0,
             kfree_rx_sk: 0,
-            sk_protocol: 0,
+            sk_protocol: 144,
             socket_sk: 0,
             socket_type: 0,
             socket_file: 0,
@@ -441,6 +442,8 @@ fn assert_common_head(name: &str, off: &Offsets) {
         (0, 4, 12, 14, 16, 18, 48, 56, 72, 0, 1),
         "{name}: {off:?}"
     );
+    // The state-change program's protocol filter: a u16 in `struct sock` on every kernel.
+    assert_ne!(off.sk_protocol, 0, "{name}: {off:?}");
 }
 
 #[test]
