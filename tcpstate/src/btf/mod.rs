@@ -168,10 +168,7 @@ fn offsets_in(btf: &Btf<'_>) -> Result<Offsets, String> {
         fdtable_fd,
         fdtable_max_fds,
         file_private_data,
-    ] = match bind() {
-        Ok(v) => v,
-        Err(_) => [0; 8],
-    };
+    ] = bind().unwrap_or_default();
     let kfree_args = btf.func_proto_params("btf_trace_kfree_skb").unwrap_or(0);
     // (void *, skb, location, reason[, rx_sk]): the context is the first.
     let kfree_reason = u32::from(kfree_args >= 4 && skb_sk != 0);
