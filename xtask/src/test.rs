@@ -21,8 +21,13 @@ enum Step {
     Command(Command),
     FuzzSmoke,
     Vmtest,
+    VmtestManyCpus,
     VmtestSystemd,
 }
+
+/// vCPUs of the guest that runs the pipeline on many per-CPU rings: more than any machine
+/// here has, so the merge of that many real rings is exercised on a real kernel.
+const MANY_CPUS: u32 = 16;
 
 pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     let started = Instant::now();
@@ -68,6 +73,7 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         steps.push(("fuzz smoke", Step::FuzzSmoke));
         if !vmtest_opted_out {
             steps.push(("kernel matrix (vmtest)", Step::Vmtest));
+            steps.push(("many CPUs (vmtest)", Step::VmtestManyCpus));
             steps.push((
                 "the unit under systemd (vmtest-systemd)",
                 Step::VmtestSystemd,
@@ -103,6 +109,22 @@ pub fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
                     vmtest::DEFAULT_KERNELS.join(", ")
                 );
                 vmtest::vmtest(&vmtest::VmtestArgs::default(), false)
+            }
+            Step::VmtestManyCpus => {
+                println!(
+                    "\n==> xtask test [{}/{total}] {name}: `pipeline` on kernel 7 with {MANY_CPUS} \
+                     vCPUs, so {MANY_CPUS} per-CPU rings ({VMTEST_ENV}=0 skips it)",
+                    index + 1
+                );
+                vmtest::vmtest(
+                    &vmtest::VmtestArgs {
+                        kernels: vec!["7".to_owned()],
+                        tests: vec!["pipeline".to_owned()],
+                        cpus: MANY_CPUS,
+                        ..vmtest::VmtestArgs::default()
+                    },
+                    false,
+                )
             }
             Step::VmtestSystemd => {
                 println!(
