@@ -203,13 +203,24 @@ fn boot_guest(
     );
     let _ = writeln!(log, "$ {}", show(&cmd));
     let boot = Instant::now();
-    let code = vmtest::run_streaming(&mut cmd, args.timeout, |line| {
+    // A boot that hangs, or a guest gone quiet, is killed early and counts as cut short
+    // (booted once more), rather than eating the whole 20 minutes.
+    let watch = vmtest::Watch {
+        total: args.timeout,
+        boot: Some(("@@vmtest-systemd guest up", Duration::from_secs(420))),
+        silence: Some(Duration::from_secs(600)),
+    };
+    let ended = vmtest::run_watched(&mut cmd, &watch, |line| {
         let _ = writeln!(log, "{line}");
         if line.starts_with("@@") || line.contains("xtask vmtest: guest killed") {
             println!("[guest +{}] {line}", secs(boot.elapsed()));
         }
     })?;
-    let _ = writeln!(log, "[vng exit code {code:?}]");
+    let _ = writeln!(log, "[vng ended: {ended:?}]");
+    let code = match ended {
+        vmtest::Ended::Exited(code) => code,
+        vmtest::Ended::Killed(_) => None,
+    };
     let results_path = root.join("root").join("results.txt");
     Ok((fs::read_to_string(&results_path).unwrap_or_default(), code))
 }
