@@ -38,9 +38,8 @@ use crate::setup::apt_get_install;
 /// The guest script's first line. Under TCG a guest can hang in its boot (6.12.117 in about
 /// one boot in three, 6.1 too: CPU 0 idles and its timer never wakes it, RCU stalls while
 /// udev settles; clearing the TSC-deadline timer does not help), so a guest that has not
-/// printed it within
-/// [`boot_within`] is killed and booted again, [`BOOTS`] boots at most. A good boot prints
-/// it after 30-40 s on 4 vCPUs.
+/// printed it within [`boot_within`] is killed and booted again, [`BOOTS`] boots at most.
+/// A good boot prints it after 30-40 s on 4 vCPUs.
 const BOOTED_MARKER: &str = "@@vmtest kernel";
 const BOOTS: u32 = 4;
 fn boot_within(cpus: u32) -> Duration {
