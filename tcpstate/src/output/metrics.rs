@@ -48,6 +48,8 @@ pub struct Counters {
     pub drops_no_socket: Vec<(u16, u64)>,
     /// Drop events the kernel could not queue.
     pub drops_lost: u64,
+    /// Reconciliations with the kernel's socket table ended.
+    pub reconciliations: u64,
 }
 
 /// (state, sum in seconds, count, cumulative buckets).
@@ -391,7 +393,7 @@ impl Snapshot {
     }
 
     /// Unlabelled counters: (name, help, value).
-    fn counters(&self) -> [(&'static str, &'static str, u64); 20] {
+    fn counters(&self) -> [(&'static str, &'static str, u64); 21] {
         let c = &self.counters;
         [
             (
@@ -404,6 +406,11 @@ impl Snapshot {
                 "tcpstate_reconciled",
                 "Sockets removed because the kernel no longer had them (an event was lost)",
                 self.reconciled,
+            ),
+            (
+                "tcpstate_reconciliations",
+                "Reconciliations with the kernel's socket table ended (periodic, at a quiet moment, after a loss): a gone namespace's sockets leave the table at the next one",
+                c.reconciliations,
             ),
             (
                 "tcpstate_events",

@@ -369,6 +369,7 @@ impl Daemon {
     /// A reconciliation that started at `started_ns` is over: the table is trusted again
     /// unless events were lost since it started.
     fn reconciliation_done(&mut self, started_ns: u64) {
+        self.tally.reconciliations += 1;
         match self.recovery.end(started_ns) {
             Ended::Trusted => self.tracker.set_incomplete(false),
             Ended::Again => self.start_reconcile(true),

@@ -82,6 +82,8 @@ struct Tally {
     since_sweep: u64,
     /// Events since the last reconciliation started.
     since_reconcile: u64,
+    /// Reconciliations ended: what a namespace let go or a lost event waits for.
+    reconciliations: u64,
 }
 
 struct Daemon {
@@ -548,6 +550,7 @@ impl Daemon {
             resets_no_socket: k.resets_no_socket,
             drops_no_socket: self.drops_no_socket(),
             drops_lost: k.drops_full,
+            reconciliations: self.tally.reconciliations,
         }
     }
 
