@@ -301,6 +301,117 @@ fn drops_are_counted_by_reason_as_the_kernel_counts_them_and_ride_on_the_anomaly
     drop(daemon.stop());
 }
 
+/// The packets an nftables rule's counter says it dropped, in `ns`'s table `tcpstate_test`.
+fn nft_dropped(ns: &Netns) -> u64 {
+    let out = ns
+        .command("nft")
+        .args(["list", "table", "inet", "tcpstate_test"])
+        .output()
+        .expect("nft (Debian package nftables; cargo xtask setup installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no counter in nft's table: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// Issue 18.4: a firewall that drops a live connection's packets (here an nftables rule on
+/// the output hook, in the test's namespace) is named on the socket whose packets it drops:
+/// `NETFILTER_DROP` in that socket's state, as many as the rule's own counter says, and on
+/// its anomaly. A packet on its way out carries its socket on every kernel of the matrix.
+#[test]
+fn a_firewall_drop_is_counted_on_the_socket_it_hits_as_the_rule_counts_it() {
+    if !require_bpf() {
+        return;
+    }
+    // nf_tables is a module on Debian's kernels, and loading it takes a while under
+    // emulation: done before the clock of the CLOSE_WAIT starts.
+    let _ = std::process::Command::new("modprobe")
+        .args(["-q", "nf_tables"])
+        .status();
+    let ns = Netns::new();
+    let p = port(30800);
+    let mut daemon = Daemon::watching(&ns)
+        .port(p)
+        .threshold("close_wait=3s")
+        .metrics()
+        .start();
+    // The connection is made before the rule is armed: the rule drops all that leaves port
+    // p, the SYN-ACK too. The client's FIN puts the server in CLOSE_WAIT.
+    let (server, client) = ns.run(move || {
+        use std::io::Read as _;
+        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        let (mut s, _) = l.accept().expect("accept");
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        assert_eq!(s.read(&mut [0u8; 1]).expect("eof"), 0);
+        (s, c)
+    });
+    let rules = format!(
+        "table inet tcpstate_test {{\n chain out {{\n  type filter hook output priority 0; \
+         policy accept;\n  tcp sport {p} counter drop\n }}\n}}\n"
+    );
+    let file = std::env::temp_dir().join(format!("tcpstate-nft-{}-{p}", std::process::id()));
+    std::fs::write(&file, &rules).expect("write the ruleset");
+    let out = ns
+        .command("nft")
+        .arg("-f")
+        .arg(&file)
+        .output()
+        .expect("nft (Debian package nftables; cargo xtask setup installs it)");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "nft {rules}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The server's data never leaves: each (re)transmission is dropped on the way out.
+    let mut server = server;
+    server.write_all(b"x").expect("write");
+    let anomaly = daemon
+        .wait_for(Duration::from_secs(10), |r| {
+            r["type"] == "anomaly" && r["kind"] == "close_wait" && r["sport"] == p
+        })
+        .expect("close_wait raised");
+    // Raised 3 s after the FIN, by when the first transmission (at once) and the
+    // retransmissions of the next 2 s or so (200 ms RTO, doubling) were dropped.
+    assert_eq!(anomaly["drops"]["reason"], "NETFILTER_DROP", "{anomaly}");
+    assert!(
+        anomaly["drops"]["count"].as_u64().unwrap_or(0) >= 1,
+        "{anomaly}"
+    );
+    let total = |metrics: &str, state: Option<&str>| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("tcpstate_drops_total{reason=\"NETFILTER_DROP\""))
+            .filter(|l| state.is_none_or(|s| l.contains(&format!("state=\"{s}\""))))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    // Between two retransmissions the counts stand still, and must be the rule's.
+    let mut agreed = None;
+    for _ in 0..30 {
+        let before = nft_dropped(&ns);
+        std::thread::sleep(Duration::from_millis(300));
+        let metrics = daemon.get("/metrics");
+        if nft_dropped(&ns) == before {
+            agreed = Some((before, metrics));
+            break;
+        }
+    }
+    let (dropped, metrics) = agreed.expect("a quiet moment between retransmits");
+    assert!(dropped >= 2, "the rule dropped {dropped}");
+    assert_eq!(total(&metrics, Some("CLOSE_WAIT")), dropped, "{metrics}");
+    assert_eq!(total(&metrics, None), dropped, "{metrics}");
+    drop((server, client));
+    drop(daemon.stop());
+}
+
 /// Issue 18.3: a TCP socket's bind() refused with EADDRINUSE is a record naming the process,
 /// the address asked for and why (a fixed port taken; port 0 with no free port in the range),
 /// and a count by reason; no transition says it.

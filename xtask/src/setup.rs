@@ -32,6 +32,8 @@ pub fn setup() -> Result<()> {
     // real Prometheus server (both in Debian's `prometheus`).
     ensure_apt_package("promtool", "prometheus")?;
     ensure_apt_package("prometheus", "prometheus")?;
+    // The drops test arms a firewall rule in its namespace with `nft`.
+    ensure_apt_package("nft", "nftables")?;
     ensure_tracefs();
     // No sysctl changes are needed (yet).
     Ok(())
