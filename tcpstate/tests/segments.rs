@@ -221,6 +221,46 @@ fn ss_drops(ns: &Netns, p: u16) -> u64 {
         .unwrap_or_else(|| panic!("no d in {skmem}"))
 }
 
+/// A connection on port `p` in `ns` whose client has sent its FIN: the server (first) is in
+/// CLOSE_WAIT, the client in FIN_WAIT2.
+fn close_wait_pair(ns: &Netns, p: u16) -> (TcpStream, TcpStream) {
+    ns.run(move || {
+        use std::io::Read as _;
+        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
+        let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
+        let (mut s, _) = l.accept().expect("accept");
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        assert_eq!(s.read(&mut [0u8; 1]).expect("eof"), 0);
+        (s, c)
+    })
+}
+
+/// The sum of `tcpstate_drops_total` for `reason` (in `state`, or any) in a scrape.
+fn drops_total(metrics: &str, reason: &str, state: Option<&str>) -> u64 {
+    let head = format!("tcpstate_drops_total{{reason=\"{reason}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&head))
+        .filter(|l| state.is_none_or(|s| l.contains(&format!("state=\"{s}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The kernel's count of a retransmitting socket's drops, and a scrape taken while it stood
+/// still: each retransmission brings one more drop, and between two the daemon's counts must
+/// be the kernel's.
+fn quiet_count(daemon: &Daemon, kernel: impl Fn() -> u64) -> (u64, String) {
+    for _ in 0..30 {
+        let before = kernel();
+        std::thread::sleep(Duration::from_millis(300));
+        let metrics = daemon.get("/metrics");
+        if kernel() == before {
+            return (before, metrics);
+        }
+    }
+    panic!("no quiet moment between retransmits in 9 s");
+}
+
 /// Issue 18.4: a socket whose peer's segments the kernel drops (here its own socket filter)
 /// has them counted by reason and state, exactly as the kernel's own `sk_drops`, and its
 /// anomaly says so. From 6.11 the tracepoint names the receiving socket; before, a received
@@ -238,20 +278,11 @@ fn drops_are_counted_by_reason_as_the_kernel_counts_them_and_ride_on_the_anomaly
         .threshold("close_wait=1s")
         .metrics()
         .start();
-    let (server, client) = ns.run(move || {
-        use std::io::Read as _;
-        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
-        let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
-        let (mut s, _) = l.accept().expect("accept");
-        // The client's FIN: the server is in CLOSE_WAIT, and from now on drops what comes.
-        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        assert_eq!(s.read(&mut [0u8; 1]).expect("eof"), 0);
-        drop_everything(&s);
-        // Its data is acknowledged by the client, and each ACK dropped: the server sends
-        // it again, and again.
-        s.write_all(b"x").expect("write");
-        (s, c)
-    });
+    let (mut server, client) = close_wait_pair(&ns, p);
+    // From now on the server drops what comes: its data is acknowledged by the client, and
+    // each ACK dropped, so the server sends it again, and again.
+    drop_everything(&server);
+    server.write_all(b"x").expect("write");
     let named = kernel_release() >= (6, 11);
     let anomaly = daemon
         .wait_for(Duration::from_secs(5), |r| {
@@ -265,37 +296,25 @@ fn drops_are_counted_by_reason_as_the_kernel_counts_them_and_ride_on_the_anomaly
             "{anomaly}"
         );
     }
-    // Each retransmit brings one more drop; between two, the counts stand still and must be
-    // the kernel's.
-    let reason_total = |metrics: &str, state: Option<&str>| -> u64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("tcpstate_drops_total{reason=\"SOCKET_FILTER\""))
-            .filter(|l| state.is_none_or(|s| l.contains(&format!("state=\"{s}\""))))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
-    let mut agreed = None;
-    for _ in 0..30 {
-        let before = ss_drops(&ns, p);
-        std::thread::sleep(Duration::from_millis(300));
-        let metrics = daemon.get("/metrics");
-        if ss_drops(&ns, p) == before {
-            agreed = Some((before, metrics));
-            break;
-        }
-    }
-    let (kernel, metrics) = agreed.expect("a quiet moment between retransmits");
+    let (kernel, metrics) = quiet_count(&daemon, || ss_drops(&ns, p));
     assert!(kernel >= 2, "the kernel dropped {kernel}");
-    assert_eq!(reason_total(&metrics, None), kernel, "{metrics}");
+    assert_eq!(
+        drops_total(&metrics, "SOCKET_FILTER", None),
+        kernel,
+        "{metrics}"
+    );
     if named {
         assert_eq!(
-            reason_total(&metrics, Some("CLOSE_WAIT")),
+            drops_total(&metrics, "SOCKET_FILTER", Some("CLOSE_WAIT")),
             kernel,
             "{metrics}"
         );
     } else {
-        assert_eq!(reason_total(&metrics, Some("none")), kernel, "{metrics}");
+        assert_eq!(
+            drops_total(&metrics, "SOCKET_FILTER", Some("none")),
+            kernel,
+            "{metrics}"
+        );
     }
     drop((server, client));
     drop(daemon.stop());
@@ -342,16 +361,8 @@ fn a_firewall_drop_is_counted_on_the_socket_it_hits_as_the_rule_counts_it() {
         .metrics()
         .start();
     // The connection is made before the rule is armed: the rule drops all that leaves port
-    // p, the SYN-ACK too. The client's FIN puts the server in CLOSE_WAIT.
-    let (server, client) = ns.run(move || {
-        use std::io::Read as _;
-        let l = TcpListener::bind(("127.0.0.1", p)).expect("bind");
-        let c = TcpStream::connect(("127.0.0.1", p)).expect("connect");
-        let (mut s, _) = l.accept().expect("accept");
-        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        assert_eq!(s.read(&mut [0u8; 1]).expect("eof"), 0);
-        (s, c)
-    });
+    // p, the SYN-ACK too.
+    let (mut server, client) = close_wait_pair(&ns, p);
     let rules = format!(
         "table inet tcpstate_test {{\n chain out {{\n  type filter hook output priority 0; \
          policy accept;\n  tcp sport {p} counter drop\n }}\n}}\n"
@@ -371,7 +382,6 @@ fn a_firewall_drop_is_counted_on_the_socket_it_hits_as_the_rule_counts_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The server's data never leaves: each (re)transmission is dropped on the way out.
-    let mut server = server;
     server.write_all(b"x").expect("write");
     let anomaly = daemon
         .wait_for(Duration::from_secs(10), |r| {
@@ -385,29 +395,19 @@ fn a_firewall_drop_is_counted_on_the_socket_it_hits_as_the_rule_counts_it() {
         anomaly["drops"]["count"].as_u64().unwrap_or(0) >= 1,
         "{anomaly}"
     );
-    let total = |metrics: &str, state: Option<&str>| -> u64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("tcpstate_drops_total{reason=\"NETFILTER_DROP\""))
-            .filter(|l| state.is_none_or(|s| l.contains(&format!("state=\"{s}\""))))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
     // Between two retransmissions the counts stand still, and must be the rule's.
-    let mut agreed = None;
-    for _ in 0..30 {
-        let before = nft_dropped(&ns);
-        std::thread::sleep(Duration::from_millis(300));
-        let metrics = daemon.get("/metrics");
-        if nft_dropped(&ns) == before {
-            agreed = Some((before, metrics));
-            break;
-        }
-    }
-    let (dropped, metrics) = agreed.expect("a quiet moment between retransmits");
+    let (dropped, metrics) = quiet_count(&daemon, || nft_dropped(&ns));
     assert!(dropped >= 2, "the rule dropped {dropped}");
-    assert_eq!(total(&metrics, Some("CLOSE_WAIT")), dropped, "{metrics}");
-    assert_eq!(total(&metrics, None), dropped, "{metrics}");
+    assert_eq!(
+        drops_total(&metrics, "NETFILTER_DROP", Some("CLOSE_WAIT")),
+        dropped,
+        "{metrics}"
+    );
+    assert_eq!(
+        drops_total(&metrics, "NETFILTER_DROP", None),
+        dropped,
+        "{metrics}"
+    );
     drop((server, client));
     drop(daemon.stop());
 }
