@@ -118,10 +118,11 @@ fn fin_wait2_anomaly_on_a_half_closed_client() {
         (c, s, port)
     });
     // The deadline is 2 s; the wait is long because under emulation, beside another test
-    // binary, the raise once came after 6 s (6.1 in the kernel matrix). How soon anomalies
+    // binary, the raise once came after 6 s (6.1 in the kernel matrix) and once after more
+    // than 15 s (6.12: the owner check queues behind the workers' dumps). How soon anomalies
     // are raised is the soak's to check, against its own bounds.
     let anomaly = daemon
-        .wait_for(Duration::from_secs(15), |r| {
+        .wait_for(Duration::from_secs(40), |r| {
             r["type"] == "anomaly" && r["netns"] == ns.inode
         })
         .expect("FIN_WAIT2 anomaly");

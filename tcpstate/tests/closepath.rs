@@ -665,15 +665,11 @@ fn a_connect_refused_a_local_port_is_no_local_port_and_named_by_the_pressure() {
             r["type"] == "anomaly" && r["kind"] == "time_wait_pressure"
         })
         .expect("4 of 4 ports in TIME_WAIT");
-    let mut refused = Vec::new();
-    while refused.len() < 2 {
-        let r = daemon
-            .wait_for(Duration::from_secs(5), |r| {
-                r["type"] == "transition" && r["reason"] == "no_local_port"
-            })
-            .expect("each refused connect is a record");
-        refused.push(r);
-    }
+    // Read before the pressure or after it: the daemon writes them in its own order.
+    let refused = daemon.wait_for_n(Duration::from_secs(5), 2, |r| {
+        r["type"] == "transition" && r["reason"] == "no_local_port"
+    });
+    assert_eq!(refused.len(), 2, "each refused connect is a record: {refused:?}");
     for r in &refused {
         assert_eq!(
             (&r["old"], &r["new"], &r["dport"], &r["sport"]),

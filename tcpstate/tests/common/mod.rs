@@ -331,6 +331,29 @@ impl Daemon {
         }
     }
 
+    /// The records matching `pred`, those already read by an earlier wait included, once
+    /// there are `n` of them or the time runs out (then fewer). Two waits in a row must not
+    /// depend on the order the daemon wrote their records in.
+    pub fn wait_for_n(
+        &mut self,
+        timeout: Duration,
+        n: usize,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut seen: Vec<Value> = self.records.iter().filter(|r| pred(r)).cloned().collect();
+        while seen.len() < n {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match self.wait_for(left, &pred) {
+                Some(r) => seen.push(r),
+                None => break,
+            }
+        }
+        seen
+    }
+
     /// SIGTERM, then every record up to `stopped`.
     pub fn stop(mut self) -> Vec<Value> {
         // SAFETY: signalling our own child.
