@@ -669,7 +669,11 @@ fn a_connect_refused_a_local_port_is_no_local_port_and_named_by_the_pressure() {
     let refused = daemon.wait_for_n(Duration::from_secs(5), 2, |r| {
         r["type"] == "transition" && r["reason"] == "no_local_port"
     });
-    assert_eq!(refused.len(), 2, "each refused connect is a record: {refused:?}");
+    assert_eq!(
+        refused.len(),
+        2,
+        "each refused connect is a record: {refused:?}"
+    );
     for r in &refused {
         assert_eq!(
             (&r["old"], &r["new"], &r["dport"], &r["sport"]),
