@@ -460,8 +460,12 @@ fn orphan_pressure_names_who_left_the_closing_sockets() {
         .expect("comm")
         .trim()
         .to_owned();
+    // The FIN is sent by shutdown, on this thread: another test's fork holds our fds until
+    // its exec, and a last close made by that child would make it the closer (seen on 7.3 in
+    // CI, all 20 named `ip`: right for the product, not what this test asks).
     for mut c in clients {
         c.write_all(b"unacknowledged").expect("queued");
+        c.shutdown(std::net::Shutdown::Write).expect("FIN queued");
         drop(c);
     }
     let raised = daemon
