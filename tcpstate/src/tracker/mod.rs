@@ -215,6 +215,10 @@ impl Tracker {
             out.push(Fact::Moved(m));
         }
         let e = match self.table.get(t.sk) {
+            Some(e) if e.has(flag::ENTRY_SEEN) && t.ts_ns < e.since_ns => {
+                let e = *e;
+                return self.late(t, &e, out);
+            }
             Some(_) if is_birth(t) => {
                 // The kernel freed the socket this address held and made a new one there:
                 // the old one's end was lost. It is gone; nothing of it carries over.
@@ -299,6 +303,22 @@ impl Tracker {
         }
         self.after_move(t, netns, out);
         applied
+    }
+
+    /// An event older than the last one applied at its address: its CPU was held between
+    /// reading the clock and publishing for longer than the merge's holdback (a busy host, a
+    /// VM's stolen time), and a newer one went first. It happened, so it is said and counted;
+    /// the table keeps the newer state, or the socket that has taken the address since.
+    /// Applied in arrival order instead, a late ESTABLISHED -> FIN_WAIT1 would put a socket
+    /// back in FIN_WAIT1 from FIN_WAIT2, and a late close would forget its successor.
+    fn late(&mut self, t: &Transition, e: &Entry, out: &mut Vec<Fact>) -> Applied {
+        let netns = if t.netns == 0 { e.netns } else { t.netns };
+        let cgroup = if t.cgroup == 0 { e.cgroup } else { t.cgroup };
+        self.report(out, t, (netns, cgroup, reported_state(t), None), (0, None));
+        Applied {
+            prev_state_ms: None,
+            netns,
+        }
     }
 
     /// A socket we have never seen: track it unless it is closing.

@@ -1958,3 +1958,76 @@ fn connection_churn_names_the_client_that_opens_a_connection_per_request() {
     };
     assert_eq!(a.resolution.as_deref(), Some("below_threshold"));
 }
+
+/// A late event (its CPU stalled past the merge's holdback) is said, but never moves a socket
+/// back: the client stays in FIN_WAIT2, as `ss` shows it, and a late close of an address's
+/// old socket leaves the new one there tracked.
+#[test]
+fn a_late_event_is_said_but_never_moves_a_socket_back() {
+    let mut t = tracker(100);
+    let (_, out) = run(
+        &mut t,
+        &[
+            at(CLIENT_SK, S)
+                .go(Close, SynSent)
+                .ports(0, 80)
+                .by(10, "curl"),
+            at(CLIENT_SK, S + MS)
+                .go(SynSent, Established)
+                .ports(5000, 80),
+            // ESTABLISHED -> FIN_WAIT1 at 2 s reaches the daemon after the ACK's FIN_WAIT2.
+            at(CLIENT_SK, 2 * S + MS)
+                .go(FinWait1, FinWait2)
+                .ports(5000, 80),
+        ],
+    );
+    assert!(out.is_empty());
+    let mut facts = Vec::new();
+    let applied = t.on_transition(
+        &at(CLIENT_SK, 2 * S)
+            .go(Established, FinWait1)
+            .ports(5000, 80)
+            .by(10, "curl"),
+        &mut facts,
+    );
+    assert_eq!(
+        applied.prev_state_ms, None,
+        "its time in ESTABLISHED is not known"
+    );
+    assert!(
+        matches!(&facts[..], [Fact::Moved(m)] if (m.old, m.new) == (Established, FinWait1)),
+        "said: {facts:?}"
+    );
+    assert_eq!((t.sockets(FinWait2), t.sockets(FinWait1)), (1, 0));
+    assert_eq!(
+        t.stats().transitions[Established as usize][FinWait1 as usize],
+        1
+    );
+
+    // The address is freed and a new socket born there; the old one's close comes late.
+    let (_, out) = run(
+        &mut t,
+        &[
+            at(CLIENT_SK, 3 * S).go(FinWait2, Close).ports(5000, 80),
+            at(CLIENT_SK, 4 * S + MS)
+                .go(Close, SynSent)
+                .ports(0, 443)
+                .by(11, "wget"),
+            at(CLIENT_SK, 4 * S).go(Established, Close).ports(6000, 80),
+        ],
+    );
+    assert!(out.is_empty());
+    assert_eq!((t.tracked(), t.sockets(SynSent)), (1, 1));
+    // And the late birth of a socket already seen further on does not restart it.
+    let (prev, _) = run(
+        &mut t,
+        &[
+            at(SERVER_SK, 5 * S + MS)
+                .go(SynSent, Established)
+                .ports(7000, 80),
+            at(SERVER_SK, 5 * S).go(Close, SynSent).ports(0, 80),
+        ],
+    );
+    assert_eq!(prev, [None, None]);
+    assert_eq!((t.sockets(Established), t.sockets(SynSent)), (1, 1));
+}
